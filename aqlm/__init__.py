@@ -1,0 +1,1 @@
+"""AQLM: additive quantization of language models, with a C core."""
