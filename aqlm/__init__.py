@@ -1,1 +1,28 @@
-"""AQLM: additive quantization of language models, with a C core."""
+"""AQLM: Additive Quantization of Language Models and PV-Tuning, with a C core for CPUs.
+
+``from aqlm import QuantizedLinear`` is what Hugging Face Transformers' AQLM integration imports.
+"""
+from importlib import metadata as _metadata
+
+from . import ops
+from .format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes
+from .hf import install_transformers_compat, quantization_config, save_quantized
+from .inference import QuantizedLinear
+
+try:
+    __version__ = _metadata.version("aqlm")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "2.0.0"
+
+install_transformers_compat()
+
+__all__ = [
+    "AqlmScheme",
+    "QuantizedLinear",
+    "dequantize_reference",
+    "ops",
+    "pack_codes",
+    "quantization_config",
+    "save_quantized",
+    "unpack_codes",
+]

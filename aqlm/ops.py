@@ -1,0 +1,248 @@
+"""Torch custom ops over the C kernels: ``torch.ops.aqlm.dequantize`` and ``torch.ops.aqlm.quantized_matmul``.
+
+CPU tensors go zero-copy to the C core (``.numpy()`` views; bfloat16 as int16 bit patterns).
+Every other device runs the pure-torch formula of :mod:`aqlm.format`, which gives the same
+numbers. Both ops have fake implementations (``torch.compile``) and autograd formulas: gradients
+flow to the input, the codebooks, the scales and the bias (codes are integers and get none).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _C
+from .format import check_code_range, dequantize_reference, nbits_of, unpack_codes
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# Token-count crossovers on the CPU, measured by benchmarks/bench_matmul.py (see README):
+# lookup tables win over dequantize + BLAS up to this many tokens for <= 256 codewords ...
+LUT_MAX_TOKENS = 256
+# ... and decoding codewords per token wins for larger codebooks up to this many.
+DECODE_MAX_TOKENS = 4
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a contiguous CPU tensor (bfloat16 as int16 bit patterns)."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy()
+
+
+def check_weight(
+    codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> int:
+    """Check the weight tensors against each other; return ``nbits``. Raises TypeError/ValueError."""
+    for name, tensor in (("codes", codes), ("codebooks", codebooks), ("scales", scales), ("bias", bias)):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    nbits = nbits_of(codebooks)
+    if codebooks.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"codebooks must be float32, float16 or bfloat16, got {codebooks.dtype}")
+    expected_codes = torch.int8 if nbits <= 8 else torch.int16
+    if codes.dtype != expected_codes:
+        raise TypeError(f"codes for {2**nbits}-entry codebooks must be {expected_codes}, got {codes.dtype}")
+    if codes.dim() != 3:
+        raise ValueError(
+            "codes must have 3 dimensions [num_out_groups, num_in_groups, num_codebooks], "
+            f"got shape {tuple(codes.shape)}"
+        )
+    if codes.shape[2] != codebooks.shape[0]:
+        raise ValueError(
+            f"codes have {codes.shape[2]} codebooks (shape[2]) but codebooks have {codebooks.shape[0]} (shape[0])"
+        )
+    if scales.dtype != codebooks.dtype:
+        raise TypeError(f"scales must have the codebooks' dtype {codebooks.dtype}, got {scales.dtype}")
+    if scales.numel() != codes.shape[0]:
+        raise ValueError(
+            f"scales must have one value per output group ({codes.shape[0]}), got shape {tuple(scales.shape)}"
+        )
+    out_features = codes.shape[0] * codebooks.shape[2]
+    if bias is not None:
+        if bias.dtype != codebooks.dtype:
+            raise TypeError(f"bias must have the codebooks' dtype {codebooks.dtype}, got {bias.dtype}")
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (codes, codebooks, scales, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"codes, codebooks, scales and bias must be on one device, got {sorted(map(str, devices))}")
+    return nbits
+
+
+def _check_input(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"input must be float32, float16 or bfloat16, got {input.dtype}")
+    in_features = codes.shape[1] * codebooks.shape[3]
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        raise ValueError(f"input must have in_features={in_features} as its last dimension, got shape {tuple(input.shape)}")
+    if input.device != codes.device:
+        raise ValueError(f"input is on {input.device} but the weight is on {codes.device}")
+
+
+def _weight_arrays(codes, codebooks, scales, bias):
+    return (
+        _numpy_view(codes.contiguous()),
+        _numpy_view(codebooks.contiguous()),
+        _numpy_view(scales.contiguous()),
+        None if bias is None else _numpy_view(bias.contiguous()),
+    )
+
+
+# ---- dequantize -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aqlm::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Dense weight ``[out_features, in_features]`` in the codebooks' dtype (computed in float32)."""
+    nbits = check_weight(codes, codebooks, scales)
+    check_code_range(codes, nbits)
+    return dequantize_reference(codes, codebooks, scales).to(codebooks.dtype)
+
+
+@dequantize.register_kernel("cpu")
+def _dequantize_cpu(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    check_weight(codes, codebooks, scales)
+    out_features, in_features = codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
+    weight = torch.empty(out_features, in_features, dtype=codebooks.dtype)
+    codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
+    dtype = _DTYPE_NAMES[codebooks.dtype]
+    _C.dequantize(
+        codes_np, codebooks_np, scales_np, _numpy_view(weight),
+        param_dtype=dtype, out_dtype=dtype, num_threads=torch.get_num_threads(),
+    )
+    return weight
+
+
+@dequantize.register_fake
+def _dequantize_fake(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    check_weight(codes, codebooks, scales)
+    return codebooks.new_empty(codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3])
+
+
+def weight_gradients(
+    grad_weight: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    need_codebooks: bool,
+    need_scales: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of a loss with respect to codebooks and scales, given its gradient for the dense weight."""
+    num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
+    num_out_groups, num_in_groups, _ = codes.shape
+    blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+    grad_codebooks = grad_scales = None
+    if need_scales:
+        unscaled = dequantize(codes, codebooks, torch.ones_like(scales)).float()
+        unscaled = unscaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+        grad_scales = (blocks * unscaled).sum(dim=(1, 2, 3)).view_as(scales).to(scales.dtype)
+    if need_codebooks:
+        scaled = (blocks * scales.float().view(-1, 1, 1, 1)).reshape(num_out_groups * num_in_groups, 1, -1)
+        offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
+        indices = (unpack_codes(codes, codebook_size.bit_length() - 1) + offsets).reshape(-1)
+        flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size, device=codes.device)
+        flat.index_add_(0, indices, scaled.expand(-1, num_codebooks, -1).reshape(indices.numel(), -1))
+        grad_codebooks = flat.view_as(codebooks).to(codebooks.dtype)
+    return grad_codebooks, grad_scales
+
+
+def _dequantize_setup(ctx, inputs, output) -> None:
+    codes, codebooks, scales = inputs
+    ctx.save_for_backward(codes, codebooks, scales)
+
+
+def _dequantize_backward(ctx, grad_weight):
+    codes, codebooks, scales = ctx.saved_tensors
+    grad_codebooks, grad_scales = weight_gradients(
+        grad_weight, codes, codebooks, scales, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    )
+    return None, grad_codebooks, grad_scales
+
+
+dequantize.register_autograd(_dequantize_backward, setup_context=_dequantize_setup)
+
+
+# ---- quantized matmul -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aqlm::quantized_matmul", mutates_args=())
+def quantized_matmul(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``input @ W.T + bias`` in the input's dtype, W the dequantized weight (pure-torch path)."""
+    nbits = check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    check_code_range(codes, nbits)
+    weight = dequantize_reference(codes, codebooks, scales).to(input.dtype)
+    return F.linear(input, weight, None if bias is None else bias.to(input.dtype))
+
+
+@quantized_matmul.register_kernel("cpu")
+def _quantized_matmul_cpu(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    nbits = check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    out_features = codes.shape[0] * codebooks.shape[2]
+    tokens = math.prod(input.shape[:-1])
+    x = input.reshape(tokens, input.shape[-1]).contiguous()
+    if (nbits <= 8 and tokens <= LUT_MAX_TOKENS) or (nbits > 8 and tokens <= DECODE_MAX_TOKENS):
+        out = torch.empty(tokens, out_features, dtype=input.dtype)
+        kernel = _C.lut_matmul if nbits <= 8 else _C.codebook_matmul
+        codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
+        kernel(
+            _numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
+            x_dtype=_DTYPE_NAMES[input.dtype], param_dtype=_DTYPE_NAMES[codebooks.dtype],
+            num_threads=torch.get_num_threads(),
+        )
+    else:
+        weight = _dequantize_cpu(codes, codebooks, scales).to(input.dtype)
+        out = F.linear(x, weight, None if bias is None else bias.to(input.dtype))
+    return out.view(*input.shape[:-1], out_features)
+
+
+@quantized_matmul.register_fake
+def _quantized_matmul_fake(input, codes, codebooks, scales, bias):
+    check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    return input.new_empty(*input.shape[:-1], codes.shape[0] * codebooks.shape[2])
+
+
+def _matmul_setup(ctx, inputs, output) -> None:
+    input, codes, codebooks, scales, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, codes, codebooks, scales)
+
+
+def _matmul_backward(ctx, grad_output):
+    input, codes, codebooks, scales = ctx.saved_tensors
+    need_input, _, need_codebooks, need_scales, need_bias = ctx.needs_input_grad
+    grad_input = grad_codebooks = grad_scales = grad_bias = None
+    if need_input:
+        weight = dequantize(codes, codebooks, scales).to(grad_output.dtype)
+        grad_input = grad_output @ weight
+    if need_codebooks or need_scales:
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1]).float()
+        grad_weight = flat_grad.T @ input.reshape(-1, input.shape[-1]).float()
+        grad_codebooks, grad_scales = weight_gradients(grad_weight, codes, codebooks, scales, need_codebooks, need_scales)
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(codebooks.dtype)
+    return grad_input, None, grad_codebooks, grad_scales, grad_bias
+
+
+quantized_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)

@@ -1,0 +1,109 @@
+/*
+ * aqlm.h - the public interface of the AQLM C core.
+ *
+ * Plain C11 over raw pointers: no Python, no libtorch. Every function checks its arguments,
+ * returns an aqlm_status and, on failure, writes a message naming the offending value into the
+ * caller's aqlm_error. Arrays are dense, C-contiguous, in the index order given in each comment.
+ *
+ * Short names used everywhere:
+ *   out, in   out_features, in_features of the weight W [out, in]
+ *   og, ig    out_group_size, in_group_size: one code covers an og x ig block of W
+ *   M, K      num_codebooks, codebook size K = 2**nbits
+ *   n         number of tokens (rows of the activation x [n, in])
+ *
+ * Weight format (identical to the `aqlm` package that Hugging Face Transformers loads):
+ *   codes      [out/og, in/ig, M], int8 when nbits <= 8, int16 when nbits <= 16, stored
+ *              two's-complement packed: code c in [0, K) is stored as c - K when c >= K/2 and
+ *              read back as (stored mod K);
+ *   codebooks  [M, K, og, ig];
+ *   scales     [out/og] (one per output group);
+ *   W[o*og + r, j*ig + i] = scales[o] * sum_m codebooks[m, code(o, j, m), r, i].
+ */
+#ifndef AQLM_H
+#define AQLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    AQLM_OK = 0,
+    AQLM_ERR_ARGUMENT = 1,    /* a size, value or combination of arguments is invalid */
+    AQLM_ERR_NOMEM = 2,       /* a work buffer could not be allocated */
+    AQLM_ERR_INTERRUPTED = 3, /* the caller's interrupt callback asked to stop */
+    AQLM_ERR_NUMERIC = 4,     /* NaN or Inf in the inputs */
+} aqlm_status;
+
+/* Element types of floating-point arrays. Accumulation is always in float32. */
+typedef enum { AQLM_F32 = 0, AQLM_F16 = 1, AQLM_BF16 = 2 } aqlm_dtype;
+
+/* Instruction-set levels, in increasing order; each level implies the ones below it. */
+typedef enum { AQLM_SIMD_SCALAR = 0, AQLM_SIMD_AVX2 = 1, AQLM_SIMD_AVX512 = 2 } aqlm_simd;
+
+enum { AQLM_ERROR_CAPACITY = 512 };
+typedef struct {
+    char message[AQLM_ERROR_CAPACITY];
+} aqlm_error;
+
+/* Returns nonzero to ask a long-running function to stop (checked between steps, never inside
+ * a parallel region). May be NULL. */
+typedef int (*aqlm_interrupt_fn)(void *context);
+
+/* The shape of one quantized weight. */
+typedef struct {
+    int64_t out_features, in_features;
+    int64_t out_group_size, in_group_size;
+    int64_t num_codebooks;
+    int nbits;     /* bits per code, 1..16; K = 2**nbits */
+    int code_bits; /* storage width of one code: 8 (int8) or 16 (int16) */
+} aqlm_format;
+
+/* ---- CPU features -------------------------------------------------------------------------- */
+
+/* The best level this CPU and operating system support (CPUID + XGETBV). */
+aqlm_simd aqlm_simd_supported(void);
+/* The best level this build has kernels for (SIMD files are empty when built for another ISA). */
+aqlm_simd aqlm_simd_compiled(void);
+const char *aqlm_simd_name(aqlm_simd level);
+/* Parses "scalar", "avx2" or "avx512" (case-insensitive). */
+aqlm_status aqlm_simd_parse(const char *name, aqlm_simd *level, aqlm_error *err);
+
+/* ---- format --------------------------------------------------------------------------------- */
+
+/* Checks sizes: positive, groups divide features, nbits fits code_bits, no size overflow. */
+aqlm_status aqlm_format_check(const aqlm_format *f, aqlm_error *err);
+/* Checks that every stored code reads back into [0, K): stored values must lie in
+ * [-K/2, K) (packed or unpacked form). Needed only when nbits < code_bits. */
+aqlm_status aqlm_codes_check(const aqlm_format *f, const void *codes, aqlm_error *err);
+
+/* ---- inference kernels ---------------------------------------------------------------------- */
+
+/* weight [out, in] (weight_dtype) = dequantized W. */
+aqlm_status aqlm_dequantize(const aqlm_format *f, const void *codes, aqlm_dtype param_dtype,
+                            const void *codebooks, const void *scales, aqlm_dtype weight_dtype,
+                            void *weight, aqlm_simd simd, int num_threads, aqlm_error *err);
+
+/* y [n, out] = x [n, in] @ W^T + bias, by lookup tables: for each input group, the dot products
+ * of the activation slice with every codeword, then a gather-accumulate over the codes.
+ * Requires nbits <= 8. x and y have x_dtype; codebooks, scales and bias (may be NULL) have
+ * param_dtype. */
+aqlm_status aqlm_lut_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                            const void *codes, aqlm_dtype param_dtype, const void *codebooks,
+                            const void *scales, const void *bias, void *y, aqlm_simd simd,
+                            int num_threads, aqlm_error *err);
+
+/* The same product by decoding each code straight from the codebook and taking dot products:
+ * for codebooks too large for per-token tables (nbits > 8) and for few tokens. Any nbits. */
+aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype,
+                                 const void *x, const void *codes, aqlm_dtype param_dtype,
+                                 const void *codebooks, const void *scales, const void *bias,
+                                 void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AQLM_H */

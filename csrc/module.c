@@ -1,0 +1,393 @@
+/*
+ * module.c - the Python module aqlm._C: the only file that speaks the CPython and NumPy C API.
+ *
+ * Binding functions only handle arguments: they check every shape, dtype and layout and raise
+ * TypeError / ValueError naming the parameter, then release the GIL around one call into the
+ * core. Inputs are taken zero-copy when C-contiguous (copied once otherwise, never converted to
+ * another dtype); outputs and codes are rejected, not converted, when their layout or dtype is
+ * wrong. NumPy has no bfloat16, so bfloat16 arrays travel as int16/uint16 bit patterns and every
+ * float argument names its dtype explicitly ("float32", "float16" or "bfloat16").
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_23_API_VERSION
+#include <numpy/arrayobject.h>
+#include <omp.h>
+
+#include "aqlm.h"
+
+typedef struct {
+    aqlm_simd supported; /* what the CPU, the OS and this build support */
+    aqlm_simd chosen;    /* the default: AQLM_SIMD (if set) or `supported` */
+} module_state;
+
+static module_state *state_of(PyObject *module) { return (module_state *)PyModule_GetState(module); }
+
+/* ---- errors ---------------------------------------------------------------------------------- */
+
+static PyObject *raise_status(aqlm_status status, const aqlm_error *err) {
+    switch (status) {
+    case AQLM_ERR_NOMEM: PyErr_SetString(PyExc_MemoryError, err->message); break;
+    case AQLM_ERR_INTERRUPTED:
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, err->message);
+        break;
+    default: PyErr_SetString(PyExc_ValueError, err->message); break;
+    }
+    return NULL;
+}
+
+/* ---- dtypes and arrays ----------------------------------------------------------------------- */
+
+static int parse_float_dtype(const char *name, const char *what, aqlm_dtype *dtype) {
+    if (strcmp(name, "float32") == 0) *dtype = AQLM_F32;
+    else if (strcmp(name, "float16") == 0) *dtype = AQLM_F16;
+    else if (strcmp(name, "bfloat16") == 0) *dtype = AQLM_BF16;
+    else {
+        PyErr_Format(PyExc_ValueError, "%s must be 'float32', 'float16' or 'bfloat16', got '%s'", what, name);
+        return -1;
+    }
+    return 0;
+}
+
+static const char *dtype_label(aqlm_dtype dtype) {
+    return dtype == AQLM_F32 ? "float32" : dtype == AQLM_F16 ? "float16" : "bfloat16 (as int16/uint16 bits)";
+}
+
+static int array_matches_dtype(PyArrayObject *array, aqlm_dtype dtype) {
+    const int type = PyArray_TYPE(array);
+    if (dtype == AQLM_F32) return type == NPY_FLOAT32;
+    if (dtype == AQLM_F16) return type == NPY_FLOAT16;
+    return type == NPY_INT16 || type == NPY_UINT16;
+}
+
+/* A C-contiguous view of a float input of the named dtype and ndim (copied only if strided). */
+static PyArrayObject *float_input(PyObject *object, const char *name, aqlm_dtype dtype, int ndim) {
+    if (!PyArray_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(object)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *given = (PyArrayObject *)object;
+    if (!array_matches_dtype(given, dtype)) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s, got %s", name, dtype_label(dtype),
+                     PyArray_DESCR(given)->typeobj->tp_name);
+        return NULL;
+    }
+    if (ndim >= 0 && PyArray_NDIM(given) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", name, ndim, PyArray_NDIM(given));
+        return NULL;
+    }
+    return (PyArrayObject *)PyArray_FROM_OF(object, NPY_ARRAY_CARRAY_RO);
+}
+
+/* Codes: int8 or int16, 3-D, C-contiguous; never copied or converted. */
+static PyArrayObject *codes_input(PyObject *object) {
+    if (!PyArray_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "codes must be a numpy.ndarray, got %s", Py_TYPE(object)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *codes = (PyArrayObject *)object;
+    const int type = PyArray_TYPE(codes);
+    if (type != NPY_INT8 && type != NPY_INT16) {
+        PyErr_Format(PyExc_TypeError, "codes must have dtype int8 or int16, got %s",
+                     PyArray_DESCR(codes)->typeobj->tp_name);
+        return NULL;
+    }
+    if (PyArray_NDIM(codes) != 3) {
+        PyErr_Format(PyExc_ValueError,
+                     "codes must have 3 dimensions [num_out_groups, num_in_groups, num_codebooks], got %d",
+                     PyArray_NDIM(codes));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(codes)) {
+        PyErr_SetString(PyExc_ValueError, "codes must be C-contiguous");
+        return NULL;
+    }
+    Py_INCREF(codes);
+    return codes;
+}
+
+/* An output: exactly the dtype, shape [rows, columns], C-contiguous and writeable. */
+static int check_output(PyObject *object, const char *name, aqlm_dtype dtype, npy_intp rows, npy_intp columns) {
+    if (!PyArray_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(object)->tp_name);
+        return -1;
+    }
+    PyArrayObject *out = (PyArrayObject *)object;
+    if (!array_matches_dtype(out, dtype)) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s, got %s", name, dtype_label(dtype),
+                     PyArray_DESCR(out)->typeobj->tp_name);
+        return -1;
+    }
+    if (PyArray_NDIM(out) != 2 || PyArray_DIM(out, 0) != rows || PyArray_DIM(out, 1) != columns) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, %zd)", name, (Py_ssize_t)rows, (Py_ssize_t)columns);
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(out) || !PyArray_ISWRITEABLE(out)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and writeable", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_simd(PyObject *module, const char *name, aqlm_simd *level) {
+    const module_state *state = state_of(module);
+    if (name == NULL) {
+        *level = state->chosen;
+        return 0;
+    }
+    aqlm_error err;
+    if (aqlm_simd_parse(name, level, &err) != AQLM_OK) {
+        PyErr_SetString(PyExc_ValueError, err.message);
+        return -1;
+    }
+    if (*level > state->supported) {
+        PyErr_Format(PyExc_ValueError, "simd='%s' is not available: this CPU and build support up to '%s'",
+                     name, aqlm_simd_name(state->supported));
+        return -1;
+    }
+    return 0;
+}
+
+static int check_threads(int num_threads) {
+    if (num_threads < 1) {
+        PyErr_Format(PyExc_ValueError, "num_threads must be >= 1, got %d", num_threads);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the quantized weight: codes, codebooks, scales, bias ------------------------------------ */
+
+typedef struct {
+    PyArrayObject *codes, *codebooks, *scales, *bias;
+    aqlm_format format;
+    aqlm_dtype param_dtype;
+} weight_args;
+
+static void weight_args_release(weight_args *w) {
+    Py_XDECREF(w->codes);
+    Py_XDECREF(w->codebooks);
+    Py_XDECREF(w->scales);
+    Py_XDECREF(w->bias);
+}
+
+/* Checks codes [OG, G, M], codebooks [M, K, og, ig], scales (OG elements), bias (None or OG*og)
+ * against each other and fills the format. */
+static int weight_args_parse(weight_args *w, PyObject *codes, PyObject *codebooks, PyObject *scales,
+                             PyObject *bias, const char *param_dtype) {
+    memset(w, 0, sizeof *w);
+    if (parse_float_dtype(param_dtype, "param_dtype", &w->param_dtype) < 0) return -1;
+    if (!(w->codes = codes_input(codes))) return -1;
+    if (!(w->codebooks = float_input(codebooks, "codebooks", w->param_dtype, 4))) return -1;
+    if (!(w->scales = float_input(scales, "scales", w->param_dtype, -1))) return -1;
+    if (bias != Py_None && !(w->bias = float_input(bias, "bias", w->param_dtype, 1))) return -1;
+
+    const npy_intp *cs = PyArray_DIMS(w->codes), *bs = PyArray_DIMS(w->codebooks);
+    const npy_intp M = bs[0], K = bs[1], og = bs[2], ig = bs[3];
+    if (cs[2] != M) {
+        PyErr_Format(PyExc_ValueError, "codes have %zd codebooks (shape[2]) but codebooks have %zd (shape[0])",
+                     (Py_ssize_t)cs[2], (Py_ssize_t)M);
+        return -1;
+    }
+    int nbits = 0;
+    while (nbits < 17 && ((npy_intp)1 << nbits) < K) nbits++;
+    if (K < 2 || ((npy_intp)1 << nbits) != K || nbits > 16) {
+        PyErr_Format(PyExc_ValueError, "codebook size (codebooks.shape[1]) must be a power of two in [2, 65536], got %zd",
+                     (Py_ssize_t)K);
+        return -1;
+    }
+    const int code_bits = PyArray_TYPE(w->codes) == NPY_INT8 ? 8 : 16;
+    if (code_bits != (nbits <= 8 ? 8 : 16)) {
+        PyErr_Format(PyExc_TypeError, "codes for %zd-entry codebooks must be int%d, got int%d", (Py_ssize_t)K,
+                     nbits <= 8 ? 8 : 16, code_bits);
+        return -1;
+    }
+    if (PyArray_SIZE(w->scales) != cs[0]) {
+        PyErr_Format(PyExc_ValueError, "scales must have one value per output group (%zd), got %zd values",
+                     (Py_ssize_t)cs[0], (Py_ssize_t)PyArray_SIZE(w->scales));
+        return -1;
+    }
+    if (w->bias && PyArray_DIM(w->bias, 0) != cs[0] * og) {
+        PyErr_Format(PyExc_ValueError, "bias must have out_features=%zd values, got %zd", (Py_ssize_t)(cs[0] * og),
+                     (Py_ssize_t)PyArray_DIM(w->bias, 0));
+        return -1;
+    }
+    w->format.out_features = cs[0] * og;
+    w->format.in_features = cs[1] * ig;
+    w->format.out_group_size = og;
+    w->format.in_group_size = ig;
+    w->format.num_codebooks = M;
+    w->format.nbits = nbits;
+    w->format.code_bits = code_bits;
+    aqlm_error err;
+    if (aqlm_format_check(&w->format, &err) != AQLM_OK) {
+        PyErr_SetString(PyExc_ValueError, err.message);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- functions ------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(dequantize_doc,
+"dequantize(codes, codebooks, scales, out, *, param_dtype='float32', out_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"Writes the dense weight [out_features, in_features] into `out`.\n"
+"codes [num_out_groups, num_in_groups, num_codebooks] int8/int16; codebooks\n"
+"[num_codebooks, 2**nbits, out_group_size, in_group_size]; scales: one value per output group.");
+
+static PyObject *py_dequantize(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"codes", "codebooks", "scales", "out", "param_dtype", "out_dtype", "simd", "num_threads", NULL};
+    PyObject *codes, *codebooks, *scales, *out;
+    const char *param_dtype = "float32", *out_dtype_name = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$sszi:dequantize", keywords, &codes, &codebooks, &scales,
+                                     &out, &param_dtype, &out_dtype_name, &simd_name, &num_threads))
+        return NULL;
+    weight_args w;
+    aqlm_dtype out_dtype;
+    aqlm_simd simd;
+    if (weight_args_parse(&w, codes, codebooks, scales, Py_None, param_dtype) < 0 ||
+        parse_float_dtype(out_dtype_name, "out_dtype", &out_dtype) < 0 || parse_simd(module, simd_name, &simd) < 0 ||
+        check_threads(num_threads) < 0 ||
+        check_output(out, "out", out_dtype, (npy_intp)w.format.out_features, (npy_intp)w.format.in_features) < 0) {
+        weight_args_release(&w);
+        return NULL;
+    }
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_dequantize(&w.format, PyArray_DATA(w.codes), w.param_dtype, PyArray_DATA(w.codebooks),
+                             PyArray_DATA(w.scales), out_dtype, PyArray_DATA((PyArrayObject *)out), simd,
+                             num_threads, &err);
+    Py_END_ALLOW_THREADS
+    weight_args_release(&w);
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+}
+
+typedef aqlm_status (*matmul_fn)(const aqlm_format *, int64_t, aqlm_dtype, const void *, const void *, aqlm_dtype,
+                                 const void *, const void *, const void *, void *, aqlm_simd, int, aqlm_error *);
+
+static PyObject *matmul_common(PyObject *module, PyObject *args, PyObject *kwargs, const char *format_string,
+                               matmul_fn fn) {
+    static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "x_dtype", "param_dtype", "simd",
+                               "num_threads", NULL};
+    PyObject *x_object, *codes, *codebooks, *scales, *bias, *out;
+    const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format_string, keywords, &x_object, &codes, &codebooks, &scales,
+                                     &bias, &out, &x_dtype_name, &param_dtype, &simd_name, &num_threads))
+        return NULL;
+    weight_args w;
+    aqlm_dtype x_dtype;
+    aqlm_simd simd;
+    PyArrayObject *x = NULL;
+    if (weight_args_parse(&w, codes, codebooks, scales, bias, param_dtype) < 0 ||
+        parse_float_dtype(x_dtype_name, "x_dtype", &x_dtype) < 0 || parse_simd(module, simd_name, &simd) < 0 ||
+        check_threads(num_threads) < 0 || !(x = float_input(x_object, "x", x_dtype, 2)))
+        goto fail;
+    if (PyArray_DIM(x, 1) != w.format.in_features) {
+        PyErr_Format(PyExc_ValueError, "x has %zd features (shape[1]) but the weight has in_features=%lld",
+                     (Py_ssize_t)PyArray_DIM(x, 1), (long long)w.format.in_features);
+        goto fail;
+    }
+    const npy_intp n = PyArray_DIM(x, 0);
+    if (check_output(out, "out", x_dtype, n, (npy_intp)w.format.out_features) < 0) goto fail;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(&w.format, n, x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes), w.param_dtype,
+                PyArray_DATA(w.codebooks), PyArray_DATA(w.scales), w.bias ? PyArray_DATA(w.bias) : NULL,
+                PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
+    Py_END_ALLOW_THREADS
+    weight_args_release(&w);
+    Py_DECREF(x);
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+fail:
+    weight_args_release(&w);
+    Py_XDECREF(x);
+    return NULL;
+}
+
+PyDoc_STRVAR(lut_matmul_doc,
+"lut_matmul(x, codes, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias, by per-token lookup tables.\n"
+"Needs codebooks of at most 256 codewords. bias may be None.");
+
+static PyObject *py_lut_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return matmul_common(module, args, kwargs, "OOOOOO|$sszi:lut_matmul", aqlm_lut_matmul);
+}
+
+PyDoc_STRVAR(codebook_matmul_doc,
+"codebook_matmul(x, codes, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias, decoding codewords straight from the\n"
+"codebooks (any codebook size; meant for few tokens). bias may be None.");
+
+static PyObject *py_codebook_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return matmul_common(module, args, kwargs, "OOOOOO|$sszi:codebook_matmul", aqlm_codebook_matmul);
+}
+
+PyDoc_STRVAR(simd_supported_doc, "simd_supported()\n--\n\nThe best SIMD level this CPU, OS and build support.");
+static PyObject *py_simd_supported(PyObject *module, PyObject *unused) {
+    return PyUnicode_FromString(aqlm_simd_name(state_of(module)->supported));
+}
+
+PyDoc_STRVAR(simd_default_doc, "simd_default()\n--\n\nThe SIMD level used when a call names none (AQLM_SIMD or the best supported).");
+static PyObject *py_simd_default(PyObject *module, PyObject *unused) {
+    return PyUnicode_FromString(aqlm_simd_name(state_of(module)->chosen));
+}
+
+static PyMethodDef methods[] = {
+    {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS, dequantize_doc},
+    {"lut_matmul", (PyCFunction)(void (*)(void))py_lut_matmul, METH_VARARGS | METH_KEYWORDS, lut_matmul_doc},
+    {"codebook_matmul", (PyCFunction)(void (*)(void))py_codebook_matmul, METH_VARARGS | METH_KEYWORDS, codebook_matmul_doc},
+    {"simd_supported", py_simd_supported, METH_NOARGS, simd_supported_doc},
+    {"simd_default", py_simd_default, METH_NOARGS, simd_default_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+/* ---- module ---------------------------------------------------------------------------------- */
+
+static int module_exec(PyObject *module) {
+    import_array1(-1);
+    module_state *state = state_of(module);
+    const aqlm_simd cpu = aqlm_simd_supported(), built = aqlm_simd_compiled();
+    state->supported = cpu < built ? cpu : built;
+    state->chosen = state->supported;
+    const char *requested = getenv("AQLM_SIMD");
+    if (requested != NULL && requested[0] != '\0') {
+        aqlm_error err;
+        aqlm_simd level;
+        if (aqlm_simd_parse(requested, &level, &err) != AQLM_OK) {
+            PyErr_Format(PyExc_ImportError, "environment variable AQLM_SIMD: %s", err.message);
+            return -1;
+        }
+        if (level > state->supported) {
+            PyErr_Format(PyExc_ImportError, "environment variable AQLM_SIMD=%s: this CPU and build support up to '%s'",
+                         requested, aqlm_simd_name(state->supported));
+            return -1;
+        }
+        state->chosen = level;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aqlm._C",
+    .m_doc = "The AQLM C core: quantized matmul, dequantization, k-means and beam search.",
+    .m_size = sizeof(module_state),
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }
