@@ -379,6 +379,7 @@ def test_llama2c_too_long_file(tmp_path, stories_bin):
         ((60, 172, 5, 8, 4, 512, 512), r"dim=60 is not divisible by n_heads=8"),
         ((64, 172, 5, 8, 4, 0, 512), r"vocab_size=0"),
         ((64, -1, 5, 8, 4, 512, 512), r"hidden_dim=-1"),
+        ((2**30, 2**30, 2**30, 2**20, 2**20, -(2**30), 2**30), r"truncated.* implies \d{25,} bytes"),
     ],
 )
 def test_llama2c_bad_header(tmp_path, header, problem):

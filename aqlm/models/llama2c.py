@@ -18,6 +18,7 @@ one means a separate classifier follows at the end of the file.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ class Llama2cHeader:
 
     def expected_bytes(self) -> int:
         """Exact size in bytes of a well-formed file with this header."""
-        n_floats = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in self.tensor_shapes())
+        n_floats = sum(math.prod(shape) for _, shape in self.tensor_shapes())
         return HEADER_BYTES + 4 * n_floats
 
 
@@ -188,7 +189,7 @@ def _read_arrays(path: Path, header: Llama2cHeader) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for name, shape in header.tensor_shapes():
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         arrays[name] = flat[offset : offset + size].reshape(shape)
         offset += size
     return arrays
