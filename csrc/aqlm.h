@@ -102,6 +102,60 @@ aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_d
                                  const void *codebooks, const void *scales, const void *bias,
                                  void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
 
+/* ---- k-means ------------------------------------------------------------------------------- */
+
+typedef enum { AQLM_KMEANS_INIT_RANDOM = 0, AQLM_KMEANS_INIT_PLUSPLUS = 1 } aqlm_kmeans_init;
+
+typedef struct {
+    int max_iter;                    /* Lloyd iterations, >= 0 */
+    double tolerance;                /* stop when an iteration improves the objective by less than this fraction */
+    int64_t max_points_per_centroid; /* train on a seeded sample of k * this many points when n is larger;
+                                        0 trains on all points */
+    aqlm_kmeans_init init;           /* random distinct points, or k-means++ (O(n k d)) */
+    uint64_t seed;
+} aqlm_kmeans_params;
+
+/* 25 iterations, tolerance 1e-4, 256 points per centroid, random init, seed 0. */
+aqlm_kmeans_params aqlm_kmeans_params_default(void);
+
+/* Clusters x [n, d] (d <= 64) into centroids [k, d]. Optional outputs (may be NULL): assignment
+ * [n] (nearest centroid of every point, after training) and objective (sum of squared distances
+ * of all n points). When n <= k every point becomes a centroid. NaN/Inf in x: AQLM_ERR_NUMERIC. */
+aqlm_status aqlm_kmeans(int64_t n, int64_t d, int64_t k, const float *x, const aqlm_kmeans_params *params,
+                        float *centroids, int32_t *assignment, double *objective, aqlm_simd simd,
+                        int num_threads, aqlm_interrupt_fn interrupt, void *interrupt_context,
+                        aqlm_error *err);
+
+/* ---- beam search ----------------------------------------------------------------------------- */
+
+typedef struct {
+    int beam_size; /* hypotheses kept per output group; 1 is greedy coordinate descent */
+    int shuffle;   /* nonzero: visit input groups, and codebooks within each, in a seeded random order */
+    uint64_t seed;
+} aqlm_beam_params;
+
+/* Beam size 1, no shuffling, seed 0. */
+aqlm_beam_params aqlm_beam_params_default(void);
+
+/* One pass of beam search over the codes, minimising for every output group o
+ *     loss[o] = sum over its rows r of (W - What)[r] xtx (W - What)[r]^T,
+ * What the dequantized weight. Visits each input group j once and each codebook m within it,
+ * and for every hypothesis scores all 2**nbits codewords for code (o, j, m) in closed form from
+ * the row gradient (W - What) xtx; keeps the beam_size best hypotheses of each output group and
+ * finally writes the best one. The objective of the result is never above that of the codes
+ * given (up to float rounding), since keeping a code is always a candidate.
+ *   xtx        [in, in] symmetric positive semi-definite, or NULL for the identity (plain L2);
+ *   codebooks  [M, K, og, ig] fp32; scales [out/og] fp32;
+ *   allowed    [out/og, in/ig] bytes, or NULL: codes of groups with allowed == 0 are kept;
+ *   codes      [out/og, in/ig, M] packed int8/int16, updated in place;
+ *   gradient   [out, in]: (W - What) xtx for the codes on entry (W - What when xtx is NULL),
+ *              updated to match the codes on exit;
+ *   losses     [out/og]: loss[o] for the codes on entry, updated on exit. */
+aqlm_status aqlm_beam_search(const aqlm_format *f, const float *xtx, const float *codebooks, const float *scales,
+                             const uint8_t *allowed, void *codes, float *gradient, double *losses,
+                             const aqlm_beam_params *params, aqlm_simd simd, int num_threads,
+                             aqlm_interrupt_fn interrupt, void *interrupt_context, aqlm_error *err);
+
 #ifdef __cplusplus
 }
 #endif

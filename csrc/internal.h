@@ -174,6 +174,20 @@ typedef void (*aqlm_dequant_rows_fn)(const aqlm_block_shape *s, int64_t o0, int6
                                      const void *restrict cb, const void *restrict scales,
                                      aqlm_dtype w_dtype, void *restrict w);
 
+/* For each of n queries (rows of q [n, D]), the k smallest values of
+ *   v(c) = bias[c] + sum_d q[i, d] * ct[d, c]      over codewords c in [0, K)   (ct: [D, K])
+ * in ascending order (ties: smaller c first) into values [n, k] and indices [n, k]. Each v(c) is
+ * accumulated as fma(q[d], ct[d, c], v) for d = 0, 1, ... so every version gives the same bits.
+ * Requires 1 <= k <= K. */
+typedef void (*aqlm_topk_scores_fn)(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
+                                    const float *restrict ct, const float *restrict bias,
+                                    float *restrict values, int32_t *restrict indices);
+
+/* For each of n rows: g_rows[r][col] -= sum_i delta[r, i] * h[i, col] for col in [0, width),
+ * i in [0, ig) (h: [ig, width] with row stride `width`), as fma(-delta, h, g) in order i = 0, 1, ... */
+typedef void (*aqlm_gradient_update_fn)(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
+                                        const float *restrict h, float *const *restrict g_rows);
+
 typedef struct {
     aqlm_simd level;
     aqlm_lut_build_t1_fn lut_build_t1;
@@ -182,6 +196,8 @@ typedef struct {
     aqlm_lut_accumulate_fn lut_accumulate_t8;
     aqlm_decode_dot_fn decode_dot;
     aqlm_dequant_rows_fn dequant_rows;
+    aqlm_topk_scores_fn topk_scores;
+    aqlm_gradient_update_fn gradient_update;
 } aqlm_kernels;
 
 /* The table for `level`, or for the best level below it that this build has. */
@@ -206,6 +222,11 @@ void aqlm_dequant_rows_ref(const aqlm_block_shape *s, int64_t o0, int64_t o1,
                            const void *restrict codes, aqlm_dtype param_dtype,
                            const void *restrict cb, const void *restrict scales,
                            aqlm_dtype w_dtype, void *restrict w);
+void aqlm_topk_scores_ref(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
+                          const float *restrict ct, const float *restrict bias, float *restrict values,
+                          int32_t *restrict indices);
+void aqlm_gradient_update_ref(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
+                              const float *restrict h, float *const *restrict g_rows);
 
 /* AVX2 versions (kernels_avx2.c), reused by the AVX-512 table where it has no wider version. */
 void aqlm_lut_build_t1_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1,
@@ -225,6 +246,11 @@ void aqlm_dequant_rows_avx2(const aqlm_block_shape *s, int64_t o0, int64_t o1,
                             const void *restrict codes, aqlm_dtype param_dtype,
                             const void *restrict cb, const void *restrict scales,
                             aqlm_dtype w_dtype, void *restrict w);
+void aqlm_topk_scores_avx2(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
+                           const float *restrict ct, const float *restrict bias, float *restrict values,
+                           int32_t *restrict indices);
+void aqlm_gradient_update_avx2(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
+                               const float *restrict h, float *const *restrict g_rows);
 
 extern const aqlm_kernels aqlm_kernels_scalar;
 extern const aqlm_kernels aqlm_kernels_avx2;
@@ -238,6 +264,36 @@ aqlm_status aqlm_check_matmul_args(const aqlm_format *f, int64_t n, aqlm_dtype x
                                    const void *x, const void *codes, aqlm_dtype param_dtype,
                                    const void *codebooks, const void *scales, const void *y,
                                    int num_threads, aqlm_error *err);
+/* Inserts (value, index) into the ascending top-k list (values, indices) if it beats the last
+ * entry; equal values keep the earlier entry first. */
+static inline void aqlm_topk_insert(int64_t k, float *values, int32_t *indices, float value, int32_t index) {
+    if (!(value < values[k - 1])) return;
+    int64_t at = k - 1;
+    while (at > 0 && value < values[at - 1]) {
+        values[at] = values[at - 1];
+        indices[at] = indices[at - 1];
+        at--;
+    }
+    values[at] = value;
+    indices[at] = index;
+}
+
+/* A small seeded generator (splitmix64): deterministic streams from explicit seeds only. */
+static inline uint64_t aqlm_random_next(uint64_t *state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Uniform integer in [0, bound), bound >= 1. */
+static inline uint64_t aqlm_random_below(uint64_t *state, uint64_t bound) {
+    return (uint64_t)(((unsigned __int128)aqlm_random_next(state) * bound) >> 64);
+}
+
+/* Index of the first NaN or Inf among count floats, or -1. */
+int64_t aqlm_find_nonfinite(const float *values, int64_t count);
+
 /* Threads to use for `work` units of roughly one microsecond each: 1 for small jobs. */
 int aqlm_threads_for(int num_threads, double work);
 

@@ -4,6 +4,8 @@
  * Shapes that are not specialised here (out_group_size > 1, in_group_size not a multiple of 8,
  * fewer than 8 codewords) go to the scalar references.
  */
+#include <math.h>
+
 #include "internal.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -261,6 +263,130 @@ void aqlm_dequant_rows_avx2(const aqlm_block_shape *s, int64_t o0, int64_t o1,
     }
 }
 
+/* ---- top-k scores over codewords ------------------------------------------------------------- */
+
+/* Scores of 32 consecutive codewords (four vectors) for one query, in the reference's order. */
+ALWAYS_INLINE void scores32(int64_t D, int64_t K, const float *restrict query, const float *restrict ct,
+                            const float *restrict bias, int64_t c, __m256 out[4]) {
+    __m256 v0 = _mm256_loadu_ps(bias + c), v1 = _mm256_loadu_ps(bias + c + 8);
+    __m256 v2 = _mm256_loadu_ps(bias + c + 16), v3 = _mm256_loadu_ps(bias + c + 24);
+    for (int64_t d = 0; d < D; d++) {
+        const __m256 qd = _mm256_broadcast_ss(query + d);
+        const float *column = ct + d * K + c;
+        v0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(column), v0);
+        v1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(column + 8), v1);
+        v2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(column + 16), v2);
+        v3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(column + 24), v3);
+    }
+    out[0] = v0, out[1] = v1, out[2] = v2, out[3] = v3;
+}
+
+ALWAYS_INLINE float score_one(int64_t D, int64_t K, const float *restrict query, const float *restrict ct,
+                              const float *restrict bias, int64_t c) {
+    float value = bias[c];
+    for (int64_t d = 0; d < D; d++) value = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(query[d]), _mm_set_ss(ct[d * K + c]), _mm_set_ss(value)));
+    return value;
+}
+
+void aqlm_topk_scores_avx2(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
+                           const float *restrict ct, const float *restrict bias, float *restrict values,
+                           int32_t *restrict indices) {
+    const int64_t K32 = K / 32 * 32;
+    for (int64_t row = 0; row < n; row++) {
+        const float *query = q + row * D;
+        float *best = values + row * k;
+        int32_t *best_index = indices + row * k;
+        __m256 scores[4];
+        if (k == 1) {
+            /* Per-lane first minimum, then the smallest index among the lanes holding the minimum:
+             * the same answer as a sequential scan with a strict comparison. */
+            __m256 lane_best = _mm256_set1_ps(INFINITY);
+            __m256i lane_index = _mm256_set1_epi32(-1);
+            const __m256i step = _mm256_set1_epi32(8);
+            __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            for (int64_t c = 0; c < K32; c += 32) {
+                scores32(D, K, query, ct, bias, c, scores);
+                for (int b = 0; b < 4; b++) {
+                    const __m256 better = _mm256_cmp_ps(scores[b], lane_best, _CMP_LT_OQ);
+                    lane_best = _mm256_blendv_ps(lane_best, scores[b], better);
+                    lane_index = _mm256_blendv_epi8(lane_index, index, _mm256_castps_si256(better));
+                    index = _mm256_add_epi32(index, step);
+                }
+            }
+            float lanes[8];
+            int32_t lane_indices[8];
+            _mm256_storeu_ps(lanes, lane_best);
+            _mm256_storeu_si256((__m256i *)lane_indices, lane_index);
+            best[0] = INFINITY, best_index[0] = -1;
+            for (int lane = 0; lane < 8; lane++) {
+                if (lane_indices[lane] < 0) continue;
+                if (lanes[lane] < best[0] || (lanes[lane] == best[0] && lane_indices[lane] < best_index[0]))
+                    best[0] = lanes[lane], best_index[0] = lane_indices[lane];
+            }
+            for (int64_t c = K32; c < K; c++) aqlm_topk_insert(1, best, best_index, score_one(D, K, query, ct, bias, c), (int32_t)c);
+            continue;
+        }
+        for (int64_t t = 0; t < k; t++) best[t] = INFINITY, best_index[t] = -1;
+        for (int64_t c = 0; c < K32; c += 32) {
+            scores32(D, K, query, ct, bias, c, scores);
+            const __m256 threshold = _mm256_set1_ps(best[k - 1]);
+            int any = 0;
+            for (int b = 0; b < 4; b++) any |= _mm256_movemask_ps(_mm256_cmp_ps(scores[b], threshold, _CMP_LT_OQ));
+            if (!any) continue;
+            float block[32];
+            for (int b = 0; b < 4; b++) _mm256_storeu_ps(block + 8 * b, scores[b]);
+            for (int lane = 0; lane < 32; lane++) aqlm_topk_insert(k, best, best_index, block[lane], (int32_t)(c + lane));
+        }
+        for (int64_t c = K32; c < K; c++) aqlm_topk_insert(k, best, best_index, score_one(D, K, query, ct, bias, c), (int32_t)c);
+    }
+}
+
+/* ---- gradient update ------------------------------------------------------------------------- */
+
+ALWAYS_INLINE void gradient_update_tail(int64_t ig, int64_t width, int64_t from, const float *restrict d,
+                                        const float *restrict h, float *restrict g) {
+    for (int64_t col = from; col < width; col++) {
+        float value = g[col];
+        for (int64_t i = 0; i < ig; i++) value = fmaf(-d[i], h[i * width + col], value);
+        g[col] = value;
+    }
+}
+
+void aqlm_gradient_update_avx2(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
+                               const float *restrict h, float *const *restrict g_rows) {
+    const int64_t width8 = width / 8 * 8;
+    int64_t row = 0;
+    for (; row + 4 <= n; row += 4) { /* four rows share every load of h */
+        float *g0 = g_rows[row], *g1 = g_rows[row + 1], *g2 = g_rows[row + 2], *g3 = g_rows[row + 3];
+        const float *d0 = delta + row * ig, *d1 = d0 + ig, *d2 = d1 + ig, *d3 = d2 + ig;
+        for (int64_t col = 0; col < width8; col += 8) {
+            __m256 a0 = _mm256_loadu_ps(g0 + col), a1 = _mm256_loadu_ps(g1 + col);
+            __m256 a2 = _mm256_loadu_ps(g2 + col), a3 = _mm256_loadu_ps(g3 + col);
+            for (int64_t i = 0; i < ig; i++) {
+                const __m256 hv = _mm256_loadu_ps(h + i * width + col);
+                a0 = _mm256_fnmadd_ps(_mm256_set1_ps(d0[i]), hv, a0);
+                a1 = _mm256_fnmadd_ps(_mm256_set1_ps(d1[i]), hv, a1);
+                a2 = _mm256_fnmadd_ps(_mm256_set1_ps(d2[i]), hv, a2);
+                a3 = _mm256_fnmadd_ps(_mm256_set1_ps(d3[i]), hv, a3);
+            }
+            _mm256_storeu_ps(g0 + col, a0), _mm256_storeu_ps(g1 + col, a1);
+            _mm256_storeu_ps(g2 + col, a2), _mm256_storeu_ps(g3 + col, a3);
+        }
+        gradient_update_tail(ig, width, width8, d0, h, g0), gradient_update_tail(ig, width, width8, d1, h, g1);
+        gradient_update_tail(ig, width, width8, d2, h, g2), gradient_update_tail(ig, width, width8, d3, h, g3);
+    }
+    for (; row < n; row++) {
+        float *g = g_rows[row];
+        const float *d = delta + row * ig;
+        for (int64_t col = 0; col < width8; col += 8) {
+            __m256 a = _mm256_loadu_ps(g + col);
+            for (int64_t i = 0; i < ig; i++) a = _mm256_fnmadd_ps(_mm256_set1_ps(d[i]), _mm256_loadu_ps(h + i * width + col), a);
+            _mm256_storeu_ps(g + col, a);
+        }
+        gradient_update_tail(ig, width, width8, d, h, g);
+    }
+}
+
 const aqlm_kernels aqlm_kernels_avx2 = {
     .level = AQLM_SIMD_AVX2,
     .lut_build_t1 = aqlm_lut_build_t1_avx2,
@@ -269,6 +395,8 @@ const aqlm_kernels aqlm_kernels_avx2 = {
     .lut_accumulate_t8 = aqlm_lut_accumulate_t8_avx2,
     .decode_dot = aqlm_decode_dot_avx2,
     .dequant_rows = aqlm_dequant_rows_avx2,
+    .topk_scores = aqlm_topk_scores_avx2,
+    .gradient_update = aqlm_gradient_update_avx2,
 };
 
 #else /* built without AVX2: a scalar table that aqlm_kernels_for never returns for AVX2 */
@@ -281,6 +409,8 @@ const aqlm_kernels aqlm_kernels_avx2 = {
     .lut_accumulate_t8 = aqlm_lut_accumulate_t8_ref,
     .decode_dot = aqlm_decode_dot_ref,
     .dequant_rows = aqlm_dequant_rows_ref,
+    .topk_scores = aqlm_topk_scores_ref,
+    .gradient_update = aqlm_gradient_update_ref,
 };
 
 #endif

@@ -85,6 +85,8 @@ const aqlm_kernels aqlm_kernels_avx512 = {
     .lut_accumulate_t8 = aqlm_lut_accumulate_t8_avx2,
     .decode_dot = decode_dot_avx512,
     .dequant_rows = aqlm_dequant_rows_avx2,
+    .topk_scores = aqlm_topk_scores_avx2,
+    .gradient_update = aqlm_gradient_update_avx2,
 };
 
 #else /* built without AVX-512: a scalar table that aqlm_kernels_for never returns for AVX-512 */
@@ -97,6 +99,8 @@ const aqlm_kernels aqlm_kernels_avx512 = {
     .lut_accumulate_t8 = aqlm_lut_accumulate_t8_ref,
     .decode_dot = aqlm_decode_dot_ref,
     .dequant_rows = aqlm_dequant_rows_ref,
+    .topk_scores = aqlm_topk_scores_ref,
+    .gradient_update = aqlm_gradient_update_ref,
 };
 
 #endif

@@ -4,6 +4,8 @@
  * Built without SIMD flags. These are the definitions the SIMD versions are tested against and
  * the fallback for shapes the SIMD versions do not specialise.
  */
+#include <math.h>
+
 #include "internal.h"
 
 void aqlm_lut_build_t1_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1,
@@ -142,6 +144,34 @@ void aqlm_dequant_rows_ref(const aqlm_block_shape *s, int64_t o0, int64_t o1,
     }
 }
 
+void aqlm_topk_scores_ref(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
+                          const float *restrict ct, const float *restrict bias, float *restrict values,
+                          int32_t *restrict indices) {
+    for (int64_t row = 0; row < n; row++) {
+        float *best = values + row * k;
+        int32_t *best_index = indices + row * k;
+        for (int64_t t = 0; t < k; t++) best[t] = INFINITY, best_index[t] = -1;
+        const float *query = q + row * D;
+        for (int64_t c = 0; c < K; c++) {
+            float value = bias[c];
+            for (int64_t d = 0; d < D; d++) value = fmaf(query[d], ct[d * K + c], value);
+            aqlm_topk_insert(k, best, best_index, value, (int32_t)c);
+        }
+    }
+}
+
+void aqlm_gradient_update_ref(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
+                              const float *restrict h, float *const *restrict g_rows) {
+    for (int64_t row = 0; row < n; row++) {
+        float *g = g_rows[row];
+        for (int64_t col = 0; col < width; col++) {
+            float value = g[col];
+            for (int64_t i = 0; i < ig; i++) value = fmaf(-delta[row * ig + i], h[i * width + col], value);
+            g[col] = value;
+        }
+    }
+}
+
 const aqlm_kernels aqlm_kernels_scalar = {
     .level = AQLM_SIMD_SCALAR,
     .lut_build_t1 = aqlm_lut_build_t1_ref,
@@ -150,4 +180,6 @@ const aqlm_kernels aqlm_kernels_scalar = {
     .lut_accumulate_t8 = aqlm_lut_accumulate_t8_ref,
     .decode_dot = aqlm_decode_dot_ref,
     .dequant_rows = aqlm_dequant_rows_ref,
+    .topk_scores = aqlm_topk_scores_ref,
+    .gradient_update = aqlm_gradient_update_ref,
 };

@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include "aqlm.h"
+#include "internal.h"
 
 typedef struct {
     aqlm_simd supported; /* what the CPU, the OS and this build support */
@@ -331,6 +332,268 @@ static PyObject *py_codebook_matmul(PyObject *module, PyObject *args, PyObject *
     return matmul_common(module, args, kwargs, "OOOOOO|$sszi:codebook_matmul", aqlm_codebook_matmul);
 }
 
+/* Called by long C loops between steps, outside parallel regions, with the GIL released. */
+static int check_signals(void *unused) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    const int stop = PyErr_CheckSignals() != 0;
+    PyGILState_Release(gil);
+    return stop;
+}
+
+/* An in/out array: exact dtype, given ndim, C-contiguous, writeable. */
+static PyArrayObject *inout_array(PyObject *object, const char *name, int type_a, int type_b, int ndim) {
+    if (!PyArray_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(object)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *array = (PyArrayObject *)object;
+    const int type = PyArray_TYPE(array);
+    if (type != type_a && type != type_b) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s, got %s", name,
+                     PyArray_DescrFromType(type_a)->typeobj->tp_name, PyArray_DESCR(array)->typeobj->tp_name);
+        return NULL;
+    }
+    if (ndim >= 0 && PyArray_NDIM(array) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimensions, got %d", name, ndim, PyArray_NDIM(array));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(array) || !PyArray_ISWRITEABLE(array)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and writeable", name);
+        return NULL;
+    }
+    Py_INCREF(array);
+    return array;
+}
+
+PyDoc_STRVAR(kmeans_doc,
+"kmeans(x, k, *, max_iter=25, tolerance=1e-4, max_points_per_centroid=256, init='random', seed=0, simd=None, num_threads=None)\n"
+"--\n\n"
+"Lloyd's k-means of x [n, d] float32 (d <= 64) into k centroids. init is 'random' or 'kmeans++';\n"
+"max_points_per_centroid=0 trains on all points. Returns (centroids [k, d] float32,\n"
+"assignment [n] int32, objective: sum of squared distances of all points).");
+
+static PyObject *py_kmeans(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"x", "k", "max_iter", "tolerance", "max_points_per_centroid", "init", "seed", "simd",
+                               "num_threads", NULL};
+    PyObject *x_object;
+    Py_ssize_t k;
+    aqlm_kmeans_params params = aqlm_kmeans_params_default();
+    long long max_points = params.max_points_per_centroid;
+    unsigned long long seed = 0;
+    const char *init = "random", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On|$idLsKzi:kmeans", keywords, &x_object, &k, &params.max_iter,
+                                     &params.tolerance, &max_points, &init, &seed, &simd_name, &num_threads))
+        return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0 || check_threads(num_threads) < 0) return NULL;
+    if (strcmp(init, "random") == 0) params.init = AQLM_KMEANS_INIT_RANDOM;
+    else if (strcmp(init, "kmeans++") == 0) params.init = AQLM_KMEANS_INIT_PLUSPLUS;
+    else return PyErr_Format(PyExc_ValueError, "init must be 'random' or 'kmeans++', got '%s'", init);
+    params.max_points_per_centroid = max_points;
+    params.seed = seed;
+    PyArrayObject *x = float_input(x_object, "x", AQLM_F32, 2);
+    if (x == NULL) return NULL;
+    const npy_intp n = PyArray_DIM(x, 0), d = PyArray_DIM(x, 1);
+    if (k < 1) {
+        Py_DECREF(x);
+        return PyErr_Format(PyExc_ValueError, "k must be >= 1, got %zd", k);
+    }
+    npy_intp centroid_shape[2] = {(npy_intp)k, d}, assignment_shape[1] = {n};
+    PyArrayObject *centroids = (PyArrayObject *)PyArray_SimpleNew(2, centroid_shape, NPY_FLOAT32);
+    PyArrayObject *assignment = (PyArrayObject *)PyArray_SimpleNew(1, assignment_shape, NPY_INT32);
+    if (!centroids || !assignment) {
+        Py_DECREF(x), Py_XDECREF(centroids), Py_XDECREF(assignment);
+        return NULL;
+    }
+    aqlm_error err;
+    aqlm_status status;
+    double objective = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_kmeans(n, d, k, PyArray_DATA(x), &params, PyArray_DATA(centroids), PyArray_DATA(assignment),
+                         &objective, simd, num_threads, check_signals, NULL, &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(x);
+    if (status != AQLM_OK) {
+        Py_DECREF(centroids), Py_DECREF(assignment);
+        return raise_status(status, &err);
+    }
+    return Py_BuildValue("NNd", centroids, assignment, objective);
+}
+
+PyDoc_STRVAR(beam_search_doc,
+"beam_search(xtx, codebooks, scales, codes, gradient, losses, *, allowed=None, beam_size=1, shuffle=False, seed=0, simd=None, num_threads=None)\n"
+"--\n\n"
+"One beam-search pass over the codes minimising, per output group, tr((W - What) xtx (W - What)^T).\n"
+"xtx [in, in] float32 or None (identity: plain squared error); codebooks [M, K, og, ig] float32;\n"
+"scales (one float32 per output group); codes [out/og, in/ig, M] int8/int16 (packed), gradient\n"
+"[out, in] float32 = (W - What) @ xtx, losses [out/og] float64: all three updated in place.\n"
+"allowed [out/og, in/ig] uint8/bool or None: only groups with allowed != 0 may change.");
+
+static PyObject *py_beam_search(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"xtx", "codebooks", "scales", "codes", "gradient", "losses", "allowed", "beam_size",
+                               "shuffle", "seed", "simd", "num_threads", NULL};
+    PyObject *xtx_object, *codebooks_object, *scales_object, *codes_object, *gradient_object, *losses_object;
+    PyObject *allowed_object = Py_None;
+    aqlm_beam_params params = aqlm_beam_params_default();
+    unsigned long long seed = 0;
+    const char *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$OipKzi:beam_search", keywords, &xtx_object,
+                                     &codebooks_object, &scales_object, &codes_object, &gradient_object,
+                                     &losses_object, &allowed_object, &params.beam_size, &params.shuffle, &seed,
+                                     &simd_name, &num_threads))
+        return NULL;
+    params.seed = seed;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0 || check_threads(num_threads) < 0) return NULL;
+    weight_args w;
+    PyArrayObject *xtx = NULL, *gradient = NULL, *losses = NULL, *allowed = NULL;
+    if (weight_args_parse(&w, codes_object, codebooks_object, scales_object, Py_None, "float32") < 0) goto fail;
+    if (!PyArray_ISWRITEABLE(w.codes)) {
+        PyErr_SetString(PyExc_ValueError, "codes must be writeable");
+        goto fail;
+    }
+    const npy_intp out = (npy_intp)w.format.out_features, in = (npy_intp)w.format.in_features;
+    const npy_intp out_groups = PyArray_DIM(w.codes, 0), in_groups = PyArray_DIM(w.codes, 1);
+    if (xtx_object != Py_None) {
+        if (!(xtx = float_input(xtx_object, "xtx", AQLM_F32, 2))) goto fail;
+        if (PyArray_DIM(xtx, 0) != in || PyArray_DIM(xtx, 1) != in) {
+            PyErr_Format(PyExc_ValueError, "xtx must have shape (%zd, %zd), got (%zd, %zd)", (Py_ssize_t)in,
+                         (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(xtx, 0), (Py_ssize_t)PyArray_DIM(xtx, 1));
+            goto fail;
+        }
+    }
+    if (!(gradient = inout_array(gradient_object, "gradient", NPY_FLOAT32, NPY_FLOAT32, 2))) goto fail;
+    if (PyArray_DIM(gradient, 0) != out || PyArray_DIM(gradient, 1) != in) {
+        PyErr_Format(PyExc_ValueError, "gradient must have shape (%zd, %zd)", (Py_ssize_t)out, (Py_ssize_t)in);
+        goto fail;
+    }
+    if (!(losses = inout_array(losses_object, "losses", NPY_FLOAT64, NPY_FLOAT64, 1))) goto fail;
+    if (PyArray_DIM(losses, 0) != out_groups) {
+        PyErr_Format(PyExc_ValueError, "losses must have shape (%zd,)", (Py_ssize_t)out_groups);
+        goto fail;
+    }
+    if (allowed_object != Py_None) {
+        if (!PyArray_Check(allowed_object) ||
+            (PyArray_TYPE((PyArrayObject *)allowed_object) != NPY_UINT8 && PyArray_TYPE((PyArrayObject *)allowed_object) != NPY_BOOL)) {
+            PyErr_SetString(PyExc_TypeError, "allowed must be a numpy.ndarray of dtype uint8 or bool");
+            goto fail;
+        }
+        allowed = (PyArrayObject *)PyArray_FROM_OF(allowed_object, NPY_ARRAY_CARRAY_RO);
+        if (!allowed) goto fail;
+        if (PyArray_NDIM(allowed) != 2 || PyArray_DIM(allowed, 0) != out_groups || PyArray_DIM(allowed, 1) != in_groups) {
+            PyErr_Format(PyExc_ValueError, "allowed must have shape (%zd, %zd)", (Py_ssize_t)out_groups, (Py_ssize_t)in_groups);
+            goto fail;
+        }
+    }
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_beam_search(&w.format, xtx ? PyArray_DATA(xtx) : NULL, PyArray_DATA(w.codebooks),
+                              PyArray_DATA(w.scales), allowed ? PyArray_DATA(allowed) : NULL, PyArray_DATA(w.codes),
+                              PyArray_DATA(gradient), PyArray_DATA(losses), &params, simd, num_threads,
+                              check_signals, NULL, &err);
+    Py_END_ALLOW_THREADS
+    weight_args_release(&w);
+    Py_XDECREF(xtx), Py_DECREF(gradient), Py_DECREF(losses), Py_XDECREF(allowed);
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+fail:
+    weight_args_release(&w);
+    Py_XDECREF(xtx), Py_XDECREF(gradient), Py_XDECREF(losses), Py_XDECREF(allowed);
+    return NULL;
+}
+
+PyDoc_STRVAR(topk_scores_doc,
+"topk_scores(q, ct, bias, k, *, simd=None)\n"
+"--\n\n"
+"Inner loop, exposed for tests: for each row of q [n, D], the k smallest of\n"
+"bias[c] + q . ct[:, c] over c (ct [D, K], bias [K], all float32). Returns (values [n, k], indices [n, k]).");
+
+static PyObject *py_topk_scores(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"q", "ct", "bias", "k", "simd", NULL};
+    PyObject *q_object, *ct_object, *bias_object;
+    Py_ssize_t k;
+    const char *simd_name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOn|$z:topk_scores", keywords, &q_object, &ct_object,
+                                     &bias_object, &k, &simd_name))
+        return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
+    PyArrayObject *q = float_input(q_object, "q", AQLM_F32, 2);
+    PyArrayObject *ct = q ? float_input(ct_object, "ct", AQLM_F32, 2) : NULL;
+    PyArrayObject *bias = ct ? float_input(bias_object, "bias", AQLM_F32, 1) : NULL;
+    PyObject *result = NULL;
+    if (!bias) goto done;
+    const npy_intp n = PyArray_DIM(q, 0), D = PyArray_DIM(q, 1), K = PyArray_DIM(ct, 1);
+    if (PyArray_DIM(ct, 0) != D || PyArray_DIM(bias, 0) != K || k < 1 || k > K) {
+        PyErr_Format(PyExc_ValueError, "need q [n, D], ct [D, K], bias [K] and 1 <= k <= K; got D=%zd, ct %zdx%zd, bias %zd, k=%zd",
+                     (Py_ssize_t)D, (Py_ssize_t)PyArray_DIM(ct, 0), (Py_ssize_t)K, (Py_ssize_t)PyArray_DIM(bias, 0), k);
+        goto done;
+    }
+    npy_intp shape[2] = {n, (npy_intp)k};
+    PyArrayObject *values = (PyArrayObject *)PyArray_SimpleNew(2, shape, NPY_FLOAT32);
+    PyArrayObject *indices = (PyArrayObject *)PyArray_SimpleNew(2, shape, NPY_INT32);
+    if (!values || !indices) {
+        Py_XDECREF(values), Py_XDECREF(indices);
+        goto done;
+    }
+    const aqlm_kernels *kernels = aqlm_kernels_for(simd);
+    Py_BEGIN_ALLOW_THREADS
+    kernels->topk_scores(n, D, K, k, PyArray_DATA(q), PyArray_DATA(ct), PyArray_DATA(bias), PyArray_DATA(values),
+                         PyArray_DATA(indices));
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("NN", values, indices);
+done:
+    Py_XDECREF(q), Py_XDECREF(ct), Py_XDECREF(bias);
+    return result;
+}
+
+PyDoc_STRVAR(gradient_update_doc,
+"gradient_update(delta, h, g, *, simd=None)\n"
+"--\n\n"
+"Inner loop, exposed for tests: g[r] -= delta[r] @ h in place (delta [n, ig], h [ig, width],\n"
+"g [n, width], all float32).");
+
+static PyObject *py_gradient_update(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"delta", "h", "g", "simd", NULL};
+    PyObject *delta_object, *h_object, *g_object;
+    const char *simd_name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$z:gradient_update", keywords, &delta_object, &h_object,
+                                     &g_object, &simd_name))
+        return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
+    PyArrayObject *delta = float_input(delta_object, "delta", AQLM_F32, 2);
+    PyArrayObject *h = delta ? float_input(h_object, "h", AQLM_F32, 2) : NULL;
+    PyArrayObject *g = h ? inout_array(g_object, "g", NPY_FLOAT32, NPY_FLOAT32, 2) : NULL;
+    PyObject *result = NULL;
+    float **rows = NULL;
+    if (!g) goto done;
+    const npy_intp n = PyArray_DIM(delta, 0), ig = PyArray_DIM(delta, 1), width = PyArray_DIM(h, 1);
+    if (PyArray_DIM(h, 0) != ig || PyArray_DIM(g, 0) != n || PyArray_DIM(g, 1) != width) {
+        PyErr_SetString(PyExc_ValueError, "need delta [n, ig], h [ig, width] and g [n, width]");
+        goto done;
+    }
+    rows = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(float *));
+    if (!rows) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (npy_intp r = 0; r < n; r++) rows[r] = (float *)PyArray_DATA(g) + r * width;
+    const aqlm_kernels *kernels = aqlm_kernels_for(simd);
+    Py_BEGIN_ALLOW_THREADS
+    kernels->gradient_update(n, ig, width, PyArray_DATA(delta), PyArray_DATA(h), rows);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyMem_Free(rows);
+    Py_XDECREF(delta), Py_XDECREF(h), Py_XDECREF(g);
+    return result;
+}
+
 PyDoc_STRVAR(simd_supported_doc, "simd_supported()\n--\n\nThe best SIMD level this CPU, OS and build support.");
 static PyObject *py_simd_supported(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(aqlm_simd_name(state_of(module)->supported));
@@ -345,6 +608,10 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS, dequantize_doc},
     {"lut_matmul", (PyCFunction)(void (*)(void))py_lut_matmul, METH_VARARGS | METH_KEYWORDS, lut_matmul_doc},
     {"codebook_matmul", (PyCFunction)(void (*)(void))py_codebook_matmul, METH_VARARGS | METH_KEYWORDS, codebook_matmul_doc},
+    {"kmeans", (PyCFunction)(void (*)(void))py_kmeans, METH_VARARGS | METH_KEYWORDS, kmeans_doc},
+    {"beam_search", (PyCFunction)(void (*)(void))py_beam_search, METH_VARARGS | METH_KEYWORDS, beam_search_doc},
+    {"topk_scores", (PyCFunction)(void (*)(void))py_topk_scores, METH_VARARGS | METH_KEYWORDS, topk_scores_doc},
+    {"gradient_update", (PyCFunction)(void (*)(void))py_gradient_update, METH_VARARGS | METH_KEYWORDS, gradient_update_doc},
     {"simd_supported", py_simd_supported, METH_NOARGS, simd_supported_doc},
     {"simd_default", py_simd_default, METH_NOARGS, simd_default_doc},
     {NULL, NULL, 0, NULL},

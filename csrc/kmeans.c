@@ -1,0 +1,270 @@
+/*
+ * kmeans.c - Lloyd's k-means for codebook initialisation.
+ *
+ * Helpers are free functions over raw pointers; aqlm_kmeans only samples, iterates and stops.
+ * Degenerate input is handled on purpose: NaN/Inf is an error; fewer points than centroids
+ * (common for 2**16-entry codebooks on small layers) makes every point a centroid; empty
+ * clusters are refilled by splitting the largest one. Results depend only on the seed, never on
+ * the thread count: centroid sums run over points in order, each centroid owned by one thread.
+ */
+#include <math.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+
+enum { ASSIGN_CHUNK = 1024 }; /* points per parallel work item */
+
+aqlm_kmeans_params aqlm_kmeans_params_default(void) {
+    aqlm_kmeans_params p;
+    p.max_iter = 25;
+    p.tolerance = 1e-4;
+    p.max_points_per_centroid = 256;
+    p.init = AQLM_KMEANS_INIT_RANDOM;
+    p.seed = 0;
+    return p;
+}
+
+int64_t aqlm_find_nonfinite(const float *values, int64_t count) {
+    for (int64_t i = 0; i < count; i++)
+        if (!isfinite(values[i])) return i;
+    return -1;
+}
+
+/* Distinct indices out of [0, n): the first `count` of a seeded partial Fisher-Yates shuffle. */
+static aqlm_status sample_indices(int64_t n, int64_t count, uint64_t *rng, int64_t *out, aqlm_error *err) {
+    int64_t *all = malloc((size_t)n * sizeof *all);
+    if (all == NULL) return aqlm_nomem(err, (size_t)n * sizeof *all);
+    for (int64_t i = 0; i < n; i++) all[i] = i;
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t j = i + (int64_t)aqlm_random_below(rng, (uint64_t)(n - i));
+        const int64_t tmp = all[i];
+        all[i] = all[j], all[j] = tmp;
+        out[i] = all[i];
+    }
+    free(all);
+    return AQLM_OK;
+}
+
+/* k-means++ seeding: each next centroid drawn with probability proportional to the squared
+ * distance to the nearest centroid chosen so far. */
+static aqlm_status init_plusplus(int64_t n, int64_t d, int64_t k, const float *x, uint64_t *rng,
+                                 float *centroids, aqlm_error *err) {
+    double *nearest = malloc((size_t)n * sizeof *nearest);
+    if (nearest == NULL) return aqlm_nomem(err, (size_t)n * sizeof *nearest);
+    int64_t chosen = (int64_t)aqlm_random_below(rng, (uint64_t)n);
+    for (int64_t c = 0; c < k; c++) {
+        memcpy(centroids + c * d, x + chosen * d, (size_t)d * sizeof(float));
+        double total = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            double distance = 0.0;
+            for (int64_t t = 0; t < d; t++) {
+                const double diff = (double)x[i * d + t] - centroids[c * d + t];
+                distance += diff * diff;
+            }
+            nearest[i] = c == 0 || distance < nearest[i] ? distance : nearest[i];
+            total += nearest[i];
+        }
+        if (c + 1 == k) break;
+        if (!(total > 0.0)) { /* all points coincide with chosen centroids: take any */
+            chosen = (int64_t)aqlm_random_below(rng, (uint64_t)n);
+            continue;
+        }
+        double target = (double)(aqlm_random_next(rng) >> 11) * 0x1.0p-53 * total;
+        chosen = n - 1;
+        for (int64_t i = 0; i < n; i++) {
+            target -= nearest[i];
+            if (target < 0.0) {
+                chosen = i;
+                break;
+            }
+        }
+    }
+    free(nearest);
+    return AQLM_OK;
+}
+
+/* Nearest centroid of every point, and the sum of squared distances (chunk partial sums added
+ * in chunk order, so the total does not depend on the thread count). */
+static void assign_points(const aqlm_kernels *kernels, int64_t n, int64_t d, int64_t k, const float *x,
+                          const float *ct, const float *norms, int32_t *assignment, double *chunk_sums,
+                          double *objective, int threads) {
+    const int64_t chunks = (n + ASSIGN_CHUNK - 1) / ASSIGN_CHUNK;
+#pragma omp parallel num_threads(threads)
+    {
+        float query[64]; /* d <= 64 is checked on entry */
+        float value;
+#pragma omp for schedule(static)
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            const int64_t i0 = chunk * ASSIGN_CHUNK, i1 = i0 + ASSIGN_CHUNK < n ? i0 + ASSIGN_CHUNK : n;
+            double sum = 0.0;
+            for (int64_t i = i0; i < i1; i++) {
+                double self = 0.0;
+                for (int64_t t = 0; t < d; t++) {
+                    query[t] = -2.0f * x[i * d + t];
+                    self += (double)x[i * d + t] * x[i * d + t];
+                }
+                kernels->topk_scores(1, d, k, 1, query, ct, norms, &value, assignment + i);
+                const double distance = self + value;
+                sum += distance > 0.0 ? distance : 0.0;
+            }
+            chunk_sums[chunk] = sum;
+        }
+    }
+    double total = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; chunk++) total += chunk_sums[chunk];
+    *objective = total;
+}
+
+static void transpose_with_norms(int64_t d, int64_t k, const float *centroids, float *ct, float *norms) {
+    for (int64_t c = 0; c < k; c++) {
+        float norm = 0.0f;
+        for (int64_t t = 0; t < d; t++) {
+            ct[t * k + c] = centroids[c * d + t];
+            norm += centroids[c * d + t] * centroids[c * d + t];
+        }
+        norms[c] = norm;
+    }
+}
+
+/* Centroids = means of their points; each thread owns a range of centroids and scans all points
+ * in order. Returns the number of empty clusters. */
+static int64_t update_centroids(int64_t n, int64_t d, int64_t k, const float *x, const int32_t *assignment,
+                                float *centroids, int64_t *counts, double *sums, int threads) {
+    memset(counts, 0, (size_t)k * sizeof *counts);
+    memset(sums, 0, (size_t)(k * d) * sizeof *sums);
+#pragma omp parallel num_threads(threads)
+    {
+        int nt = 1, rank = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads(), rank = omp_get_thread_num();
+#endif
+        const int64_t c0 = k * rank / nt, c1 = k * (rank + 1) / nt;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t c = assignment[i];
+            if (c < c0 || c >= c1) continue;
+            counts[c]++;
+            for (int64_t t = 0; t < d; t++) sums[c * d + t] += x[i * d + t];
+        }
+    }
+    int64_t empty = 0;
+    for (int64_t c = 0; c < k; c++) {
+        if (counts[c] == 0) {
+            empty++;
+            continue;
+        }
+        for (int64_t t = 0; t < d; t++) centroids[c * d + t] = (float)(sums[c * d + t] / (double)counts[c]);
+    }
+    return empty;
+}
+
+/* Refill each empty cluster by splitting the currently largest one into two slightly moved
+ * copies (as faiss does), halving its count. */
+static void split_clusters(int64_t d, int64_t k, float *centroids, int64_t *counts) {
+    const float eps = 1.0f / 1024.0f;
+    for (int64_t c = 0; c < k; c++) {
+        if (counts[c] != 0) continue;
+        int64_t donor = 0;
+        for (int64_t other = 1; other < k; other++)
+            if (counts[other] > counts[donor]) donor = other;
+        if (counts[donor] < 2) return; /* nothing left to split */
+        for (int64_t t = 0; t < d; t++) {
+            const float value = centroids[donor * d + t];
+            const float sign = (t % 2 == 0) ? 1.0f : -1.0f;
+            centroids[c * d + t] = value * (1.0f + sign * eps);
+            centroids[donor * d + t] = value * (1.0f - sign * eps);
+        }
+        counts[c] = counts[donor] / 2;
+        counts[donor] -= counts[c];
+    }
+}
+
+aqlm_status aqlm_kmeans(int64_t n, int64_t d, int64_t k, const float *x, const aqlm_kmeans_params *params,
+                        float *centroids, int32_t *assignment, double *objective, aqlm_simd simd, int num_threads,
+                        aqlm_interrupt_fn interrupt, void *interrupt_context, aqlm_error *err) {
+    AQLM_CHECK(err, params != NULL && x != NULL && centroids != NULL, "x, params and centroids must not be NULL");
+    AQLM_CHECK(err, n >= 1 && d >= 1 && d <= 64, "need n >= 1 points of dimension 1 <= d <= 64, got n=%lld d=%lld",
+               (long long)n, (long long)d);
+    AQLM_CHECK(err, k >= 1 && k <= ((int64_t)1 << 24), "k must be in [1, 2**24], got %lld", (long long)k);
+    AQLM_CHECK(err, n < ((int64_t)1 << 40), "too many points: %lld", (long long)n);
+    AQLM_CHECK(err, params->max_iter >= 0, "max_iter must be >= 0, got %d", params->max_iter);
+    AQLM_CHECK(err, params->tolerance >= 0.0, "tolerance must be >= 0, got %g", params->tolerance);
+    AQLM_CHECK(err, params->max_points_per_centroid >= 0, "max_points_per_centroid must be >= 0, got %lld",
+               (long long)params->max_points_per_centroid);
+    AQLM_CHECK(err, params->init == AQLM_KMEANS_INIT_RANDOM || params->init == AQLM_KMEANS_INIT_PLUSPLUS,
+               "unknown init %d", (int)params->init);
+    AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
+    const int64_t bad = aqlm_find_nonfinite(x, n * d);
+    if (bad >= 0) {
+        aqlm_set_error(err, "k-means input has a non-finite value at point %lld, coordinate %lld",
+                       (long long)(bad / d), (long long)(bad % d));
+        return AQLM_ERR_NUMERIC;
+    }
+
+    if (n <= k) { /* every point is a centroid; the rest repeat points cyclically */
+        for (int64_t c = 0; c < k; c++) memcpy(centroids + c * d, x + (c % n) * d, (size_t)d * sizeof(float));
+        if (assignment)
+            for (int64_t i = 0; i < n; i++) assignment[i] = (int32_t)i;
+        if (objective) *objective = 0.0;
+        return AQLM_OK;
+    }
+
+    const aqlm_kernels *kernels = aqlm_kernels_for(simd);
+    uint64_t rng = params->seed;
+    aqlm_status status = AQLM_OK;
+    const int64_t cap = params->max_points_per_centroid;
+    const int64_t m = cap > 0 && n > k * cap ? k * cap : n; /* training points */
+
+    const size_t bytes_train = m < n ? (size_t)(m * d) * sizeof(float) : 0;
+    float *train = bytes_train ? malloc(bytes_train) : (float *)x;
+    int64_t *picked = malloc((size_t)(m > k ? m : k) * sizeof *picked);
+    int32_t *labels = malloc((size_t)n * sizeof *labels);
+    float *ct = malloc((size_t)(k * d) * sizeof *ct);
+    float *norms = malloc((size_t)k * sizeof *norms);
+    int64_t *counts = malloc((size_t)k * sizeof *counts);
+    double *sums = malloc((size_t)(k * d) * sizeof *sums);
+    double *chunk_sums = malloc((size_t)((n + ASSIGN_CHUNK - 1) / ASSIGN_CHUNK) * sizeof *chunk_sums);
+    if ((bytes_train && !train) || !picked || !labels || !ct || !norms || !counts || !sums || !chunk_sums) {
+        status = aqlm_nomem(err, bytes_train + (size_t)(k * d) * 16 + (size_t)n * 12);
+        goto done;
+    }
+    if (m < n) {
+        if ((status = sample_indices(n, m, &rng, picked, err)) != AQLM_OK) goto done;
+        for (int64_t i = 0; i < m; i++) memcpy(train + i * d, x + picked[i] * d, (size_t)d * sizeof(float));
+    }
+    if (params->init == AQLM_KMEANS_INIT_PLUSPLUS) {
+        status = init_plusplus(m, d, k, train, &rng, centroids, err);
+    } else {
+        status = sample_indices(m, k, &rng, picked, err);
+        for (int64_t c = 0; status == AQLM_OK && c < k; c++)
+            memcpy(centroids + c * d, train + picked[c] * d, (size_t)d * sizeof(float));
+    }
+    if (status != AQLM_OK) goto done;
+
+    const int threads = aqlm_threads_for(num_threads, (double)m * k * d);
+    double previous = INFINITY, current = INFINITY;
+    for (int iteration = 0; iteration < params->max_iter; iteration++) {
+        if (interrupt && interrupt(interrupt_context)) {
+            aqlm_set_error(err, "k-means interrupted at iteration %d", iteration);
+            status = AQLM_ERR_INTERRUPTED;
+            goto done;
+        }
+        transpose_with_norms(d, k, centroids, ct, norms);
+        assign_points(kernels, m, d, k, train, ct, norms, labels, chunk_sums, &current, threads);
+        if (update_centroids(m, d, k, train, labels, centroids, counts, sums, threads) > 0)
+            split_clusters(d, k, centroids, counts);
+        if (iteration > 0 && previous - current <= params->tolerance * previous) break;
+        previous = current;
+    }
+    transpose_with_norms(d, k, centroids, ct, norms);
+    assign_points(kernels, n, d, k, x, ct, norms, labels, chunk_sums, &current, aqlm_threads_for(num_threads, (double)n * k * d));
+    if (assignment) memcpy(assignment, labels, (size_t)n * sizeof *labels);
+    if (objective) *objective = current;
+
+done:
+    if (bytes_train) free(train);
+    free(picked), free(labels), free(ct), free(norms), free(counts), free(sums), free(chunk_sums);
+    return status;
+}
