@@ -288,56 +288,65 @@ ALWAYS_INLINE float score_one(int64_t D, int64_t K, const float *restrict query,
     return value;
 }
 
+enum { TOPK_BLOCK = 512 }; /* codewords per block: D x 512 floats stay in L1 across all queries */
+
 void aqlm_topk_scores_avx2(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
                            const float *restrict ct, const float *restrict bias, float *restrict values,
                            int32_t *restrict indices) {
-    const int64_t K32 = K / 32 * 32;
-    for (int64_t row = 0; row < n; row++) {
-        const float *query = q + row * D;
-        float *best = values + row * k;
-        int32_t *best_index = indices + row * k;
-        __m256 scores[4];
-        if (k == 1) {
-            /* Per-lane first minimum, then the smallest index among the lanes holding the minimum:
-             * the same answer as a sequential scan with a strict comparison. */
-            __m256 lane_best = _mm256_set1_ps(INFINITY);
-            __m256i lane_index = _mm256_set1_epi32(-1);
-            const __m256i step = _mm256_set1_epi32(8);
-            __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            for (int64_t c = 0; c < K32; c += 32) {
-                scores32(D, K, query, ct, bias, c, scores);
-                for (int b = 0; b < 4; b++) {
-                    const __m256 better = _mm256_cmp_ps(scores[b], lane_best, _CMP_LT_OQ);
-                    lane_best = _mm256_blendv_ps(lane_best, scores[b], better);
-                    lane_index = _mm256_blendv_epi8(lane_index, index, _mm256_castps_si256(better));
-                    index = _mm256_add_epi32(index, step);
+    for (int64_t t = 0; t < n * k; t++) values[t] = INFINITY, indices[t] = -1;
+    /* Codewords in blocks, every query against a block before the next: each query still sees
+     * the codewords in ascending order, so the result equals one sequential scan. */
+    for (int64_t c0 = 0; c0 < K; c0 += TOPK_BLOCK) {
+        const int64_t c1 = c0 + TOPK_BLOCK < K ? c0 + TOPK_BLOCK : K;
+        const int64_t c32 = c0 + (c1 - c0) / 32 * 32;
+        for (int64_t row = 0; row < n; row++) {
+            const float *query = q + row * D;
+            float *best = values + row * k;
+            int32_t *best_index = indices + row * k;
+            __m256 scores[4];
+            if (k == 1) {
+                /* Per-lane first minimum within the block, then the smallest index among the lanes
+                 * holding it: the same answer as a sequential scan with a strict comparison. */
+                __m256 lane_best = _mm256_set1_ps(INFINITY);
+                __m256i lane_index = _mm256_set1_epi32(-1);
+                const __m256i step = _mm256_set1_epi32(8);
+                __m256i index = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)c0));
+                for (int64_t c = c0; c < c32; c += 32) {
+                    scores32(D, K, query, ct, bias, c, scores);
+                    for (int b = 0; b < 4; b++) {
+                        const __m256 better = _mm256_cmp_ps(scores[b], lane_best, _CMP_LT_OQ);
+                        lane_best = _mm256_blendv_ps(lane_best, scores[b], better);
+                        lane_index = _mm256_blendv_epi8(lane_index, index, _mm256_castps_si256(better));
+                        index = _mm256_add_epi32(index, step);
+                    }
                 }
+                float lanes[8];
+                int32_t lane_indices[8];
+                _mm256_storeu_ps(lanes, lane_best);
+                _mm256_storeu_si256((__m256i *)lane_indices, lane_index);
+                float block_best = INFINITY;
+                int32_t block_index = -1;
+                for (int lane = 0; lane < 8; lane++) {
+                    if (lane_indices[lane] < 0) continue;
+                    if (lanes[lane] < block_best || (lanes[lane] == block_best && lane_indices[lane] < block_index))
+                        block_best = lanes[lane], block_index = lane_indices[lane];
+                }
+                if (block_index >= 0) aqlm_topk_insert(1, best, best_index, block_best, block_index);
+                for (int64_t c = c32; c < c1; c++) aqlm_topk_insert(1, best, best_index, score_one(D, K, query, ct, bias, c), (int32_t)c);
+                continue;
             }
-            float lanes[8];
-            int32_t lane_indices[8];
-            _mm256_storeu_ps(lanes, lane_best);
-            _mm256_storeu_si256((__m256i *)lane_indices, lane_index);
-            best[0] = INFINITY, best_index[0] = -1;
-            for (int lane = 0; lane < 8; lane++) {
-                if (lane_indices[lane] < 0) continue;
-                if (lanes[lane] < best[0] || (lanes[lane] == best[0] && lane_indices[lane] < best_index[0]))
-                    best[0] = lanes[lane], best_index[0] = lane_indices[lane];
+            for (int64_t c = c0; c < c32; c += 32) {
+                scores32(D, K, query, ct, bias, c, scores);
+                const __m256 threshold = _mm256_set1_ps(best[k - 1]);
+                int any = 0;
+                for (int b = 0; b < 4; b++) any |= _mm256_movemask_ps(_mm256_cmp_ps(scores[b], threshold, _CMP_LT_OQ));
+                if (!any) continue;
+                float block[32];
+                for (int b = 0; b < 4; b++) _mm256_storeu_ps(block + 8 * b, scores[b]);
+                for (int lane = 0; lane < 32; lane++) aqlm_topk_insert(k, best, best_index, block[lane], (int32_t)(c + lane));
             }
-            for (int64_t c = K32; c < K; c++) aqlm_topk_insert(1, best, best_index, score_one(D, K, query, ct, bias, c), (int32_t)c);
-            continue;
+            for (int64_t c = c32; c < c1; c++) aqlm_topk_insert(k, best, best_index, score_one(D, K, query, ct, bias, c), (int32_t)c);
         }
-        for (int64_t t = 0; t < k; t++) best[t] = INFINITY, best_index[t] = -1;
-        for (int64_t c = 0; c < K32; c += 32) {
-            scores32(D, K, query, ct, bias, c, scores);
-            const __m256 threshold = _mm256_set1_ps(best[k - 1]);
-            int any = 0;
-            for (int b = 0; b < 4; b++) any |= _mm256_movemask_ps(_mm256_cmp_ps(scores[b], threshold, _CMP_LT_OQ));
-            if (!any) continue;
-            float block[32];
-            for (int b = 0; b < 4; b++) _mm256_storeu_ps(block + 8 * b, scores[b]);
-            for (int lane = 0; lane < 32; lane++) aqlm_topk_insert(k, best, best_index, block[lane], (int32_t)(c + lane));
-        }
-        for (int64_t c = K32; c < K; c++) aqlm_topk_insert(k, best, best_index, score_one(D, K, query, ct, bias, c), (int32_t)c);
     }
 }
 

@@ -87,27 +87,31 @@ static aqlm_status init_plusplus(int64_t n, int64_t d, int64_t k, const float *x
 }
 
 /* Nearest centroid of every point, and the sum of squared distances (chunk partial sums added
- * in chunk order, so the total does not depend on the thread count). */
+ * in chunk order, so the total does not depend on the thread count). `scratch` holds, per chunk
+ * slot of every thread, ASSIGN_CHUNK queries of d floats and ASSIGN_CHUNK distances. */
 static void assign_points(const aqlm_kernels *kernels, int64_t n, int64_t d, int64_t k, const float *x,
                           const float *ct, const float *norms, int32_t *assignment, double *chunk_sums,
-                          double *objective, int threads) {
+                          double *objective, float *scratch, int threads) {
     const int64_t chunks = (n + ASSIGN_CHUNK - 1) / ASSIGN_CHUNK;
 #pragma omp parallel num_threads(threads)
     {
-        float query[64]; /* d <= 64 is checked on entry */
-        float value;
+        int rank = 0;
+#ifdef _OPENMP
+        rank = omp_get_thread_num();
+#endif
+        float *queries = scratch + (size_t)rank * ASSIGN_CHUNK * (d + 1);
+        float *values = queries + ASSIGN_CHUNK * d;
 #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; chunk++) {
             const int64_t i0 = chunk * ASSIGN_CHUNK, i1 = i0 + ASSIGN_CHUNK < n ? i0 + ASSIGN_CHUNK : n;
+            for (int64_t i = i0; i < i1; i++)
+                for (int64_t t = 0; t < d; t++) queries[(i - i0) * d + t] = -2.0f * x[i * d + t];
+            kernels->topk_scores(i1 - i0, d, k, 1, queries, ct, norms, values, assignment + i0);
             double sum = 0.0;
             for (int64_t i = i0; i < i1; i++) {
                 double self = 0.0;
-                for (int64_t t = 0; t < d; t++) {
-                    query[t] = -2.0f * x[i * d + t];
-                    self += (double)x[i * d + t] * x[i * d + t];
-                }
-                kernels->topk_scores(1, d, k, 1, query, ct, norms, &value, assignment + i);
-                const double distance = self + value;
+                for (int64_t t = 0; t < d; t++) self += (double)x[i * d + t] * x[i * d + t];
+                const double distance = self + values[i - i0];
                 sum += distance > 0.0 ? distance : 0.0;
             }
             chunk_sums[chunk] = sum;
@@ -226,7 +230,8 @@ aqlm_status aqlm_kmeans(int64_t n, int64_t d, int64_t k, const float *x, const a
     int64_t *counts = malloc((size_t)k * sizeof *counts);
     double *sums = malloc((size_t)(k * d) * sizeof *sums);
     double *chunk_sums = malloc((size_t)((n + ASSIGN_CHUNK - 1) / ASSIGN_CHUNK) * sizeof *chunk_sums);
-    if ((bytes_train && !train) || !picked || !labels || !ct || !norms || !counts || !sums || !chunk_sums) {
+    float *scratch = malloc((size_t)num_threads * ASSIGN_CHUNK * (size_t)(d + 1) * sizeof(float));
+    if ((bytes_train && !train) || !picked || !labels || !ct || !norms || !counts || !sums || !chunk_sums || !scratch) {
         status = aqlm_nomem(err, bytes_train + (size_t)(k * d) * 16 + (size_t)n * 12);
         goto done;
     }
@@ -252,19 +257,20 @@ aqlm_status aqlm_kmeans(int64_t n, int64_t d, int64_t k, const float *x, const a
             goto done;
         }
         transpose_with_norms(d, k, centroids, ct, norms);
-        assign_points(kernels, m, d, k, train, ct, norms, labels, chunk_sums, &current, threads);
+        assign_points(kernels, m, d, k, train, ct, norms, labels, chunk_sums, &current, scratch, threads);
         if (update_centroids(m, d, k, train, labels, centroids, counts, sums, threads) > 0)
             split_clusters(d, k, centroids, counts);
         if (iteration > 0 && previous - current <= params->tolerance * previous) break;
         previous = current;
     }
     transpose_with_norms(d, k, centroids, ct, norms);
-    assign_points(kernels, n, d, k, x, ct, norms, labels, chunk_sums, &current, aqlm_threads_for(num_threads, (double)n * k * d));
+    assign_points(kernels, n, d, k, x, ct, norms, labels, chunk_sums, &current, scratch,
+                  aqlm_threads_for(num_threads, (double)n * k * d));
     if (assignment) memcpy(assignment, labels, (size_t)n * sizeof *labels);
     if (objective) *objective = current;
 
 done:
     if (bytes_train) free(train);
-    free(picked), free(labels), free(ct), free(norms), free(counts), free(sums), free(chunk_sums);
+    free(picked), free(labels), free(ct), free(norms), free(counts), free(sums), free(chunk_sums), free(scratch);
     return status;
 }
