@@ -1,0 +1,455 @@
+"""AQLM calibration of a whole Hugging Face causal LM, block by block, resumable.
+
+For every transformer block in order: run the dense block on its inputs (the outputs of the
+already-quantized blocks before it) to get fine-tuning targets; quantize its linears group by
+group in execution order (q/k/v, then o, then gate/up, then down), collecting each group's XTX
+from the block as already quantized, so later layers see the changes of earlier ones; fine-tune
+the block; write it to the output directory at once; feed its outputs to the next block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..calibration import capture_block_inputs, find_linears, get_blocks, run_block
+from ..data import calibration_windows, load_tokens
+from ..format import AqlmScheme
+from ..hf import save_quantized
+from ..inference import QuantizedLinear
+from .finetune import FinetuneConfig, finetune_block
+from .layer import LayerConfig, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_DIR = "aqlm_progress"
+_PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything that determines the result of a model quantization run.
+
+    Attributes:
+        layer: per-layer AQLM settings (scheme, beam size, epochs, ...).
+        finetune: block fine-tuning settings.
+        nsamples: calibration windows for quantization and fine-tuning.
+        val_size: extra held-out windows for fine-tuning's early stopping and keep-best.
+        seqlen: tokens per calibration window (capped at the model's maximum context).
+        seed: calibration windows, k-means, search order and fine-tuning order all derive from it.
+        true_sequential: collect each group's XTX after the groups before it are quantized
+            (False: one collection for all linears of a block, as upstream's default).
+        param_dtype: storage dtype of codebooks, scales and biases ("float16" as in upstream checkpoints).
+        batch_size: windows per forward pass when collecting statistics.
+    """
+
+    layer: LayerConfig = field(default_factory=LayerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    nsamples: int = 128
+    val_size: int = 0
+    seqlen: int = 2048
+    seed: int = 0
+    true_sequential: bool = True
+    param_dtype: str = "float16"
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.val_size < 0 or self.seqlen < 2 or self.batch_size < 1:
+            raise ValueError("need nsamples >= 1, val_size >= 0, seqlen >= 2 and batch_size >= 1")
+        if self.param_dtype not in _PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {sorted(_PARAM_DTYPES)}, got {self.param_dtype!r}")
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form, used to check that a resumed run continues the same job."""
+        data = dataclasses.asdict(self)
+        data["layer"] = self.layer.to_dict()
+        data["layer"].pop("num_threads", None)  # does not change the result
+        return data
+
+
+@dataclass
+class LayerReport:
+    """One quantized linear: its name, shape, bits per weight and relative output errors."""
+
+    name: str
+    shape: tuple[int, int]
+    bits_per_weight: float
+    initial_error: float
+    final_error: float
+    epochs: int
+    seconds: float
+
+
+@dataclass
+class QuantizationReport:
+    """The outcome of :func:`quantize_model`."""
+
+    out_dir: Path
+    layers: list[LayerReport]
+    quantized_parameters: int
+    total_parameters: int
+    quantized_bits: float
+    model_bits: float
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average storage of the quantized linears (codes, codebooks and scales) per weight."""
+        return self.quantized_bits / max(self.quantized_parameters, 1)
+
+    @property
+    def model_bits_per_parameter(self) -> float:
+        """The whole model's storage per parameter (unquantized parameters at their saved width)."""
+        return self.model_bits / max(self.total_parameters, 1)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        mean_error = sum(layer.final_error for layer in self.layers) / max(len(self.layers), 1)
+        return (
+            f"quantized {len(self.layers)} linear layers ({self.quantized_parameters / 1e6:.1f}M weights) "
+            f"at {self.bits_per_weight:.3f} bits/weight including codebooks and scales; whole model "
+            f"{self.model_bits_per_parameter:.2f} bits/parameter ({self.model_bits / 8 / 2**20:.1f} MiB); "
+            f"mean relative layer error {mean_error:.4f}; wall time {self.seconds:.0f} s"
+        )
+
+
+class ProgressStore:
+    """Finished blocks of a run, written to ``out_dir/aqlm_progress`` the moment each completes.
+
+    A block counts as done once its ``.json`` record exists; the tensors are written before it,
+    each file to a temporary name and renamed, so a run killed at any moment leaves only whole
+    blocks behind.
+    """
+
+    def __init__(self, out_dir: Path, fingerprint: dict):
+        self.directory = out_dir / PROGRESS_DIR
+        self.fingerprint = fingerprint
+
+    def _config_path(self) -> Path:
+        return self.directory / "config.json"
+
+    def start(self, resume: bool) -> None:
+        """Create the store, or check on ``resume`` that it belongs to the same job."""
+        path = self._config_path()
+        if path.exists():
+            if not resume:
+                raise FileExistsError(
+                    f"{self.directory} holds an earlier run: pass resume=True (--resume) to continue it, "
+                    "or choose another output directory"
+                )
+            saved = json.loads(path.read_text())
+            if saved != self.fingerprint:
+                changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+                raise ValueError(f"cannot resume: the run in {self.directory} used other settings ({', '.join(changed)})")
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
+
+    def done(self, index: int) -> bool:
+        """Whether block ``index`` was finished by this or an earlier run."""
+        return (self.directory / f"block_{index:04d}.json").exists()
+
+    def save(self, index: int, block: nn.Module, record: dict) -> None:
+        """Write block ``index`` (all its tensors) and then its record."""
+        tensors = {name: tensor.detach().contiguous() for name, tensor in block.state_dict().items()}
+        target = self.directory / f"block_{index:04d}.safetensors"
+        temporary = target.with_suffix(".tmp")
+        save_file(tensors, str(temporary))
+        os.replace(temporary, target)
+        _atomic_write_text(self.directory / f"block_{index:04d}.json", json.dumps(record, indent=2))
+
+    def load(self, index: int, block: nn.Module) -> dict:
+        """Restore block ``index`` into ``block`` (replacing its quantized linears) and return its record."""
+        record = json.loads((self.directory / f"block_{index:04d}.json").read_text())
+        tensors = load_file(str(self.directory / f"block_{index:04d}.safetensors"))
+        for layer in record["layers"]:
+            name = layer["name"]
+            quantized = QuantizedLinear.from_parts(
+                tensors[f"{name}.codes"], tensors[f"{name}.codebooks"], tensors[f"{name}.scales"], tensors.get(f"{name}.bias")
+            )
+            block.set_submodule(name, quantized)
+        block.load_state_dict(tensors, strict=True)
+        return record
+
+    def remove_blocks(self) -> None:
+        """Delete the per-block files once the final checkpoint is written."""
+        for path in self.directory.glob("block_*"):
+            path.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text + "\n")
+    os.replace(temporary, path)
+
+
+def _file_identity(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+
+
+def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
+    """The block's linears grouped by shared input, in execution order (e.g. [q, k, v], [o], [gate, up], [down])."""
+    linears = find_linears(block)
+    seen: dict[str, tuple] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            seen.setdefault(name, (len(seen), x.data_ptr(), tuple(x.shape)))
+        return hook
+
+    for name, module in linears.items():
+        handles.append(module.register_forward_pre_hook(hook_for(name)))
+    try:
+        with torch.no_grad():
+            block(sample, **block_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name, (_, pointer, shape) in sorted(seen.items(), key=lambda item: item[1][0]):
+        groups.setdefault((pointer, shape), []).append(name)
+    return list(groups.values())
+
+
+def collect_xtx(
+    block: nn.Module, inputs: torch.Tensor, block_kwargs: dict, names: list[str], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
+            product = (x.T @ x).double()
+            sums[name] = product if name not in sums else sums[name] + product
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for name in names:
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    try:
+        run_block(block, inputs, block_kwargs, batch_size=batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).float() for name in names}
+
+
+def _param_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
+
+
+def _check_model(model: nn.Module, scheme: AqlmScheme) -> None:
+    blocks = get_blocks(model)
+    found = 0
+    for index, block in enumerate(blocks):
+        for name, linear in find_linears(block).items():
+            try:
+                scheme.check_shape(linear.out_features, linear.in_features)
+            except ValueError as error:
+                raise ValueError(f"model.layers.{index}.{name} ({linear.out_features}x{linear.in_features}): {error}") from None
+            found += 1
+    if found == 0:
+        raise ValueError("the model's transformer blocks contain no nn.Linear layers to quantize")
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise ValueError(f"model parameter {name} contains NaN or Inf")
+
+
+def load_dense_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """A dense Hugging Face causal LM in float32 and its tokenizer (None when it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise ValueError(f"{model_dir} is already quantized ({method}); quantize a dense model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def quantize_model(
+    model_dir: str | os.PathLike,
+    dataset: str | os.PathLike | torch.Tensor,
+    out_dir: str | os.PathLike,
+    config: QuantizeConfig,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = tqdm.write,
+) -> QuantizationReport:
+    """Quantize every linear layer of the transformer blocks of ``model_dir`` with AQLM.
+
+    Args:
+        model_dir: a dense Hugging Face causal LM (Llama/Mistral/Qwen2-style: ``model.model.layers``).
+        dataset: calibration text (.txt, .jsonl) or tokens (.pt), or a 1-D token tensor.
+        out_dir: written as a Hugging Face checkpoint that ``AutoModelForCausalLM.from_pretrained``
+            loads with this package installed; progress is kept in ``out_dir/aqlm_progress``.
+        config: all settings; see :class:`QuantizeConfig`.
+        resume: continue a killed run from its last finished block (same settings required).
+        progress: show progress bars.
+        log: receives one line per quantized layer and per block.
+
+    Returns:
+        A :class:`QuantizationReport` (also written to ``out_dir/quantization_report.json``).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    model, tokenizer = load_dense_model(model_dir)
+    scheme = config.layer.scheme
+    _check_model(model, scheme)
+    seqlen = min(config.seqlen, getattr(model.config, "max_position_embeddings", config.seqlen))
+    tokens = load_tokens(dataset, tokenizer)
+    windows = calibration_windows(tokens, config.nsamples + config.val_size, seqlen, config.seed)
+    fingerprint = {
+        "config": config.to_dict(),
+        "seqlen": seqlen,
+        "model": _file_identity(Path(model_dir) / "config.json"),
+        "dataset": _file_identity(Path(dataset)) if not isinstance(dataset, torch.Tensor) else {
+            "tokens_sha256": hashlib.sha256(dataset.numpy().tobytes()).hexdigest()
+        },
+    }
+    store = ProgressStore(out_dir, fingerprint)
+    store.start(resume)
+
+    param_dtype = _PARAM_DTYPES[config.param_dtype]
+    param_bits = _param_bits(param_dtype)
+    blocks = get_blocks(model)
+    train_windows, val_windows = windows[: config.nsamples], windows[config.nsamples :]
+    inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
+    val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
+
+    reports: list[LayerReport] = []
+    for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
+        block = blocks[index]
+        if store.done(index):
+            record = store.load(index, block)
+            log(f"block {index}: restored from {store.directory}")
+        else:
+            record = _quantize_block(block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log)
+            store.save(index, block, record)
+        reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
+        run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
+        if val_inputs is not None:
+            run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
+
+    save_quantized(model, out_dir, tokenizer)
+    quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
+    quantized_bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
+    quantized_ids = {id(p) for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()}
+    other_bits = sum(p.numel() * _param_bits(p.dtype) for p in model.parameters() if id(p) not in quantized_ids)
+    total_parameters = quantized_parameters + sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
+    report = QuantizationReport(
+        out_dir=out_dir,
+        layers=reports,
+        quantized_parameters=quantized_parameters,
+        total_parameters=total_parameters,
+        quantized_bits=quantized_bits,
+        model_bits=quantized_bits + other_bits,
+        seconds=time.perf_counter() - started,
+    )
+    payload = {
+        "summary": report.summary(),
+        "bits_per_weight": report.bits_per_weight,
+        "model_bits_per_parameter": report.model_bits_per_parameter,
+        "seconds": report.seconds,
+        "config": fingerprint,
+        "layers": [dataclasses.asdict(layer) for layer in reports],
+    }
+    _atomic_write_text(out_dir / "quantization_report.json", json.dumps(payload, indent=2))
+    store.remove_blocks()
+    log(report.summary())
+    return report
+
+
+def _quantize_block(
+    block: nn.Module,
+    index: int,
+    inputs: torch.Tensor,
+    val_inputs: Optional[torch.Tensor],
+    block_kwargs: dict,
+    config: QuantizeConfig,
+    param_dtype: torch.dtype,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
+    started = time.perf_counter()
+    targets = run_block(block, inputs, block_kwargs, config.batch_size)
+    val_targets = run_block(block, val_inputs, block_kwargs, config.batch_size) if val_inputs is not None else None
+    if config.true_sequential:
+        groups = input_groups(block, inputs[:1], block_kwargs)
+    else:
+        groups = [list(find_linears(block))]
+    scheme = config.layer.scheme
+    layers = []
+    names = [name for group in groups for name in group]
+    for group in groups:
+        xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size)
+        for name in group:
+            linear = block.get_submodule(name)
+            result = quantize_weight(linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name))
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            block.set_submodule(name, QuantizedLinear.from_parts(result.codes, result.codebooks, result.scales, bias))
+            bits = scheme.bits_per_weight(linear.out_features, linear.in_features, _param_bits(param_dtype))
+            layers.append(
+                {
+                    "name": name,
+                    "shape": [linear.out_features, linear.in_features],
+                    "bits_per_weight": bits,
+                    "initial_error": result.initial_error,
+                    "final_error": result.final_error,
+                    "epochs": result.epochs,
+                    "seconds": result.seconds,
+                }
+            )
+            log(
+                f"block {index} {name} {linear.out_features}x{linear.in_features} {scheme.name}: relative error "
+                f"{result.initial_error:.4f} -> {result.final_error:.4f} in {result.epochs} epochs, {result.seconds:.1f} s"
+            )
+    losses = finetune_block(
+        block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
+        val_inputs=val_inputs, val_targets=val_targets, progress=progress,
+    )
+    for module in block.modules():
+        if isinstance(module, QuantizedLinear):
+            for name in ("codebooks", "scales", "bias"):
+                parameter = getattr(module, name)
+                if parameter is not None:
+                    setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
+    with torch.no_grad():
+        output_error = float(
+            ((run_block(block, inputs, block_kwargs, config.batch_size) - targets) ** 2).mean() / (targets**2).mean()
+        )
+    log(f"block {index}: relative output error {output_error:.4f} after fine-tuning, {time.perf_counter() - started:.1f} s")
+    return {"layers": layers, "finetune": losses, "output_error": output_error}
