@@ -172,6 +172,22 @@ dequantize.register_autograd(_dequantize_backward, setup_context=_dequantize_set
 # ---- quantized matmul -------------------------------------------------------------------------
 
 
+def quantized_matmul_torch(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The pure-torch path, for every device the C core does not serve: the dense weight by the
+    defining formula in float32, then ``F.linear`` in the input's dtype."""
+    nbits = check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    check_code_range(codes, nbits)
+    weight = dequantize_reference(codes, codebooks, scales).to(input.dtype)
+    return F.linear(input, weight, None if bias is None else bias.to(input.dtype))
+
+
 @torch.library.custom_op("aqlm::quantized_matmul", mutates_args=())
 def quantized_matmul(
     input: torch.Tensor,
@@ -180,12 +196,8 @@ def quantized_matmul(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` in the input's dtype, W the dequantized weight (pure-torch path)."""
-    nbits = check_weight(codes, codebooks, scales, bias)
-    _check_input(input, codes, codebooks)
-    check_code_range(codes, nbits)
-    weight = dequantize_reference(codes, codebooks, scales).to(input.dtype)
-    return F.linear(input, weight, None if bias is None else bias.to(input.dtype))
+    """``input @ W.T + bias`` in the input's dtype, W the dequantized weight."""
+    return quantized_matmul_torch(input, codes, codebooks, scales, bias)
 
 
 @quantized_matmul.register_kernel("cpu")

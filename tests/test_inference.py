@@ -1,0 +1,293 @@
+"""Inference kernels and QuantizedLinear against the defining torch formula, at every SIMD level."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import aqlm
+from aqlm import QuantizedLinear, _C, dequantize_reference, pack_codes
+from aqlm.ops import quantized_matmul_torch
+
+LEVELS = ["scalar", "avx2", "avx512"]
+ORDER = {name: index for index, name in enumerate(LEVELS)}
+
+
+def supported_levels():
+    return [level for level in LEVELS if ORDER[level] <= ORDER[_C.simd_supported()]]
+
+
+def level_param(level):
+    reason = f"this CPU supports SIMD only up to {_C.simd_supported()}"
+    return pytest.param(level, marks=pytest.mark.skipif(ORDER[level] > ORDER[_C.simd_supported()], reason=reason))
+
+
+ALL_LEVELS = [level_param(level) for level in LEVELS]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# (out, in, num_codebooks, nbits, out_group_size, in_group_size)
+CONFIGS = [
+    (64, 48, 1, 8, 1, 8),
+    (40, 96, 2, 8, 1, 8),
+    (24, 64, 4, 8, 1, 8),
+    (16, 64, 8, 8, 1, 8),
+    (33, 80, 1, 8, 1, 16),
+    (40, 48, 3, 4, 2, 6),
+    (24, 35, 1, 5, 3, 5),
+    (32, 64, 1, 12, 1, 8),
+    (24, 48, 2, 16, 1, 8),
+    (18, 32, 1, 16, 2, 16),
+    (16, 20, 2, 3, 1, 4),
+]
+
+
+def random_layer(out, inp, M, nbits, og, ig, dtype=torch.float32, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    K = 2**nbits
+    codes = pack_codes(torch.randint(0, K, (out // og, inp // ig, M), generator=generator), nbits)
+    codebooks = torch.randn(M, K, og, ig, generator=generator).to(dtype)
+    scales = (torch.rand(out // og, 1, 1, 1, generator=generator) + 0.5).to(dtype)
+    b = torch.randn(out, generator=generator).to(dtype) if bias else None
+    return codes, codebooks, scales, b
+
+
+def formula(x, codes, codebooks, scales, bias):
+    weight = dequantize_reference(codes, codebooks, scales).double()
+    y = x.double() @ weight.T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def np_view(t):
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def tolerance(x_dtype, param_dtype, reference):
+    scale = float(reference.abs().max()) + 1.0
+    coarse = max(torch.finfo(x_dtype).eps, torch.finfo(param_dtype).eps if param_dtype != torch.float32 else 0)
+    return (1e-5 if coarse <= torch.finfo(torch.float32).eps else 2 * coarse) * scale
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 17])
+def test_kernels_match_formula(level, config, tokens):
+    codes, codebooks, scales, bias = random_layer(*config, seed=tokens)
+    x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(7))
+    reference = formula(x, codes, codebooks, scales, bias)
+    out = torch.empty(tokens, config[0])
+    args = (np_view(x), np_view(codes), np_view(codebooks), np_view(scales), np_view(bias), out.numpy())
+    _C.codebook_matmul(*args, simd=level)
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance(torch.float32, torch.float32, reference))
+    if config[3] <= 8:
+        out.zero_()
+        _C.lut_matmul(*args, simd=level)
+        torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance(torch.float32, torch.float32, reference))
+    weight = torch.empty(config[0], config[1])
+    _C.dequantize(np_view(codes), np_view(codebooks), np_view(scales), weight.numpy(), simd=level)
+    torch.testing.assert_close(weight, dequantize_reference(codes, codebooks, scales), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+@pytest.mark.parametrize("x_dtype", list(DTYPES))
+@pytest.mark.parametrize("param_dtype", list(DTYPES))
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[4], CONFIGS[5], CONFIGS[8]], ids=lambda c: "x".join(map(str, c)))
+def test_kernels_dtypes(level, x_dtype, param_dtype, config):
+    codes, codebooks, scales, bias = random_layer(*config, dtype=DTYPES[param_dtype])
+    for tokens in (1, 6):
+        x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(3)).to(DTYPES[x_dtype])
+        reference = formula(x, codes, codebooks, scales, bias)
+        out = torch.empty(tokens, config[0], dtype=DTYPES[x_dtype])
+        kernels = [_C.codebook_matmul] + ([_C.lut_matmul] if config[3] <= 8 else [])
+        for kernel in kernels:
+            kernel(np_view(x), np_view(codes), np_view(codebooks), np_view(scales), np_view(bias), np_view(out),
+                   x_dtype=x_dtype, param_dtype=param_dtype, simd=level)
+            atol = tolerance(DTYPES[x_dtype], DTYPES[param_dtype], reference)
+            torch.testing.assert_close(out.double(), reference, rtol=0, atol=atol)
+    weight = torch.empty(config[0], config[1], dtype=DTYPES[x_dtype])
+    _C.dequantize(np_view(codes), np_view(codebooks), np_view(scales), np_view(weight),
+                  param_dtype=param_dtype, out_dtype=x_dtype, simd=level)
+    expected = dequantize_reference(codes, codebooks, scales).to(DTYPES[x_dtype])
+    assert torch.equal(weight, expected), "dequantize must round exactly like torch's conversion"
+
+
+def test_simd_levels_agree_and_threads_do_not_change_results():
+    codes, codebooks, scales, bias = random_layer(256, 512, 2, 8, 1, 8)
+    x = torch.randn(9, 512)
+    results = []
+    for level in supported_levels():
+        for threads in (1, 2):
+            out = torch.empty(9, 256)
+            _C.lut_matmul(np_view(x), np_view(codes), np_view(codebooks), np_view(scales), np_view(bias), out.numpy(),
+                          simd=level, num_threads=threads)
+            results.append((level, threads, out))
+    for level, threads, out in results:
+        same_level = [o for lv, th, o in results if lv == level]
+        assert all(torch.equal(out, other) for other in same_level), f"{level}: thread count changed the result"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 5), (300,)])
+def test_quantized_linear_cpu_matches_torch_path(config, shape):
+    out, inp, M, nbits, og, ig = config
+    codes, codebooks, scales, bias = random_layer(*config)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    x = torch.randn(*shape, inp)
+    y = layer(x)
+    assert y.shape == (*shape, out) and y.dtype == x.dtype
+    expected = quantized_matmul_torch(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_linear_noncontiguous_input_is_handled():
+    codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    x = torch.randn(64, 6).T  # non-contiguous [6, 64]
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+def test_opcheck_custom_ops():
+    for config in (CONFIGS[1], CONFIGS[7]):
+        codes, codebooks, scales, bias = random_layer(*config)
+        for tokens in (1, 4, 300):
+            x = torch.randn(tokens, config[1])
+            torch.library.opcheck(torch.ops.aqlm.quantized_matmul, (x, codes, codebooks, scales, bias))
+        torch.library.opcheck(torch.ops.aqlm.quantized_matmul, (torch.randn(2, 3, config[1]), codes, codebooks, scales, None))
+        torch.library.opcheck(torch.ops.aqlm.dequantize, (codes, codebooks, scales))
+
+
+def test_autograd_matches_reference_formula():
+    codes, codebooks, scales, bias = random_layer(24, 32, 2, 4, 2, 4)
+    x = torch.randn(5, 32, requires_grad=True)
+    params = [t.clone().requires_grad_(True) for t in (codebooks, scales, bias)]
+    y = torch.ops.aqlm.quantized_matmul(x, codes, *params)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *params], grad_out)
+    x2 = x.detach().clone().requires_grad_(True)
+    params2 = [t.clone().detach().requires_grad_(True) for t in (codebooks, scales, bias)]
+    y2 = x2 @ dequantize_reference(codes, params2[0], params2[1]).T + params2[2]
+    expected = torch.autograd.grad(y2, [x2, *params2], grad_out)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_uses_fake_implementation():
+    codes, codebooks, scales, bias = random_layer(32, 64, 1, 8, 1, 8)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+def test_config_that_does_not_divide_features():
+    with pytest.raises(ValueError, match="in_group_size 8 does not divide in_features 60"):
+        QuantizedLinear(60, 32, 8, 1, 1, 8)
+    with pytest.raises(ValueError, match="out_group_size 3 does not divide out_features 32"):
+        QuantizedLinear(64, 32, 8, 3, 1, 8)
+    with pytest.raises(ValueError, match="nbits_per_codebook"):
+        QuantizedLinear(64, 32, 8, 1, 1, 17)
+    with pytest.raises(ValueError, match="num_codebooks"):
+        QuantizedLinear(64, 32, 8, 1, 0, 8)
+
+
+def test_wrong_input_shape_and_dtype():
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, 1, 8, 1, 8))
+    with pytest.raises(ValueError, match="in_features=64"):
+        layer(torch.randn(3, 63))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        layer(torch.randn(3, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([1.0] * 64)
+
+
+def test_wrong_weight_tensors():
+    codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8)
+    x = torch.randn(2, 64)
+    with pytest.raises(TypeError, match="must be torch.int8"):
+        torch.ops.aqlm.quantized_matmul(x, codes.to(torch.int32), codebooks, scales, bias)
+    with pytest.raises(ValueError, match="codebooks have 2"):
+        torch.ops.aqlm.quantized_matmul(x, codes[:, :, :1].contiguous(), codebooks, scales, bias)
+    with pytest.raises(ValueError, match="one value per output group"):
+        torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales[:5], bias)
+    with pytest.raises(ValueError, match="power of two"):
+        torch.ops.aqlm.quantized_matmul(x, codes, codebooks[:, :200], scales, bias)
+    with pytest.raises(TypeError, match="scales must have the codebooks' dtype"):
+        torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales.half(), bias)
+    with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
+        torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales, bias[:4])
+
+
+def test_codes_out_of_range_are_rejected_on_every_path():
+    codes, codebooks, scales, bias = random_layer(16, 32, 1, 4, 1, 8)
+    codes[3, 2, 0] = 100  # not a valid 4-bit code in either packed or unpacked form
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match=r"code out of range for 4-bit codebooks at codes\[3, 2, 0\]: 100"):
+        torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales, bias)
+    with pytest.raises(ValueError, match=r"code out of range for 4-bit codebooks at codes\[3, 2, 0\]: 100"):
+        quantized_matmul_torch(x, codes, codebooks, scales, bias)
+    with pytest.raises(ValueError, match="code out of range"):
+        torch.ops.aqlm.dequantize(codes, codebooks, scales)
+
+
+def test_c_binding_rejects_bad_layouts_and_names_them():
+    codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8)
+    x, out = np.zeros((2, 64), np.float32), np.zeros((2, 32), np.float32)
+    args = lambda **kw: {**dict(x=x, codes=codes.numpy(), codebooks=codebooks.numpy(), scales=scales.numpy(), bias=None, out=out), **kw}
+    with pytest.raises(ValueError, match="codes must be C-contiguous"):
+        _C.lut_matmul(**args(codes=np.asfortranarray(codes.numpy())))
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        _C.lut_matmul(**args(out=np.zeros((32, 2), np.float32).T))
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        _C.lut_matmul(**args(out=np.zeros((2, 32), np.float64)))
+    with pytest.raises(TypeError, match="x must have dtype float16"):
+        _C.lut_matmul(**args(), x_dtype="float16")
+    with pytest.raises(ValueError, match="x has 63 features"):
+        _C.lut_matmul(**args(x=np.zeros((2, 63), np.float32)))
+    with pytest.raises(ValueError, match="x_dtype must be"):
+        _C.lut_matmul(**args(), x_dtype="float64")
+    with pytest.raises(ValueError, match="unknown SIMD level 'sse9'"):
+        _C.lut_matmul(**args(), simd="sse9")
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        _C.lut_matmul(**args(), num_threads=0)
+    big = random_layer(16, 32, 1, 12, 1, 8)
+    with pytest.raises(ValueError, match="nbits_per_codebook <= 8"):
+        _C.lut_matmul(np.zeros((1, 32), np.float32), big[0].numpy(), big[1].numpy(), big[2].numpy(), None,
+                      np.zeros((1, 16), np.float32))
+
+
+@pytest.mark.skipif(_C.simd_supported() == "avx512", reason="needs a CPU without AVX-512")
+def test_requesting_unsupported_level_is_an_error():
+    codes, codebooks, scales, _ = random_layer(32, 64, 1, 8, 1, 8)
+    with pytest.raises(ValueError, match="not available"):
+        _C.dequantize(codes.numpy(), codebooks.numpy(), scales.numpy(), np.zeros((32, 64), np.float32), simd="avx512")
+
+
+def _import_with_env(value):
+    env = dict(os.environ, AQLM_SIMD=value)
+    code = "import aqlm._C as C; print(C.simd_default())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_environment_override_selects_the_default_level():
+    for level in supported_levels():
+        result = _import_with_env(level)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == level
+    result = _import_with_env("sse9")
+    assert result.returncode != 0 and "AQLM_SIMD" in result.stderr and "sse9" in result.stderr
+
+
+def test_dequantize_op_and_layer_helpers():
+    codes, codebooks, scales, bias = random_layer(24, 48, 2, 6, 2, 4)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    torch.testing.assert_close(layer.dequantize(), layer.reference_weight(), rtol=0, atol=1e-6)
+    assert layer.scheme.name == "2x6g4o2"
+    assert "scheme=2x6g4o2" in repr(layer)
+    assert aqlm.__version__.startswith("2.")
