@@ -50,6 +50,22 @@ static void load_tokens(aqlm_dtype dtype, const void *x, int64_t in, int64_t t0,
         for (int64_t t = 0; t < 8; t++) out[i * 8 + t] = t < tokens ? aqlm_load(dtype, x, (t0 + t) * in + i) : 0.0f;
 }
 
+/* y[t0 + t, o*og + r] = acc * scale + bias for output groups [o0, o1); resets their accumulators. */
+static void write_outputs(const aqlm_block_shape *s, int64_t o0, int64_t o1, int64_t t0, int64_t tokens, int64_t T,
+                          int64_t out, aqlm_dtype x_dtype, aqlm_dtype param_dtype, const void *scales,
+                          const void *bias, float *acc, void *y) {
+    for (int64_t o = o0; o < o1; o++) {
+        const float scale = aqlm_load(param_dtype, scales, o);
+        for (int64_t r = 0; r < s->og; r++) {
+            const int64_t column = o * s->og + r;
+            const float shift = bias ? aqlm_load(param_dtype, bias, column) : 0.0f;
+            float *sums = acc + column * T;
+            for (int64_t t = 0; t < tokens; t++) aqlm_store(x_dtype, y, (t0 + t) * out + column, sums[t] * scale + shift);
+            for (int64_t t = 0; t < T; t++) sums[t] = 0.0f;
+        }
+    }
+}
+
 aqlm_status aqlm_lut_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
                             const void *codes, aqlm_dtype param_dtype, const void *codebooks,
                             const void *scales, const void *bias, void *y, aqlm_simd simd,
@@ -91,47 +107,34 @@ aqlm_status aqlm_lut_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype,
     const double work = (double)n * ((double)out_groups * G * M * og + (double)G * M * og * K * s.ig);
     const int threads = aqlm_threads_for(num_threads, work);
 
-#pragma omp parallel num_threads(threads)
     for (int64_t t0 = 0; t0 < n; t0 += T) {
         const int64_t tokens = n - t0 < T ? n - t0 : T;
-#pragma omp single
         load_tokens(x_dtype, x, in, t0, tokens, T, xbuf);
-
+        /* One barrier per chunk of tables: build, then accumulate. Every thread keeps the same
+         * rows in every slab (same iteration space, static schedule), so it also writes their
+         * outputs after the last slab without waiting for the others. */
+#pragma omp parallel num_threads(threads)
         for (int64_t c0 = 0; c0 < G; c0 += chunk_groups) {
             const int64_t c1 = c0 + chunk_groups < G ? c0 + chunk_groups : G;
+            if (c0 > 0) {
+#pragma omp barrier
+            }
 #pragma omp for schedule(static)
             for (int64_t j = c0; j < c1; j++) {
                 float *table = lut + (j - c0) * group_floats;
                 if (T == 1) kernels->lut_build_t1(&s, j, j + 1, xbuf, cb32, table);
                 else kernels->lut_build_t8(&s, j, j + 1, xbuf, cb32, table);
             }
-            /* Same iteration space and static schedule in every slab: each thread keeps its rows. */
             for (int64_t j0 = c0; j0 < c1; j0 += slab_groups) {
                 const int64_t j1 = j0 + slab_groups < c1 ? j0 + slab_groups : c1;
+                const int last = j1 == G;
 #pragma omp for schedule(static) nowait
                 for (int64_t block = 0; block < row_blocks; block++) {
                     const int64_t o0 = block * LUT_ROW_BLOCK;
                     const int64_t rows = o0 + LUT_ROW_BLOCK < out_groups ? LUT_ROW_BLOCK : out_groups - o0;
-                    accumulate(&s, rows, j0, j1, (const int8_t *)codes + o0 * G * M,
-                               lut + (j0 - c0) * group_floats, acc + o0 * og * T);
-                }
-            }
-#pragma omp barrier
-        }
-
-#pragma omp for schedule(static)
-        for (int64_t block = 0; block < row_blocks; block++) {
-            const int64_t o0 = block * LUT_ROW_BLOCK;
-            const int64_t o1 = o0 + LUT_ROW_BLOCK < out_groups ? o0 + LUT_ROW_BLOCK : out_groups;
-            for (int64_t o = o0; o < o1; o++) {
-                const float scale = aqlm_load(param_dtype, scales, o);
-                for (int64_t r = 0; r < og; r++) {
-                    const int64_t column = o * og + r;
-                    const float shift = bias ? aqlm_load(param_dtype, bias, column) : 0.0f;
-                    float *sums = acc + column * T;
-                    for (int64_t t = 0; t < tokens; t++)
-                        aqlm_store(x_dtype, y, (t0 + t) * out + column, sums[t] * scale + shift);
-                    for (int64_t t = 0; t < T; t++) sums[t] = 0.0f;
+                    accumulate(&s, rows, j0, j1, (const int8_t *)codes + o0 * G * M, lut + (j0 - c0) * group_floats,
+                               acc + o0 * og * T);
+                    if (last) write_outputs(&s, o0, o0 + rows, t0, tokens, T, out, x_dtype, param_dtype, scales, bias, acc, y);
                 }
             }
         }

@@ -1,0 +1,303 @@
+"""``python -m aqlm``: convert real models, quantize, evaluate, and a demo on the bundled defaults."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .format import AqlmScheme
+from .quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _scheme_from_args(args: argparse.Namespace) -> AqlmScheme:
+    if args.scheme:
+        return AqlmScheme.parse(args.scheme)
+    return AqlmScheme(args.num_codebooks, args.nbits_per_codebook, args.in_group_size, args.out_group_size)
+
+
+def _resolve_model(name_or_dir: str) -> Path:
+    """A model directory, or the name of a bundled real model (converted and cached on first use)."""
+    from .models.real import REAL_MODELS, real_model_dir
+
+    if name_or_dir in REAL_MODELS:
+        return real_model_dir(name_or_dir)
+    path = Path(name_or_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"model {name_or_dir!r} is neither a directory nor one of {sorted(REAL_MODELS)}")
+    return path
+
+
+def _shared_file(*parts: str) -> Path:
+    from .paths import shared_data_dir
+
+    return shared_data_dir().joinpath(*parts)
+
+
+# ---- convert ---------------------------------------------------------------------------------
+
+
+def _add_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert a real model (smollm2-135m, stories260k, a .gguf or llama2.c .bin) to a dense HF directory"
+    )
+    parser.add_argument("source", help="smollm2-135m | stories260k | path to a .gguf or llama2.c .bin file")
+    parser.add_argument("--out", help="output directory (default: the cache, for the bundled models)")
+    parser.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .models import load_gguf, load_llama2c
+    from .models.real import REAL_MODELS
+
+    if args.source in REAL_MODELS and args.out is None:
+        print(_resolve_model(args.source))
+        return 0
+    source = Path(args.source)
+    if args.out is None:
+        raise ValueError("--out is required when converting a file")
+    if args.source in REAL_MODELS:
+        source = _resolve_model(args.source)
+        from transformers import AutoModelForCausalLM
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(source), None
+    elif source.suffix == ".gguf":
+        model, tokenizer = load_gguf(source)
+    else:
+        model, tokenizer = load_llama2c(source), None
+    model.save_pretrained(args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    print(args.out)
+    return 0
+
+
+# ---- quantize --------------------------------------------------------------------------------
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``quantize`` (defaults follow upstream AQLM: 1x16 codebooks, groups of 8, beam 1)."""
+    parser.add_argument("model", help="dense Hugging Face model directory, or a bundled model name (smollm2-135m, stories260k)")
+    parser.add_argument("--dataset", required=True, help="calibration data: .txt, .jsonl or a .pt token tensor")
+    parser.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
+    scheme = parser.add_argument_group("scheme")
+    scheme.add_argument("--scheme", help="shorthand such as 2x8g8 or 1x16g8 (overrides the four options below)")
+    scheme.add_argument("--num-codebooks", type=int, default=1)
+    scheme.add_argument("--nbits-per-codebook", type=int, default=16)
+    scheme.add_argument("--in-group-size", type=int, default=8)
+    scheme.add_argument("--out-group-size", type=int, default=1)
+    calibration = parser.add_argument_group("calibration")
+    calibration.add_argument("--nsamples", type=int, default=128)
+    calibration.add_argument("--val-size", type=int, default=0, help="held-out windows for fine-tuning early stopping")
+    calibration.add_argument("--seqlen", type=int, default=2048, help="capped at the model's context length")
+    calibration.add_argument("--no-true-sequential", action="store_true",
+                             help="collect every linear's statistics once per block (faster, as upstream's default)")
+    layer = parser.add_argument_group("layer optimisation")
+    layer.add_argument("--beam-size", type=int, default=1)
+    layer.add_argument("--relative-mse-tolerance", type=float, default=0.01)
+    layer.add_argument("--max-epochs", type=int, default=1000)
+    layer.add_argument("--steps-per-epoch", type=int, default=100)
+    layer.add_argument("--lr", type=float, default=1e-4)
+    layer.add_argument("--codebook-update", choices=["adam", "lstsq"], default="adam",
+                       help="adam (upstream) or lstsq (exact least squares by conjugate gradients)")
+    layer.add_argument("--init-max-iter", type=int, default=100, help="k-means iterations")
+    layer.add_argument("--init-max-points-per-centroid", type=int, default=None)
+    tune = parser.add_argument_group("block fine-tuning")
+    tune.add_argument("--finetune-max-epochs", type=int, default=5)
+    tune.add_argument("--finetune-early-stop", type=int, default=3)
+    tune.add_argument("--finetune-lr", type=float, default=1e-5)
+    tune.add_argument("--finetune-batch-size", type=int, default=1)
+    tune.add_argument("--finetune-adam-beta1", type=float, default=0.9)
+    tune.add_argument("--finetune-adam-beta2", type=float, default=0.95)
+    parser.add_argument("--param-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="storage dtype of codebooks and scales")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
+    """The QuantizeConfig described by parsed ``quantize`` options."""
+    layer = LayerConfig(
+        scheme=_scheme_from_args(args),
+        beam_size=args.beam_size,
+        max_epochs=args.max_epochs,
+        relative_mse_tolerance=args.relative_mse_tolerance,
+        steps_per_epoch=args.steps_per_epoch,
+        lr=args.lr,
+        codebook_update=args.codebook_update,
+        init_max_iter=args.init_max_iter,
+        init_max_points_per_centroid=args.init_max_points_per_centroid,
+        seed=args.seed,
+        num_threads=args.threads,
+    )
+    finetune = FinetuneConfig(
+        max_epochs=args.finetune_max_epochs,
+        early_stop=args.finetune_early_stop,
+        lr=args.finetune_lr,
+        beta1=args.finetune_adam_beta1,
+        beta2=args.finetune_adam_beta2,
+        batch_size=args.finetune_batch_size,
+    )
+    return QuantizeConfig(
+        layer=layer, finetune=finetune, nsamples=args.nsamples, val_size=args.val_size, seqlen=args.seqlen,
+        seed=args.seed, true_sequential=not args.no_true_sequential, param_dtype=args.param_dtype,
+    )
+
+
+def _add_quantize(subparsers) -> None:
+    parser = subparsers.add_parser("quantize", help="AQLM-quantize a dense model into a Hugging Face checkpoint")
+    add_quantize_arguments(parser)
+    parser.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = _resolve_model(args.model)
+    report = quantize_model(model_dir, args.dataset, args.out, quantize_config_from_args(args), resume=args.resume,
+                            progress=not args.no_progress)
+    print(f"saved {report.out_dir}")
+    return 0
+
+
+# ---- eval ------------------------------------------------------------------------------------
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="perplexity (text or tokens) or KL to a reference model")
+    parser.add_argument("model", help="model directory (dense or AQLM) or a bundled model name")
+    parser.add_argument("--dataset", required=True, help=".txt/.jsonl text (needs a tokenizer) or a .pt token tensor")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--reference", help="also report KL(reference || model) on the same windows")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.set_defaults(run=_run_eval)
+
+
+def load_model(path: Path):
+    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def evaluate_model(model, tokenizer, dataset, seqlen: int, max_windows: Optional[int], batch_size: int = 1,
+                   reference=None, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on the first ``max_windows`` windows of ``dataset`` (and KL to ``reference``)."""
+    from .data import evaluation_windows, load_tokens
+    from .evaluate import kl_divergence, perplexity
+
+    seqlen = min(seqlen, getattr(model.config, "max_position_embeddings", seqlen))
+    tokens = load_tokens(dataset, tokenizer)
+    if max_windows is not None:
+        tokens = tokens[: max_windows * seqlen]
+    result = {"seqlen": seqlen, "windows": tokens.numel() // seqlen,
+              "perplexity": perplexity(model, tokens, seqlen, batch_size=batch_size, progress=progress)}
+    if reference is not None:
+        windows = evaluation_windows(tokens, seqlen)
+        result["kl_to_reference"] = kl_divergence(model, reference, windows, batch_size=batch_size, progress=progress)
+    return result
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(_resolve_model(args.model))
+    reference = load_model(_resolve_model(args.reference))[0] if args.reference else None
+    result = evaluate_model(model, tokenizer, args.dataset, args.seqlen, args.max_windows, args.batch_size, reference)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# ---- demo: the main job on the bundled defaults ------------------------------------------------
+
+
+DEMO = {
+    "scheme": "2x8g8",
+    "nsamples": 32,
+    "seqlen": 512,
+    "eval_windows": 16,
+    "eval_seqlen": 512,
+}
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="quantize the bundled real model (SmolLM2-135M) with 2x8g8 and print quality before/after"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or dense model directory")
+    parser.add_argument("--out", default="aqlm-demo", help="output directory")
+    parser.add_argument("--scheme", default=DEMO["scheme"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model_dir = _resolve_model(args.model)
+    calibration = _shared_file("wikitext-2", "valid.txt")
+    test = _shared_file("wikitext-2", "test.txt")
+    config = QuantizeConfig(
+        layer=LayerConfig(scheme=AqlmScheme.parse(args.scheme), max_epochs=8, steps_per_epoch=20,
+                          codebook_update="lstsq", init_max_iter=25, num_threads=args.threads),
+        finetune=FinetuneConfig(max_epochs=1, lr=1e-4),
+        nsamples=DEMO["nsamples"],
+        seqlen=DEMO["seqlen"],
+    )
+    print(f"model {model_dir}\ncalibration {calibration} ({config.nsamples} windows of {config.seqlen} tokens)")
+    dense, tokenizer = load_model(model_dir)
+    before = evaluate_model(dense, tokenizer, test, DEMO["eval_seqlen"], DEMO["eval_windows"])
+    del dense
+    report = quantize_model(model_dir, calibration, args.out, config, resume=args.resume)
+    quantized, tokenizer = load_model(Path(args.out))
+    after = evaluate_model(quantized, tokenizer, test, DEMO["eval_seqlen"], DEMO["eval_windows"])
+    print(
+        f"\nWikiText-2 test perplexity (first {before['windows']} windows of {before['seqlen']} tokens, "
+        f"word-level tokenized release):\n"
+        f"  dense float32      {before['perplexity']:8.3f}\n"
+        f"  AQLM {args.scheme:<13} {after['perplexity']:8.3f}   ({report.bits_per_weight:.2f} bits/weight in the "
+        f"quantized layers, codebooks and scales included)\n"
+        f"checkpoint: {Path(args.out).resolve()}   total time {time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m aqlm`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m aqlm", description="AQLM and PV-Tuning for LLMs, with a C core.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_convert(subparsers)
+    _add_quantize(subparsers)
+    _add_eval(subparsers)
+    _add_demo(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; errors in the input are reported in one line, not as a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
