@@ -171,28 +171,39 @@ void aqlm_lut_accumulate_t8_avx2(const aqlm_block_shape *s, int64_t rows, int64_
 
 /* ---- decode-and-dot -------------------------------------------------------------------------- */
 
+/* With few tokens every group's FMA would feed one accumulator per token, a chain of dependent
+ * FMAs; U interleaved accumulators per token (groups j, j+1, ... in turn) keep U chains going. */
 ALWAYS_INLINE void decode_dot_rows(const aqlm_block_shape *s, int64_t o0, int64_t o1, const int n,
                                    const float *restrict x, const void *restrict codes,
                                    const aqlm_dtype dtype, const void *restrict cb, float *restrict acc) {
     const int64_t ig = s->ig, M = s->M, K = s->K, G = s->in_groups, in = G * ig;
     const int code_bits = s->code_bits;
     const uint32_t mask = s->code_mask;
+    const int U = n == 1 ? 4 : n <= 3 ? 2 : 1;
     for (int64_t o = o0; o < o1; o++) {
-        __m256 sums[AQLM_DECODE_DOT_MAX_TOKENS];
-        for (int t = 0; t < n; t++) sums[t] = _mm256_setzero_ps();
+        __m256 sums[4][AQLM_DECODE_DOT_MAX_TOKENS];
+        for (int u = 0; u < U; u++)
+            for (int t = 0; t < n; t++) sums[u][t] = _mm256_setzero_ps();
         const int64_t row_codes = o * G * M;
-        for (int64_t j = 0; j < G; j++) {
-            for (int64_t i0 = 0; i0 < ig; i0 += 8) {
-                __m256 word = load8(dtype, cb, (int64_t)aqlm_code_at(code_bits, codes, row_codes + j * M, mask) * ig + i0);
-                for (int64_t m = 1; m < M; m++) {
-                    const uint32_t code = aqlm_code_at(code_bits, codes, row_codes + j * M + m, mask);
-                    word = _mm256_add_ps(word, load8(dtype, cb, (m * K + code) * ig + i0));
+        for (int64_t j0 = 0; j0 < G; j0 += U) {
+            for (int u = 0; u < U && j0 + u < G; u++) {
+                const int64_t j = j0 + u;
+                for (int64_t i0 = 0; i0 < ig; i0 += 8) {
+                    __m256 word = load8(dtype, cb, (int64_t)aqlm_code_at(code_bits, codes, row_codes + j * M, mask) * ig + i0);
+                    for (int64_t m = 1; m < M; m++) {
+                        const uint32_t code = aqlm_code_at(code_bits, codes, row_codes + j * M + m, mask);
+                        word = _mm256_add_ps(word, load8(dtype, cb, (m * K + code) * ig + i0));
+                    }
+                    for (int t = 0; t < n; t++)
+                        sums[u][t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * ig + i0), sums[u][t]);
                 }
-                for (int t = 0; t < n; t++)
-                    sums[t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * ig + i0), sums[t]);
             }
         }
-        for (int t = 0; t < n; t++) acc[(o - o0) * n + t] = hsum8(sums[t]);
+        for (int t = 0; t < n; t++) {
+            __m256 total = sums[0][t];
+            for (int u = 1; u < U; u++) total = _mm256_add_ps(total, sums[u][t]);
+            acc[(o - o0) * n + t] = hsum8(total);
+        }
     }
 }
 

@@ -108,7 +108,7 @@ def finetune_block(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss) * len(batch)
+                total += float(loss.detach()) * len(batch)
             stats["train_loss"].append(total / inputs.shape[0])
             if not has_val:
                 continue

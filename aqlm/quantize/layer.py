@@ -139,6 +139,7 @@ class LayerObjective:
         self.out_group_size = out_group_size
         self.reference = float((self.weight @ self.xtx * self.weight).sum()) + _EPS
 
+    @torch.no_grad()
     def residual_terms(self, codes, codebooks, scales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(R = W - What, G = R H, per-output-group losses in float64)."""
         residual = self.weight - dequantize(codes, codebooks, scales.view(-1, 1, 1, 1)).float()

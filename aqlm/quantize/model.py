@@ -203,18 +203,21 @@ def _file_identity(path: Path) -> dict:
 
 
 def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
-    """The block's linears grouped by shared input, in execution order (e.g. [q, k, v], [o], [gate, up], [down])."""
-    linears = find_linears(block)
-    seen: dict[str, tuple] = {}
+    """The block's linears grouped by shared input, in execution order (e.g. [q, k, v], [o], [gate, up], [down]).
+
+    Inputs are compared by identity, and every recorded input is kept alive until the end, so a
+    freed buffer reused for a later input can never make two groups look alike.
+    """
+    calls: list[tuple[str, torch.Tensor]] = []
     handles = []
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0]
-            seen.setdefault(name, (len(seen), x.data_ptr(), tuple(x.shape)))
+            if all(name != seen for seen, _ in calls):
+                calls.append((name, args[0]))
         return hook
 
-    for name, module in linears.items():
+    for name, module in find_linears(block).items():
         handles.append(module.register_forward_pre_hook(hook_for(name)))
     try:
         with torch.no_grad():
@@ -222,10 +225,15 @@ def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> 
     finally:
         for handle in handles:
             handle.remove()
-    groups: dict[tuple, list[str]] = {}
-    for name, (_, pointer, shape) in sorted(seen.items(), key=lambda item: item[1][0]):
-        groups.setdefault((pointer, shape), []).append(name)
-    return list(groups.values())
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, tensor in calls:
+        for shared, names in groups:
+            if shared is tensor:
+                names.append(name)
+                break
+        else:
+            groups.append((tensor, [name]))
+    return [names for _, names in groups]
 
 
 def collect_xtx(

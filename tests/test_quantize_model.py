@@ -1,0 +1,166 @@
+"""Whole-model AQLM quantization: checkpoint, resume after a kill, errors on bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from aqlm import AqlmScheme, QuantizedLinear
+from aqlm.quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
+
+FAST = dict(max_epochs=2, steps_per_epoch=5, init_max_iter=5, codebook_update="lstsq")
+
+
+def tiny_model_dir(tmp_path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    path = tmp_path / f"dense{seed}"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def token_file(tmp_path: Path, count: int = 4000, vocab: int = 96) -> Path:
+    path = tmp_path / "tokens.pt"
+    torch.save(torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(0)), path)
+    return path
+
+
+def config(scheme="2x4g8", **overrides) -> QuantizeConfig:
+    return QuantizeConfig(
+        layer=LayerConfig(scheme=AqlmScheme.parse(scheme), **FAST),
+        finetune=FinetuneConfig(max_epochs=1, lr=1e-4),
+        nsamples=4,
+        seqlen=32,
+        **overrides,
+    )
+
+
+def test_quantized_checkpoint_loads_and_improves_on_initialisation(tmp_path):
+    model_dir, tokens = tiny_model_dir(tmp_path), token_file(tmp_path)
+    report = quantize_model(model_dir, tokens, tmp_path / "q", config(val_size=2), progress=False, log=lambda line: None)
+    assert len(report.layers) == 14
+    assert all(layer.final_error <= layer.initial_error + 1e-9 for layer in report.layers)
+    assert 1.5 < report.bits_per_weight < 6.0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
+    assert loaded.model.layers[0].self_attn.q_proj.codebooks.dtype in (torch.float16, torch.float32)
+    written = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    assert written["bits_per_weight"] == pytest.approx(report.bits_per_weight)
+    assert not list((tmp_path / "q" / "aqlm_progress").glob("block_*")), "per-block files are removed at the end"
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.randint(0, 96, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids).logits).all()
+        error = (loaded(ids).logits - dense(ids).logits).pow(2).mean() / dense(ids).logits.pow(2).mean()
+    assert error < 0.5
+
+
+def test_existing_run_needs_resume_and_same_settings(tmp_path):
+    model_dir, tokens = tiny_model_dir(tmp_path), token_file(tmp_path)
+    out = tmp_path / "q"
+    quantize_model(model_dir, tokens, out, config(), progress=False, log=lambda line: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        quantize_model(model_dir, tokens, out, config(), progress=False, log=lambda line: None)
+    with pytest.raises(ValueError, match="other settings"):
+        quantize_model(model_dir, tokens, out, config(seed=1), resume=True, progress=False, log=lambda line: None)
+
+
+def _cli(model_dir, tokens, out, *extra):
+    return [
+        sys.executable, "-m", "aqlm", "quantize", str(model_dir), "--dataset", str(tokens), "--out", str(out),
+        "--scheme", "2x4g8", "--nsamples", "6", "--seqlen", "32", "--max-epochs", "3", "--steps-per-epoch", "5",
+        "--init-max-iter", "5", "--codebook-update", "lstsq", "--finetune-max-epochs", "1", "--finetune-lr", "1e-4",
+        "--threads", "2", "--no-progress", *extra,
+    ]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    model_dir, tokens = tiny_model_dir(tmp_path, layers=4, seed=1), token_file(tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    reference = subprocess.run(_cli(model_dir, tokens, tmp_path / "whole"), capture_output=True, text=True, env=env)
+    assert reference.returncode == 0, reference.stderr
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(model_dir, tokens, killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 300
+    while not (killed / "aqlm_progress" / "block_0001.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never finished its second block"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists(), "killed before the end"
+    finished = sorted(p.name for p in (killed / "aqlm_progress").glob("block_*.json"))
+    assert 2 <= len(finished) < 4
+
+    resumed = subprocess.run(_cli(model_dir, tokens, killed, "--resume"), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "restored" in resumed.stdout + resumed.stderr
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    again = load_file(str(killed / "model.safetensors"))
+    assert whole.keys() == again.keys()
+    for name in whole:
+        assert torch.equal(whole[name], again[name]), f"{name} differs after resume"
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    model_dir, tokens = tiny_model_dir(tmp_path), token_file(tmp_path)
+    quiet = dict(progress=False, log=lambda line: None)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        quantize_model(tmp_path / "missing", tokens, tmp_path / "q1", config(), **quiet)
+    with pytest.raises(ValueError, match="in_group_size 7 does not divide in_features 64"):
+        quantize_model(model_dir, tokens, tmp_path / "q2", config("1x4g7"), **quiet)
+    short = tmp_path / "short.pt"
+    torch.save(torch.arange(20), short)
+    with pytest.raises(ValueError, match="20"):
+        quantize_model(model_dir, short, tmp_path / "q3", config(), **quiet)
+    with pytest.raises(ValueError, match="tokenizer"):
+        text = tmp_path / "text.txt"
+        text.write_text("no tokenizer for this model " * 100)
+        quantize_model(model_dir, text, tmp_path / "q4", config(), **quiet)
+    broken = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    broken.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
+        quantize_model(tmp_path / "nan", tokens, tmp_path / "q5", config(), **quiet)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        quantize_model(tmp_path / "empty", tokens, tmp_path / "q6", config(), **quiet)
+
+
+def test_unsupported_family_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=96)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="not supported.*llama, mistral, qwen2"):
+        quantize_model(tmp_path / "gpt2", token_file(tmp_path), tmp_path / "q", config(), progress=False, log=lambda l: None)
+
+
+def test_cli_reports_errors_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "aqlm", "quantize", str(tmp_path / "nope"), "--dataset", "x", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_linears_are_grouped_by_shared_input_in_execution_order(tmp_path):
+    from aqlm.calibration import capture_block_inputs, get_blocks
+    from aqlm.quantize.model import input_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path))
+    inputs, kwargs = capture_block_inputs(model, torch.randint(0, 96, (2, 16)), progress=False)
+    expected = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    for _ in range(20):  # buffers freed during the forward pass must never merge two groups
+        assert input_groups(get_blocks(model)[0], inputs[:1], kwargs) == expected
