@@ -19,11 +19,12 @@ from .format import check_code_range, dequantize_reference, nbits_of, unpack_cod
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-# Token-count crossovers on the CPU, measured by benchmarks/bench_matmul.py (see README):
-# lookup tables win over dequantize + BLAS up to this many tokens for <= 256 codewords ...
-LUT_MAX_TOKENS = 256
-# ... and decoding codewords per token wins for larger codebooks up to this many.
-DECODE_MAX_TOKENS = 4
+# Crossovers on the CPU (2-core Zen 3, 4096x4096, measured against dequantize + BLAS; the cost of
+# both kernels grows with tokens x num_codebooks): lookup tables win for <= 256 codewords while
+# tokens * num_codebooks <= 64 (1x8: 64 tokens, 2x8: 32, 8x8: 8) ...
+LUT_MAX_TOKENS_X_CODEBOOKS = 64
+# ... and decoding codewords for larger codebooks while tokens * num_codebooks <= 24 (1x16: 24).
+DECODE_MAX_TOKENS_X_CODEBOOKS = 24
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -106,18 +107,22 @@ def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tenso
     return dequantize_reference(codes, codebooks, scales).to(codebooks.dtype)
 
 
+def _dequantize_cpu_as(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dense weight in ``dtype`` straight from the C kernel (no intermediate copy in another dtype)."""
+    out_features, in_features = codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
+    weight = torch.empty(out_features, in_features, dtype=dtype)
+    codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
+    _C.dequantize(
+        codes_np, codebooks_np, scales_np, _numpy_view(weight),
+        param_dtype=_DTYPE_NAMES[codebooks.dtype], out_dtype=_DTYPE_NAMES[dtype], num_threads=torch.get_num_threads(),
+    )
+    return weight
+
+
 @dequantize.register_kernel("cpu")
 def _dequantize_cpu(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     check_weight(codes, codebooks, scales)
-    out_features, in_features = codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
-    weight = torch.empty(out_features, in_features, dtype=codebooks.dtype)
-    codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
-    dtype = _DTYPE_NAMES[codebooks.dtype]
-    _C.dequantize(
-        codes_np, codebooks_np, scales_np, _numpy_view(weight),
-        param_dtype=dtype, out_dtype=dtype, num_threads=torch.get_num_threads(),
-    )
-    return weight
+    return _dequantize_cpu_as(codes, codebooks, scales, codebooks.dtype)
 
 
 @dequantize.register_fake
@@ -213,7 +218,8 @@ def _quantized_matmul_cpu(
     out_features = codes.shape[0] * codebooks.shape[2]
     tokens = math.prod(input.shape[:-1])
     x = input.reshape(tokens, input.shape[-1]).contiguous()
-    if (nbits <= 8 and tokens <= LUT_MAX_TOKENS) or (nbits > 8 and tokens <= DECODE_MAX_TOKENS):
+    work = tokens * codes.shape[2]
+    if (nbits <= 8 and work <= LUT_MAX_TOKENS_X_CODEBOOKS) or (nbits > 8 and work <= DECODE_MAX_TOKENS_X_CODEBOOKS):
         out = torch.empty(tokens, out_features, dtype=input.dtype)
         kernel = _C.lut_matmul if nbits <= 8 else _C.codebook_matmul
         codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
@@ -223,7 +229,7 @@ def _quantized_matmul_cpu(
             num_threads=torch.get_num_threads(),
         )
     else:
-        weight = _dequantize_cpu(codes, codebooks, scales).to(input.dtype)
+        weight = _dequantize_cpu_as(codes, codebooks, scales, input.dtype)
         out = F.linear(x, weight, None if bias is None else bias.to(input.dtype))
     return out.view(*input.shape[:-1], out_features)
 

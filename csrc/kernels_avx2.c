@@ -171,32 +171,44 @@ void aqlm_lut_accumulate_t8_avx2(const aqlm_block_shape *s, int64_t rows, int64_
 
 /* ---- decode-and-dot -------------------------------------------------------------------------- */
 
+/* The codeword of group j (summed over codebooks), columns [i0, i0 + 8). */
+ALWAYS_INLINE __m256 decoded_word(const aqlm_block_shape *s, const void *restrict codes, int64_t row_codes, int64_t j,
+                                  int64_t i0, const aqlm_dtype dtype, const void *restrict cb) {
+    const int64_t M = s->M, ig = s->ig;
+    __m256 word = load8(dtype, cb, (int64_t)aqlm_code_at(s->code_bits, codes, row_codes + j * M, s->code_mask) * ig + i0);
+    for (int64_t m = 1; m < M; m++) {
+        const uint32_t code = aqlm_code_at(s->code_bits, codes, row_codes + j * M + m, s->code_mask);
+        word = _mm256_add_ps(word, load8(dtype, cb, (m * s->K + code) * ig + i0));
+    }
+    return word;
+}
+
 /* With few tokens every group's FMA would feed one accumulator per token, a chain of dependent
- * FMAs; U interleaved accumulators per token (groups j, j+1, ... in turn) keep U chains going. */
+ * FMAs; U interleaved accumulators per token (groups j, j+1, ... in turn) keep U chains going.
+ * All loop bounds over u and t are compile-time constants so the accumulators stay in registers. */
 ALWAYS_INLINE void decode_dot_rows(const aqlm_block_shape *s, int64_t o0, int64_t o1, const int n,
                                    const float *restrict x, const void *restrict codes,
                                    const aqlm_dtype dtype, const void *restrict cb, float *restrict acc) {
-    const int64_t ig = s->ig, M = s->M, K = s->K, G = s->in_groups, in = G * ig;
-    const int code_bits = s->code_bits;
-    const uint32_t mask = s->code_mask;
+    enum { U_MAX = 4 };
     const int U = n == 1 ? 4 : n <= 3 ? 2 : 1;
+    const int64_t ig = s->ig, G = s->in_groups, in = G * ig, M = s->M;
+    const int64_t full = G / U * U;
     for (int64_t o = o0; o < o1; o++) {
-        __m256 sums[4][AQLM_DECODE_DOT_MAX_TOKENS];
+        __m256 sums[U_MAX][AQLM_DECODE_DOT_MAX_TOKENS];
         for (int u = 0; u < U; u++)
             for (int t = 0; t < n; t++) sums[u][t] = _mm256_setzero_ps();
         const int64_t row_codes = o * G * M;
-        for (int64_t j0 = 0; j0 < G; j0 += U) {
-            for (int u = 0; u < U && j0 + u < G; u++) {
-                const int64_t j = j0 + u;
-                for (int64_t i0 = 0; i0 < ig; i0 += 8) {
-                    __m256 word = load8(dtype, cb, (int64_t)aqlm_code_at(code_bits, codes, row_codes + j * M, mask) * ig + i0);
-                    for (int64_t m = 1; m < M; m++) {
-                        const uint32_t code = aqlm_code_at(code_bits, codes, row_codes + j * M + m, mask);
-                        word = _mm256_add_ps(word, load8(dtype, cb, (m * K + code) * ig + i0));
-                    }
+        for (int64_t i0 = 0; i0 < ig; i0 += 8) {
+            for (int64_t j0 = 0; j0 < full; j0 += U) {
+                for (int u = 0; u < U; u++) {
+                    const __m256 word = decoded_word(s, codes, row_codes, j0 + u, i0, dtype, cb);
                     for (int t = 0; t < n; t++)
-                        sums[u][t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * ig + i0), sums[u][t]);
+                        sums[u][t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + (j0 + u) * ig + i0), sums[u][t]);
                 }
+            }
+            for (int64_t j = full; j < G; j++) {
+                const __m256 word = decoded_word(s, codes, row_codes, j, i0, dtype, cb);
+                for (int t = 0; t < n; t++) sums[0][t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * ig + i0), sums[0][t]);
             }
         }
         for (int t = 0; t < n; t++) {
@@ -206,6 +218,50 @@ ALWAYS_INLINE void decode_dot_rows(const aqlm_block_shape *s, int64_t o0, int64_
         }
     }
 }
+
+/* The 1x16g8 case (one codebook of 2**16 codewords, groups of 8) with one token: four named
+ * accumulators over consecutive groups, nothing between the code load and the FMA. */
+ALWAYS_INLINE void decode_dot_1x16g8_one_token(const aqlm_block_shape *s, int64_t o0, int64_t o1,
+                                               const float *restrict x, const uint16_t *restrict codes,
+                                               const aqlm_dtype dtype, const void *restrict cb, float *restrict acc) {
+    const int64_t G = s->in_groups, full = G / 4 * 4;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint16_t *c = codes + o * G;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < full; j += 4) {
+            a0 = _mm256_fmadd_ps(load8(dtype, cb, (int64_t)c[j] * 8), _mm256_loadu_ps(x + j * 8), a0);
+            a1 = _mm256_fmadd_ps(load8(dtype, cb, (int64_t)c[j + 1] * 8), _mm256_loadu_ps(x + j * 8 + 8), a1);
+            a2 = _mm256_fmadd_ps(load8(dtype, cb, (int64_t)c[j + 2] * 8), _mm256_loadu_ps(x + j * 8 + 16), a2);
+            a3 = _mm256_fmadd_ps(load8(dtype, cb, (int64_t)c[j + 3] * 8), _mm256_loadu_ps(x + j * 8 + 24), a3);
+        }
+        for (int64_t j = full; j < G; j++) a0 = _mm256_fmadd_ps(load8(dtype, cb, (int64_t)c[j] * 8), _mm256_loadu_ps(x + j * 8), a0);
+        acc[o - o0] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    }
+}
+
+/* The 1x16g8 case with 2..8 tokens: one decoded codeword serves every token's FMA. */
+ALWAYS_INLINE void decode_dot_1x16g8_tokens(const aqlm_block_shape *s, int64_t o0, int64_t o1, const int n,
+                                            const float *restrict x, const uint16_t *restrict codes,
+                                            const aqlm_dtype dtype, const void *restrict cb, float *restrict acc) {
+    const int64_t G = s->in_groups, in = G * 8;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint16_t *c = codes + o * G;
+        __m256 sums[AQLM_DECODE_DOT_MAX_TOKENS];
+        for (int t = 0; t < n; t++) sums[t] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < G; j++) {
+            const __m256 word = load8(dtype, cb, (int64_t)c[j] * 8);
+            for (int t = 0; t < n; t++) sums[t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * 8), sums[t]);
+        }
+        for (int t = 0; t < n; t++) acc[(o - o0) * n + t] = hsum8(sums[t]);
+    }
+}
+
+#define DECODE_DOT_1X16_CASE(N)                                                                     \
+    case N:                                                                                         \
+        if (cb_dtype == AQLM_F32) decode_dot_1x16g8_tokens(s, o0, o1, N, x, c16, AQLM_F32, cb, acc);      \
+        else if (cb_dtype == AQLM_F16) decode_dot_1x16g8_tokens(s, o0, o1, N, x, c16, AQLM_F16, cb, acc); \
+        else decode_dot_1x16g8_tokens(s, o0, o1, N, x, c16, AQLM_BF16, cb, acc);                         \
+        return;
 
 #define DECODE_DOT_CASE(N)                                                                          \
     case N:                                                                                         \
@@ -220,6 +276,23 @@ void aqlm_decode_dot_avx2(const aqlm_block_shape *s, int64_t o0, int64_t o1, int
     if (s->og != 1 || s->ig % 8 != 0 || n < 1 || n > AQLM_DECODE_DOT_MAX_TOKENS) {
         aqlm_decode_dot_ref(s, o0, o1, n, x, codes, cb_dtype, cb, acc);
         return;
+    }
+    if (s->M == 1 && s->ig == 8 && s->K == 65536) { /* every 16-bit value is a valid code: no mask */
+        const uint16_t *c16 = (const uint16_t *)codes;
+        switch (n) {
+        case 1:
+            if (cb_dtype == AQLM_F32) decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_F32, cb, acc);
+            else if (cb_dtype == AQLM_F16) decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_F16, cb, acc);
+            else decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_BF16, cb, acc);
+            return;
+            DECODE_DOT_1X16_CASE(2)
+            DECODE_DOT_1X16_CASE(3)
+            DECODE_DOT_1X16_CASE(4)
+            DECODE_DOT_1X16_CASE(5)
+            DECODE_DOT_1X16_CASE(6)
+            DECODE_DOT_1X16_CASE(7)
+            DECODE_DOT_1X16_CASE(8)
+        }
     }
     switch (n) {
         DECODE_DOT_CASE(1)
