@@ -19,12 +19,29 @@ from .format import check_code_range, dequantize_reference, nbits_of, unpack_cod
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-# Crossovers on the CPU (2-core Zen 3, 4096x4096, measured against dequantize + BLAS; the cost of
-# both kernels grows with tokens x num_codebooks): lookup tables win for <= 256 codewords while
-# tokens * num_codebooks <= 64 (1x8: 64 tokens, 2x8: 32, 8x8: 8) ...
-LUT_MAX_TOKENS_X_CODEBOOKS = 64
-# ... and decoding codewords for larger codebooks while tokens * num_codebooks <= 24 (1x16: 24).
-DECODE_MAX_TOKENS_X_CODEBOOKS = 24
+# Beyond those, the weight is dequantized in row chunks of at most this many bytes: a chunk stays
+# in the last-level cache until BLAS consumes it, and allocations this small are reused by malloc
+# instead of being mapped (and page-faulted) afresh on every call, as a whole 7B-layer weight would be.
+DEQUANTIZE_CHUNK_BYTES = 8 << 20
+
+
+def choose_cpu_kernel(tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int) -> str:
+    """"lut", "decode" or "dequantize": the fastest CPU path for this many tokens.
+
+    Crossovers measured on a 2-core Zen 3 at 4096x4096 (benchmarks/bench_matmul.py): per-token lookup
+    tables win for one 8-bit codebook up to 64 tokens, and for a single token generally; decoding
+    codewords (fast for groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more
+    so the more codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
+    """
+    fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
+    if nbits <= 8:
+        if tokens == 1 or (num_codebooks == 1 and tokens <= 64) or (num_codebooks == 2 and tokens < 4):
+            return "lut"
+        if fast_decode and tokens <= 32:
+            return "decode"
+        return "lut" if tokens * num_codebooks <= 64 else "dequantize"
+    limit = 24 if fast_decode else 4
+    return "decode" if tokens * num_codebooks <= limit else "dequantize"
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -218,10 +235,10 @@ def _quantized_matmul_cpu(
     out_features = codes.shape[0] * codebooks.shape[2]
     tokens = math.prod(input.shape[:-1])
     x = input.reshape(tokens, input.shape[-1]).contiguous()
-    work = tokens * codes.shape[2]
-    if (nbits <= 8 and work <= LUT_MAX_TOKENS_X_CODEBOOKS) or (nbits > 8 and work <= DECODE_MAX_TOKENS_X_CODEBOOKS):
+    kernel_name = choose_cpu_kernel(tokens, codes.shape[2], nbits, codebooks.shape[2], codebooks.shape[3])
+    if kernel_name != "dequantize":
         out = torch.empty(tokens, out_features, dtype=input.dtype)
-        kernel = _C.lut_matmul if nbits <= 8 else _C.codebook_matmul
+        kernel = _C.lut_matmul if kernel_name == "lut" else _C.codebook_matmul
         codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
         kernel(
             _numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
@@ -229,8 +246,15 @@ def _quantized_matmul_cpu(
             num_threads=torch.get_num_threads(),
         )
     else:
-        weight = _dequantize_cpu_as(codes, codebooks, scales, input.dtype)
-        out = F.linear(x, weight, None if bias is None else bias.to(input.dtype))
+        out = torch.empty(tokens, out_features, dtype=input.dtype)
+        out_group_size = codebooks.shape[2]
+        row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * input.element_size()
+        groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
+        for first in range(0, codes.shape[0], groups_per_chunk):
+            last = min(first + groups_per_chunk, codes.shape[0])
+            weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], input.dtype)
+            rows = slice(first * out_group_size, last * out_group_size)
+            out[:, rows] = F.linear(x, weight, None if bias is None else bias[rows].to(input.dtype))
     return out.view(*input.shape[:-1], out_features)
 
 

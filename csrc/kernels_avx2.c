@@ -239,28 +239,43 @@ ALWAYS_INLINE void decode_dot_1x16g8_one_token(const aqlm_block_shape *s, int64_
     }
 }
 
-/* The 1x16g8 case with 2..8 tokens: one decoded codeword serves every token's FMA. */
-ALWAYS_INLINE void decode_dot_1x16g8_tokens(const aqlm_block_shape *s, int64_t o0, int64_t o1, const int n,
-                                            const float *restrict x, const uint16_t *restrict codes,
-                                            const aqlm_dtype dtype, const void *restrict cb, float *restrict acc) {
-    const int64_t G = s->in_groups, in = G * 8;
-    for (int64_t o = o0; o < o1; o++) {
-        const uint16_t *c = codes + o * G;
-        __m256 sums[AQLM_DECODE_DOT_MAX_TOKENS];
-        for (int t = 0; t < n; t++) sums[t] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < G; j++) {
-            const __m256 word = load8(dtype, cb, (int64_t)c[j] * 8);
-            for (int t = 0; t < n; t++) sums[t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * 8), sums[t]);
-        }
-        for (int t = 0; t < n; t++) acc[(o - o0) * n + t] = hsum8(sums[t]);
+/* Groups of 8 with 2**8 or 2**16 codewords (every stored value is a valid code, no masking), any
+ * number of codebooks, 1..8 tokens: one decoded codeword serves every token's FMA. */
+#define DEFINE_DECODE_DOT_G8(NAME, CODE_T, CODEBOOK_SIZE)                                                  \
+    ALWAYS_INLINE void NAME(const aqlm_block_shape *s, int64_t o0, int64_t o1, const int n,                   \
+                            const float *restrict x, const CODE_T *restrict codes, const aqlm_dtype dtype,     \
+                            const void *restrict cb, float *restrict acc) {                                   \
+        const int64_t G = s->in_groups, in = G * 8, M = s->M;                                                 \
+        for (int64_t o = o0; o < o1; o++) {                                                                   \
+            const CODE_T *c = codes + o * G * M;                                                              \
+            __m256 sums[AQLM_DECODE_DOT_MAX_TOKENS];                                                          \
+            for (int t = 0; t < n; t++) sums[t] = _mm256_setzero_ps();                                        \
+            for (int64_t j = 0; j < G; j++) {                                                                 \
+                __m256 word = load8(dtype, cb, (int64_t)c[j * M] * 8);                                        \
+                for (int64_t m = 1; m < M; m++)                                                               \
+                    word = _mm256_add_ps(word, load8(dtype, cb, (m * (CODEBOOK_SIZE) + c[j * M + m]) * 8));   \
+                for (int t = 0; t < n; t++) sums[t] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + t * in + j * 8), sums[t]); \
+            }                                                                                                 \
+            for (int t = 0; t < n; t++) acc[(o - o0) * n + t] = hsum8(sums[t]);                               \
+        }                                                                                                     \
     }
-}
 
-#define DECODE_DOT_1X16_CASE(N)                                                                     \
-    case N:                                                                                         \
-        if (cb_dtype == AQLM_F32) decode_dot_1x16g8_tokens(s, o0, o1, N, x, c16, AQLM_F32, cb, acc);      \
-        else if (cb_dtype == AQLM_F16) decode_dot_1x16g8_tokens(s, o0, o1, N, x, c16, AQLM_F16, cb, acc); \
-        else decode_dot_1x16g8_tokens(s, o0, o1, N, x, c16, AQLM_BF16, cb, acc);                         \
+DEFINE_DECODE_DOT_G8(decode_dot_g8_k256, uint8_t, 256)
+DEFINE_DECODE_DOT_G8(decode_dot_g8_k65536, uint16_t, 65536)
+
+#define DECODE_DOT_G8_CASE(N)                                                                                 \
+    case N:                                                                                                   \
+        if (s->K == 256) {                                                                                    \
+            const uint8_t *c8 = (const uint8_t *)codes;                                                       \
+            if (cb_dtype == AQLM_F32) decode_dot_g8_k256(s, o0, o1, N, x, c8, AQLM_F32, cb, acc);             \
+            else if (cb_dtype == AQLM_F16) decode_dot_g8_k256(s, o0, o1, N, x, c8, AQLM_F16, cb, acc);        \
+            else decode_dot_g8_k256(s, o0, o1, N, x, c8, AQLM_BF16, cb, acc);                                 \
+        } else {                                                                                              \
+            const uint16_t *c16 = (const uint16_t *)codes;                                                    \
+            if (cb_dtype == AQLM_F32) decode_dot_g8_k65536(s, o0, o1, N, x, c16, AQLM_F32, cb, acc);          \
+            else if (cb_dtype == AQLM_F16) decode_dot_g8_k65536(s, o0, o1, N, x, c16, AQLM_F16, cb, acc);     \
+            else decode_dot_g8_k65536(s, o0, o1, N, x, c16, AQLM_BF16, cb, acc);                              \
+        }                                                                                                     \
         return;
 
 #define DECODE_DOT_CASE(N)                                                                          \
@@ -277,21 +292,23 @@ void aqlm_decode_dot_avx2(const aqlm_block_shape *s, int64_t o0, int64_t o1, int
         aqlm_decode_dot_ref(s, o0, o1, n, x, codes, cb_dtype, cb, acc);
         return;
     }
-    if (s->M == 1 && s->ig == 8 && s->K == 65536) { /* every 16-bit value is a valid code: no mask */
+    if (s->M == 1 && s->ig == 8 && s->K == 65536 && n == 1) { /* every 16-bit value is a valid code */
         const uint16_t *c16 = (const uint16_t *)codes;
+        if (cb_dtype == AQLM_F32) decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_F32, cb, acc);
+        else if (cb_dtype == AQLM_F16) decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_F16, cb, acc);
+        else decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_BF16, cb, acc);
+        return;
+    }
+    if (s->og == 1 && s->ig == 8 && (s->K == 256 || s->K == 65536)) {
         switch (n) {
-        case 1:
-            if (cb_dtype == AQLM_F32) decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_F32, cb, acc);
-            else if (cb_dtype == AQLM_F16) decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_F16, cb, acc);
-            else decode_dot_1x16g8_one_token(s, o0, o1, x, c16, AQLM_BF16, cb, acc);
-            return;
-            DECODE_DOT_1X16_CASE(2)
-            DECODE_DOT_1X16_CASE(3)
-            DECODE_DOT_1X16_CASE(4)
-            DECODE_DOT_1X16_CASE(5)
-            DECODE_DOT_1X16_CASE(6)
-            DECODE_DOT_1X16_CASE(7)
-            DECODE_DOT_1X16_CASE(8)
+            DECODE_DOT_G8_CASE(1)
+            DECODE_DOT_G8_CASE(2)
+            DECODE_DOT_G8_CASE(3)
+            DECODE_DOT_G8_CASE(4)
+            DECODE_DOT_G8_CASE(5)
+            DECODE_DOT_G8_CASE(6)
+            DECODE_DOT_G8_CASE(7)
+            DECODE_DOT_G8_CASE(8)
         }
     }
     switch (n) {
