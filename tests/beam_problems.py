@@ -46,7 +46,7 @@ def make_problem(
     rng = np.random.default_rng(seed)
     K = 2**nbits
     weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
-    codebooks = (rng.standard_normal((num_codebooks, K, out_group_size, in_group_size)) / np.sqrt(num_codebooks))
+    codebooks = rng.standard_normal((num_codebooks, K, out_group_size, in_group_size)) / np.sqrt(num_codebooks)
     scales = rng.uniform(0.5, 1.5, out_features // out_group_size)
     codes = rng.integers(0, K, (out_features // out_group_size, in_features // in_group_size, num_codebooks))
     return BeamProblem(

@@ -14,7 +14,16 @@ from beam_problems import BeamProblem, dequantize, make_problem, pack, residual_
 from simd_levels import simd_params, supported_levels
 
 # (out_group_size, in_group_size, num_codebooks, nbits)
-REFERENCE_SHAPES = [(1, 4, 1, 2), (1, 8, 2, 3), (2, 8, 3, 4), (1, 16, 2, 5), (2, 4, 1, 6), (1, 8, 3, 7), (2, 16, 2, 8), (1, 8, 1, 12)]
+REFERENCE_SHAPES = [
+    (1, 4, 1, 2),
+    (1, 8, 2, 3),
+    (2, 8, 3, 4),
+    (1, 16, 2, 5),
+    (2, 4, 1, 6),
+    (1, 8, 3, 7),
+    (2, 16, 2, 8),
+    (1, 8, 1, 12),
+]
 NEAR_TIE = 1e-5  # relative gap below which float32 scoring may legitimately pick the other candidate
 
 
@@ -89,7 +98,9 @@ def test_greedy_pass_matches_brute_force_reference(
         codes = result.codes
 
 
-@pytest.mark.parametrize("out_group_size, in_group_size, num_codebooks, nbits", [(1, 8, 2, 8), (2, 8, 3, 6), (1, 8, 1, 12), (2, 16, 1, 4)])
+@pytest.mark.parametrize(
+    "out_group_size, in_group_size, num_codebooks, nbits", [(1, 8, 2, 8), (2, 8, 3, 6), (1, 8, 1, 12), (2, 16, 1, 4)]
+)
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_returned_losses_and_gradient_match_recomputation(
     out_group_size: int, in_group_size: int, num_codebooks: int, nbits: int, beam_size: int
@@ -184,7 +195,11 @@ def test_identical_across_simd_levels_with_out_groups_and_wide_codewords() -> No
     """out_group_size 2, in_group_size 16 and 12-bit codebooks: other kernel shapes, same bits."""
     for og, ig, nbits in ((2, 16, 6), (1, 8, 12)):
         problem = make_problem(32, 32, og, ig, 1, nbits, seed=8)
-        runs = [run_beam_search(problem, simd=simd, num_threads=threads) for simd in supported_levels() for threads in (1, 2)]
+        runs = [
+            run_beam_search(problem, simd=simd, num_threads=threads)
+            for simd in supported_levels()
+            for threads in (1, 2)
+        ]
         for run in runs[1:]:
             assert_same_run(run, runs[0])
 
@@ -209,7 +224,10 @@ def test_unshuffled_order_follows_the_reference_with_a_permutation() -> None:
     assert not np.array_equal(natural, reversed_order)
 
 
-@pytest.mark.parametrize("field, position", [("xtx", (3, 5)), ("codebooks", (0, 7, 0, 2)), ("scales", (2,)), ("gradient", (1, 9)), ("losses", (4,))])
+@pytest.mark.parametrize(
+    "field, position",
+    [("xtx", (3, 5)), ("codebooks", (0, 7, 0, 2)), ("scales", (2,)), ("gradient", (1, 9)), ("losses", (4,))],
+)
 def test_non_finite_input_is_an_error(field: str, position: tuple) -> None:
     problem = make_problem(8, 16, 1, 8, 1, 4, seed=12)
     gradient, losses = residual_terms(problem, problem.codes)
@@ -222,8 +240,14 @@ def test_non_finite_input_is_an_error(field: str, position: tuple) -> None:
     }
     arrays[field][position] = np.nan
     with pytest.raises(ValueError, match=f"{field} has a non-finite value at"):
-        _C.beam_search(arrays["xtx"], arrays["codebooks"], arrays["scales"], pack(problem.codes, 4),
-                       arrays["gradient"], arrays["losses"])
+        _C.beam_search(
+            arrays["xtx"],
+            arrays["codebooks"],
+            arrays["scales"],
+            pack(problem.codes, 4),
+            arrays["gradient"],
+            arrays["losses"],
+        )
 
 
 def test_bad_arguments_raise_clear_errors() -> None:
@@ -233,8 +257,14 @@ def test_bad_arguments_raise_clear_errors() -> None:
     codes = pack(problem.codes, 4)
 
     def call(**changes):
-        args = dict(xtx=problem.xtx, codebooks=problem.codebooks, scales=problem.scales, codes=codes.copy(),
-                    gradient=gradient.copy(), losses=losses.copy())
+        args = dict(
+            xtx=problem.xtx,
+            codebooks=problem.codebooks,
+            scales=problem.scales,
+            codes=codes.copy(),
+            gradient=gradient.copy(),
+            losses=losses.copy(),
+        )
         options = {key: changes.pop(key) for key in ("allowed", "beam_size", "num_threads", "simd") if key in changes}
         args.update(changes)
         _C.beam_search(*args.values(), **options)

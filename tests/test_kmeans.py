@@ -145,8 +145,16 @@ def test_identical_across_simd_levels_and_threads(init: str, max_points_per_cent
     assignment chunks; with 100 points per centroid it also subsamples."""
     x = blobs(4100, 8, 50, seed=8, spread=1.0)
     runs = [
-        _C.kmeans(x, 40, max_iter=8, max_points_per_centroid=max_points_per_centroid, init=init, seed=9,
-                  simd=simd, num_threads=threads)
+        _C.kmeans(
+            x,
+            40,
+            max_iter=8,
+            max_points_per_centroid=max_points_per_centroid,
+            init=init,
+            seed=9,
+            simd=simd,
+            num_threads=threads,
+        )
         for simd in supported_levels()
         for threads in (1, 2)
     ]
@@ -194,7 +202,9 @@ def test_empty_clusters_are_split_like_the_reference() -> None:
     for seed in range(20):
         init_centroids = initial_centroids(x, 30, "random", seed)
         reference = kmeans_reference(x, init_centroids, 6, 0.0)
-        centroids, assignment, objective = _C.kmeans(x, 30, max_iter=6, tolerance=0.0, max_points_per_centroid=0, seed=seed)
+        centroids, assignment, objective = _C.kmeans(
+            x, 30, max_iter=6, tolerance=0.0, max_points_per_centroid=0, seed=seed
+        )
         np.testing.assert_array_equal(assignment, reference.assignment)
         np.testing.assert_allclose(centroids, reference.centroids, rtol=1e-5, atol=1e-6)
         assert objective == pytest.approx(reference.objective, rel=1e-6, abs=objective_tolerance(x))
