@@ -3,6 +3,9 @@ losses and gradient, monotone objective, wider beams no worse, masks, determinis
 levels, threads and seeds, and clear errors for broken inputs."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -312,3 +315,40 @@ def test_bad_arguments_raise_clear_errors() -> None:
         call(beam_size=0)
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         call(num_threads=0)
+
+
+NULL_CODES_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys
+    import numpy as np
+
+    class Format(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_int64) for name in
+                    ("out_features", "in_features", "out_group_size", "in_group_size", "num_codebooks")]
+        _fields_ += [("nbits", ctypes.c_int), ("code_bits", ctypes.c_int)]
+
+    class Params(ctypes.Structure):
+        _fields_ = [("beam_size", ctypes.c_int), ("shuffle", ctypes.c_int), ("seed", ctypes.c_uint64)]
+
+    class Error(ctypes.Structure):
+        _fields_ = [("message", ctypes.c_char * 512)]
+
+    core = ctypes.CDLL(sys.argv[1])
+    pointer = lambda array: array.ctypes.data_as(ctypes.c_void_p)
+    codebooks, scales = np.zeros((1, 16, 1, 8), np.float32), np.ones(4, np.float32)
+    gradient, losses, error = np.zeros((4, 8), np.float32), np.zeros(4), Error()
+    status = core.aqlm_beam_search(
+        ctypes.byref(Format(4, 8, 1, 8, 1, 4, 8)), None, pointer(codebooks), pointer(scales), None, None,
+        pointer(gradient), pointer(losses), ctypes.byref(Params(1, 0, 0)), 0, 1, None, None, ctypes.byref(error))
+    print(status, error.message.decode())
+    """
+)
+
+
+def test_c_api_checks_null_codes_before_reading_them() -> None:
+    """Regression: aqlm_beam_search range-checked 4-bit codes (stored as int8) before its NULL check,
+    so NULL codes crashed instead of returning AQLM_ERR_ARGUMENT. Run in a child process so a
+    regression fails this test instead of killing the test run."""
+    child = subprocess.run([sys.executable, "-c", NULL_CODES_SCRIPT, _C.__file__], capture_output=True, text=True)
+    assert child.returncode == 0, f"child died with {child.returncode}: {child.stderr}"
+    assert child.stdout.strip() == "1 codebooks, scales, codes, gradient, losses and params must not be NULL"
