@@ -69,7 +69,17 @@ def visiting_order(
     return groups, torch.tensor(codebook_order, dtype=torch.int64).view(num_in_groups, num_codebooks)
 
 
-def _check_arguments(weight, xtx, codebooks, scales, codes, beam_size, allowed, group_order, codebook_order) -> int:
+def _check_arguments(
+    weight: torch.Tensor,
+    xtx: Optional[torch.Tensor],
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    beam_size: int,
+    allowed: Optional[torch.Tensor],
+    group_order: Optional[Sequence[int]],
+    codebook_order: Optional[torch.Tensor],
+) -> int:
     """Shapes and values, with the offending ones in the message; returns nbits."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -110,7 +120,7 @@ class _Step:
     def __init__(self, xtx: torch.Tensor, codebooks: torch.Tensor, j: int, m: int):
         _, K, og, ig = codebooks.shape
         self.columns = slice(j * ig, (j + 1) * ig)
-        self.xtx_columns = xtx[self.columns].T  # XTX[:, block j], by symmetry a contiguous slice
+        self.xtx_columns = xtx[self.columns].T  # XTX[:, block j] by symmetry, from contiguous rows
         self.xtx_block = xtx[self.columns, self.columns]
         self.words = codebooks[m]  # [K, og, ig]
         self.flat_words = self.words.reshape(K, og * ig)
@@ -124,7 +134,6 @@ def _candidate_scores(
     that constant [..., n] in float64, so loss(c) = const + scores[c].
 
     residual: [..., n, og, in] rows of W - What; old: [..., n] current codes; scales: [n]."""
-    og, ig = step.words.shape[1:]
     old_words = step.words[old]  # [..., n, og, ig]
     s = scales.view(-1, 1, 1)
     projected = residual @ step.xtx_columns + (s * old_words) @ step.xtx_block  # [..., n, og, ig]
@@ -135,7 +144,18 @@ def _candidate_scores(
     return scores, constant
 
 
-def _greedy(residual, losses, xtx, codebooks, scales, codes, searchable, group_order, codebook_order, chunk):
+def _greedy(
+    residual: torch.Tensor,
+    losses: torch.Tensor,
+    xtx: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    searchable: torch.Tensor,
+    group_order: Sequence[int],
+    codebook_order: torch.Tensor,
+    chunk: int,
+) -> None:
     """Beam size 1: coordinate descent in place on the residual W - What [out, in], the losses [OG]
     and the codes [OG, G, M] (int64)."""
     og = codebooks.shape[2]
@@ -163,7 +183,19 @@ def _greedy(residual, losses, xtx, codebooks, scales, codes, searchable, group_o
                 rows[groups, :, step.columns] -= delta
 
 
-def _beam(residual, losses, xtx, codebooks, scales, codes, searchable, group_order, codebook_order, chunk, beam_size):
+def _beam(
+    residual: torch.Tensor,
+    losses: torch.Tensor,
+    xtx: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    searchable: torch.Tensor,
+    group_order: Sequence[int],
+    codebook_order: torch.Tensor,
+    chunk: int,
+    beam_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam size > 1 from the residual W - What [out, in] and losses [OG] of codes [OG, G, M];
     hypotheses are dense residuals [B, OG, og, in]. Returns the best hypothesis (codes, losses)."""
     _, K, og, _ = codebooks.shape
