@@ -12,9 +12,12 @@ The computation is organised like upstream AQLM's ``src/beam_search_xtx.py``: on
 over all output groups at once as dense tensor ops. Per step, the residual with code (j, m) removed
 is projected, ``P = (W - What + s C[m, old]) XTX[:, block j]``, and every codeword c of codebook m
 is scored for every output group and hypothesis as
-    loss(c) = const - 2 s <C[m, c], P> + s^2 C[m, c] XTX_jj C[m, c]^T,
-a [hypotheses, groups, K] tensor reduced by min/top-k. Hypotheses are dense residual matrices
-[beam, out, in]. Unlike the C core, which runs every step for a small tile of output groups while
+    loss(c) = const - 2 s <C[m, c], P> + s^2 C[m, c] XTX_jj C[m, c]^T
+            = const + s^2 (norm[c] + <q, C[m, c]>),   q = -2 P / s,
+a [hypotheses, groups, K] tensor from one matmul-add, reduced by min/top-k (the s^2 factor is
+applied only to the winners; upstream forms the dot products, scales and subtracts them as
+separate passes, which costs 2-3x more for 2**16-entry codebooks). Hypotheses are dense residual
+matrices [beam, out, in]. Unlike the C core, which runs every step for a small tile of output groups while
 their rows stay in cache, each step here streams the whole residual.
 """
 from __future__ import annotations
@@ -130,18 +133,19 @@ class _Step:
 def _candidate_scores(
     step: _Step, residual: torch.Tensor, old: torch.Tensor, scales: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For hypotheses [..., n groups]: scores [..., n, K] (loss(c) minus a per-group constant) and
-    that constant [..., n] in float64, so loss(c) = const + scores[c].
+    """For hypotheses [..., n groups]: scores [..., n, K] and a constant [..., n] in float64 such that
+    loss(c) = constant + scales**2 * scores[c] (rows with scale 0 get meaningless scores).
 
     residual: [..., n, og, in] rows of W - What; old: [..., n] current codes; scales: [n]."""
     old_words = step.words[old]  # [..., n, og, ig]
     s = scales.view(-1, 1, 1)
     projected = residual @ step.xtx_columns + (s * old_words) @ step.xtx_block  # [..., n, og, ig]
     flat = projected.flatten(-2)
-    scores = (s.view(-1, 1) ** 2) * step.norms - 2 * s.view(-1, 1) * (flat @ step.flat_words.T)
+    query = flat * (-2.0 / torch.where(s == 0, 1.0, s).view(-1, 1))
+    scores = torch.addmm(step.norms, query.reshape(-1, query.shape[-1]), step.flat_words.T)
     s64 = scales.double()
     constant = 2 * s64 * (old_words.flatten(-2) * flat).sum(-1).double() - s64**2 * step.norms[old].double()
-    return scores, constant
+    return scores.view(*query.shape[:-1], -1), constant
 
 
 def _greedy(
@@ -170,7 +174,7 @@ def _greedy(
                 old = codes[o0:o1, j, m]
                 scores, constant = _candidate_scores(step, rows[o0:o1], old, scales[o0:o1])
                 best_score, best = scores.min(dim=-1)
-                loss = losses[o0:o1] + constant + best_score.double()
+                loss = losses[o0:o1] + constant + scales[o0:o1].double() ** 2 * best_score.double()
                 accept = searchable[o0:o1, j] & (best != old) & (loss < losses[o0:o1])
                 if not bool(accept.any()):
                     continue
@@ -218,7 +222,9 @@ def _beam(
                 scores, constant = _candidate_scores(step, residual[:, o0:o1], old[:, o0:o1], scales[o0:o1])
                 values, picked = scores.topk(beam, dim=-1, largest=False)
                 candidate_codes[:, o0:o1] = picked
-                candidate_losses[:, o0:o1] = (hypothesis_losses[:, o0:o1] + constant).unsqueeze(-1) + values.double()
+                start = hypothesis_losses[:, o0:o1] + constant
+                s2 = scales[o0:o1].double().view(-1, 1) ** 2
+                candidate_losses[:, o0:o1] = start.unsqueeze(-1) + s2 * values.double()
             kept = candidate_codes == old.unsqueeze(-1)
             candidate_losses = torch.where(kept, hypothesis_losses.unsqueeze(-1), candidate_losses)
             frozen = ~searchable[:, j]  # these groups keep every hypothesis as it is
