@@ -374,10 +374,10 @@ aqlm_status aqlm_beam_search(const aqlm_format *f, const float *xtx, const float
                              const uint8_t *allowed, void *codes, float *gradient, double *losses,
                              const aqlm_beam_params *params, aqlm_simd simd, int num_threads,
                              aqlm_interrupt_fn interrupt, void *interrupt_context, aqlm_error *err) {
-    aqlm_status status = aqlm_codes_check(f, codes, err);
-    if (status != AQLM_OK) return status;
     AQLM_CHECK(err, codebooks && scales && codes && gradient && losses && params,
                "codebooks, scales, codes, gradient, losses and params must not be NULL");
+    aqlm_status status = aqlm_codes_check(f, codes, err); /* reads codes: only after the NULL check */
+    if (status != AQLM_OK) return status;
     AQLM_CHECK(err, params->beam_size >= 1 && params->beam_size <= BEAM_MAX_BEAM, "beam_size must be in [1, %d], got %d",
                BEAM_MAX_BEAM, params->beam_size);
     AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);

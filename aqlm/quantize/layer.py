@@ -141,7 +141,7 @@ class LayerObjective:
 
     @torch.no_grad()
     def residual_terms(self, codes, codebooks, scales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R = W - What, G = R H, per-output-group losses in float64)."""
+        """(R = W - What, G = R H, per-output-group losses in float64); never part of an autograd graph."""
         residual = self.weight - dequantize(codes, codebooks, scales.view(-1, 1, 1, 1)).float()
         gradient = residual @ self.xtx
         losses = (residual.double() * gradient.double()).sum(dim=1).view(-1, self.out_group_size).sum(dim=1)
