@@ -61,7 +61,8 @@ def check_code_range(codes: torch.Tensor, nbits: int) -> None:
     if nbits == torch.iinfo(codes.dtype).bits or codes.numel() == 0:
         return
     low, high = -(2 ** (nbits - 1)), 2**nbits
-    bad = (codes < low) | (codes >= high)
+    wide = codes.to(torch.int32)  # 2**nbits does not fit the storage dtype when nbits = 7 or 15
+    bad = (wide < low) | (wide >= high)
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(

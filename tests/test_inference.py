@@ -292,3 +292,17 @@ def test_dequantize_op_and_layer_helpers():
     assert layer.scheme.name == "2x6g4o2"
     assert "scheme=2x6g4o2" in repr(layer)
     assert aqlm.__version__.startswith("2.")
+
+
+@pytest.mark.parametrize("nbits", [1, 4, 7, 8, 12, 15, 16])
+def test_torch_path_accepts_every_valid_code_and_rejects_the_rest(nbits):
+    """Valid stored codes span [-2**(nbits-1), 2**nbits) wherever that fits the storage dtype."""
+    from aqlm.format import check_code_range, code_dtype
+
+    info = torch.iinfo(code_dtype(nbits))
+    low, high = -(2 ** (nbits - 1)), min(2**nbits, info.max + 1)
+    valid = torch.arange(low, high, dtype=torch.int64).to(code_dtype(nbits)).view(-1, 1, 1)
+    check_code_range(valid, nbits)
+    if high <= info.max:
+        with pytest.raises(ValueError, match="code out of range"):
+            check_code_range(torch.tensor([high], dtype=code_dtype(nbits)).view(1, 1, 1), nbits)
