@@ -93,7 +93,8 @@ aqlm_status aqlm_check_matmul_args(const aqlm_format *f, int64_t n, aqlm_dtype x
 }
 
 int aqlm_threads_for(int num_threads, double work) {
-    /* Below ~64k elementary operations a thread team costs more than it saves. */
-    if (num_threads < 1 || work < 65536.0) return 1;
+    /* Below ~256k elementary operations (tens of microseconds) a thread team costs more than it
+     * saves, and far more when the machine is oversubscribed and a waiting thread loses its core. */
+    if (num_threads < 1 || work < 262144.0) return 1;
     return num_threads;
 }
