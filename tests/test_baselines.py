@@ -15,7 +15,12 @@ from aqlm.baselines import (
 )
 from aqlm.calibration import find_linears
 from aqlm.evaluate import kl_divergence, sample_sequences
-from conftest import tiny_llama
+from random_models import tiny_llama
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
 
 
 def correlated_problem(rows=48, columns=96, tokens=2048, seed=0):
