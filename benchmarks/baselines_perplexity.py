@@ -3,8 +3,9 @@
 Protocol: ``../shared/data/wikitext-2/test.txt`` (the word-level tokenized release, not the raw
 split papers use) is read whole, tokenized once with the model's tokenizer (plain call), cut into
 non-overlapping windows of ``--seqlen`` and scored by :func:`aqlm.evaluate.perplexity`. GPTQ
-calibrates on ``--nsamples`` random windows of ``valid.txt`` (seed 0). One JSON line per run is
-printed and appended to ``--results``.
+calibrates on ``--nsamples`` random windows of ``valid.txt`` (seed 0). ``--windows N`` scores only
+the first ``N`` test windows (a cheaper, clearly partial number). One JSON line per run is printed
+and appended to ``--results``.
 
 Example::
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--windows", type=int, default=None, help="score only the first N test windows")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with test.txt and valid.txt")
     parser.add_argument("--results", type=Path, default=None, help="JSON-lines file to append the result to")
     args = parser.parse_args()
@@ -60,6 +62,8 @@ def main() -> None:
         result.update(bits_per_weight=report.bits_per_weight, quantize_s=round(report.seconds, 1),
                       mean_layer_error=sum(errors) / len(errors), max_layer_error=max(errors))
     test = load_tokens(args.data / "test.txt", tokenizer)
+    if args.windows is not None:
+        test = test[: args.windows * args.seqlen]
     evaluation_started = time.perf_counter()
     result["perplexity"] = perplexity(model, test, args.seqlen, batch_size=args.batch_size)
     result.update(test_tokens=test.numel(), windows=test.numel() // args.seqlen,
