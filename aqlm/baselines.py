@@ -223,7 +223,8 @@ def quantize_model_rtn(
     for name, linear in tqdm(linears.items(), desc=f"RTN {bits}-bit", disable=not progress):
         weight = linear.weight.data
         quantized = rtn_quantize_weight(weight, bits, group_size)
-        report.layer_errors[name] = float((quantized.double() - weight.double()).square().sum() / weight.double().square().sum())
+        squared_norm = weight.double().square().sum()
+        report.layer_errors[name] = float((quantized.double() - weight.double()).square().sum() / squared_norm)
         weight.copy_(quantized)
     report.seconds = time.perf_counter() - started
     return report

@@ -6,7 +6,12 @@ import torch.nn as nn
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from aqlm.calibration import capture_block_inputs, find_linears, get_blocks, run_block
-from conftest import tiny_llama
+from random_models import tiny_llama
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
 
 
 def logits_through_blocks(model, windows, batch_size):

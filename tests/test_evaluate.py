@@ -9,7 +9,12 @@ import torch.nn as nn
 
 from aqlm import evaluate
 from aqlm.evaluate import kl_divergence, perplexity, perplexity_on_file, sample_sequences
-from conftest import tiny_llama
+from random_models import tiny_llama
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
 
 
 def reference_perplexity(model, tokens, seqlen):

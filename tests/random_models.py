@@ -1,7 +1,6 @@
-"""Shared fixtures: tiny seeded random decoders (no downloads)."""
+"""Tiny seeded random decoders for the tests (no downloads)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,7 +21,3 @@ def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128, attn: str = "sd
     config._attn_implementation = attn
     return LlamaForCausalLM(config).eval()
 
-
-@pytest.fixture
-def llama() -> LlamaForCausalLM:
-    return tiny_llama()
