@@ -68,16 +68,22 @@ def cached_samples(path: Path, model_dir: Path, count: int, length: int, seed: i
     return path
 
 
-def quantize_if_needed(dense_dir: Path, calibration: Path, out_dir: Path, scheme: str, seqlen: int, nsamples: int) -> Path:
+def quantize_if_needed(
+    dense_dir: Path, calibration: Path, out_dir: Path, scheme: str, seqlen: int, nsamples: int
+) -> Path:
     """Quantize ``dense_dir`` with fast settings into ``out_dir`` unless it already holds a checkpoint."""
     if not (out_dir / "config.json").exists():
         config = QuantizeConfig(
-            layer=LayerConfig(scheme=AqlmScheme.parse(scheme), max_epochs=4, steps_per_epoch=20, codebook_update="lstsq"),
+            layer=LayerConfig(
+                scheme=AqlmScheme.parse(scheme), max_epochs=4, steps_per_epoch=20, codebook_update="lstsq"
+            ),
             finetune=FinetuneConfig(max_epochs=1),
             nsamples=nsamples,
             seqlen=seqlen,
         )
-        report = quantize_model(dense_dir, calibration, out_dir, config, resume=True, progress=False, log=lambda s: None)
+        report = quantize_model(
+            dense_dir, calibration, out_dir, config, resume=True, progress=False, log=lambda line: None
+        )
         print(report.summary())
     return out_dir
 
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--microbatch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=1e-3, help="P step (codebooks and scales), LAMB")
+    parser.add_argument("--lr", type=float, default=3e-3, help="P step (codebooks and scales), LAMB")
     parser.add_argument("--code-lr", type=float, default=5e-2, help="V step, LAMB on the straight-through buffers")
     parser.add_argument("--delta-decay", type=float, default=0.0)
     parser.add_argument("--max-code-change-per-step", type=float, default=1e-2)
@@ -129,8 +135,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, Pat
     if args.preset == "stories260k":
         dense = Path(args.dense) if args.dense else stories260k_dir()
         seqlen = args.seqlen or 256
-        train = Path(args.train) if args.train else cached_samples(work / "stories_train.pt", dense, 128, seqlen, seed=1)
-        test = Path(args.test) if args.test else cached_samples(work / "stories_test.pt", dense, 32, seqlen, seed=2)
+        train = Path(args.train or cached_samples(work / "stories_train.pt", dense, 128, seqlen, seed=1))
+        test = Path(args.test or cached_samples(work / "stories_test.pt", dense, 32, seqlen, seed=2))
         scheme = args.scheme or "1x8g4"
         quantized = Path(args.quantized) if args.quantized else quantize_if_needed(
             dense, train, work / f"quantized_{scheme}", scheme, seqlen, nsamples=64)
@@ -205,7 +211,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{label:>10} {row['perplexity']:11.4f} {row['kl']:13.5f} {changed:>19} {seconds:>7}")
     verdict = "PV beats P-only" if results["pv"]["kl"] < results["p_only"]["kl"] else "PV does NOT beat P-only"
     print(f"{verdict} on test KL ({results['pv']['kl']:.5f} vs {results['p_only']['kl']:.5f}) and perplexity "
-          f"({results['pv']['perplexity']:.4f} vs {results['p_only']['perplexity']:.4f}); total {time.perf_counter() - started:.0f} s")
+          f"({results['pv']['perplexity']:.4f} vs {results['p_only']['perplexity']:.4f}); "
+          f"total {time.perf_counter() - started:.0f} s")
     (work / "ablation.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     return 0
 

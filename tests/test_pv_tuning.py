@@ -251,7 +251,8 @@ def test_penalized_straight_through_pulls_the_buffer_to_the_quantized_weight():
     shadow = nn.Parameter(buffer.detach().clone())
     shadow.grad = entry.linear.weight.grad.clone()
     group = [g for g in optimizer.optimizer.param_groups if g["role"] == "codes"][0]
-    AdamLamb([shadow], **{k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "debias", "amsgrad", "lamb")}).step()
+    settings = ("lr", "betas", "eps", "weight_decay", "debias", "amsgrad", "lamb")
+    AdamLamb([shadow], **{key: group[key] for key in settings}).step()
     optimizer.step()
     expected = delta_decay * entry.quantized_weight() + (1 - delta_decay) * shadow.detach()
     torch.testing.assert_close(buffer.detach(), expected)
@@ -368,7 +369,8 @@ def test_a_pv_step_decreases_the_loss_on_a_fixed_batch():
     losses, changed = [], 0
     for _ in range(4):
         optimizer.zero_grad()
-        loss = distillation_loss_sum(student.model(ids)[0], teacher_hidden, student.lm_head, teacher.lm_head) / ids.numel()
+        loss_sum = distillation_loss_sum(student.model(ids)[0], teacher_hidden, student.lm_head, teacher.lm_head)
+        loss = loss_sum / ids.numel()
         loss.backward()
         changed += optimizer.step().changed_groups
         losses.append(float(loss.detach()))

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--quantized", required=True, help="AQLM checkpoint directory to tune (the student)")
     io.add_argument("--dataset", required=True, help="calibration data: .txt/.jsonl text or a .pt token tensor")
     io.add_argument("--out", required=True, help="output directory for the tuned AQLM checkpoint")
-    io.add_argument("--eval-dataset", help="held-out data for evaluation and keep-best (default: the tail of --dataset)")
+    io.add_argument("--eval-dataset",
+                    help="held-out data for evaluation and keep-best (default: the tail of --dataset)")
     io.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
     data = parser.add_argument_group("calibration windows and schedule")

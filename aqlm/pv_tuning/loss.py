@@ -143,7 +143,9 @@ def evaluate_student(
                     log_q = F.log_softmax(student_head(student_hidden[:, start:end]).float(), dim=-1)
                     log_p = F.log_softmax(teacher_head(teacher_hidden[:, start:end]).float(), dim=-1)
                     if log_p.shape != log_q.shape:
-                        raise ValueError(f"vocabulary sizes differ: teacher {log_p.shape[-1]}, student {log_q.shape[-1]}")
+                        raise ValueError(
+                            f"vocabulary sizes differ: teacher {log_p.shape[-1]}, student {log_q.shape[-1]}"
+                        )
                     kl += float((log_p.exp() * (log_p - log_q)).sum(dim=-1).double().sum())
                     stop = min(end, length - 1)
                     if stop > start:

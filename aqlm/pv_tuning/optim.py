@@ -55,7 +55,9 @@ class AdamLamb(torch.optim.Optimizer):
         amsgrad: bool = False,
         lamb: bool = False,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, debias=debias, amsgrad=amsgrad, lamb=lamb)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, debias=debias, amsgrad=amsgrad, lamb=lamb
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

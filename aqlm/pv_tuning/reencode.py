@@ -49,7 +49,9 @@ class ReencodeResult:
 def groupwise_squared_norms(delta: torch.Tensor, out_group_size: int, in_group_size: int) -> torch.Tensor:
     """``[num_out_groups, num_in_groups]`` sums of squares of ``delta`` over each code group's tile."""
     out_features, in_features = delta.shape
-    tiles = delta.float().view(out_features // out_group_size, out_group_size, in_features // in_group_size, in_group_size)
+    tiles = delta.float().view(
+        out_features // out_group_size, out_group_size, in_features // in_group_size, in_group_size
+    )
     return tiles.square().sum(dim=(1, 3))
 
 

@@ -56,7 +56,9 @@ class PVReport:
     ``steps`` has one record per optimizer step (``step``, ``loss`` = mean KL to the teacher on
     the step's batch, ``codes_changed`` = fraction of code groups changed by the V step);
     ``evaluations`` one per evaluation (``step``, held-out ``perplexity`` and ``kl``), step 0
-    being the student before training; ``final`` is the evaluation of the saved checkpoint.
+    being the student before training; ``final`` is the evaluation of the saved checkpoint (the
+    best evaluated state with ``keep_best``, its parameters cast to the saved dtype); ``seconds``
+    is the wall time of the call that finished the run.
     """
 
     out_dir: Path
@@ -200,7 +202,9 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
         if isinstance(module, QuantizedLinear):
             dense = teacher_modules.get(name)
             if not isinstance(dense, nn.Linear):
-                raise ValueError(f"the student's quantized layer {name} has no dense nn.Linear counterpart in the teacher")
+                raise ValueError(
+                    f"the student's quantized layer {name} has no dense nn.Linear counterpart in the teacher"
+                )
             if (dense.out_features, dense.in_features) != (module.out_features, module.in_features):
                 raise ValueError(
                     f"{name}: teacher shape {(dense.out_features, dense.in_features)}, "
@@ -372,7 +376,9 @@ class _Trainer:
         return total / tokens
 
     def evaluate(self) -> dict:
-        result: Evaluation = evaluate_student(self.student, self.teacher, self.eval_windows, self.config.eval_batch_size)
+        result: Evaluation = evaluate_student(
+            self.student, self.teacher, self.eval_windows, self.config.eval_batch_size
+        )
         record = {"step": self.step, "perplexity": result.perplexity, "kl": result.kl}
         self.evaluations.append(record)
         metric = record[self.config.select_by]
@@ -486,7 +492,9 @@ def pv_tune(
         )
     others = [p.name for p in out_dir.iterdir() if p.name != CHECKPOINT_DIR] if out_dir.is_dir() else []
     if others and not checkpoint_path.exists():
-        raise FileExistsError(f"{out_dir} is not empty ({', '.join(sorted(others)[:3])}, ...): choose another output directory")
+        raise FileExistsError(
+            f"{out_dir} is not empty ({', '.join(sorted(others)[:3])}, ...): choose another output directory"
+        )
 
     teacher, tokenizer = load_dense_model(dense_dir)
     teacher.requires_grad_(False)
@@ -517,7 +525,10 @@ def pv_tune(
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if state["fingerprint"] != fingerprint:
             changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-            raise ValueError(f"cannot resume from {checkpoint_path}: it was made with other settings or inputs ({', '.join(changed)})")
+            raise ValueError(
+                f"cannot resume from {checkpoint_path}: it was made with other settings or inputs "
+                f"({', '.join(changed)})"
+            )
         trainer.load_checkpoint_state(state)
         log(f"resumed from {checkpoint_path} at step {trainer.step}")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -542,7 +553,10 @@ def pv_tune(
             bar.set_postfix(loss=f"{loss:.4f}", codes=f"{100 * stats.changed_fraction:.3f}%")
             if _eval_due(trainer.step, config):
                 evaluation = trainer.evaluate()
-                log(f"step {trainer.step}: held-out perplexity {evaluation['perplexity']:.4f}, KL {evaluation['kl']:.5f}")
+                log(
+                    f"step {trainer.step}: held-out perplexity {evaluation['perplexity']:.4f}, "
+                    f"KL {evaluation['kl']:.5f}"
+                )
             if config.save_every and trainer.step % config.save_every == 0:
                 _atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
                 saved_step = trainer.step
