@@ -1,9 +1,12 @@
 """P-only versus PV tuning of one AQLM checkpoint, with the same budget and data.
 
 From a quantized checkpoint, run (1) P-only tuning (codebooks and scales; codes frozen) and
-(2) full PV tuning (the same, plus the V step on the codes), with identical data, steps, batch
-size and continuous-optimizer settings, and print held-out perplexity and KL divergence to the
-dense model before tuning, after P-only and after PV (each read back from its saved checkpoint).
+(2) full PV tuning (the same, plus the V step on the codes). Every run has the same data, steps
+and batch size. P-only is run for each ``--lr`` and the best by validation (the held-out tail of
+the calibration data) is kept; PV reuses that learning rate for the P step and is run for each
+``--code-lr`` x ``--delta-decay``, again keeping the best by validation. The script prints
+perplexity and KL divergence to the dense model on the test data before tuning, after P-only and
+after PV (each read back from its saved checkpoint), and every candidate's numbers.
 
 Presets (data and quantization are prepared in --work when not given):
 
@@ -17,7 +20,8 @@ Presets (data and quantization are prepared in --work when not given):
 Examples::
 
     python scripts/pv_ablation.py --preset stories260k --scheme 1x8g4 --work /tmp/pv_stories_1x8g4
-    python scripts/pv_ablation.py --preset smollm2 --scheme 2x8g8 --work /tmp/pv_smollm2 --steps 60
+    python scripts/pv_ablation.py --preset smollm2 --scheme 2x8g8 --work /tmp/pv_smollm2 --steps 40 \\
+        --lr 1e-3 --code-lr 1e-2 --delta-decay 0
     python scripts/pv_ablation.py --dense DENSE --quantized AQLM --train calib.pt --test test.pt --work OUT
 """
 from __future__ import annotations
@@ -35,9 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from aqlm.data import evaluation_windows, load_tokens  # noqa: E402
+from aqlm.data import load_tokens  # noqa: E402
 from aqlm.format import AqlmScheme  # noqa: E402
 from aqlm.pv_tuning import PVConfig, evaluate_student, pv_tune  # noqa: E402
+from aqlm.pv_tuning.train import held_out_windows, token_rows  # noqa: E402
 from aqlm.quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model  # noqa: E402
 
 
@@ -112,14 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--microbatch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=3e-3, help="P step (codebooks and scales), LAMB")
-    parser.add_argument("--code-lr", type=float, default=5e-2, help="V step, LAMB on the straight-through buffers")
-    parser.add_argument("--delta-decay", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
+                        help="P step (codebooks and scales, LAMB) learning rates to try; P-only picks the best")
+    parser.add_argument("--code-lr", type=float, nargs="+", default=[1e-2, 3e-2],
+                        help="V step learning rates to try (LAMB on the straight-through buffers)")
+    parser.add_argument("--delta-decay", type=float, nargs="+", default=[0.0, 0.1], help="V-step variants to try")
     parser.add_argument("--max-code-change-per-step", type=float, default=1e-2)
     parser.add_argument("--code-selection-temperature", type=float, default=0.0)
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--eval-windows", type=int, default=8, help="validation windows for keep-best")
+    parser.add_argument("--eval-windows", type=int, default=8, help="validation windows (keep-best and selection)")
+    parser.add_argument("--select-by", choices=["kl", "perplexity"], default="kl", help="validation metric")
     parser.add_argument("--update-non-quantized-parameters", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -135,12 +143,12 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, Pat
     if args.preset == "stories260k":
         dense = Path(args.dense) if args.dense else stories260k_dir()
         seqlen = args.seqlen or 256
-        train = Path(args.train or cached_samples(work / "stories_train.pt", dense, 128, seqlen, seed=1))
+        train = Path(args.train or cached_samples(work / "stories_train.pt", dense, 144, seqlen, seed=1))
         test = Path(args.test or cached_samples(work / "stories_test.pt", dense, 32, seqlen, seed=2))
         scheme = args.scheme or "1x8g4"
         quantized = Path(args.quantized) if args.quantized else quantize_if_needed(
             dense, train, work / f"quantized_{scheme}", scheme, seqlen, nsamples=64)
-        return dense, quantized, train, test, seqlen, args.test_windows or 32, args.nsamples or 112
+        return dense, quantized, train, test, seqlen, args.test_windows or 32, args.nsamples or 128
     if args.preset == "smollm2":
         dense = Path(args.dense) if args.dense else smollm2_dir()
         wikitext = shared_data_dir() / "wikitext-2"
@@ -169,51 +177,66 @@ def main(argv: Optional[list[str]] = None) -> int:
     from aqlm.quantize.model import load_dense_model
 
     teacher, tokenizer = load_dense_model(dense)
-    windows = evaluation_windows(load_tokens(test, tokenizer), seqlen)[:test_windows]
-    if windows.shape[0] == 0:
-        raise SystemExit(f"{test} has fewer than {seqlen} tokens")
+    rows = token_rows(test)
+    windows = held_out_windows(rows if rows is not None else load_tokens(test, tokenizer), seqlen, test_windows)
     results = {
         "dense": {"perplexity": evaluate_student(teacher, teacher, windows, 4).perplexity, "kl": 0.0},
         "before": evaluate_checkpoint(quantized, teacher, windows, 4),
     }
     base = dict(
         nsamples=nsamples, seqlen=seqlen, num_steps=args.steps, batch_size=args.batch_size,
-        microbatch_size=args.microbatch_size or args.batch_size, lr=args.lr, code_lr=args.code_lr,
-        delta_decay=args.delta_decay, max_code_change_per_step=args.max_code_change_per_step,
+        microbatch_size=args.microbatch_size or args.batch_size,
+        max_code_change_per_step=args.max_code_change_per_step,
         code_selection_temperature=args.code_selection_temperature, beam_size=args.beam_size,
         eval_every=args.eval_every, eval_windows=args.eval_windows, save_every=args.eval_every,
-        update_non_quantized_parameters=args.update_non_quantized_parameters,
+        select_by=args.select_by, update_non_quantized_parameters=args.update_non_quantized_parameters,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
     )
-    runs = {"p_only": PVConfig(**base, update_codes=False), "pv": PVConfig(**base, update_codes=True)}
-    reports = {}
-    for name, config in runs.items():
-        out = work / name
-        resume = (out / "pv_checkpoint").exists()
-        if not (out / "pv_report.json").exists():
-            reports[name] = pv_tune(dense, quantized, train, out, config, resume=resume).to_dict()
-        else:
-            reports[name] = json.loads((out / "pv_report.json").read_text())
-        results[name] = evaluate_checkpoint(out, teacher, windows, 4)
-        results[name]["seconds"] = reports[name]["seconds"]
-        results[name]["validation"] = reports[name]["final"]
-        results[name]["mean_codes_changed"] = (
-            sum(s["codes_changed"] for s in reports[name]["steps"]) / max(len(reports[name]["steps"]), 1)
-        )
 
-    print(f"\nP-only vs PV: {args.preset or quantized}, {Path(quantized).name}; {args.steps} steps x {args.batch_size} "
-          f"windows of {seqlen} tokens; test: {windows.shape[0]} windows of {seqlen} from {test}")
-    print(f"{'':>10} {'perplexity':>11} {'KL(dense||q)':>13} {'codes changed/step':>19} {'time':>7}")
+    def run(name: str, config: PVConfig) -> dict:
+        out = work / name
+        if (out / "pv_report.json").exists():
+            report = json.loads((out / "pv_report.json").read_text())
+        else:
+            report = pv_tune(dense, quantized, train, out, config, resume=(out / "pv_checkpoint").exists()).to_dict()
+        row = evaluate_checkpoint(out, teacher, windows, 4)
+        row.update(
+            name=name, seconds=report["seconds"], validation=report["final"][args.select_by],
+            mean_codes_changed=sum(s["codes_changed"] for s in report["steps"]) / max(len(report["steps"]), 1),
+        )
+        print(f"{name}: validation {args.select_by} {row['validation']:.5f}, test perplexity {row['perplexity']:.4f}, "
+              f"test KL {row['kl']:.5f}", flush=True)
+        return row
+
+    candidates = {"p_only": [run(f"p_only_lr{lr:g}", PVConfig(**base, lr=lr, update_codes=False)) for lr in args.lr]}
+    best_p = min(candidates["p_only"], key=lambda row: row["validation"])
+    lr = args.lr[candidates["p_only"].index(best_p)]
+    candidates["pv"] = [
+        run(f"pv_lr{lr:g}_codelr{code_lr:g}_dd{delta_decay:g}",
+            PVConfig(**base, lr=lr, code_lr=code_lr, delta_decay=delta_decay, update_codes=True))
+        for code_lr in args.code_lr
+        for delta_decay in args.delta_decay
+    ]
+    best_pv = min(candidates["pv"], key=lambda row: row["validation"])
+    results["p_only"], results["pv"] = best_p, best_pv
+
+    print(f"\nP-only vs PV: {args.preset or quantized}, {Path(quantized).name}; every run {args.steps} steps x "
+          f"{args.batch_size} windows of {seqlen} tokens; test: {windows.shape[0]} windows of {seqlen} from {test}")
+    print(f"selection by validation {args.select_by}; candidates:")
+    print(f"{'run':>34} {'val ' + args.select_by:>12} {'test ppl':>10} {'test KL':>9} {'codes/step':>10} {'time':>6}")
+    for row in candidates["p_only"] + candidates["pv"]:
+        print(f"{row['name']:>34} {row['validation']:12.5f} {row['perplexity']:10.4f} {row['kl']:9.5f} "
+              f"{100 * row['mean_codes_changed']:9.3f}% {row['seconds']:5.0f}s")
+    print(f"\n{'':>10} {'perplexity':>11} {'KL(dense||q)':>13}   run")
     for name, label in (("dense", "dense"), ("before", "quantized"), ("p_only", "P-only"), ("pv", "PV")):
         row = results[name]
-        changed = f"{100 * row['mean_codes_changed']:.3f}%" if "mean_codes_changed" in row else ""
-        seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
-        print(f"{label:>10} {row['perplexity']:11.4f} {row['kl']:13.5f} {changed:>19} {seconds:>7}")
+        print(f"{label:>10} {row['perplexity']:11.4f} {row['kl']:13.5f}   {row.get('name', '')}")
     verdict = "PV beats P-only" if results["pv"]["kl"] < results["p_only"]["kl"] else "PV does NOT beat P-only"
     print(f"{verdict} on test KL ({results['pv']['kl']:.5f} vs {results['p_only']['kl']:.5f}) and perplexity "
           f"({results['pv']['perplexity']:.4f} vs {results['p_only']['perplexity']:.4f}); "
           f"total {time.perf_counter() - started:.0f} s")
-    (work / "ablation.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    summary = {"args": vars(args), "results": results, "candidates": candidates}
+    (work / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

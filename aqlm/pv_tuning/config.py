@@ -18,11 +18,12 @@ class PVConfig:
     ``delta_decay=0``, ``max_code_change_per_step=1e-2``), scaled down to CPU-sized runs.
 
     Data:
-        nsamples: calibration windows drawn at random positions of the training tokens.
+        nsamples: calibration windows: drawn at random positions of a token stream, or the first
+            ``seqlen`` tokens of randomly ordered rows of 2-D token data (independent sequences).
         seqlen: tokens per window (capped at the model's maximum context).
-        eval_windows: at most this many non-overlapping held-out windows for periodic evaluation.
+        eval_windows: at most this many held-out windows for periodic evaluation.
         val_fraction: when no separate evaluation data is given, this tail fraction of the tokens
-            is held out for evaluation and the windows are drawn from the rest.
+            (of the rows, for 2-D data) is held out for evaluation and the windows come from the rest.
 
     Schedule:
         num_steps: optimizer steps.
