@@ -1,0 +1,293 @@
+"""The PV optimizer: a P step on continuous parameters and a V step on the discrete codes.
+
+The student is trained in a de-quantized form: every ``QuantizedLinear`` is replaced in the
+model by an ``nn.Linear`` whose weight is a float32 copy of the de-quantized weight, so one
+backward pass gives ``dL/dW`` for every quantized layer. One :meth:`PVOptimizer.step` then does,
+in the order of upstream AQLM's ``StraightThroughAdamW.step`` (``src/pv_optimizer.py``):
+
+1. propagate ``dL/dW`` to codebooks and scales (chain rule through the de-quantization formula)
+   and, in the straight-through modes, to the straight-through buffers;
+2. one Adam/LAMB step on all optimized tensors: non-quantized parameters and codebooks/scales
+   with ``lr`` and ``(beta1, beta2)``, the V-step tensors (de-quantized weights or buffers) with
+   ``code_lr`` and ``(code_beta1, code_beta2)``;
+3. re-encode the codes of every quantized layer towards its V-step target (see
+   :mod:`aqlm.pv_tuning.reencode`), using the codebooks and scales updated in 2; in penalized
+   straight-through mode, pull the buffers towards the new quantized weights;
+4. overwrite the de-quantized weights in the model with the new quantized weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..inference import QuantizedLinear
+from ..ops import dequantize, weight_gradients
+from .config import PVConfig
+from .reencode import reencode_codes
+
+ROLE_NON_QUANTIZED = "non_quantized"
+ROLE_CODEBOOKS_AND_SCALES = "codebooks_and_scales"
+ROLE_CODES = "codes"
+
+
+class AdamLamb(torch.optim.Optimizer):
+    """Adam or LAMB with per-group settings, as upstream AQLM's ``ConfigurableAdamW``.
+
+    Per tensor and step ``t``: ``m = lerp(m, g, 1 - beta1)`` (or ``m = g`` when ``beta1 == 0``),
+    ``v = lerp(v, g^2, 1 - beta2)`` (optionally its running maximum with ``amsgrad``),
+    ``u = m / (sqrt(v) + eps)``; the step is ``-lr * u``, times ``sqrt(1 - beta2^t) / (1 - beta1^t)``
+    when ``debias`` (default: True for Adam, False for LAMB), times ``||p|| / ||u||`` for LAMB.
+    Adam's weight decay is decoupled (``p *= 1 - lr * wd``); LAMB's is added to ``u``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        debias: Optional[bool] = None,
+        amsgrad: bool = False,
+        lamb: bool = False,
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, debias=debias, amsgrad=amsgrad, lamb=lamb
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            weight_decay, lamb = group["weight_decay"], group["lamb"]
+            debias = group["debias"] if group["debias"] is not None else not lamb
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad.float()
+                state = self.state[param]
+                state["step"] = state.get("step", 0) + 1
+                step = state["step"]
+                if not lamb and weight_decay:
+                    param.mul_(1 - lr * weight_decay)
+                if beta1 != 0:
+                    if "exp_avg" not in state:
+                        state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+                    state["exp_avg"].lerp_(grad, 1 - beta1)
+                    update = state["exp_avg"].clone()
+                else:
+                    update = grad.clone()
+                if "exp_avg_sq" not in state:
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+                second = state["exp_avg_sq"]
+                if beta2 == 0:
+                    second.copy_(grad.square())
+                else:
+                    second.lerp_(grad.square(), 1 - beta2)
+                if group["amsgrad"]:
+                    if "max_exp_avg_sq" not in state:
+                        state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+                    torch.maximum(state["max_exp_avg_sq"], second, out=state["max_exp_avg_sq"])
+                    second = state["max_exp_avg_sq"]
+                update.div_(second.sqrt().add_(eps))
+                if lamb and weight_decay:
+                    update.add_(param.float(), alpha=weight_decay)
+                scale = -lr
+                if debias:
+                    first_correction = 1.0 / (1 - beta1**step) if beta1 != 0 else 1.0
+                    second_correction = math.sqrt(1 - beta2**step) if beta2 != 0 else 1.0
+                    scale *= first_correction * second_correction
+                if lamb:
+                    weight_norm = float(param.float().norm())
+                    update_norm = float(update.norm())
+                    if weight_norm > 0 and update_norm > 0:
+                        scale *= weight_norm / update_norm
+                param.add_(update.to(param.dtype), alpha=scale)
+        return loss
+
+
+@dataclass
+class QuantizedEntry:
+    """One quantized layer under training.
+
+    ``linear`` sits in the student model and holds the de-quantized weight (float32) that the
+    forward pass uses; ``quantized`` is the master: packed codes and float32 codebooks/scales.
+    Their biases are the same parameter. ``buffer`` is the straight-through buffer (or None).
+    """
+
+    name: str
+    linear: nn.Linear
+    quantized: QuantizedLinear
+    buffer: Optional[nn.Parameter] = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The current de-quantized weight in float32."""
+        q = self.quantized
+        return dequantize(q.codes, q.codebooks.detach(), q.scales.detach()).float()
+
+
+@dataclass
+class StepStats:
+    """What the V step did: code groups changed and allowed to change, over all layers."""
+
+    changed_groups: int = 0
+    allowed_groups: int = 0
+    total_groups: int = 0
+
+    @property
+    def changed_fraction(self) -> float:
+        """Fraction of all code groups with at least one code changed in this step."""
+        return self.changed_groups / max(self.total_groups, 1)
+
+
+class PVOptimizer:
+    """PV-Tuning's optimizer over a student whose quantized layers are trained in de-quantized form.
+
+    V-step variants, by ``config.delta_decay`` (upstream ``StraightThroughAdamW``):
+
+    - ``delta_decay == 1`` (direct): the de-quantized weight ``W`` itself is optimized with
+      ``code_lr``; after the step, codes are re-encoded towards the updated ``W`` and ``W`` is
+      reset to the new quantized weight. No straight-through buffers exist.
+    - ``delta_decay == 0`` (straight-through): a float32 buffer ``B`` per layer, initialised to the
+      quantized weight, receives ``dL/dW`` as its gradient and is updated by the optimizer; codes
+      are re-encoded towards ``B``; ``B`` keeps accumulating updates across steps.
+    - ``0 < delta_decay < 1`` (penalized straight-through): as above, but after re-encoding
+      ``B = delta_decay * Q(new codes) + (1 - delta_decay) * B``.
+
+    In every mode the codes may change in at most ``max_code_change_per_step`` of the code groups of
+    a layer per step (optionally bounded further by ``code_trust_ratio``). With
+    ``update_codes=False`` this is plain P-tuning (codebooks/scales and optionally the other
+    parameters) with the codes frozen.
+    """
+
+    def __init__(self, entries: list[QuantizedEntry], non_quantized: dict[str, nn.Parameter], config: PVConfig):
+        if not entries:
+            raise ValueError("the student has no quantized layers to train")
+        self.entries = sorted(entries, key=lambda entry: entry.name)
+        self.config = config
+        self.generator = torch.Generator().manual_seed(config.seed * 1000003 + 17)
+        needs_weight_grad = config.update_codes or config.update_codebooks_and_scales
+        for entry in self.entries:
+            q = entry.quantized
+            for name in ("codebooks", "scales"):
+                parameter = getattr(q, name)
+                setattr(q, name, nn.Parameter(parameter.detach().float().contiguous(),
+                                              requires_grad=config.update_codebooks_and_scales))
+            with torch.no_grad():
+                entry.linear.weight.copy_(entry.quantized_weight())
+            entry.linear.weight.requires_grad_(needs_weight_grad)
+            entry.buffer = None
+            if config.straight_through:
+                entry.buffer = nn.Parameter(entry.quantized_weight().clone())
+        for parameter in non_quantized.values():
+            parameter.requires_grad_(config.update_non_quantized_parameters)
+        self.non_quantized = non_quantized
+
+        common = dict(eps=config.eps, weight_decay=config.weight_decay, debias=config.debias,
+                      amsgrad=config.amsgrad, lamb=config.lamb)
+        continuous = dict(lr=config.lr, betas=(config.beta1, config.beta2), **common)
+        groups = []
+        if config.update_non_quantized_parameters and non_quantized:
+            groups.append(dict(params=list(non_quantized.values()), role=ROLE_NON_QUANTIZED, **continuous))
+        if config.update_codebooks_and_scales:
+            params = [p for entry in self.entries for p in (entry.quantized.codebooks, entry.quantized.scales)]
+            groups.append(dict(params=params, role=ROLE_CODEBOOKS_AND_SCALES, **continuous))
+        if config.update_codes:
+            params = [entry.buffer if config.straight_through else entry.linear.weight for entry in self.entries]
+            groups.append(dict(params=params, role=ROLE_CODES, lr=config.code_lr,
+                               betas=(config.code_beta1, config.code_beta2), **common))
+        if not groups:
+            raise ValueError("nothing to train: the student has no non-quantized parameters and codes, codebooks "
+                             "and scales are frozen")
+        self.optimizer = AdamLamb(groups)
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The straight-through buffers by layer name (empty unless ``delta_decay < 1`` with code updates)."""
+        return {entry.name: entry.buffer for entry in self.entries if entry.buffer is not None}
+
+    def zero_grad(self) -> None:
+        """Drop all gradients, including those of the de-quantized weights."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for entry in self.entries:
+            entry.linear.weight.grad = None
+            entry.quantized.codebooks.grad = None
+            entry.quantized.scales.grad = None
+            if entry.buffer is not None:
+                entry.buffer.grad = None
+
+    @torch.no_grad()
+    def step(self) -> StepStats:
+        """One PV step (see the class docstring); returns the V step's statistics."""
+        config = self.config
+        for entry in self.entries:
+            grad = entry.linear.weight.grad
+            if grad is None:
+                if config.update_codes or config.update_codebooks_and_scales:
+                    raise RuntimeError(f"{entry.name} received no gradient: run a backward pass before step()")
+                continue
+            q = entry.quantized
+            if config.update_codebooks_and_scales:
+                q.codebooks.grad, q.scales.grad = weight_gradients(grad, q.codes, q.codebooks, q.scales, True, True)
+            if entry.buffer is not None:
+                entry.buffer.grad = grad.float()
+        self.optimizer.step()
+
+        stats = StepStats()
+        if config.update_codes:
+            for entry in self.entries:
+                target = entry.buffer if entry.buffer is not None else entry.linear.weight
+                q = entry.quantized
+                result = reencode_codes(
+                    target,
+                    q.codes,
+                    q.codebooks,
+                    q.scales,
+                    max_change_fraction=config.max_code_change_per_step,
+                    selection_temperature=config.code_selection_temperature,
+                    trust_ratio=config.code_trust_ratio,
+                    beam_size=config.beam_size,
+                    generator=self.generator,
+                    num_threads=config.num_threads,
+                )
+                q.codes.copy_(result.codes)
+                stats.changed_groups += result.changed_groups
+                stats.allowed_groups += result.allowed_groups
+                stats.total_groups += result.total_groups
+                if entry.buffer is not None and config.delta_decay != 0:
+                    entry.buffer.mul_(1 - config.delta_decay).add_(entry.quantized_weight(), alpha=config.delta_decay)
+        else:
+            stats.total_groups = sum(entry.quantized.codes.shape[0] * entry.quantized.codes.shape[1]
+                                     for entry in self.entries)
+        for entry in self.entries:
+            entry.linear.weight.copy_(entry.quantized_weight())
+        return stats
+
+    def state_dict(self) -> dict:
+        """Optimizer statistics, straight-through buffers and the code-selection generator state."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "buffers": {name: buffer.detach().clone() for name, buffer in self.buffers.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (for the same model and config)."""
+        buffers = self.buffers
+        saved = state["buffers"]
+        if set(saved) != set(buffers):
+            raise ValueError(
+                f"checkpoint has straight-through buffers for {len(saved)} layers, this run needs {len(buffers)}"
+            )
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                buffer.copy_(saved[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,645 @@
+"""The PV-Tuning training loop: distil a dense teacher into its AQLM-quantized student.
+
+:func:`pv_tune` loads both models, draws calibration windows, trains the student with
+:class:`~aqlm.pv_tuning.optim.PVOptimizer` on the KL divergence to the teacher
+(:mod:`aqlm.pv_tuning.loss`), evaluates it periodically on held-out windows, keeps the best
+state, writes resumable checkpoints, and saves the result as a Hugging Face AQLM checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
+from ..hf import save_quantized
+from ..inference import QuantizedLinear
+from ..quantize.model import load_dense_model
+from .config import PVConfig
+from .loss import (
+    Evaluation,
+    autocast_context,
+    distillation_loss_sum,
+    evaluate_student,
+    hidden_states,
+    split_decoder_and_head,
+)
+from .optim import PVOptimizer, QuantizedEntry
+
+CHECKPOINT_DIR = "pv_checkpoint"
+CHECKPOINT_FILE = "state.pt"
+REPORT_FILE = "pv_report.json"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_MATCHING_CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads",
+)
+
+Dataset = Union[str, os.PathLike, torch.Tensor]
+
+
+@dataclass
+class PVReport:
+    """The outcome of :func:`pv_tune` (also written to ``out_dir/pv_report.json``).
+
+    ``steps`` has one record per optimizer step (``step``, ``loss`` = mean KL to the teacher on
+    the step's batch, ``codes_changed`` = fraction of code groups changed by the V step);
+    ``evaluations`` one per evaluation (``step``, held-out ``perplexity`` and ``kl``), step 0
+    being the student before training; ``final`` is the evaluation of the saved checkpoint (the
+    best evaluated state with ``keep_best``, its parameters cast to the saved dtype); ``seconds``
+    is the wall time of the call that finished the run.
+    """
+
+    out_dir: Path
+    config: dict
+    steps: list[dict]
+    evaluations: list[dict]
+    best_step: int
+    final: dict
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def initial(self) -> dict:
+        """The evaluation before training (step 0)."""
+        return self.evaluations[0]
+
+    def summary(self) -> str:
+        """One human-readable line."""
+        mode = "PV" if self.config["update_codes"] else "P-only"
+        changed = [s["codes_changed"] for s in self.steps]
+        mean_changed = sum(changed) / len(changed) if changed else 0.0
+        return (
+            f"{mode} tuning, {len(self.steps)} steps: held-out perplexity {self.initial['perplexity']:.4f} -> "
+            f"{self.final['perplexity']:.4f}, KL to teacher {self.initial['kl']:.5f} -> {self.final['kl']:.5f} "
+            f"(saved step {self.best_step}; mean codes changed per step {100 * mean_changed:.3f}%); "
+            f"{self.seconds:.0f} s"
+        )
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return {
+            "summary": self.summary(),
+            "out_dir": str(self.out_dir),
+            "config": self.config,
+            "steps": self.steps,
+            "evaluations": self.evaluations,
+            "best_step": self.best_step,
+            "final": self.final,
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text + "\n")
+    os.replace(temporary, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_identity(model_dir: Path) -> dict:
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {
+        "config_sha256": _sha256(model_dir / "config.json"),
+        "weights": {p.name: p.stat().st_size for p in weights},
+    }
+
+
+def _dataset_identity(dataset: Optional[Dataset]) -> Optional[dict]:
+    if dataset is None:
+        return None
+    if isinstance(dataset, torch.Tensor):
+        return {"tokens_sha256": hashlib.sha256(dataset.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}
+    return {"name": Path(dataset).name, "sha256": _sha256(Path(dataset))}
+
+
+def _read_model_config(model_dir: Path, role: str) -> dict:
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{role} model directory {model_dir} does not exist")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{role} model directory {model_dir} has no config.json: not a Hugging Face model")
+    return json.loads(config_path.read_text())
+
+
+def _check_student_config(quantized_dir: Path) -> None:
+    config = _read_model_config(quantized_dir, "quantized")
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != "aqlm":
+        what = f"quantized with {method!r}" if method else "not quantized"
+        raise ValueError(
+            f"{quantized_dir} is {what}: PV-Tuning needs an AQLM checkpoint (quantization_config.quant_method "
+            "'aqlm'), e.g. from aqlm.quantize.quantize_model"
+        )
+
+
+def _stored_codebook_dtype(quantized_dir: Path) -> torch.dtype:
+    from safetensors import safe_open
+
+    for path in sorted(quantized_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(".codebooks"):
+                    stored = handle.get_slice(key).get_dtype()
+                    if stored in _SAFETENSORS_DTYPES:
+                        return _SAFETENSORS_DTYPES[stored]
+    return torch.float16
+
+
+def load_student(quantized_dir: Union[str, os.PathLike]) -> nn.Module:
+    """Load an AQLM checkpoint with float32 codebooks, scales and other parameters.
+
+    Raises:
+        FileNotFoundError: the directory or its config.json is missing.
+        ValueError: it is not an AQLM checkpoint, or holds no ``QuantizedLinear`` layer.
+    """
+    from transformers import AutoModelForCausalLM
+
+    quantized_dir = Path(quantized_dir)
+    _check_student_config(quantized_dir)
+    model = AutoModelForCausalLM.from_pretrained(quantized_dir, dtype=torch.float32)
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError(f"{quantized_dir} loaded without any aqlm.QuantizedLinear layer: not an AQLM student")
+    return model
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise ValueError unless the student is a quantization of the teacher's architecture."""
+    differences = []
+    for key in _MATCHING_CONFIG_KEYS:
+        a, b = getattr(teacher.config, key, None), getattr(student.config, key, None)
+        if a != b:
+            differences.append(f"{key}: teacher {a!r}, student {b!r}")
+    if differences:
+        raise ValueError("the dense and quantized models do not match: " + "; ".join(differences))
+    teacher_modules = dict(teacher.named_modules())
+    for name, module in student.named_modules():
+        if isinstance(module, QuantizedLinear):
+            dense = teacher_modules.get(name)
+            if not isinstance(dense, nn.Linear):
+                raise ValueError(
+                    f"the student's quantized layer {name} has no dense nn.Linear counterpart in the teacher"
+                )
+            if (dense.out_features, dense.in_features) != (module.out_features, module.in_features):
+                raise ValueError(
+                    f"{name}: teacher shape {(dense.out_features, dense.in_features)}, "
+                    f"student shape {(module.out_features, module.in_features)}"
+                )
+
+
+def dequantized_student(student: nn.Module) -> tuple[list[QuantizedEntry], dict[str, nn.Parameter]]:
+    """Replace every ``QuantizedLinear`` of ``student`` by an ``nn.Linear`` holding its de-quantized weight.
+
+    Returns the entries (each with the removed ``QuantizedLinear`` as master copy; the bias
+    parameter is shared) and the student's other float parameters by name.
+    """
+    entries = []
+    for name, module in list(student.named_modules()):
+        if not isinstance(module, QuantizedLinear):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(module.dequantize().detach().float().clone())
+        if module.bias is not None:
+            linear.bias = module.bias
+        student.set_submodule(name, linear)
+        entries.append(QuantizedEntry(name=name, linear=linear, quantized=module))
+    if not entries:
+        raise ValueError("the student has no aqlm.QuantizedLinear layers")
+    dense_ids = {id(entry.linear.weight) for entry in entries}
+    non_quantized = {
+        name: p for name, p in student.named_parameters() if id(p) not in dense_ids and p.is_floating_point()
+    }
+    return entries, non_quantized
+
+
+def restore_quantized(student: nn.Module, entries: list[QuantizedEntry], dtype: torch.dtype) -> None:
+    """Put the (trained) ``QuantizedLinear`` layers back into ``student``, with float parameters in ``dtype``."""
+    for entry in entries:
+        q = entry.quantized
+        for name in ("codebooks", "scales", "bias"):
+            parameter = getattr(q, name)
+            if parameter is not None:
+                setattr(q, name, nn.Parameter(parameter.detach().to(dtype).contiguous(), requires_grad=False))
+        q.codes = nn.Parameter(q.codes.detach().contiguous(), requires_grad=False)
+        student.set_submodule(entry.name, q)
+
+
+def _snapshot(entries: list[QuantizedEntry], non_quantized: dict[str, nn.Parameter]) -> dict:
+    return {
+        "quantized": {
+            e.name: {
+                "codes": e.quantized.codes.detach().clone(),
+                "codebooks": e.quantized.codebooks.detach().clone(),
+                "scales": e.quantized.scales.detach().clone(),
+            }
+            for e in entries
+        },
+        "non_quantized": {name: p.detach().clone() for name, p in non_quantized.items()},
+    }
+
+
+@torch.no_grad()
+def _restore_snapshot(snapshot: dict, entries: list[QuantizedEntry], non_quantized: dict[str, nn.Parameter]) -> None:
+    for e in entries:
+        saved = snapshot["quantized"][e.name]
+        e.quantized.codes.copy_(saved["codes"])
+        e.quantized.codebooks.copy_(saved["codebooks"])
+        e.quantized.scales.copy_(saved["scales"])
+        e.linear.weight.copy_(e.quantized_weight())
+    for name, p in non_quantized.items():
+        p.copy_(snapshot["non_quantized"][name])
+
+
+def _check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"{what} holds token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
+            f"{vocab_size} entries"
+        )
+
+
+def token_rows(dataset: Dataset) -> Optional[torch.Tensor]:
+    """The dataset as ``[n, length]`` independent sequences if it is (or a .pt file holds) a 2-D integer tensor.
+
+    Returns None for text files and 1-D token streams.
+    """
+    if isinstance(dataset, torch.Tensor):
+        stored = dataset
+    else:
+        path = Path(dataset)
+        if path.suffix.lower() not in TOKEN_SUFFIXES or not path.is_file():
+            return None
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, torch.Tensor) or stored.dim() != 2 or stored.is_floating_point():
+        return None
+    return stored.to(torch.long)
+
+
+def _training_windows(data: torch.Tensor, config: PVConfig, seqlen: int) -> torch.Tensor:
+    if data.dim() == 2:
+        if data.shape[0] == 0:
+            raise ValueError("too few sequences: none is left for training after holding out the evaluation ones")
+        generator = torch.Generator().manual_seed(config.seed)
+        rounds = -(-config.nsamples // data.shape[0])
+        order = torch.cat([torch.randperm(data.shape[0], generator=generator) for _ in range(rounds)])
+        return data[order[: config.nsamples], :seqlen]
+    if data.numel() < seqlen + 1:
+        raise ValueError(
+            f"too few tokens: training windows of {seqlen} need at least {seqlen + 1} tokens, the dataset gives "
+            f"{data.numel()} for training (lower seqlen or pass more data)"
+        )
+    return calibration_windows(data, config.nsamples, seqlen, config.seed)
+
+
+def held_out_windows(data: torch.Tensor, seqlen: int, count: int) -> torch.Tensor:
+    """At most ``count`` evaluation windows: prefixes of the rows of 2-D data, else consecutive windows of a stream.
+
+    Raises:
+        ValueError: not a single window of ``seqlen`` tokens fits.
+    """
+    windows = data[:count, :seqlen] if data.dim() == 2 else evaluation_windows(data, seqlen)[:count]
+    if windows.shape[0] == 0 or windows.shape[1] < seqlen:
+        raise ValueError(
+            f"too few tokens for evaluation: one window of {seqlen} tokens is needed "
+            "(pass eval_dataset, raise val_fraction or lower seqlen)"
+        )
+    return windows
+
+
+def prepare_windows(
+    dataset: Dataset,
+    eval_dataset: Optional[Dataset],
+    tokenizer: Any,
+    config: PVConfig,
+    seqlen: int,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training windows ``[nsamples, seqlen]`` and held-out evaluation windows ``[<= eval_windows, seqlen]``.
+
+    Text and 1-D token data form one stream: training windows start at random positions
+    (:func:`aqlm.data.calibration_windows`), evaluation windows are consecutive. 2-D token data
+    ``[n, length]`` holds independent sequences (e.g. samples from the dense model, each starting
+    with BOS): every window is the first ``seqlen`` tokens of a row, training rows in a seeded
+    random order. Without ``eval_dataset``, the last ``val_fraction`` of the tokens (or of the rows,
+    at least one) is held out for evaluation and the training windows come from the rest.
+
+    Raises:
+        ValueError: too few tokens (or rows shorter than ``seqlen``), or ids outside the vocabulary.
+    """
+    tokens = load_tokens(dataset, tokenizer)
+    _check_token_range(tokens, vocab_size, "the dataset")
+    rows = token_rows(dataset)
+    if rows is not None and rows.shape[1] < seqlen:
+        raise ValueError(f"the dataset's sequences have {rows.shape[1]} tokens, fewer than seqlen = {seqlen}")
+    if eval_dataset is None:
+        if rows is not None:
+            held = max(1, int(round(rows.shape[0] * config.val_fraction)))
+            train_data, eval_data = rows[:-held], rows[-held:]
+        else:
+            split = int(tokens.numel() * (1 - config.val_fraction))
+            train_data, eval_data = tokens[:split], tokens[split:]
+    else:
+        train_data = rows if rows is not None else tokens
+        eval_tokens = load_tokens(eval_dataset, tokenizer)
+        _check_token_range(eval_tokens, vocab_size, "the evaluation dataset")
+        eval_rows = token_rows(eval_dataset)
+        eval_data = eval_rows if eval_rows is not None else eval_tokens
+    return _training_windows(train_data, config, seqlen), held_out_windows(eval_data, seqlen, config.eval_windows)
+
+
+def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -> torch.Tensor:
+    """``[num_steps, batch_size]`` window indices: consecutive epochs, each a seeded permutation."""
+    generator = torch.Generator().manual_seed(seed * 7919 + 3)
+    needed = num_steps * batch_size
+    order = torch.cat([torch.randperm(nsamples, generator=generator) for _ in range(-(-needed // nsamples))])
+    return order[:needed].view(num_steps, batch_size)
+
+
+class _Trainer:
+    """State and steps of one run (see :func:`pv_tune`)."""
+
+    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, log):
+        self.teacher, self.student = teacher, student
+        self.entries, self.non_quantized = entries, non_quantized
+        self.optimizer: PVOptimizer = optimizer
+        self.windows, self.eval_windows = windows, eval_windows
+        self.config = config
+        self.log = log
+        self.student_decoder, self.student_head = split_decoder_and_head(student)
+        self.teacher_decoder, self.teacher_head = split_decoder_and_head(teacher)
+        self.schedule = window_schedule(windows.shape[0], config.batch_size, config.num_steps, config.seed)
+        self.step = 0
+        self.steps: list[dict] = []
+        self.evaluations: list[dict] = []
+        self.best: Optional[dict] = None
+
+    def train_step(self) -> float:
+        """Forward/backward over the microbatches of the next step; returns the mean KL per token."""
+        config = self.config
+        batch = self.windows[self.schedule[self.step]]
+        tokens = batch.numel()
+        self.optimizer.zero_grad()
+        total = 0.0
+        for micro in batch.split(config.microbatch_size):
+            with autocast_context(config.bf16):
+                student_hidden = hidden_states(self.student_decoder, micro)
+                with torch.no_grad():
+                    teacher_hidden = hidden_states(self.teacher_decoder, micro)
+            loss_sum = distillation_loss_sum(
+                student_hidden, teacher_hidden, self.student_head, self.teacher_head, config.bf16
+            )
+            value = float(loss_sum.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss is {value} at step {self.step + 1}: training diverged or the student produces "
+                    "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
+                )
+            (loss_sum / tokens).backward()
+            total += value
+        return total / tokens
+
+    def evaluate(self) -> dict:
+        result: Evaluation = evaluate_student(
+            self.student, self.teacher, self.eval_windows, self.config.eval_batch_size
+        )
+        record = {"step": self.step, "perplexity": result.perplexity, "kl": result.kl}
+        self.evaluations.append(record)
+        metric = record[self.config.select_by]
+        if not math.isfinite(metric):
+            raise FloatingPointError(f"held-out {self.config.select_by} is {metric} at step {self.step}")
+        if self.config.keep_best and (self.best is None or metric < self.best["metric"]):
+            self.best = {"metric": metric, "step": self.step, "state": _snapshot(self.entries, self.non_quantized)}
+        return record
+
+    def checkpoint_state(self, fingerprint: dict) -> dict:
+        return {
+            "fingerprint": fingerprint,
+            "step": self.step,
+            "steps": self.steps,
+            "evaluations": self.evaluations,
+            "best": self.best,
+            "model": _snapshot(self.entries, self.non_quantized),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        _restore_snapshot(state["model"], self.entries, self.non_quantized)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.steps = list(state["steps"])
+        self.evaluations = list(state["evaluations"])
+        self.best = state["best"]
+        torch.set_rng_state(state["torch_rng"])
+
+
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn Transformers' (non-reentrant) activation checkpointing of the blocks on or off.
+
+    Uses ``activation_checkpointing_enable`` where Transformers has it (5.x) and
+    ``gradient_checkpointing_enable`` otherwise.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _eval_due(step: int, config: PVConfig) -> bool:
+    return step == config.num_steps or (config.eval_every > 0 and step % config.eval_every == 0)
+
+
+def pv_tune(
+    dense_dir: Union[str, os.PathLike],
+    quantized_dir: Union[str, os.PathLike],
+    dataset: Dataset,
+    out_dir: Union[str, os.PathLike],
+    config: Optional[PVConfig] = None,
+    *,
+    eval_dataset: Optional[Dataset] = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = tqdm.write,
+    callback: Optional[Callable[[dict], None]] = None,
+) -> PVReport:
+    """PV-tune the AQLM checkpoint ``quantized_dir`` towards its dense teacher ``dense_dir``.
+
+    Args:
+        dense_dir: the dense Hugging Face causal LM (the teacher).
+        quantized_dir: its AQLM quantization (the student), e.g. from :func:`aqlm.quantize.quantize_model`.
+        dataset: calibration text (.txt/.jsonl, needs the teacher's tokenizer) or tokens (.pt file
+            or integer tensor): a 1-D stream, or 2-D ``[n, length]`` independent sequences whose
+            windows start at the rows' beginnings (see :func:`prepare_windows`).
+        out_dir: receives the tuned Hugging Face AQLM checkpoint, ``pv_report.json`` and, while
+            training, the resumable checkpoint ``pv_checkpoint/``.
+        config: all settings (:class:`PVConfig`).
+        eval_dataset: held-out data for periodic evaluation and keep-best; by default the last
+            ``config.val_fraction`` of ``dataset``.
+        resume: continue from ``out_dir/pv_checkpoint`` (same settings required); the run then
+            gives the same result as an uninterrupted one. Without a checkpoint it starts afresh.
+        progress: show a progress bar (loss and fraction of codes changed per step).
+        log: receives the evaluation lines.
+        callback: called with each step's record after the step completes.
+
+    Returns:
+        A :class:`PVReport`.
+
+    Raises:
+        FileNotFoundError: a model directory or data file is missing.
+        FileExistsError: ``out_dir`` is not empty and ``resume`` is False, or it holds a finished run.
+        ValueError: bad settings, a student that is not AQLM or does not match the teacher, too few tokens.
+        FloatingPointError: the loss became NaN or infinite.
+
+    A KeyboardInterrupt between steps writes a checkpoint of the last finished step before it propagates.
+    """
+    started = time.perf_counter()
+    config = config or PVConfig()
+    dense_dir, quantized_dir, out_dir = Path(dense_dir), Path(quantized_dir), Path(out_dir)
+    _read_model_config(dense_dir, "dense")
+    _check_student_config(quantized_dir)
+    for role, directory in (("dense", dense_dir), ("quantized", quantized_dir)):
+        if out_dir.resolve() == directory.resolve():
+            raise ValueError(f"out_dir must differ from the {role} model directory {directory}")
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    if (out_dir / REPORT_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a finished PV-Tuning run; choose another output directory")
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(
+            f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
+            "or choose another output directory"
+        )
+    others = [p.name for p in out_dir.iterdir() if p.name != CHECKPOINT_DIR] if out_dir.is_dir() else []
+    if others and not checkpoint_path.exists():
+        raise FileExistsError(
+            f"{out_dir} is not empty ({', '.join(sorted(others)[:3])}, ...): choose another output directory"
+        )
+
+    teacher, tokenizer = load_dense_model(dense_dir)
+    teacher.requires_grad_(False)
+    student = load_student(quantized_dir)
+    check_compatible(teacher, student)
+    save_dtype = _stored_codebook_dtype(quantized_dir) if config.save_dtype == "auto" else _DTYPES[config.save_dtype]
+    seqlen = min(config.seqlen, getattr(teacher.config, "max_position_embeddings", None) or config.seqlen)
+    windows, eval_windows = prepare_windows(
+        dataset, eval_dataset, tokenizer, config, seqlen, int(teacher.config.vocab_size)
+    )
+    fingerprint = {
+        "config": config.fingerprint(),
+        "seqlen": seqlen,
+        "dense": _model_identity(dense_dir),
+        "quantized": _model_identity(quantized_dir),
+        "dataset": _dataset_identity(dataset),
+        "eval_dataset": _dataset_identity(eval_dataset),
+    }
+
+    entries, non_quantized = dequantized_student(student)
+    optimizer = PVOptimizer(entries, non_quantized, config)
+    student.train()
+    if config.gradient_checkpointing:
+        set_checkpointing(student, True)
+    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, log)
+
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+            raise ValueError(
+                f"cannot resume from {checkpoint_path}: it was made with other settings or inputs "
+                f"({', '.join(changed)})"
+            )
+        trainer.load_checkpoint_state(state)
+        log(f"resumed from {checkpoint_path} at step {trainer.step}")
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not trainer.evaluations or (_eval_due(trainer.step, config) and trainer.evaluations[-1]["step"] != trainer.step):
+        record = trainer.evaluate()
+        log(f"step {record['step']}: held-out perplexity {record['perplexity']:.4f}, KL {record['kl']:.5f}")
+    saved_step = trainer.step
+
+    mode = "PV-tuning" if config.update_codes else "P-tuning"
+    bar = tqdm(total=config.num_steps, initial=trainer.step, desc=mode, disable=not progress)
+    updating = False
+    try:
+        while trainer.step < config.num_steps:
+            loss = trainer.train_step()
+            updating = True
+            stats = optimizer.step()
+            trainer.step += 1
+            record = {"step": trainer.step, "loss": loss, "codes_changed": stats.changed_fraction}
+            trainer.steps.append(record)
+            updating = False
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", codes=f"{100 * stats.changed_fraction:.3f}%")
+            if _eval_due(trainer.step, config):
+                evaluation = trainer.evaluate()
+                log(
+                    f"step {trainer.step}: held-out perplexity {evaluation['perplexity']:.4f}, "
+                    f"KL {evaluation['kl']:.5f}"
+                )
+            if config.save_every and trainer.step % config.save_every == 0:
+                _atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+                saved_step = trainer.step
+            if callback is not None:
+                callback(record)
+    except KeyboardInterrupt:
+        if not updating and trainer.step > saved_step:
+            _atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+            log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
+        raise
+    finally:
+        bar.close()
+
+    best_step = trainer.step
+    if config.keep_best and trainer.best is not None:
+        _restore_snapshot(trainer.best["state"], entries, non_quantized)
+        best_step = trainer.best["step"]
+    if config.gradient_checkpointing:
+        set_checkpointing(student, False)
+    student.eval()
+    student.requires_grad_(False)
+    restore_quantized(student, entries, save_dtype)
+    final = evaluate_student(student, teacher, eval_windows, config.eval_batch_size)
+    save_quantized(student, out_dir, tokenizer)
+    report = PVReport(
+        out_dir=out_dir,
+        config=config.to_dict(),
+        steps=trainer.steps,
+        evaluations=trainer.evaluations,
+        best_step=best_step,
+        final={"step": best_step, "perplexity": final.perplexity, "kl": final.kl},
+        seconds=time.perf_counter() - started,
+        extra={"seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype)},
+    )
+    _atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return report
