@@ -171,6 +171,16 @@ def _run_quantize(args: argparse.Namespace) -> int:
 # ---- eval ------------------------------------------------------------------------------------
 
 
+def _add_finetune(subparsers) -> None:
+    from .pv_tuning import cli as pv_cli
+
+    parser = subparsers.add_parser(
+        "finetune", help="PV-Tuning of an AQLM checkpoint: codes, codebooks and scales distilled from the dense model"
+    )
+    pv_cli.add_arguments(parser)
+    parser.set_defaults(run=pv_cli.run)
+
+
 def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="perplexity (text or tokens) or KL to a reference model")
     parser.add_argument("model", help="model directory (dense or AQLM) or a bundled model name")
@@ -226,56 +236,102 @@ def _run_eval(args: argparse.Namespace) -> int:
 # ---- demo: the main job on the bundled defaults ------------------------------------------------
 
 
-DEMO = {
-    "scheme": "2x8g8",
-    "nsamples": 32,
-    "seqlen": 512,
-    "eval_windows": 16,
-    "eval_seqlen": 512,
-}
+DEMO_MODEL = "stories260k"
+DEMO_SCHEME = "4x4g4"
 
 
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="quantize the bundled real model (SmolLM2-135M) with 2x8g8 and print quality before/after"
+        "demo",
+        help="quantize the real model bundled in ../shared/data (stories260K) and print its quality before/after",
+        description="The main job on the bundled defaults: AQLM-quantize a real model and compare it with the dense "
+        "model and with round-to-nearest at no fewer bits per weight. Models with a tokenizer are calibrated on "
+        "WikiText-2 valid.txt and scored by perplexity on test.txt; models without one (stories260K) are "
+        "calibrated and scored on token sequences sampled from the dense model (perplexity and KL to it).",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name or dense model directory")
+    parser.add_argument("--model", default=DEMO_MODEL, help="bundled model name or dense model directory")
     parser.add_argument("--out", default="aqlm-demo", help="output directory")
-    parser.add_argument("--scheme", default=DEMO["scheme"])
+    parser.add_argument("--scheme", default=DEMO_SCHEME,
+                        help="AQLM scheme (default 4x4g4: 16-codeword codebooks, small beside a 64-wide model's layers)")
+    parser.add_argument("--nsamples", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration and test sequence")
+    parser.add_argument("--eval-sequences", type=int, default=32, help="test sequences (windows)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.set_defaults(run=_run_demo)
 
 
+def _demo_data(model, tokenizer, out: Path, args: argparse.Namespace) -> tuple:
+    """Calibration data and test windows: WikiText-2 for models with a tokenizer, else sampled sequences."""
+    from .data import evaluation_windows, load_tokens
+    from .evaluate import sample_sequences
+
+    if tokenizer is not None:
+        test = load_tokens(_shared_file("wikitext-2", "test.txt"), tokenizer)
+        windows = evaluation_windows(test, args.seqlen)[: args.eval_sequences]
+        return _shared_file("wikitext-2", "valid.txt"), windows, "WikiText-2 test.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    samples = out / "demo_samples.pt"
+    total = args.nsamples + args.eval_sequences
+    if samples.is_file() and tuple(torch.load(samples, weights_only=True).shape) == (total, args.seqlen):
+        tokens = torch.load(samples, weights_only=True)
+    else:
+        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
+        tokens = sample_sequences(model, total, args.seqlen, seed=1234, bos_token_id=bos)
+        torch.save(tokens, samples)
+    calibration = out / "demo_calibration.pt"
+    torch.save(tokens[: args.nsamples].clone(), calibration)
+    return calibration, tokens[args.nsamples :], f"{args.eval_sequences} sequences sampled from the dense model"
+
+
+def _demo_quality(model, reference, windows: torch.Tensor) -> dict:
+    from .evaluate import kl_divergence, perplexity
+
+    quality = {"perplexity": perplexity(model, windows.reshape(-1), windows.shape[1], progress=False)}
+    quality["kl"] = 0.0 if model is reference else kl_divergence(model, reference, windows, progress=False)
+    return quality
+
+
 def _run_demo(args: argparse.Namespace) -> int:
+    import copy
+    import math
+
+    from .baselines import quantize_model_rtn, rtn_bits_per_weight
+
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    scheme = AqlmScheme.parse(args.scheme)
     model_dir = _resolve_model(args.model)
-    calibration = _shared_file("wikitext-2", "valid.txt")
-    test = _shared_file("wikitext-2", "test.txt")
+    out = Path(args.out)
+    dense, tokenizer = load_model(model_dir)
+    calibration, windows, described = _demo_data(dense, tokenizer, out, args)
     config = QuantizeConfig(
-        layer=LayerConfig(scheme=AqlmScheme.parse(args.scheme), max_epochs=8, steps_per_epoch=20,
-                          codebook_update="lstsq", init_max_iter=25, num_threads=args.threads),
-        finetune=FinetuneConfig(max_epochs=1, lr=1e-4),
-        nsamples=DEMO["nsamples"],
-        seqlen=DEMO["seqlen"],
+        layer=LayerConfig(scheme=scheme, max_epochs=8, steps_per_epoch=20, codebook_update="lstsq",
+                          num_threads=args.threads),
+        finetune=FinetuneConfig(max_epochs=2, lr=1e-4),
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
     )
     print(f"model {model_dir}\ncalibration {calibration} ({config.nsamples} windows of {config.seqlen} tokens)")
-    dense, tokenizer = load_model(model_dir)
-    before = evaluate_model(dense, tokenizer, test, DEMO["eval_seqlen"], DEMO["eval_windows"])
-    del dense
-    report = quantize_model(model_dir, calibration, args.out, config, resume=args.resume)
-    quantized, tokenizer = load_model(Path(args.out))
-    after = evaluate_model(quantized, tokenizer, test, DEMO["eval_seqlen"], DEMO["eval_windows"])
-    print(
-        f"\nWikiText-2 test perplexity (first {before['windows']} windows of {before['seqlen']} tokens, "
-        f"word-level tokenized release):\n"
-        f"  dense float32      {before['perplexity']:8.3f}\n"
-        f"  AQLM {args.scheme:<13} {after['perplexity']:8.3f}   ({report.bits_per_weight:.2f} bits/weight in the "
-        f"quantized layers, codebooks and scales included)\n"
-        f"checkpoint: {Path(args.out).resolve()}   total time {time.perf_counter() - started:.0f} s"
-    )
+    report = quantize_model(model_dir, calibration, out, config, resume=args.resume)
+    quantized, _ = load_model(out)
+    rtn_bits = max(2, math.floor(report.bits_per_weight))
+    group = next(g for g in (128, 64, 32, 16, 8, 4) if rtn_bits_per_weight(rtn_bits, g) >= report.bits_per_weight
+                 or g == 4)
+    rtn = copy.deepcopy(dense)
+    quantize_model_rtn(rtn, rtn_bits, group)
+    rows = [
+        ("dense float32", 32.0, _demo_quality(dense, dense, windows)),
+        (f"RTN {rtn_bits}-bit g{group}", rtn_bits_per_weight(rtn_bits, group), _demo_quality(rtn, dense, windows)),
+        (f"AQLM {args.scheme}", report.bits_per_weight, _demo_quality(quantized, dense, windows)),
+    ]
+    print(f"\nquality on {described} ({windows.shape[0]} windows of {windows.shape[1]} tokens):")
+    print(f"  {'':<18} {'bits/weight':>11} {'perplexity':>11} {'KL to dense':>12}")
+    for name, bits, quality in rows:
+        print(f"  {name:<18} {bits:11.2f} {quality['perplexity']:11.3f} {quality['kl']:12.4f}")
+    print(f"bits/weight of the quantized layers, codebooks and scales (RTN: scales and zeros) included\n"
+          f"checkpoint: {out.resolve()}   total time {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -288,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
     _add_quantize(subparsers)
+    _add_finetune(subparsers)
     _add_eval(subparsers)
     _add_demo(subparsers)
     return parser

@@ -74,10 +74,21 @@ def _pv_row(model_dir: Path, quantized: Path, args, work: Path) -> tuple[Path, d
     out = work / (quantized.name + "+pv")
     started = time.perf_counter()
     pv_tune(model_dir, quantized, args.calibration, out, PVConfig(**json.loads(args.pv_config)),
-            resume=(out / "pv_progress").exists())
+            resume=(out / "pv_checkpoint").exists())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     report = json.loads((quantized / "quantization_report.json").read_text())
     return out, {"bits": report["bits_per_weight"], "size_mib": size / 2**20, "seconds": time.perf_counter() - started}
+
+
+def _existing_row(path: Path) -> dict:
+    """A row for an AQLM checkpoint made earlier (by ``python -m aqlm quantize``): its own report's bits and time."""
+    report_file = path / "quantization_report.json"
+    if not report_file.is_file():
+        raise FileNotFoundError(f"{path} has no quantization_report.json: not an AQLM checkpoint made by this package")
+    report = json.loads(report_file.read_text())
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return {"bits": report["bits_per_weight"], "size_mib": size / 2**20, "seconds": report["seconds"],
+            "checkpoint": str(path)}
 
 
 def write_outputs(out: Path, rows: dict, args) -> None:
@@ -139,7 +150,15 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--pv-config", default="{}", help="JSON of aqlm.pv_tuning.PVConfig fields for the +pv row")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--existing", nargs="+", default=[], metavar="ROW=DIR",
+                        help="take an AQLM row from a checkpoint made earlier, e.g. aqlm-2x8g8=out/smollm2-2x8g8")
     args = parser.parse_args()
+    existing = {}
+    for item in args.existing:
+        name, _, directory = item.partition("=")
+        if name not in ROWS or not name.startswith("aqlm") or name.endswith("+pv") or not directory:
+            parser.error(f"--existing {item!r}: expected ROW=DIR with ROW one of the aqlm rows without +pv")
+        existing[name] = Path(directory)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -165,11 +184,14 @@ def main() -> int:
                 windows = calibration_windows(load_tokens(args.calibration, tokenizer), args.nsamples, args.calib_seqlen, 0)
             row = _grid_row(model, kind, int(bits), args, windows)
         elif name.endswith("+pv"):
-            base = out / "checkpoints" / name[: -len("+pv")]
+            base = existing.get(name[: -len("+pv")], out / "checkpoints" / name[: -len("+pv")])
             if not (base / "config.json").exists():
                 print(f"{name}: needs the {name[: -len('+pv')]} row first; skipped")
                 continue
             path, row = _pv_row(model_dir, base, args, out / "checkpoints")
+            model, tokenizer = load_model(path)
+        elif name in existing:
+            path, row = existing[name], _existing_row(existing[name])
             model, tokenizer = load_model(path)
         else:
             path, row = _aqlm_row(model_dir, name.split("-", 1)[1], args, out / "checkpoints")

@@ -164,3 +164,25 @@ def test_linears_are_grouped_by_shared_input_in_execution_order(tmp_path):
                 ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     for _ in range(20):  # buffers freed during the forward pass must never merge two groups
         assert input_groups(get_blocks(model)[0], inputs[:1], kwargs) == expected
+
+
+def test_demo_quantizes_the_bundled_model_and_prints_quality(tmp_path, capsys):
+    from aqlm.cli import main
+    from aqlm.models import RealModelUnavailable, stories260k_dir
+
+    try:
+        stories260k_dir()
+    except RealModelUnavailable as error:
+        pytest.skip(str(error))
+    out = tmp_path / "demo"
+    status = main(["demo", "--out", str(out), "--nsamples", "8", "--seqlen", "64", "--eval-sequences", "4",
+                   "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith("  ") and line.split()}
+    assert set(rows) >= {"dense", "RTN", "AQLM"}
+    assert float(rows["dense"][-1]) == 0.0 and float(rows["AQLM"][-1]) > 0.0  # KL to dense
+    assert float(rows["AQLM"][2]) <= float(rows["RTN"][3])  # AQLM's bits/weight within RTN's budget
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(module, QuantizedLinear) for module in model.modules()) == 35
+    assert torch.load(out / "demo_samples.pt", weights_only=True).shape == (12, 64)
