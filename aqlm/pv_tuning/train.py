@@ -7,7 +7,6 @@ state, writes resumable checkpoints, and saves the result as a Hugging Face AQLM
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
+from ..fileio import atomic_save, atomic_write_text, file_sha256, tokens_sha256
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
 from ..quantize.model import load_dense_model
@@ -102,30 +102,10 @@ class PVReport:
         }
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _model_identity(model_dir: Path) -> dict:
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     return {
-        "config_sha256": _sha256(model_dir / "config.json"),
+        "config_sha256": file_sha256(model_dir / "config.json"),
         "weights": {p.name: p.stat().st_size for p in weights},
     }
 
@@ -134,8 +114,8 @@ def _dataset_identity(dataset: Optional[Dataset]) -> Optional[dict]:
     if dataset is None:
         return None
     if isinstance(dataset, torch.Tensor):
-        return {"tokens_sha256": hashlib.sha256(dataset.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}
-    return {"name": Path(dataset).name, "sha256": _sha256(Path(dataset))}
+        return {"tokens_sha256": tokens_sha256(dataset)}
+    return {"name": Path(dataset).name, "sha256": file_sha256(Path(dataset))}
 
 
 def _read_model_config(model_dir: Path, role: str) -> dict:
@@ -607,13 +587,13 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
-                _atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+                atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
         if not updating and trainer.step > saved_step:
-            _atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+            atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
     finally:
@@ -640,6 +620,6 @@ def pv_tune(
         seconds=time.perf_counter() - started,
         extra={"seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype)},
     )
-    _atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+    atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return report

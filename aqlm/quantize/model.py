@@ -9,7 +9,6 @@ the block; write it to the output directory at once; feed its outputs to the nex
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import capture_block_inputs, find_linears, get_blocks, run_block
 from ..data import calibration_windows, load_tokens
+from ..fileio import atomic_write_text, file_sha256, tokens_sha256
 from ..format import AqlmScheme
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
@@ -154,7 +154,7 @@ class ProgressStore:
                 raise ValueError(f"cannot resume: the run in {self.directory} used other settings ({', '.join(changed)})")
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
 
     def done(self, index: int) -> bool:
         """Whether block ``index`` was finished by this or an earlier run."""
@@ -167,7 +167,7 @@ class ProgressStore:
         temporary = target.with_suffix(".tmp")
         save_file(tensors, str(temporary))
         os.replace(temporary, target)
-        _atomic_write_text(self.directory / f"block_{index:04d}.json", json.dumps(record, indent=2))
+        atomic_write_text(self.directory / f"block_{index:04d}.json", json.dumps(record, indent=2))
 
     def load(self, index: int, block: nn.Module) -> dict:
         """Restore block ``index`` into ``block`` (replacing its quantized linears) and return its record."""
@@ -188,18 +188,11 @@ class ProgressStore:
             path.unlink()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, path)
-
-
-def _file_identity(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+def _identity(source: str | os.PathLike | torch.Tensor) -> dict:
+    """What the resume fingerprint records of a file (path and digest) or of a token tensor (digest)."""
+    if isinstance(source, torch.Tensor):
+        return {"tokens_sha256": tokens_sha256(source)}
+    return {"path": str(Path(source).resolve()), "sha256": file_sha256(Path(source))}
 
 
 def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> list[list[str]]:
@@ -343,16 +336,13 @@ def quantize_model(
     fingerprint = {
         "config": config.to_dict(),
         "seqlen": seqlen,
-        "model": _file_identity(Path(model_dir) / "config.json"),
-        "dataset": _file_identity(Path(dataset)) if not isinstance(dataset, torch.Tensor) else {
-            "tokens_sha256": hashlib.sha256(dataset.numpy().tobytes()).hexdigest()
-        },
+        "model": _identity(Path(model_dir) / "config.json"),
+        "dataset": _identity(dataset),
     }
     store = ProgressStore(out_dir, fingerprint)
     store.start(resume)
 
     param_dtype = _PARAM_DTYPES[config.param_dtype]
-    param_bits = _param_bits(param_dtype)
     blocks = get_blocks(model)
     train_windows, val_windows = windows[: config.nsamples], windows[config.nsamples :]
     inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
@@ -395,7 +385,7 @@ def quantize_model(
         "config": fingerprint,
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }
-    _atomic_write_text(out_dir / "quantization_report.json", json.dumps(payload, indent=2))
+    atomic_write_text(out_dir / "quantization_report.json", json.dumps(payload, indent=2))
     store.remove_blocks()
     log(report.summary())
     return report
