@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,6 +38,17 @@ def _linear_parameters(model) -> int:
 
 def _dense_bits(model) -> int:
     return sum(p.numel() * 16 for p in model.parameters())
+
+
+def _aqlm_size_mib(model, bits: float) -> float:
+    """Model size as the grid rows count it: quantized layers at ``bits`` per weight, other parameters at 16."""
+    from aqlm import QuantizedLinear
+
+    quantized = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    inside = {id(p) for module in quantized for p in module.parameters()}
+    weights = sum(module.in_features * module.out_features for module in quantized)
+    other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return (weights * bits + other * 16) / 8 / 2**20
 
 
 def _grid_row(model, kind: str, bits: int, args, windows) -> dict:
@@ -80,15 +92,18 @@ def _pv_row(model_dir: Path, quantized: Path, args, work: Path) -> tuple[Path, d
     return out, {"bits": report["bits_per_weight"], "size_mib": size / 2**20, "seconds": time.perf_counter() - started}
 
 
-def _existing_row(path: Path) -> dict:
-    """A row for an AQLM checkpoint made earlier (by ``python -m aqlm quantize``): its own report's bits and time."""
-    report_file = path / "quantization_report.json"
+def _existing_row(path: Path, base_bits: Optional[float] = None) -> dict:
+    """A row for a checkpoint made earlier: bits and time from its own report, ``quantization_report.json`` of
+    ``python -m aqlm quantize`` or, for a ``+pv`` row, ``pv_report.json`` of ``python -m aqlm finetune``
+    (its bits are its base's, ``base_bits``: PV-Tuning keeps the scheme)."""
+    report_name = "quantization_report.json" if base_bits is None else "pv_report.json"
+    report_file = path / report_name
     if not report_file.is_file():
-        raise FileNotFoundError(f"{path} has no quantization_report.json: not an AQLM checkpoint made by this package")
+        raise FileNotFoundError(f"{path} has no {report_name}: not a checkpoint of that kind made by this package")
     report = json.loads(report_file.read_text())
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return {"bits": report["bits_per_weight"], "size_mib": size / 2**20, "seconds": report["seconds"],
-            "checkpoint": str(path)}
+    bits = report["bits_per_weight"] if base_bits is None else base_bits
+    return {"bits": bits, "size_mib": size / 2**20, "seconds": report["seconds"], "checkpoint": str(path)}
 
 
 def write_outputs(out: Path, rows: dict, args) -> None:
@@ -97,7 +112,8 @@ def write_outputs(out: Path, rows: dict, args) -> None:
         f"Model `{args.model}`; perplexity on WikiText-2 test.txt (word-level tokenized release), first "
         f"{args.eval_windows or 'all'} non-overlapping windows of {args.eval_seqlen} tokens; calibration "
         f"{args.nsamples} windows of {args.calib_seqlen} tokens from valid.txt. Bits per weight of the "
-        "quantized linear layers, parameters (codebooks, scales, zero points) counted at 16 bits.",
+        "quantized linear layers, parameters (codebooks, scales, zero points) counted at 16 bits; size: the "
+        "quantized layers at that many bits, all other parameters at 16 bits.",
         "",
         "| scheme | bits/weight | size (MiB) | perplexity | quantization time (s) |",
         "|---|---:|---:|---:|---:|",
@@ -151,13 +167,14 @@ def main() -> int:
     parser.add_argument("--pv-config", default="{}", help="JSON of aqlm.pv_tuning.PVConfig fields for the +pv row")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--existing", nargs="+", default=[], metavar="ROW=DIR",
-                        help="take an AQLM row from a checkpoint made earlier, e.g. aqlm-2x8g8=out/smollm2-2x8g8")
+                        help="take an AQLM row from a checkpoint made earlier, e.g. aqlm-2x8g8=out/smollm2-2x8g8 "
+                        "(a +pv row: the output of `python -m aqlm finetune`; its base row must be done first)")
     args = parser.parse_args()
     existing = {}
     for item in args.existing:
         name, _, directory = item.partition("=")
-        if name not in ROWS or not name.startswith("aqlm") or name.endswith("+pv") or not directory:
-            parser.error(f"--existing {item!r}: expected ROW=DIR with ROW one of the aqlm rows without +pv")
+        if name not in ROWS or not name.startswith("aqlm") or not directory:
+            parser.error(f"--existing {item!r}: expected ROW=DIR with ROW one of the aqlm rows")
         existing[name] = Path(directory)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,6 +200,12 @@ def main() -> int:
             if kind == "gptq" and windows is None:
                 windows = calibration_windows(load_tokens(args.calibration, tokenizer), args.nsamples, args.calib_seqlen, 0)
             row = _grid_row(model, kind, int(bits), args, windows)
+        elif name.endswith("+pv") and name in existing:
+            if name[: -len("+pv")] not in rows:
+                print(f"{name}: needs the {name[: -len('+pv')]} row first; skipped")
+                continue
+            path, row = existing[name], _existing_row(existing[name], rows[name[: -len("+pv")]]["bits"])
+            model, tokenizer = load_model(path)
         elif name.endswith("+pv"):
             base = existing.get(name[: -len("+pv")], out / "checkpoints" / name[: -len("+pv")])
             if not (base / "config.json").exists():
@@ -196,6 +219,8 @@ def main() -> int:
         else:
             path, row = _aqlm_row(model_dir, name.split("-", 1)[1], args, out / "checkpoints")
             model, tokenizer = load_model(path)
+        if name.startswith("aqlm"):
+            row["file_mib"], row["size_mib"] = row["size_mib"], _aqlm_size_mib(model, row["bits"])
         row["perplexity"] = evaluate_model(model, tokenizer, args.test, args.eval_seqlen, eval_windows)["perplexity"]
         rows[name] = row
         (out / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2))
