@@ -273,9 +273,8 @@ def _demo_data(model, tokenizer, out: Path, args: argparse.Namespace) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     samples = out / "demo_samples.pt"
     total = args.nsamples + args.eval_sequences
-    if samples.is_file() and tuple(torch.load(samples, weights_only=True).shape) == (total, args.seqlen):
-        tokens = torch.load(samples, weights_only=True)
-    else:
+    tokens = torch.load(samples, weights_only=True) if samples.is_file() else None
+    if tokens is None or tuple(tokens.shape) != (total, args.seqlen):
         bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
         tokens = sample_sequences(model, total, args.seqlen, seed=1234, bos_token_id=bos)
         torch.save(tokens, samples)

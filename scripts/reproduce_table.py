@@ -76,8 +76,7 @@ def _aqlm_row(model_dir: Path, scheme: str, args, work: Path) -> tuple[Path, dic
     out = work / f"aqlm-{scheme}"
     started = time.perf_counter()
     report = quantize_model(model_dir, args.calibration, out, config, resume=(out / "aqlm_progress").exists())
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return out, {"bits": report.bits_per_weight, "size_mib": size / 2**20, "seconds": time.perf_counter() - started}
+    return out, {"bits": report.bits_per_weight, "seconds": time.perf_counter() - started}
 
 
 def _pv_row(model_dir: Path, quantized: Path, args, work: Path) -> tuple[Path, dict]:
@@ -87,9 +86,8 @@ def _pv_row(model_dir: Path, quantized: Path, args, work: Path) -> tuple[Path, d
     started = time.perf_counter()
     pv_tune(model_dir, quantized, args.calibration, out, PVConfig(**json.loads(args.pv_config)),
             resume=(out / "pv_checkpoint").exists())
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     report = json.loads((quantized / "quantization_report.json").read_text())
-    return out, {"bits": report["bits_per_weight"], "size_mib": size / 2**20, "seconds": time.perf_counter() - started}
+    return out, {"bits": report["bits_per_weight"], "seconds": time.perf_counter() - started}
 
 
 def _existing_row(path: Path, base_bits: Optional[float] = None) -> dict:
@@ -101,9 +99,8 @@ def _existing_row(path: Path, base_bits: Optional[float] = None) -> dict:
     if not report_file.is_file():
         raise FileNotFoundError(f"{path} has no {report_name}: not a checkpoint of that kind made by this package")
     report = json.loads(report_file.read_text())
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     bits = report["bits_per_weight"] if base_bits is None else base_bits
-    return {"bits": bits, "size_mib": size / 2**20, "seconds": report["seconds"], "checkpoint": str(path)}
+    return {"bits": bits, "seconds": report["seconds"], "checkpoint": str(path)}
 
 
 def write_outputs(out: Path, rows: dict, args) -> None:
@@ -205,22 +202,20 @@ def main() -> int:
                 print(f"{name}: needs the {name[: -len('+pv')]} row first; skipped")
                 continue
             path, row = existing[name], _existing_row(existing[name], rows[name[: -len("+pv")]]["bits"])
-            model, tokenizer = load_model(path)
         elif name.endswith("+pv"):
             base = existing.get(name[: -len("+pv")], out / "checkpoints" / name[: -len("+pv")])
             if not (base / "config.json").exists():
                 print(f"{name}: needs the {name[: -len('+pv')]} row first; skipped")
                 continue
             path, row = _pv_row(model_dir, base, args, out / "checkpoints")
-            model, tokenizer = load_model(path)
         elif name in existing:
             path, row = existing[name], _existing_row(existing[name])
-            model, tokenizer = load_model(path)
         else:
             path, row = _aqlm_row(model_dir, name.split("-", 1)[1], args, out / "checkpoints")
-            model, tokenizer = load_model(path)
         if name.startswith("aqlm"):
-            row["file_mib"], row["size_mib"] = row["size_mib"], _aqlm_size_mib(model, row["bits"])
+            model, tokenizer = load_model(path)
+            row["size_mib"] = _aqlm_size_mib(model, row["bits"])
+            row["file_mib"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
         row["perplexity"] = evaluate_model(model, tokenizer, args.test, args.eval_seqlen, eval_windows)["perplexity"]
         rows[name] = row
         (out / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2))
