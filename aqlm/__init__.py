@@ -3,6 +3,15 @@
 ``from aqlm import QuantizedLinear`` is what Hugging Face Transformers' AQLM integration imports.
 """
 from importlib import metadata as _metadata
+from pathlib import Path as _Path
+
+try:
+    from . import _C
+except ImportError as _error:  # a source tree whose extension was never built
+    raise ImportError(
+        f"aqlm's C extension is not built in {_Path(__file__).parent} ({_error}); build it there with "
+        "`pip install -e .`, or run from another directory to import an installed aqlm"
+    ) from None
 
 from . import ops
 from .format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes

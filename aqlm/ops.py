@@ -236,8 +236,11 @@ def _quantized_matmul_cpu(
     tokens = math.prod(input.shape[:-1])
     x = input.reshape(tokens, input.shape[-1]).contiguous()
     kernel_name = choose_cpu_kernel(tokens, codes.shape[2], nbits, codebooks.shape[2], codebooks.shape[3])
+    # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
+    # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
+    result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
+    out = result.view(tokens, out_features)
     if kernel_name != "dequantize":
-        out = torch.empty(tokens, out_features, dtype=input.dtype)
         kernel = _C.lut_matmul if kernel_name == "lut" else _C.codebook_matmul
         codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
         kernel(
@@ -246,7 +249,7 @@ def _quantized_matmul_cpu(
             num_threads=torch.get_num_threads(),
         )
     else:
-        out = torch.empty(tokens, out_features, dtype=input.dtype)
+        scales = scales.reshape(-1)
         out_group_size = codebooks.shape[2]
         row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * input.element_size()
         groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
@@ -255,7 +258,7 @@ def _quantized_matmul_cpu(
             weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], input.dtype)
             rows = slice(first * out_group_size, last * out_group_size)
             out[:, rows] = F.linear(x, weight, None if bias is None else bias[rows].to(input.dtype))
-    return out.view(*input.shape[:-1], out_features)
+    return result
 
 
 @quantized_matmul.register_fake

@@ -1,0 +1,55 @@
+"""README's first command, as README spells it, in a fresh clone with nothing beside it.
+
+The repository is cloned (committed state, as CI and users get it) into an empty temporary
+directory, so there is no ../shared and no built extension; the command runs in a new virtual
+environment, so nothing installed for the test suite helps it.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    """The ```bash blocks of README's "Set up and run" section, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Set up and run", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second() -> None:
+    commands = readme_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands), commands
+    assert commands[0].endswith("python -m aqlm demo")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.slow
+def test_readme_main_command_runs_in_a_fresh_clone(tmp_path: Path) -> None:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout to clone")
+    command = readme_commands()[0]
+    clone = tmp_path / "fresh" / "aqlm"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    assert not (clone.parent.parent / "shared").exists() and not (clone.parent / "shared").exists()
+    environment = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(environment)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("AQLM_SHARED_DATA", "PYTHONPATH", "VIRTUAL_ENV", "AQLM_SIMD")}
+    env.update(PATH=f"{environment / 'bin'}:{env.get('PATH', '')}", VIRTUAL_ENV=str(environment),
+               AQLM_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    result = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+    log = tmp_path / "fresh-clone.log"
+    log.write_text(f"$ {command}\n{result.stdout}\n{result.stderr}")
+    print(f"log: {log}", file=sys.stderr)
+    assert result.returncode == 0, f"README's command failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows if row] == ["dense", "RTN", "AQLM"], result.stdout[-2000:]
+    assert (clone / "aqlm-demo" / "model.safetensors").is_file()
