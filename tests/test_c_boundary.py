@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import aqlm.ops
 from aqlm import QuantizedLinear, _C
 from aqlm.format import dequantize_reference, pack_codes
 
@@ -90,8 +91,9 @@ def test_dequantize_output_aliasing_codebooks_is_rejected() -> None:
 
 @pytest.mark.parametrize("tokens", [1, 2, 100, 600])
 @pytest.mark.parametrize("shape", [(16,), (1, 16), (16, 1), (16, 1, 1, 1)])
-def test_scales_of_any_shape_with_one_value_per_group_are_accepted_alike(tokens: int, shape: tuple) -> None:
-    """Every kernel choice (per-token tables, decoding, chunked dequantize) accepts the same shapes."""
+def test_scales_of_any_shape_with_one_value_per_group_are_accepted_alike(tokens: int, shape: tuple, monkeypatch) -> None:
+    """Every kernel choice (per-token tables, decoding, dequantize in several row chunks) accepts the same shapes."""
+    monkeypatch.setattr(aqlm.ops, "DEQUANTIZE_CHUNK_BYTES", 4 * 32 * 4)  # 4 output rows per chunk
     codes, codebooks, scales = _layer()
     x = torch.randn(tokens, 32)
     expected = x @ dequantize_reference(codes, codebooks, scales).T

@@ -5,7 +5,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from aqlm import QuantizedLinear
-from aqlm.cli import main
+from aqlm.cli import build_parser, main
 from aqlm.quantize import quantize_model
 from test_quantize_model import config, tiny_model_dir, token_file
 
@@ -110,10 +109,10 @@ def test_out_that_is_a_file_is_refused(dense, tmp_path, capsys):
     ],
 )
 def test_bad_values_are_refused_while_parsing(argv, fragments, capsys):
-    started = time.perf_counter()
-    status, stderr = run_cli(capsys, *argv)
-    assert_one_line(status, stderr, *fragments)
-    assert time.perf_counter() - started < 30, "a bad value must be refused before any work starts"
+    """Only the parser runs: a value it lets through would start real work (300 codebooks hung)."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert_one_line(exit_.value.code, capsys.readouterr().err, *fragments)
 
 
 def test_no_traceback_from_the_command_line(tmp_path):
