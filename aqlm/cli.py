@@ -239,6 +239,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 DEMO_MODEL = "stories260k"
 DEMO_SCHEME = "4x4g4"
+# Below this many parameters the demo runs on one thread unless --threads says otherwise: every
+# operation is microseconds long, so a second thread only adds synchronisation, and when the
+# cores are shared each synchronisation can wait for a descheduled thread (measured on a loaded
+# 2-core machine: the whole demo took 177 s on one thread; on two, 9 minutes reached only block 3 of 5).
+SMALL_MODEL_PARAMETERS = 10_000_000
 
 
 def _add_demo(subparsers) -> None:
@@ -257,7 +262,8 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--nsamples", type=int_at_least(1), default=64, help="calibration sequences")
     parser.add_argument("--seqlen", type=int_at_least(2), default=256, help="tokens per calibration and test sequence")
     parser.add_argument("--eval-sequences", type=int_at_least(1), default=32, help="test sequences (windows)")
-    parser.add_argument("--threads", type=int_at_least(1), default=None)
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help=f"CPU threads (default: 1 for models under {SMALL_MODEL_PARAMETERS:,} parameters, else torch's)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     parser.set_defaults(run=_run_demo)
@@ -298,9 +304,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     import math
 
     from .baselines import quantize_model_rtn, rtn_bits_per_weight
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from .fileio import check_output_dir
     from .quantize.model import PROGRESS_DIR
 
@@ -310,10 +313,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, {"input": model_dir}, out / PROGRESS_DIR / "config.json", args.resume, args.overwrite)
     dense, tokenizer = load_model(model_dir)
+    threads = args.threads
+    if threads is None and sum(p.numel() for p in dense.parameters()) < SMALL_MODEL_PARAMETERS:
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     calibration, windows, described = _demo_data(dense, tokenizer, out, args)
     config = QuantizeConfig(
         layer=LayerConfig(scheme=scheme, max_epochs=8, steps_per_epoch=20, codebook_update="lstsq",
-                          num_threads=args.threads),
+                          num_threads=threads),
         finetune=FinetuneConfig(max_epochs=2, lr=1e-4),
         nsamples=args.nsamples,
         seqlen=args.seqlen,
