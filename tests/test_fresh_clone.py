@@ -64,3 +64,18 @@ def test_readme_main_command_runs_in_a_fresh_clone(tmp_path: Path) -> None:
     rows = [line.split() for line in output.splitlines() if line.startswith("  ") and line.split()]
     assert [row[0] for row in rows][-3:] == ["dense", "RTN", "AQLM"], output[-2000:]
     assert (clone / "aqlm-demo" / "model.safetensors").is_file()
+
+
+def test_unbuilt_source_tree_says_so_in_one_line(tmp_path: Path) -> None:
+    """`python -m aqlm` from a checkout whose extension was never built (e.g. after `pip install .`,
+    run from the root) prints one line naming the fix instead of a circular-import traceback.
+    ``-S`` keeps site-packages (and this environment's editable install) out of the child."""
+    shutil.copytree(ROOT / "aqlm", tmp_path / "aqlm", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    result = subprocess.run([sys.executable, "-S", "-m", "aqlm", "demo"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "C extension is not built" in lines[0] and "pip install -e ." in lines[0]
+    imported = subprocess.run([sys.executable, "-S", "-c", "import aqlm"], cwd=tmp_path, capture_output=True, text=True)
+    assert imported.returncode == 1
+    assert imported.stderr.strip().splitlines()[-1].startswith("ImportError: aqlm's C extension is not built")
