@@ -8,7 +8,10 @@ from pathlib import Path as _Path
 
 try:
     from . import _C
-except ImportError:  # a source tree whose extension was never built, e.g. the checkout after `pip install .`
+except ImportError:
+    if any(_Path(__file__).parent.glob("_C.*")):
+        raise  # the extension is there but refused to load (e.g. a bad AQLM_SIMD): its own message says why
+    # a source tree whose extension was never built, e.g. the checkout after `pip install .`
     _message = (
         f"aqlm's C extension is not built in the source tree {_Path(__file__).parent}, which shadows any installed "
         "aqlm from this directory: build it in place with `pip install -e .`, or run from another directory"
