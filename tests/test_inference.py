@@ -361,7 +361,15 @@ def test_dequantize_op_and_layer_helpers():
     torch.testing.assert_close(layer.dequantize(), layer.reference_weight(), rtol=0, atol=1e-6)
     assert layer.scheme.name == "2x6g4o2"
     assert "scheme=2x6g4o2" in repr(layer)
-    assert aqlm.__version__.startswith("2.")
+
+
+def test_version_is_the_one_in_pyproject():
+    """aqlm.__version__ is the project version of pyproject.toml (read here with tomllib)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert aqlm.__version__ == pyproject["project"]["version"]
 
 
 @pytest.mark.parametrize("nbits", [1, 4, 7, 8, 12, 15, 16])
