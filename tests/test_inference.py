@@ -214,6 +214,32 @@ def test_quantized_linear_cpu_matches_torch_path(config, shape):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("out_group_size", [1, 2])
+def test_chunked_dequantize_path_with_bias_matches_formula(monkeypatch, out_group_size):
+    """Many tokens go through the dense weight, dequantized in chunks of output groups; with the
+    chunk size cut to 10 groups' rows, 96 output groups take 10 chunks (the last one short), each
+    with its slice of the bias, and the result is the torch formula's."""
+    import aqlm.ops
+
+    out_features = 96 * out_group_size
+    codes, codebooks, scales, bias = random_layer(out_features, 64, 2, 8, out_group_size, 8, seed=21)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(22))
+    row_bytes = 64 * out_group_size * x.element_size()
+    monkeypatch.setattr(aqlm.ops, "DEQUANTIZE_CHUNK_BYTES", 10 * row_bytes + row_bytes // 2)
+    chunks = []
+    dequantize_rows = aqlm.ops._dequantize_cpu_as
+
+    def recording(chunk_codes, *args):
+        chunks.append(chunk_codes.shape[0])
+        return dequantize_rows(chunk_codes, *args)
+
+    monkeypatch.setattr(aqlm.ops, "_dequantize_cpu_as", recording)
+    y = torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales, bias)
+    assert chunks == [10] * 9 + [6], f"512 tokens should take the chunked dequantize path: chunks {chunks}"
+    reference = formula(x, codes, codebooks, scales, bias)
+    torch.testing.assert_close(y.double(), reference, rtol=0, atol=tolerance(torch.float32, torch.float32, reference))
+
+
 def test_quantized_linear_noncontiguous_input_is_handled():
     codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8)
     layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
