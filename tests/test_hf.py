@@ -79,51 +79,37 @@ def test_upstream_layout_loads_with_dense_lm_head(tmp_path):
     assert torch.equal(logits(loaded, ids), expected)
 
 
-LOAD_WITH_TRANSFORMERS_MATCHING = """
-import sys
-import torch
-import transformers.quantizers  # before the integration module, which it imports (a cycle otherwise)
-import transformers.integrations.aqlm as integration
-from transformers import AutoModelForCausalLM
-
-checkpoint, matching, ids_path, out_path = sys.argv[1:]
-if matching == "weight_names":  # a Transformers that honours weight names in the list itself
-    module_names_only = integration.should_convert_module
-
-    def should_convert_module(full_name, patterns=None):
-        if patterns is not None and f"{full_name}.weight" in patterns:
-            return False
-        return module_names_only(full_name, patterns)
-
-    integration.should_convert_module = should_convert_module
-import aqlm  # installs the compatibility fix over whichever matching this Transformers does
-
-model = AutoModelForCausalLM.from_pretrained(checkpoint)
-with torch.no_grad():
-    logits = model(torch.load(ids_path)).logits
-torch.save({"lm_head": type(model.lm_head).__name__, "logits": logits}, out_path)
-"""
-
-
 @pytest.mark.parametrize("matching", ["installed", "weight_names"])
-def test_weight_names_in_the_list_load_right_whatever_transformers_matches(tmp_path, matching):
+def test_weight_names_in_the_list_load_right_whatever_transformers_matches(tmp_path, monkeypatch, matching):
     """A checkpoint listing only ``lm_head.weight`` as not quantized loads with a dense lm_head and
     the saved model's logits, both with the installed Transformers (which, in 5.x, matches module
-    names only) and with one that matches weight names itself, as a fixed Transformers would."""
+    names only) and with one that matches weight names itself, as a fixed Transformers would: that
+    one is simulated by replacing the integration's matcher and installing aqlm's fix over it, as
+    ``import aqlm`` does."""
+    import transformers.integrations.aqlm as integration
+    from transformers.quantizers import quantizers_utils
+
+    import aqlm
+
+    if matching == "weight_names":
+        module_names_only = quantizers_utils.should_convert_module
+
+        def should_convert_module(full_name, patterns=None):
+            if patterns is not None and f"{full_name}.weight" in patterns:
+                return False
+            return module_names_only(full_name, patterns)
+
+        monkeypatch.setattr(integration, "should_convert_module", should_convert_module)
+        aqlm.install_transformers_compat()
     model = tiny_llama(seed=7)
     quantize_linears_nearest(model, AqlmScheme(1, 4, 8, 1))
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(8))
     expected = logits(model, ids)
     _write_upstream_layout(model, tmp_path / "upstream")
-    torch.save(ids, tmp_path / "ids.pt")
-    script_args = [str(tmp_path / "upstream"), matching, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITH_TRANSFORMERS_MATCHING, *script_args], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    loaded = torch.load(tmp_path / "out.pt")
-    assert loaded["lm_head"] == "Linear", f"lm_head loaded as {loaded['lm_head']}"
-    assert torch.equal(loaded["logits"], expected), f"logits off by {(loaded['logits'] - expected).abs().max():.3g}"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "upstream")
+    assert type(loaded.lm_head) is nn.Linear, f"lm_head loaded as {type(loaded.lm_head).__name__}"
+    got = logits(loaded, ids)
+    assert torch.equal(got, expected), f"logits off by {(got - expected).abs().max():.3g}"
 
 
 @pytest.mark.parametrize("aqlm_first", [True, False])
