@@ -79,6 +79,14 @@ aqlm_status aqlm_format_check(const aqlm_format *f, aqlm_error *err);
  * [-K/2, K) (packed or unpacked form). Needed only when nbits < code_bits. */
 aqlm_status aqlm_codes_check(const aqlm_format *f, const void *codes, aqlm_error *err);
 
+/* ---- threads -------------------------------------------------------------------------------- */
+
+/* Calls start a thread team only for at least this many elementary operations (default 262144,
+ * ~tens of microseconds); smaller jobs run on the calling thread. Process-wide and atomic; results
+ * do not depend on it. Negative values are taken as 0 (always use the threads asked for). */
+void aqlm_set_min_parallel_work(int64_t work);
+int64_t aqlm_min_parallel_work(void);
+
 /* ---- inference kernels ---------------------------------------------------------------------- */
 
 /* weight [out, in] (weight_dtype) = dequantized W. */
@@ -132,9 +140,11 @@ typedef struct {
     int beam_size; /* hypotheses kept per output group; 1 is greedy coordinate descent */
     int shuffle;   /* nonzero: visit input groups, and codebooks within each, in a seeded random order */
     uint64_t seed;
+    size_t norms_budget_bytes; /* precompute the codeword norms of every (input group, codebook) when
+                                  they fit in this many bytes; else compute them at each step */
 } aqlm_beam_params;
 
-/* Beam size 1, no shuffling, seed 0. */
+/* Beam size 1, no shuffling, seed 0, 512 MiB for precomputed norms. */
 aqlm_beam_params aqlm_beam_params_default(void);
 
 /* One pass of beam search over the codes, minimising for every output group o

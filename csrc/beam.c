@@ -24,13 +24,13 @@
 
 enum { BEAM_TILE_HYPOTHESES = 64 }; /* hypotheses per tile: their gradient rows stay in cache */
 enum { BEAM_MAX_BEAM = 256 };
-static const size_t NORMS_BUDGET_BYTES = (size_t)512 << 20;
 
 aqlm_beam_params aqlm_beam_params_default(void) {
     aqlm_beam_params p;
     p.beam_size = 1;
     p.shuffle = 0;
     p.seed = 0;
+    p.norms_budget_bytes = (size_t)512 << 20;
     return p;
 }
 
@@ -422,11 +422,11 @@ aqlm_status aqlm_beam_search(const aqlm_format *f, const float *xtx, const float
     const int threads = aqlm_threads_for(num_threads, (double)f->out_features * p.in * M * (xtx ? D : 1));
     const size_t norms_bytes = (size_t)(G * M * K) * sizeof(float);
     float *ct = malloc((size_t)(M * D * K) * sizeof(float));
-    float *norms = norms_bytes <= NORMS_BUDGET_BYTES ? malloc(norms_bytes) : NULL;
+    float *norms = norms_bytes <= params->norms_budget_bytes ? malloc(norms_bytes) : NULL;
     int64_t *group_order = malloc((size_t)G * sizeof(int64_t));
     int64_t *codebook_order = malloc((size_t)(G * M) * sizeof(int64_t));
     beam_workspace *spaces = calloc((size_t)threads, sizeof(beam_workspace));
-    if (!ct || (norms_bytes <= NORMS_BUDGET_BYTES && !norms) || !group_order || !codebook_order || !spaces) {
+    if (!ct || (norms_bytes <= params->norms_budget_bytes && !norms) || !group_order || !codebook_order || !spaces) {
         status = aqlm_nomem(err, (size_t)(M * D * K) * sizeof(float) + norms_bytes);
         goto done;
     }

@@ -1,6 +1,8 @@
 /*
  * format.c - validation of the weight format and of matmul arguments, shared by the drivers.
  */
+#include <stdatomic.h>
+
 #include "internal.h"
 
 aqlm_status aqlm_format_check(const aqlm_format *f, aqlm_error *err) {
@@ -91,9 +93,21 @@ aqlm_status aqlm_check_matmul_args(const aqlm_format *f, int64_t n, aqlm_dtype x
     return aqlm_codes_check(f, codes, err);
 }
 
+/* The process-wide threshold of aqlm_threads_for. A tuning knob, not state of any computation:
+ * results never depend on it (every kernel gives the same bits for any thread count), so it is
+ * kept here rather than threaded through every public call; atomic, so setting it while kernels
+ * run on other threads is safe. */
+static _Atomic int64_t min_parallel_work = 262144;
+
+void aqlm_set_min_parallel_work(int64_t work) {
+    atomic_store_explicit(&min_parallel_work, work < 0 ? 0 : work, memory_order_relaxed);
+}
+
+int64_t aqlm_min_parallel_work(void) { return atomic_load_explicit(&min_parallel_work, memory_order_relaxed); }
+
 int aqlm_threads_for(int num_threads, double work) {
     /* Below ~256k elementary operations (tens of microseconds) a thread team costs more than it
      * saves, and far more when the machine is oversubscribed and a waiting thread loses its core. */
-    if (num_threads < 1 || work < 262144.0) return 1;
+    if (num_threads < 1 || work < (double)aqlm_min_parallel_work()) return 1;
     return num_threads;
 }

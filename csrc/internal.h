@@ -294,7 +294,7 @@ static inline uint64_t aqlm_random_below(uint64_t *state, uint64_t bound) {
 /* Index of the first NaN or Inf among count floats, or -1. */
 int64_t aqlm_find_nonfinite(const float *values, int64_t count);
 
-/* Threads to use for `work` units of roughly one microsecond each: 1 for small jobs. */
+/* Threads to use for `work` elementary operations: 1 below aqlm_min_parallel_work(). */
 int aqlm_threads_for(int num_threads, double work);
 
 #endif /* AQLM_INTERNAL_H */

@@ -448,29 +448,33 @@ static PyObject *py_kmeans(PyObject *module, PyObject *args, PyObject *kwargs) {
 }
 
 PyDoc_STRVAR(beam_search_doc,
-"beam_search(xtx, codebooks, scales, codes, gradient, losses, *, allowed=None, beam_size=1, shuffle=False, seed=0, simd=None, num_threads=None)\n"
+"beam_search(xtx, codebooks, scales, codes, gradient, losses, *, allowed=None, beam_size=1, shuffle=False, seed=0, simd=None, num_threads=None, norms_budget_bytes=536870912)\n"
 "--\n\n"
 "One beam-search pass over the codes minimising, per output group, tr((W - What) xtx (W - What)^T).\n"
 "xtx [in, in] float32 or None (identity: plain squared error); codebooks [M, K, og, ig] float32;\n"
 "scales (one float32 per output group); codes [out/og, in/ig, M] int8/int16 (packed), gradient\n"
 "[out, in] float32 = (W - What) @ xtx, losses [out/og] float64: all three updated in place.\n"
-"allowed [out/og, in/ig] uint8/bool or None: only groups with allowed != 0 may change.");
+"allowed [out/og, in/ig] uint8/bool or None: only groups with allowed != 0 may change.\n"
+"Codeword norms are precomputed when they fit in norms_budget_bytes, else computed at each step.");
 
 static PyObject *py_beam_search(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"xtx", "codebooks", "scales", "codes", "gradient", "losses", "allowed", "beam_size",
-                               "shuffle", "seed", "simd", "num_threads", NULL};
+                               "shuffle", "seed", "simd", "num_threads", "norms_budget_bytes", NULL};
     PyObject *xtx_object, *codebooks_object, *scales_object, *codes_object, *gradient_object, *losses_object;
     PyObject *allowed_object = Py_None;
     aqlm_beam_params params = aqlm_beam_params_default();
     unsigned long long seed = 0;
     const char *simd_name = NULL;
     int num_threads = omp_get_max_threads();
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$OipKzi:beam_search", keywords, &xtx_object,
+    Py_ssize_t norms_budget = (Py_ssize_t)params.norms_budget_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$OipKzin:beam_search", keywords, &xtx_object,
                                      &codebooks_object, &scales_object, &codes_object, &gradient_object,
                                      &losses_object, &allowed_object, &params.beam_size, &params.shuffle, &seed,
-                                     &simd_name, &num_threads))
+                                     &simd_name, &num_threads, &norms_budget))
         return NULL;
+    if (norms_budget < 0) return PyErr_Format(PyExc_ValueError, "norms_budget_bytes must be >= 0, got %zd", norms_budget);
     params.seed = seed;
+    params.norms_budget_bytes = (size_t)norms_budget;
     aqlm_simd simd;
     if (parse_simd(module, simd_name, &simd) < 0 || check_threads(num_threads) < 0) return NULL;
     weight_args w;
@@ -630,6 +634,45 @@ static PyObject *py_simd_default(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(aqlm_simd_name(state_of(module)->chosen));
 }
 
+PyDoc_STRVAR(set_min_parallel_work_doc,
+"set_min_parallel_work(work)\n--\n\n"
+"Calls start a thread team only for at least `work` elementary operations (default 262144);\n"
+"0 always uses the threads asked for. Process-wide; results never depend on it.");
+static PyObject *py_set_min_parallel_work(PyObject *module, PyObject *arg) {
+    const long long work = PyLong_AsLongLong(arg);
+    if (work == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "work must be an int, got %s", Py_TYPE(arg)->tp_name);
+        }
+        return NULL;
+    }
+    if (work < 0) return PyErr_Format(PyExc_ValueError, "work must be >= 0, got %lld", work);
+    aqlm_set_min_parallel_work((int64_t)work);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(min_parallel_work_doc, "min_parallel_work()\n--\n\nThe threshold set by set_min_parallel_work.");
+static PyObject *py_min_parallel_work(PyObject *module, PyObject *unused) {
+    return PyLong_FromLongLong((long long)aqlm_min_parallel_work());
+}
+
+PyDoc_STRVAR(parallel_team_size_doc,
+"parallel_team_size(num_threads)\n--\n\n"
+"For tests: the number of threads OpenMP gives a parallel region that asks for num_threads.");
+static PyObject *py_parallel_team_size(PyObject *module, PyObject *arg) {
+    const int num_threads = (int)PyLong_AsLong(arg);
+    if (num_threads == -1 && PyErr_Occurred()) return NULL;
+    if (check_threads(num_threads) < 0) return NULL;
+    int size = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp single
+        size = omp_get_num_threads();
+    }
+    return PyLong_FromLong(size);
+}
+
 static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS, dequantize_doc},
     {"lut_matmul", (PyCFunction)(void (*)(void))py_lut_matmul, METH_VARARGS | METH_KEYWORDS, lut_matmul_doc},
@@ -640,6 +683,9 @@ static PyMethodDef methods[] = {
     {"gradient_update", (PyCFunction)(void (*)(void))py_gradient_update, METH_VARARGS | METH_KEYWORDS, gradient_update_doc},
     {"simd_supported", py_simd_supported, METH_NOARGS, simd_supported_doc},
     {"simd_default", py_simd_default, METH_NOARGS, simd_default_doc},
+    {"set_min_parallel_work", py_set_min_parallel_work, METH_O, set_min_parallel_work_doc},
+    {"min_parallel_work", py_min_parallel_work, METH_NOARGS, min_parallel_work_doc},
+    {"parallel_team_size", py_parallel_team_size, METH_O, parallel_team_size_doc},
     {NULL, NULL, 0, NULL},
 };
 

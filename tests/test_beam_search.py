@@ -3,6 +3,7 @@ losses and gradient, monotone objective, wider beams no worse, masks, determinis
 levels, threads and seeds, and clear errors for broken inputs."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pytest
 
 from aqlm import _C
 from beam_problems import BeamProblem, dequantize, make_problem, pack, residual_terms, run_beam_search
+from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
 # (out_group_size, in_group_size, num_codebooks, nbits)
@@ -183,28 +185,65 @@ def test_allowed_mask_and_zero_scales_keep_codes(beam_size: int) -> None:
     np.testing.assert_array_equal(frozen.losses, start_losses)
 
 
+# Problems with 8 tiles of output groups at beam 1 (32 at beam 4), each long enough (milliseconds)
+# that both threads of a team take some: (out_features, in_features) by beam size.
+THREADED_SHAPES = {1: (512, 128), 4: (512, 64)}
+
+
+@functools.lru_cache(maxsize=None)
+def threaded_problem(beam_size: int, nbits: int, seed: int) -> BeamProblem:
+    return make_problem(*THREADED_SHAPES[beam_size], 1, 8, 2, nbits, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def scalar_single_thread_run(beam_size: int):
+    """The reference of the SIMD/thread test: scalar kernels on one thread."""
+    problem = threaded_problem(beam_size, 8, 7)
+    return run_beam_search(problem, beam_size=beam_size, shuffle=True, seed=3, simd="scalar", num_threads=1)
+
+
 @pytest.mark.parametrize("simd", simd_params())
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_identical_across_simd_levels_and_threads(simd: str, beam_size: int) -> None:
-    """128 x 64 with two 8-bit codebooks: enough work for two threads and several tiles."""
-    problem = make_problem(128, 64, 1, 8, 2, 8, seed=7)
-    reference = run_beam_search(problem, beam_size=beam_size, shuffle=True, seed=3, simd="scalar", num_threads=1)
-    for threads in (1, 2):
+def test_identical_across_simd_levels_and_threads(simd: str, beam_size: int, always_parallel: int) -> None:
+    """Every SIMD level on one thread and on two: bit-identical to the scalar single-thread run."""
+    problem = threaded_problem(beam_size, 8, 7)
+    reference = scalar_single_thread_run(beam_size)
+    for threads in (1, always_parallel):
         result = run_beam_search(problem, beam_size=beam_size, shuffle=True, seed=3, simd=simd, num_threads=threads)
         assert_same_run(result, reference)
 
 
-def test_identical_across_simd_levels_with_out_groups_and_wide_codewords() -> None:
-    """out_group_size 2, in_group_size 16 and 12-bit codebooks: other kernel shapes, same bits."""
+def test_identical_across_simd_levels_with_out_groups_and_wide_codewords(always_parallel: int) -> None:
+    """out_group_size 2, in_group_size 16 and 12-bit codebooks: other kernel shapes, same bits, with
+    enough output groups (256) for several tiles on two threads."""
     for og, ig, nbits in ((2, 16, 6), (1, 8, 12)):
-        problem = make_problem(32, 32, og, ig, 1, nbits, seed=8)
+        problem = make_problem(256 * og, 64, og, ig, 1, nbits, seed=8)
         runs = [
             run_beam_search(problem, simd=simd, num_threads=threads)
             for simd in supported_levels()
-            for threads in (1, 2)
+            for threads in (1, always_parallel)
         ]
         for run in runs[1:]:
             assert_same_run(run, runs[0])
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_norms_computed_per_step_when_over_budget(beam_size: int, always_parallel: int) -> None:
+    """With no memory for precomputed codeword norms (norms_budget_bytes=0) each thread computes
+    them at every step: the same bits as with precomputed norms, on one thread or two, and (beam 1)
+    the brute-force greedy codes. xtx is not the same on every diagonal block, so norms taken for
+    another input group would change the codes."""
+    small = make_problem(64, 64, 1, 8, 2, 6, seed=14)
+    for problem, threads in ((small, 1), (threaded_problem(beam_size, 8, 15), always_parallel)):
+        precomputed = run_beam_search(problem, beam_size=beam_size, num_threads=1)
+        per_step = run_beam_search(problem, beam_size=beam_size, num_threads=threads, norms_budget_bytes=0)
+        assert_same_run(per_step, precomputed)
+    if beam_size == 1:
+        per_step = run_beam_search(small, num_threads=1, norms_budget_bytes=0)
+        expected, smallest_gap = greedy_pass_reference(small, small.codes)
+        if not np.array_equal(per_step.codes, expected):
+            assert smallest_gap < NEAR_TIE, "codes differ from the reference without a near-tie"
+            assert total_loss(small, per_step.codes) <= total_loss(small, expected) * (1 + NEAR_TIE)
 
 
 def test_shuffle_is_seeded() -> None:
@@ -268,7 +307,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
             gradient=gradient.copy(),
             losses=losses.copy(),
         )
-        options = {key: changes.pop(key) for key in ("allowed", "beam_size", "num_threads", "simd") if key in changes}
+        options = {key: changes.pop(key) for key in ("allowed", "beam_size", "num_threads", "simd", "norms_budget_bytes") if key in changes}
         args.update(changes)
         _C.beam_search(*args.values(), **options)
 
@@ -315,6 +354,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
         call(beam_size=0)
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         call(num_threads=0)
+    with pytest.raises(ValueError, match="norms_budget_bytes must be >= 0, got -1"):
+        call(norms_budget_bytes=-1)
 
 
 NULL_CODES_SCRIPT = textwrap.dedent(
@@ -328,7 +369,8 @@ NULL_CODES_SCRIPT = textwrap.dedent(
         _fields_ += [("nbits", ctypes.c_int), ("code_bits", ctypes.c_int)]
 
     class Params(ctypes.Structure):
-        _fields_ = [("beam_size", ctypes.c_int), ("shuffle", ctypes.c_int), ("seed", ctypes.c_uint64)]
+        _fields_ = [("beam_size", ctypes.c_int), ("shuffle", ctypes.c_int), ("seed", ctypes.c_uint64),
+                    ("norms_budget_bytes", ctypes.c_size_t)]
 
     class Error(ctypes.Structure):
         _fields_ = [("message", ctypes.c_char * 512)]
@@ -339,7 +381,7 @@ NULL_CODES_SCRIPT = textwrap.dedent(
     gradient, losses, error = np.zeros((4, 8), np.float32), np.zeros(4), Error()
     status = core.aqlm_beam_search(
         ctypes.byref(Format(4, 8, 1, 8, 1, 4, 8)), None, pointer(codebooks), pointer(scales), None, None,
-        pointer(gradient), pointer(losses), ctypes.byref(Params(1, 0, 0)), 0, 1, None, None, ctypes.byref(error))
+        pointer(gradient), pointer(losses), ctypes.byref(Params(1, 0, 0, 0)), 0, 1, None, None, ctypes.byref(error))
     print(status, error.message.decode())
     """
 )

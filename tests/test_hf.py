@@ -3,12 +3,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from aqlm import AqlmScheme, QuantizedLinear, pack_codes, save_quantized
+from aqlm import AqlmScheme, QuantizedLinear, save_quantized
 from aqlm.calibration import find_linears, get_blocks
 from aqlm.quantize.layer import LayerConfig, init_quantized_weight
 
@@ -78,15 +79,37 @@ def test_upstream_layout_loads_with_dense_lm_head(tmp_path):
     assert torch.equal(logits(loaded, ids), expected)
 
 
-def test_stock_transformers_matching_would_quantize_lm_head():
-    """The bug the compatibility patch fixes: Transformers 5 matches module names only."""
+@pytest.mark.parametrize("matching", ["installed", "weight_names"])
+def test_weight_names_in_the_list_load_right_whatever_transformers_matches(tmp_path, monkeypatch, matching):
+    """A checkpoint listing only ``lm_head.weight`` as not quantized loads with a dense lm_head and
+    the saved model's logits, both with the installed Transformers (which, in 5.x, matches module
+    names only) and with one that matches weight names itself, as a fixed Transformers would: that
+    one is simulated by replacing the integration's matcher and installing aqlm's fix over it, as
+    ``import aqlm`` does."""
+    import transformers.integrations.aqlm as integration
     from transformers.quantizers import quantizers_utils
 
-    assert quantizers_utils.should_convert_module("lm_head", ["lm_head.weight"]) is True
-    import transformers.integrations.aqlm as integration
+    import aqlm
 
-    assert integration.should_convert_module("lm_head", ["lm_head.weight"]) is False
-    assert integration.should_convert_module("model.layers.0.mlp.up_proj", ["lm_head.weight"]) is True
+    if matching == "weight_names":
+        module_names_only = quantizers_utils.should_convert_module
+
+        def should_convert_module(full_name, patterns=None):
+            if patterns is not None and f"{full_name}.weight" in patterns:
+                return False
+            return module_names_only(full_name, patterns)
+
+        monkeypatch.setattr(integration, "should_convert_module", should_convert_module)
+        aqlm.install_transformers_compat()
+    model = tiny_llama(seed=7)
+    quantize_linears_nearest(model, AqlmScheme(1, 4, 8, 1))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(8))
+    expected = logits(model, ids)
+    _write_upstream_layout(model, tmp_path / "upstream")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "upstream")
+    assert type(loaded.lm_head) is nn.Linear, f"lm_head loaded as {type(loaded.lm_head).__name__}"
+    got = logits(loaded, ids)
+    assert torch.equal(got, expected), f"logits off by {(got - expected).abs().max():.3g}"
 
 
 @pytest.mark.parametrize("aqlm_first", [True, False])
@@ -147,14 +170,32 @@ def test_real_model_round_trip(tmp_path):
 
 
 def test_codes_written_packed_like_upstream(tmp_path):
+    """Saved 8-bit codes are int8 holding code - 256 for codes >= 128, so upstream's reading
+    (the int8 bits as an unsigned byte) gives each block's code. With one codebook from k-means
+    that code is the codeword nearest to the block divided by its scale, computed here in NumPy
+    from the dense weight and the saved codebooks and scales."""
     from safetensors.torch import load_file
 
     model = tiny_llama()
+    dense = model.model.layers[0].self_attn.q_proj.weight.detach().double().numpy()
     quantize_linears_nearest(model, AqlmScheme(1, 8, 8, 1))
     save_quantized(model, tmp_path / "q")
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     codes = tensors["model.layers.0.self_attn.q_proj.codes"]
     assert codes.dtype == torch.int8 and codes.shape == (64, 8, 1)
-    assert tensors["model.layers.0.self_attn.q_proj.scales"].shape == (64, 1, 1, 1)
-    assert tensors["model.layers.0.self_attn.q_proj.codebooks"].shape == (1, 256, 1, 8)
-    assert torch.equal(pack_codes(codes.long() % 256, 8), codes)
+    scales = tensors["model.layers.0.self_attn.q_proj.scales"]
+    codebooks = tensors["model.layers.0.self_attn.q_proj.codebooks"]
+    assert scales.shape == (64, 1, 1, 1)
+    assert codebooks.shape == (1, 256, 1, 8)
+
+    blocks = dense.reshape(64, 8, 8) / scales.double().numpy().reshape(64, 1, 1)
+    words = codebooks.double().numpy().reshape(256, 8)
+    distances = ((blocks[:, :, None, :] - words[None, None, :, :]) ** 2).sum(axis=-1)  # [64, 8, 256]
+    nearest = distances.argmin(axis=-1)
+    read_back = codes.numpy()[:, :, 0].view(np.uint8).astype(np.int64)
+    assert (read_back >= 128).any() and (read_back < 128).any(), "both halves of the code range occur"
+    differs = read_back != nearest
+    chosen = np.take_along_axis(distances, read_back[..., None], axis=-1)[..., 0]
+    best = distances.min(axis=-1)
+    assert np.all(chosen[differs] <= best[differs] * (1 + 1e-5) + 1e-12), "stored codes are nearest codewords"
+    assert differs.mean() < 0.01, "only float32 near-ties may pick another codeword"

@@ -1,4 +1,5 @@
 """Inference kernels and QuantizedLinear against the defining torch formula, at every SIMD level."""
+import functools
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 import aqlm
 from aqlm import QuantizedLinear, _C, dequantize_reference, pack_codes
 from aqlm.ops import quantized_matmul_torch
+from parallel import always_parallel  # noqa: F401 (fixture)
 
 LEVELS = ["scalar", "avx2", "avx512"]
 ORDER = {name: index for index, name in enumerate(LEVELS)}
@@ -116,19 +118,87 @@ def test_kernels_dtypes(level, x_dtype, param_dtype, config):
     assert torch.equal(weight, expected), "dequantize must round exactly like torch's conversion"
 
 
-def test_simd_levels_agree_and_threads_do_not_change_results():
-    codes, codebooks, scales, bias = random_layer(256, 512, 2, 8, 1, 8)
-    x = torch.randn(9, 512)
-    results = []
-    for level in supported_levels():
-        for threads in (1, 2):
-            out = torch.empty(9, 256)
-            _C.lut_matmul(np_view(x), np_view(codes), np_view(codebooks), np_view(scales), np_view(bias), out.numpy(),
-                          simd=level, num_threads=threads)
-            results.append((level, threads, out))
-    for level, threads, out in results:
-        same_level = [o for lv, th, o in results if lv == level]
-        assert all(torch.equal(out, other) for other in same_level), f"{level}: thread count changed the result"
+# (kernel, (out, in, M, nbits, og, ig), tokens). Work is split in blocks of 16 output groups, so each
+# case has at least two blocks per thread of a two-thread team.
+THREADED_CASES = [
+    # 8-token tables of two 8-bit codebooks take 2 * 256 * 8 floats per input group, so 16 MiB of
+    # tables hold 1024 groups: 1088 groups (in_features 8704) need two chunks, and the barrier
+    # between building the second chunk and accumulating the first.
+    ("lut_matmul", (64, 8704, 2, 8, 1, 8), 8),
+    ("lut_matmul", (512, 256, 1, 8, 1, 8), 2),  # one-token tables
+    ("lut_matmul", (128, 96, 3, 4, 2, 6), 5),  # generic shapes
+    ("codebook_matmul", (512, 256, 2, 8, 1, 8), 9),
+    ("codebook_matmul", (128, 256, 1, 16, 1, 8), 3),
+    ("codebook_matmul", (128, 96, 3, 4, 2, 6), 5),
+    ("dequantize", (512, 256, 2, 8, 1, 8), 0),
+    ("dequantize", (128, 96, 3, 4, 2, 6), 0),
+]
+
+
+def run_threaded_case(kernel, config, tokens, simd, threads, x_seed=12):
+    """The case's layer (seed 11) applied to an input (seed ``x_seed``) by ``kernel`` at ``simd``,
+    into an output filled with NaN (so a value never written cannot pass)."""
+    codes, codebooks, scales, bias = random_layer(*config, seed=11)
+    weight = (np_view(codes), np_view(codebooks), np_view(scales))
+    if kernel == "dequantize":
+        out = torch.full((config[0], config[1]), float("nan"))
+        _C.dequantize(*weight, out.numpy(), simd=simd, num_threads=threads)
+    else:
+        x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(x_seed))
+        out = torch.full((tokens, config[0]), float("nan"))
+        getattr(_C, kernel)(np_view(x), *weight, np_view(bias), out.numpy(), simd=simd, num_threads=threads)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def scalar_reference(kernel, config, tokens):
+    """The scalar kernel on one thread, checked against the float64 formula; and the tolerance of
+    a comparison with it: float32 rounding of the result (a wrong code, codeword or table entry
+    is off by about one unit of x * W, far more)."""
+    codes, codebooks, scales, bias = random_layer(*config, seed=11)
+    if kernel == "dequantize":
+        exact, atol = dequantize_reference(codes, codebooks, scales).double(), 1e-6
+    else:
+        x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(12))
+        exact = formula(x, codes, codebooks, scales, bias)
+        atol = tolerance(torch.float32, torch.float32, exact)
+    scalar = run_threaded_case(kernel, config, tokens, "scalar", 1)
+    torch.testing.assert_close(scalar.double(), exact, rtol=0, atol=atol)
+    return scalar, atol
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+@pytest.mark.parametrize(
+    "kernel, config, tokens", THREADED_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+)
+def test_simd_levels_match_scalar_and_threads_do_not_change_results(level, kernel, config, tokens, always_parallel):
+    """Each level on one thread against the scalar kernel; two threads give the same bits as one.
+    A decoy call on another input comes first, so that tables a thread fails to build are not
+    left over, right by chance, in recycled memory from the single-thread call."""
+    scalar, atol = scalar_reference(kernel, config, tokens)
+    single = run_threaded_case(kernel, config, tokens, level, 1)
+    torch.testing.assert_close(single, scalar, rtol=0, atol=atol, msg=lambda m: f"simd={level} vs scalar: {m}")
+    run_threaded_case(kernel, config, tokens, level, 1, x_seed=13)
+    threaded = run_threaded_case(kernel, config, tokens, level, always_parallel)
+    assert torch.equal(threaded, single), f"simd={level}: two threads changed the result"
+
+
+def test_min_parallel_work_is_a_checked_process_wide_setting():
+    previous = _C.min_parallel_work()
+    assert previous == 262144, "the default, unless a test left it changed"
+    try:
+        _C.set_min_parallel_work(1000)
+        assert _C.min_parallel_work() == 1000
+        with pytest.raises(ValueError, match="work must be >= 0, got -1"):
+            _C.set_min_parallel_work(-1)
+        with pytest.raises(TypeError, match="work must be an int, got str"):
+            _C.set_min_parallel_work("1000")
+        assert _C.min_parallel_work() == 1000
+    finally:
+        _C.set_min_parallel_work(previous)
+    assert _C.parallel_team_size(1) == 1
+    with pytest.raises(ValueError, match="num_threads must be >= 1, got 0"):
+        _C.parallel_team_size(0)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
@@ -142,6 +212,32 @@ def test_quantized_linear_cpu_matches_torch_path(config, shape):
     assert y.shape == (*shape, out) and y.dtype == x.dtype
     expected = quantized_matmul_torch(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_group_size", [1, 2])
+def test_chunked_dequantize_path_with_bias_matches_formula(monkeypatch, out_group_size):
+    """Many tokens go through the dense weight, dequantized in chunks of output groups; with the
+    chunk size cut to 10 groups' rows, 96 output groups take 10 chunks (the last one short), each
+    with its slice of the bias, and the result is the torch formula's."""
+    import aqlm.ops
+
+    out_features = 96 * out_group_size
+    codes, codebooks, scales, bias = random_layer(out_features, 64, 2, 8, out_group_size, 8, seed=21)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(22))
+    row_bytes = 64 * out_group_size * x.element_size()
+    monkeypatch.setattr(aqlm.ops, "DEQUANTIZE_CHUNK_BYTES", 10 * row_bytes + row_bytes // 2)
+    chunks = []
+    dequantize_rows = aqlm.ops._dequantize_cpu_as
+
+    def recording(chunk_codes, *args):
+        chunks.append(chunk_codes.shape[0])
+        return dequantize_rows(chunk_codes, *args)
+
+    monkeypatch.setattr(aqlm.ops, "_dequantize_cpu_as", recording)
+    y = torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales, bias)
+    assert chunks == [10] * 9 + [6], f"512 tokens should take the chunked dequantize path: chunks {chunks}"
+    reference = formula(x, codes, codebooks, scales, bias)
+    torch.testing.assert_close(y.double(), reference, rtol=0, atol=tolerance(torch.float32, torch.float32, reference))
 
 
 def test_quantized_linear_noncontiguous_input_is_handled():
@@ -291,7 +387,15 @@ def test_dequantize_op_and_layer_helpers():
     torch.testing.assert_close(layer.dequantize(), layer.reference_weight(), rtol=0, atol=1e-6)
     assert layer.scheme.name == "2x6g4o2"
     assert "scheme=2x6g4o2" in repr(layer)
-    assert aqlm.__version__.startswith("2.")
+
+
+def test_version_is_the_one_in_pyproject():
+    """aqlm.__version__ is the project version of pyproject.toml (read here with tomllib)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert aqlm.__version__ == pyproject["project"]["version"]
 
 
 @pytest.mark.parametrize("nbits", [1, 4, 7, 8, 12, 15, 16])

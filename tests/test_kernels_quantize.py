@@ -1,6 +1,7 @@
 """The two inner loops of k-means and beam search (`topk_scores`, `gradient_update`) at every SIMD
-level: bit-identical to the scalar reference, close to a float64 NumPy formula, on awkward sizes
-that hit every SIMD tail and the 512-codeword block boundary of the AVX2 top-k."""
+level: bit-identical to the scalar reference and to the fma chain it defines (emulated in NumPy),
+close to a float64 NumPy formula, on awkward sizes that hit every SIMD tail and the 512-codeword
+block boundary of the AVX2 top-k."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,6 +46,39 @@ def check_topk_against_float64(
     assert np.all(indices[:, 1:][ties] > indices[:, :-1][ties])
 
 
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma(a, b, c), rounded once: a * b of two float32 is exact in x87 extended precision
+    (64-bit significand), and so is its sum with c unless their exponents are ~40 apart, when a
+    second rounding could only matter at an exact float32 halfway point."""
+    wide = np.longdouble
+    return (a.astype(wide) * b.astype(wide) + c.astype(wide)).astype(np.float32)
+
+
+def require_extended_precision() -> None:
+    if np.finfo(np.longdouble).nmant < 63:
+        pytest.skip("needs numpy.longdouble with a 64-bit significand (x87) to emulate fma")
+
+
+def fma_chain_scores(q: np.ndarray, ct: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The scores as the kernels define them, bit for bit: v = bias[c], then v = fma(q[d], ct[d, c], v)
+    for d = 0, 1, ... [n, K] float32."""
+    values = np.broadcast_to(bias, (q.shape[0], ct.shape[1])).astype(np.float32)
+    for d in range(q.shape[1]):
+        values = fma32(q[:, d : d + 1], ct[d : d + 1], values)
+    return values
+
+
+def check_topk_is_fma_chain_topk(
+    q: np.ndarray, ct: np.ndarray, bias: np.ndarray, values: np.ndarray, indices: np.ndarray
+) -> None:
+    """indices are the first k of the exact fma-chain scores sorted by (score, index); values their bits."""
+    chain = fma_chain_scores(q, ct, bias)
+    k = indices.shape[1]
+    expected = np.stack([np.lexsort((np.arange(ct.shape[1]), row))[:k] for row in chain])
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(chain, expected, axis=1))
+
+
 def random_topk_problem(rng: np.random.Generator, n: int, D: int, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """q [n, D], ct [D, K], bias [K] float32 with the sign and scale spread of the k-means scores."""
     q = rng.standard_normal((n, D)).astype(np.float32)
@@ -56,6 +90,10 @@ def random_topk_problem(rng: np.random.Generator, n: int, D: int, K: int) -> tup
 @pytest.mark.parametrize("simd", simd_params())
 @pytest.mark.parametrize("K", CODEBOOK_SIZES)
 def test_topk_scores_matches_scalar_and_float64(simd: str, K: int) -> None:
+    """Every level, the scalar one included, against the fma chain the kernels promise (computed in
+    NumPy) bit for bit; SIMD levels also against the scalar kernel; and all within float32
+    accumulation error of the float64 scores."""
+    require_extended_precision()
     rng = np.random.default_rng(K)
     for D in DIMENSIONS:
         q, ct, bias = random_topk_problem(rng, 5, D, K)
@@ -66,6 +104,7 @@ def test_topk_scores_matches_scalar_and_float64(simd: str, K: int) -> None:
             assert values.dtype == np.float32 and indices.dtype == np.int32
             np.testing.assert_array_equal(indices, scalar_indices, err_msg=f"D={D} K={K} k={k}")
             np.testing.assert_array_equal(values, scalar_values, err_msg=f"D={D} K={K} k={k}")
+            check_topk_is_fma_chain_topk(q, ct, bias, values, indices)
             check_topk_against_float64(q, ct, bias, values, indices)
 
 
@@ -118,6 +157,10 @@ def test_topk_scores_rejects_bad_arguments() -> None:
 
 @pytest.mark.parametrize("simd", simd_params())
 def test_gradient_update_matches_scalar_and_float64(simd: str) -> None:
+    """Every level, the scalar one included, bit for bit against the promised fma chain
+    g = fma(-delta[i], h[i], g) for i = 0, 1, ... (computed in NumPy); SIMD levels also against the
+    scalar kernel; and all within float32 accumulation error of the float64 formula."""
+    require_extended_precision()
     rng = np.random.default_rng(1)
     for n in (1, 2, 3, 4, 5, 7, 9):
         for ig in (1, 3, 8):
@@ -129,6 +172,10 @@ def test_gradient_update_matches_scalar_and_float64(simd: str) -> None:
                 _C.gradient_update(delta, h, g, simd=simd)
                 _C.gradient_update(delta, h, g_scalar, simd="scalar")
                 np.testing.assert_array_equal(g, g_scalar, err_msg=f"n={n} ig={ig} width={width}")
+                chain = g0
+                for i in range(ig):
+                    chain = fma32(-delta[:, i : i + 1], h[i : i + 1], chain)
+                np.testing.assert_array_equal(g, chain, err_msg=f"fma chain: n={n} ig={ig} width={width}")
                 exact = g0.astype(np.float64) - delta.astype(np.float64) @ h.astype(np.float64)
                 bound = np.abs(g0) + np.abs(delta).astype(np.float64) @ np.abs(h).astype(np.float64)
                 assert np.all(np.abs(g - exact) <= 4 * (ig + 1) * np.finfo(np.float32).eps * bound)

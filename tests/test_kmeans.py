@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aqlm import _C
+from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
 SPLIT_EPS = np.float32(1.0 / 1024.0)
@@ -140,9 +141,9 @@ def test_assignment_is_nearest_centroid() -> None:
 
 @pytest.mark.parametrize("init", ["random", "kmeans++"])
 @pytest.mark.parametrize("max_points_per_centroid", [0, 100])
-def test_identical_across_simd_levels_and_threads(init: str, max_points_per_centroid: int) -> None:
-    """Enough points (4100 x 40 centroids x 8 dims) for the C core to use both threads and several
-    assignment chunks; with 100 points per centroid it also subsamples."""
+def test_identical_across_simd_levels_and_threads(init: str, max_points_per_centroid: int, always_parallel: int) -> None:
+    """4100 points x 40 centroids x 8 dims: five assignment chunks of 1024 points and 20 centroids
+    per thread in the update, on two threads; with 100 points per centroid it also subsamples."""
     x = blobs(4100, 8, 50, seed=8, spread=1.0)
     runs = [
         _C.kmeans(
@@ -156,7 +157,7 @@ def test_identical_across_simd_levels_and_threads(init: str, max_points_per_cent
             num_threads=threads,
         )
         for simd in supported_levels()
-        for threads in (1, 2)
+        for threads in (1, always_parallel)
     ]
     for centroids, assignment, objective in runs[1:]:
         np.testing.assert_array_equal(centroids, runs[0][0])
@@ -165,12 +166,23 @@ def test_identical_across_simd_levels_and_threads(init: str, max_points_per_cent
 
 
 @pytest.mark.parametrize("simd", simd_params())
-def test_simd_level_is_honoured(simd: str) -> None:
-    x = blobs(1000, 5, 10, seed=10)
-    centroids, assignment, _ = _C.kmeans(x, 8, max_iter=5, seed=11, simd=simd)
-    scalar_centroids, scalar_assignment, _ = _C.kmeans(x, 8, max_iter=5, seed=11, simd="scalar")
-    np.testing.assert_array_equal(centroids, scalar_centroids)
-    np.testing.assert_array_equal(assignment, scalar_assignment)
+def test_each_simd_level_matches_scalar_and_the_numpy_reference(simd: str, always_parallel: int) -> None:
+    """Every level on two threads: the same bits as the scalar kernels on one thread (the kernels
+    promise identical results), and the scalar result itself follows the NumPy Lloyd reference,
+    so the comparison is not of the scalar path with itself. 2100 points: three chunks."""
+    x = blobs(2100, 5, 10, seed=10, spread=1.0)
+    init = initial_centroids(x, 8, "random", 11)
+    reference = kmeans_reference(x, init, 5, 1e-4)
+    scalar = _C.kmeans(x, 8, max_iter=5, max_points_per_centroid=0, seed=11, simd="scalar", num_threads=1)
+    np.testing.assert_array_equal(scalar[1], reference.assignment)
+    np.testing.assert_allclose(scalar[0], reference.centroids, rtol=1e-5, atol=1e-6)
+    assert scalar[2] == pytest.approx(reference.objective, rel=1e-6, abs=objective_tolerance(x))
+    centroids, assignment, objective = _C.kmeans(
+        x, 8, max_iter=5, max_points_per_centroid=0, seed=11, simd=simd, num_threads=always_parallel
+    )
+    np.testing.assert_array_equal(centroids, scalar[0], err_msg=f"simd={simd} vs scalar")
+    np.testing.assert_array_equal(assignment, scalar[1], err_msg=f"simd={simd} vs scalar")
+    assert objective == scalar[2]
 
 
 @pytest.mark.parametrize("n, k", [(7, 7), (5, 9), (1, 3)])
