@@ -8,6 +8,7 @@ flow to the input, the codebooks, the scales and the bias (codes are integers an
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -25,14 +26,38 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 DEQUANTIZE_CHUNK_BYTES = 8 << 20
 
 
-def choose_cpu_kernel(tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int) -> str:
-    """"lut", "decode" or "dequantize": the fastest CPU path for this many tokens.
+# Quantized lookup tables: input groups sharing one table scale per codebook (lutq.h bounds the
+# error by |scale| * sum over chunks of group * table_scale / 2); AQLM_EXACT_LUT=1 turns them off.
+LUTQ_GROUP = 16
+LUTQ_MAX_TOKENS = 16
+EXACT_LUT_ENV = "AQLM_EXACT_LUT"
+CPU_KERNELS = ("lutq", "lut", "decode", "dequantize")
 
-    Crossovers measured on a 2-core Zen 3 at 4096x4096 (benchmarks/bench_matmul.py): per-token lookup
-    tables win for one 8-bit codebook up to 64 tokens, and for a single token generally; decoding
-    codewords (fast for groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more
-    so the more codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
+
+def exact_lut_requested() -> bool:
+    """Whether ``AQLM_EXACT_LUT`` asks for the exact fp32 tables instead of the quantized ones."""
+    return os.environ.get(EXACT_LUT_ENV, "0") not in ("", "0")
+
+
+def lutq_applies(nbits: int, out_group_size: int) -> bool:
+    """Whether the quantized-table kernel serves this format (codebooks of <= 256 codewords, og 1)."""
+    return nbits <= 8 and out_group_size == 1
+
+
+def choose_cpu_kernel(
+    tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False
+) -> str:
+    """"lutq", "lut", "decode" or "dequantize": the fastest CPU path for this many tokens.
+
+    Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens at
+    4096x4096 (1 thread, AVX-512 VBMI and AVX2). The exact crossovers were measured on a 2-core
+    Zen 3 at 4096x4096 (benchmarks/bench_matmul.py): per-token lookup tables win for one 8-bit
+    codebook up to 64 tokens, and for a single token generally; decoding codewords (fast for
+    groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more so the more
+    codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
     """
+    if not exact and tokens <= LUTQ_MAX_TOKENS and lutq_applies(nbits, out_group_size):
+        return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
     if nbits <= 8:
         if tokens == 1 or (num_codebooks == 1 and tokens <= 64) or (num_codebooks == 2 and tokens < 4):
@@ -222,31 +247,68 @@ def quantized_matmul(
     return quantized_matmul_torch(input, codes, codebooks, scales, bias)
 
 
-@quantized_matmul.register_kernel("cpu")
-def _quantized_matmul_cpu(
+def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The codes repacked for ``_C.lutq_matmul`` (tiles of 64 output rows side by side).
+
+    Computed on first use and kept on the codes tensor itself, so it lives and dies with the
+    weight; an in-place change of the codes (``codes.copy_``, as ``load_state_dict`` does) bumps
+    ``codes._version`` and makes it be recomputed. Writes that bypass the version counter
+    (through ``codes.data`` or a NumPy view) are not seen: replace the parameter instead.
+    """
+    cached = getattr(codes, "_aqlm_lutq_packed", None)
+    if cached is not None and cached[0] == codes._version:
+        return cached[1]
+    in_features = codes.shape[1] * codebooks.shape[3]
+    size = _C.lutq_packed_size(codes.shape[0], in_features, codebooks.shape[3], codes.shape[2])
+    packed = torch.empty(size, dtype=torch.uint8)
+    codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
+    _C.lutq_pack_codes(codes_np, codebooks_np, scales_np, packed.numpy(), param_dtype=_DTYPE_NAMES[codebooks.dtype])
+    codes._aqlm_lutq_packed = (codes._version, packed)
+    return packed
+
+
+def quantized_matmul_cpu(
     input: torch.Tensor,
     codes: torch.Tensor,
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
+    kernel: Optional[str] = None,
 ) -> torch.Tensor:
+    """``input @ W.T + bias`` on the CPU by the named kernel (one of ``CPU_KERNELS``), or by the
+    one ``choose_cpu_kernel`` picks (quantized tables unless ``AQLM_EXACT_LUT=1``)."""
     nbits = check_weight(codes, codebooks, scales, bias)
     _check_input(input, codes, codebooks)
     out_features = codes.shape[0] * codebooks.shape[2]
     tokens = math.prod(input.shape[:-1])
     x = input.reshape(tokens, input.shape[-1]).contiguous()
-    kernel_name = choose_cpu_kernel(tokens, codes.shape[2], nbits, codebooks.shape[2], codebooks.shape[3])
-    if kernel_name != "dequantize":
-        out = torch.empty(tokens, out_features, dtype=input.dtype)
-        kernel = _C.lut_matmul if kernel_name == "lut" else _C.codebook_matmul
+    if kernel is None:
+        kernel = choose_cpu_kernel(
+            tokens, codes.shape[2], nbits, codebooks.shape[2], codebooks.shape[3], exact=exact_lut_requested()
+        )
+    elif kernel not in CPU_KERNELS:
+        raise ValueError(f"kernel must be one of {CPU_KERNELS} or None, got {kernel!r}")
+    if kernel in ("lut", "lutq") and nbits > 8:
+        raise ValueError(f"kernel={kernel!r} needs codebooks of at most 256 codewords, got {2**nbits}")
+    if kernel == "lutq" and not lutq_applies(nbits, codebooks.shape[2]):
+        raise ValueError(f"kernel='lutq' needs out_group_size=1, got {codebooks.shape[2]}")
+    out = torch.empty(tokens, out_features, dtype=input.dtype)
+    if kernel == "lutq":
+        _, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
+        _C.lutq_matmul(
+            _numpy_view(x), _numpy_view(packed_codes(codes, codebooks, scales)), codebooks_np, scales_np, bias_np,
+            _numpy_view(out), group=LUTQ_GROUP, x_dtype=_DTYPE_NAMES[input.dtype],
+            param_dtype=_DTYPE_NAMES[codebooks.dtype], num_threads=torch.get_num_threads(),
+        )
+    elif kernel != "dequantize":
+        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
         codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
-        kernel(
+        c_kernel(
             _numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
             x_dtype=_DTYPE_NAMES[input.dtype], param_dtype=_DTYPE_NAMES[codebooks.dtype],
             num_threads=torch.get_num_threads(),
         )
     else:
-        out = torch.empty(tokens, out_features, dtype=input.dtype)
         out_group_size = codebooks.shape[2]
         row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * input.element_size()
         groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
@@ -256,6 +318,17 @@ def _quantized_matmul_cpu(
             rows = slice(first * out_group_size, last * out_group_size)
             out[:, rows] = F.linear(x, weight, None if bias is None else bias[rows].to(input.dtype))
     return out.view(*input.shape[:-1], out_features)
+
+
+@quantized_matmul.register_kernel("cpu")
+def _quantized_matmul_cpu(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return quantized_matmul_cpu(input, codes, codebooks, scales, bias)
 
 
 @quantized_matmul.register_fake
