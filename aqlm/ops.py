@@ -7,6 +7,8 @@ flow to the input, the codebooks, the scales and the bias (codes are integers an
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from typing import Optional
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _C
+from . import _C, kernel_choice
 from .format import check_code_range, dequantize_reference, nbits_of, unpack_codes
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -26,16 +28,21 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 DEQUANTIZE_CHUNK_BYTES = 8 << 20
 
 
+logger = logging.getLogger("aqlm")
+
 # Quantized lookup tables: input groups sharing one table scale per codebook (lutq.h bounds the
-# error by |scale| * sum over chunks of group * table_scale / 2); AQLM_EXACT_LUT=1 turns them off.
+# error by |scale| * sum over chunks of group * table_scale / 2). AQLM_EXACT_LUT=1 keeps to the
+# paths that compute in the activations' dtype: no quantized tables, no bf16 dequantization.
 LUTQ_GROUP = 16
-LUTQ_MAX_TOKENS = 16
+LUTQ_MAX_TOKENS = 16  # fixed rules only; measured choices consider it up to FEW_TOKENS
+FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
 EXACT_LUT_ENV = "AQLM_EXACT_LUT"
-CPU_KERNELS = ("lutq", "lut", "decode", "dequantize")
+CPU_KERNELS = ("lutq", "lut", "decode", "dequantize", "dequantize_bf16")
+_CHOOSER = kernel_choice.KernelChooser()
 
 
 def exact_lut_requested() -> bool:
-    """Whether ``AQLM_EXACT_LUT`` asks for the exact fp32 tables instead of the quantized ones."""
+    """Whether ``AQLM_EXACT_LUT`` asks for the exact paths only (no quantized tables, no bf16)."""
     return os.environ.get(EXACT_LUT_ENV, "0") not in ("", "0")
 
 
@@ -44,10 +51,37 @@ def lutq_applies(nbits: int, out_group_size: int) -> bool:
     return nbits <= 8 and out_group_size == 1
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), per /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def applicable_cpu_kernels(tokens: int, nbits: int, out_group_size: int, input_dtype: torch.dtype, exact: bool) -> list:
+    """The CPU kernels worth measuring for this many tokens, cheapest to try first."""
+    kernels = []
+    if tokens <= FEW_TOKENS:
+        if not exact and lutq_applies(nbits, out_group_size):
+            kernels.append("lutq")
+        if nbits <= 8:
+            kernels.append("lut")
+        kernels.append("decode")
+    kernels.append("dequantize")
+    if not exact and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
+        kernels.append("dequantize_bf16")
+    return kernels
+
+
 def choose_cpu_kernel(
     tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False
 ) -> str:
-    """"lutq", "lut", "decode" or "dequantize": the fastest CPU path for this many tokens.
+    """"lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
+    (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
 
     Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens at
     4096x4096 (1 thread, AVX-512 VBMI and AVX2). The exact crossovers were measured on a 2-core
@@ -283,9 +317,7 @@ def quantized_matmul_cpu(
     tokens = math.prod(input.shape[:-1])
     x = input.reshape(tokens, input.shape[-1]).contiguous()
     if kernel is None:
-        kernel = choose_cpu_kernel(
-            tokens, codes.shape[2], nbits, codebooks.shape[2], codebooks.shape[3], exact=exact_lut_requested()
-        )
+        kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits)
     elif kernel not in CPU_KERNELS:
         raise ValueError(f"kernel must be one of {CPU_KERNELS} or None, got {kernel!r}")
     if kernel in ("lut", "lutq") and nbits > 8:
@@ -309,15 +341,57 @@ def quantized_matmul_cpu(
             num_threads=torch.get_num_threads(),
         )
     else:
+        dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype
+        dense_x = x.to(dense_dtype)
         out_group_size = codebooks.shape[2]
-        row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * input.element_size()
+        row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * dense_x.element_size()
         groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
         for first in range(0, codes.shape[0], groups_per_chunk):
             last = min(first + groups_per_chunk, codes.shape[0])
-            weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], input.dtype)
+            weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], dense_dtype)
             rows = slice(first * out_group_size, last * out_group_size)
-            out[:, rows] = F.linear(x, weight, None if bias is None else bias[rows].to(input.dtype))
+            out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
     return out.view(*input.shape[:-1], out_features)
+
+
+def cpu_kernel_for(
+    input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
+) -> str:
+    """The CPU kernel ``quantized_matmul`` uses for these arguments (measuring it on first use)."""
+    nbits = check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    x = input.reshape(-1, input.shape[-1])
+    return _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits)
+
+
+def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
+    """The kernel for this call: forced (AQLM_CPU_KERNEL), measured (kernel_choice) or by fixed rules."""
+    tokens, in_features = x.shape
+    num_codebooks, _, out_group_size, in_group_size = codebooks.shape
+    exact = exact_lut_requested()
+    candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact)
+    forced = kernel_choice.forced_kernel()
+    if forced is not None:
+        if forced not in CPU_KERNELS:
+            raise ValueError(f"{kernel_choice.FORCE_ENV} must be one of {CPU_KERNELS}, got {forced!r}")
+        if forced in candidates:
+            return forced
+    if forced is not None or not kernel_choice.calibration_enabled():
+        return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
+    out_features = codes.shape[0] * out_group_size
+    calibration_tokens = kernel_choice.token_class(tokens)
+    key = (
+        f"{num_codebooks}x{nbits}g{in_group_size}o{out_group_size} "
+        f"{kernel_choice.shape_class(out_features)}x{kernel_choice.shape_class(in_features)} t{calibration_tokens} "
+        f"x:{_DTYPE_NAMES[x.dtype]} p:{_DTYPE_NAMES[codebooks.dtype]} simd:{_C.simd_default()} "
+        f"threads:{torch.get_num_threads()} {'exact' if exact else 'fast'}"
+    )
+
+    def run(kernel: str) -> torch.Tensor:
+        sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
+        return quantized_matmul_cpu(sample, codes, codebooks, scales, bias, kernel=kernel)
+
+    return _CHOOSER.choose(key, candidates, run)
 
 
 @quantized_matmul.register_kernel("cpu")

@@ -97,7 +97,7 @@ def run_level(args) -> None:
     print(f"SIMD {level} (quantized-table kernels: {aqlm._C.lutq_kernel()}), {args.threads} threads, "
           f"codebooks {args.param_dtype}, activations float32, AQLM_EXACT_LUT={os.environ.get('AQLM_EXACT_LUT', '0')}")
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; times are medians of {args.repeat} interleaved runs\n")
-    header = (f"{'shape':>11} {'scheme':>7} {'batch':>5} {'kernel':>10} | {'aqlm ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} | "
+    header = (f"{'shape':>11} {'scheme':>7} {'batch':>5} {'kernel':>15} | {'aqlm ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} | "
               f"{'vs fp32':>7} {'vs bf16':>7} {'vs best':>7} | {'roofline':>8} | target")
     print(header)
     print("-" * len(header))
@@ -111,10 +111,7 @@ def run_level(args) -> None:
             for batch in args.batches:
                 x = torch.randn(batch, in_features)
                 x_bf16 = x.bfloat16()
-                kernel = aqlm.ops.choose_cpu_kernel(
-                    batch, scheme.num_codebooks, scheme.nbits_per_codebook, scheme.out_group_size,
-                    scheme.in_group_size, exact=aqlm.ops.exact_lut_requested(),
-                )
+                kernel = aqlm.ops.cpu_kernel_for(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
                 with torch.no_grad():
                     times = measure_interleaved(
                         {"aqlm": lambda: layer(x), "fp32": lambda: F.linear(x, dense), "bf16": lambda: F.linear(x_bf16, dense_bf16)},
@@ -128,7 +125,7 @@ def run_level(args) -> None:
                     target = f">= 1x best dense: {'met' if min(fp32, bf16) / ours >= 1 else 'MISSED'}"
                 else:
                     target = ""
-                print(f"{shape:>11} {name:>7} {batch:>5} {kernel:>10} | {ours * 1e3:8.3f} {fp32 * 1e3:8.3f} {bf16 * 1e3:8.3f} | "
+                print(f"{shape:>11} {name:>7} {batch:>5} {kernel:>15} | {ours * 1e3:8.3f} {fp32 * 1e3:8.3f} {bf16 * 1e3:8.3f} | "
                       f"{fp32 / ours:6.2f}x {bf16 / ours:6.2f}x {min(fp32, bf16) / ours:6.2f}x | {roofline:7.1%} | {target}",
                       flush=True)
         print()
