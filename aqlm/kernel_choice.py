@@ -33,7 +33,8 @@ logger = logging.getLogger("aqlm")
 FORCE_ENV = "AQLM_CPU_KERNEL"
 CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 CACHE_FILE = "kernel_choice-v1.json"
-REPEATS = 3  # timed runs per candidate (after one warm-up); the minimum counts
+ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
+HOPELESS = 4.0  # a candidate this many times slower than the best after a round is not run again
 
 
 def token_class(tokens: int) -> int:
@@ -112,15 +113,17 @@ class KernelChooser:
             return known
         if len(candidates) == 1:
             return candidates[0]
-        times = {}
-        for kernel in candidates:
+        for kernel in candidates:  # warm-up: packs codes, faults pages in, builds caches
             run(kernel)
-            best = float("inf")
-            for _ in range(REPEATS):
+        times = {kernel: float("inf") for kernel in candidates}
+        alive = list(candidates)
+        for _ in range(ROUNDS):
+            for kernel in alive:  # interleaved, so that a burst of load elsewhere hits every candidate
                 start = time.perf_counter()
                 run(kernel)
-                best = min(best, time.perf_counter() - start)
-            times[kernel] = best
+                times[kernel] = min(times[kernel], time.perf_counter() - start)
+            best = min(times.values())
+            alive = [kernel for kernel in alive if times[kernel] <= HOPELESS * best]
         chosen = min(times, key=times.get)
         choices[key] = chosen
         try:
