@@ -394,6 +394,74 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
     return _CHOOSER.choose(key, candidates, run)
 
 
+class _CpuPlan:
+    """What every call on one CPU weight would otherwise re-derive: checked shapes, zero-copy
+    NumPy views, packed codes and the kernel chosen per token count."""
+
+    def __init__(self, stamp, codes, codebooks, scales, bias):
+        nbits = check_weight(codes, codebooks, scales, bias)
+        self.stamp = stamp
+        self.nbits = nbits
+        self.in_features = codes.shape[1] * codebooks.shape[3]
+        self.out_features = codes.shape[0] * codebooks.shape[2]
+        self.param_dtype = _DTYPE_NAMES[codebooks.dtype]
+        self.tensors = (codes.contiguous(), codebooks.contiguous(), scales.contiguous(), bias)
+        self.codes, self.codebooks, self.scales, self.bias = _weight_arrays(codes, codebooks, scales, bias)
+        self.packed = (
+            _numpy_view(packed_codes(codes, codebooks, scales)) if lutq_applies(nbits, codebooks.shape[2]) else None
+        )
+        self.kernels = {}
+
+
+def _stamp(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else (id(tensor), tensor._version, tensor.data_ptr())
+
+
+def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
+    """The plan of this weight, kept on the codes tensor; rebuilt when any of its tensors is
+    replaced or changed in place (``_version``)."""
+    stamp = (codes._version, _stamp(codebooks), _stamp(scales), _stamp(bias))
+    plan = getattr(codes, "_aqlm_cpu_plan", None)
+    if plan is None or plan.stamp != stamp:
+        plan = _CpuPlan(stamp, codes, codebooks, scales, bias)
+        codes._aqlm_cpu_plan = plan
+    return plan
+
+
+def quantized_linear_cpu(
+    input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``quantized_matmul`` on the CPU without the custom-op dispatch and with the per-weight
+    work cached: the eager inference path of :class:`aqlm.QuantizedLinear` (no autograd, no
+    tracing). Same kernels, same results."""
+    plan = _cpu_plan(codes, codebooks, scales, bias)
+    if input.dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != plan.in_features:
+        return quantized_matmul_cpu(input, codes, codebooks, scales, bias)  # raises the precise error
+    tokens = input.numel() // plan.in_features
+    key = (tokens, input.dtype, os.environ.get(EXACT_LUT_ENV), os.environ.get(kernel_choice.FORCE_ENV),
+           os.environ.get(kernel_choice.CALIBRATION_ENV), torch.get_num_threads(), _C.simd_default())
+    x = input.reshape(tokens, plan.in_features).contiguous()
+    kernel = plan.kernels.get(key)
+    if kernel is None:
+        kernel = plan.kernels[key] = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
+    if kernel not in ("lutq", "lut", "decode"):
+        return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=kernel)
+    out = torch.empty(tokens, plan.out_features, dtype=input.dtype)
+    x_dtype = _DTYPE_NAMES[input.dtype]
+    if kernel == "lutq":
+        _C.lutq_matmul(
+            _numpy_view(x), plan.packed, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), group=LUTQ_GROUP,
+            x_dtype=x_dtype, param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
+        )
+    else:
+        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        c_kernel(
+            _numpy_view(x), plan.codes, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), x_dtype=x_dtype,
+            param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
+        )
+    return out.view(*input.shape[:-1], plan.out_features)
+
+
 @quantized_matmul.register_kernel("cpu")
 def _quantized_matmul_cpu(
     input: torch.Tensor,

@@ -102,3 +102,21 @@ def test_dequantize_paths_match_the_formula(kernel):
 def test_classes():
     assert [kernel_choice.token_class(t) for t in (1, 8, 9, 16, 17, 300)] == [1, 8, 16, 16, 32, 512]
     assert [kernel_choice.shape_class(f) for f in (576, 1536, 4096, 11008)] == [1024, 2048, 4096, 16384]
+
+
+def test_eager_path_equals_the_custom_op_and_follows_weight_changes():
+    layer, x = layer_and_input(tokens=3)
+
+    def op():
+        return torch.ops.aqlm.quantized_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(first, op())
+        layer.codebooks.mul_(2)  # in place: the cached plan must notice
+        assert torch.equal(layer(x), op()) and not torch.equal(layer(x), first)
+        layer.scales = torch.nn.Parameter(layer.scales * 3, requires_grad=False)  # replaced
+        assert torch.equal(layer(x), op())
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # gradients go through the custom op's autograd formula
+    assert x.grad is not None and x.grad.shape == x.shape
