@@ -293,7 +293,7 @@ def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
     if cached is not None and cached[0] == codes._version:
         return cached[1]
     in_features = codes.shape[1] * codebooks.shape[3]
-    size = _C.lutq_packed_size(codes.shape[0], in_features, codebooks.shape[3], codes.shape[2])
+    size = _C.lutq_packed_size(codes.shape[0], in_features, codebooks.shape[3], codes.shape[2], nbits_of(codebooks))
     packed = torch.empty(size, dtype=torch.uint8)
     codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
     _C.lutq_pack_codes(codes_np, codebooks_np, scales_np, packed.numpy(), param_dtype=_DTYPE_NAMES[codebooks.dtype])

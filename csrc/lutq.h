@@ -18,6 +18,9 @@
  * of 64 consecutive output rows, and within a tile, per input group j and codebook m, the 64
  * rows' codes side by side:
  *     packed[((tile * G + j) * M + m) * 64 + lane] = code(tile * 64 + lane, j, m)   (0 past out)
+ * except for codebooks of at most 16 codewords and an even number of codebooks (4x4g8, 2x4g4,
+ * 6x4g8), whose codes take half the bytes: the "slots" s = j * M + m pair up (m even, m + 1),
+ *     packed[((tile * G * M + s) / 2) * 64 + lane] = code(slot s) | code(slot s + 1) << 4.
  * Tables are stored with stride KS = max(K, 16) bytes:
  *     qtab[((t * G + j) * M + m) * KS + c],  qscale[(t * chunks + b) * M + m]
  * and the table buffer has AQLM_LUTQ_PAD spare bytes at its end (wide loads of the last table).
@@ -36,6 +39,9 @@ enum {
 };
 
 static inline int64_t aqlm_lutq_table_stride(int64_t K) { return K < 16 ? 16 : K; }
+
+/* Whether two codes share each packed byte (K <= 16 and M even). */
+static inline int aqlm_lutq_nibbles(const aqlm_block_shape *s) { return s->K <= 16 && s->M % 2 == 0; }
 
 /* Tables of one token for input groups [j0, j1) (one chunk): fills qtab (the tables of group j0
  * onward, layout above), qscale[m] for m < M. x: the token [in] fp32; cbt: the codebooks

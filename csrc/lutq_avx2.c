@@ -96,9 +96,11 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                                    const float *restrict qscale, float *restrict acc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group;
+    const int nibbles = aqlm_lutq_nibbles(s);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     float facc[AQLM_LUTQ_MAX_TOKENS][AQLM_LUTQ_TILE];
     for (int64_t tile = 0; tile < tiles; tile++) {
-        const uint8_t *codes = packed + tile * G * M * AQLM_LUTQ_TILE;
+        const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
         for (int64_t t = 0; t < n; t++)
             for (int p = 0; p < AQLM_LUTQ_TILE; p++) facc[t][p] = 0.0f;
         for (int64_t b = 0; b < chunks; b++) {
@@ -110,8 +112,15 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                     for (int half = 0; half < 2; half++) {
                         __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
                         for (int64_t j = j0; j < j1; j++) {
-                            const __m256i idx = _mm256_loadu_si256((const __m256i *)(codes + (j * M + m) * AQLM_LUTQ_TILE + half * 32));
-                            const __m256i v = lookup32(slices, idx, tables + (j * M + m) * KS);
+                            const int64_t slot = j * M + m;
+                            __m256i idx;
+                            if (nibbles) { /* two codes per byte: slot m even in the low nibble, m + 1 in the high */
+                                idx = _mm256_loadu_si256((const __m256i *)(codes + slot / 2 * AQLM_LUTQ_TILE + half * 32));
+                                idx = _mm256_and_si256(m % 2 ? _mm256_srli_epi16(idx, 4) : idx, low4);
+                            } else {
+                                idx = _mm256_loadu_si256((const __m256i *)(codes + slot * AQLM_LUTQ_TILE + half * 32));
+                            }
+                            const __m256i v = lookup32(slices, idx, tables + slot * KS);
                             even = _mm256_add_epi16(even, _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8));
                             odd = _mm256_add_epi16(odd, _mm256_srai_epi16(v, 8));
                         }

@@ -76,6 +76,23 @@ ALWAYS_INLINE __m512i lookup64(const int K, __m512i idx, __m512i a, __m512i b, _
 /* facc position p of a tile ([32 even rows, 32 odd rows]) -> row. */
 ALWAYS_INLINE int64_t row_of_position(int64_t p) { return p < 32 ? 2 * p : 2 * (p - 32) + 1; }
 
+/* facc[u * n * 64 + p] += scale * (even/odd int16 sums of tile u), for NT tiles (f: token t's rows). */
+ALWAYS_INLINE void flush(const int NT, float scale_value, const __m512i *even, const __m512i *odd, float *restrict f,
+                         int64_t n) {
+    const __m512 scale = _mm512_set1_ps(scale_value);
+    for (int u = 0; u < NT; u++) {
+        float *tile = f + u * n * AQLM_LUTQ_TILE;
+        const __m512i parts[4] = {
+            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(even[u])),
+            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(even[u], 1)),
+            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(odd[u])),
+            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(odd[u], 1)),
+        };
+        for (int k = 0; k < 4; k++)
+            _mm512_storeu_ps(tile + 16 * k, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(parts[k]), _mm512_loadu_ps(tile + 16 * k)));
+    }
+}
+
 /* NT (<= TILE_STEP) tiles at once; facc [NT][n][64] in position order. */
 ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group,
                                     const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
@@ -103,18 +120,43 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
                         odd[u] = _mm512_add_epi16(odd[u], _mm512_srai_epi16(v, 8));
                     }
                 }
-                const __m512 scale = _mm512_set1_ps(qscale[(t * chunks + b) * M + m]);
-                for (int u = 0; u < NT; u++) {
-                    float *f = facc + (u * n + t) * AQLM_LUTQ_TILE;
-                    const __m512i parts[4] = {
-                        _mm512_cvtepi16_epi32(_mm512_castsi512_si256(even[u])),
-                        _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(even[u], 1)),
-                        _mm512_cvtepi16_epi32(_mm512_castsi512_si256(odd[u])),
-                        _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(odd[u], 1)),
-                    };
-                    for (int k = 0; k < 4; k++)
-                        _mm512_storeu_ps(f + 16 * k, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(parts[k]), _mm512_loadu_ps(f + 16 * k)));
+                flush(NT, qscale[(t * chunks + b) * M + m], even, odd, facc + t * AQLM_LUTQ_TILE, n);
+            }
+        }
+    }
+}
+
+/* The same for codebooks of <= 16 codewords with two codes per packed byte (M even): the low
+ * nibbles are codebook m, the high ones m + 1, each masked to the 4 bits vpermb must see. */
+ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group,
+                                            const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                            const float *restrict qscale, float *restrict facc) {
+    const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
+    const int64_t chunks = (G + group - 1) / group, tile_stride = G * M / 2 * AQLM_LUTQ_TILE;
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int64_t b = 0; b < chunks; b++) {
+        const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+        for (int64_t t = 0; t < n; t++) {
+            const int8_t *tables = qtab + t * G * M * KS;
+            for (int64_t m = 0; m < M; m += 2) {
+                __m512i even0[TILE_STEP], odd0[TILE_STEP], even1[TILE_STEP], odd1[TILE_STEP];
+                for (int u = 0; u < NT; u++) even0[u] = odd0[u] = even1[u] = odd1[u] = _mm512_setzero_si512();
+                for (int64_t j = j0; j < j1; j++) {
+                    const __m512i ta = _mm512_loadu_si512(tables + (j * M + m) * KS);
+                    const __m512i tb = _mm512_loadu_si512(tables + (j * M + m + 1) * KS);
+                    const uint8_t *codes = packed + (j * M + m) / 2 * AQLM_LUTQ_TILE;
+                    for (int u = 0; u < NT; u++) {
+                        const __m512i v = _mm512_loadu_si512(codes + u * tile_stride);
+                        const __m512i r0 = _mm512_permutexvar_epi8(_mm512_and_si512(v, low4), ta);
+                        const __m512i r1 = _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), tb);
+                        even0[u] = _mm512_add_epi16(even0[u], _mm512_srai_epi16(_mm512_slli_epi16(r0, 8), 8));
+                        odd0[u] = _mm512_add_epi16(odd0[u], _mm512_srai_epi16(r0, 8));
+                        even1[u] = _mm512_add_epi16(even1[u], _mm512_srai_epi16(_mm512_slli_epi16(r1, 8), 8));
+                        odd1[u] = _mm512_add_epi16(odd1[u], _mm512_srai_epi16(r1, 8));
+                    }
                 }
+                flush(NT, qscale[(t * chunks + b) * M + m], even0, odd0, facc + t * AQLM_LUTQ_TILE, n);
+                flush(NT, qscale[(t * chunks + b) * M + m + 1], even1, odd1, facc + t * AQLM_LUTQ_TILE, n);
             }
         }
     }
@@ -123,13 +165,18 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
 ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t tiles,
                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
                                    const float *restrict qscale, float *restrict acc) {
-    const int64_t tile_stride = s->in_groups * s->M * AQLM_LUTQ_TILE;
+    const int nibbles = aqlm_lutq_nibbles(s);
+    const int64_t tile_stride = (nibbles ? s->in_groups * s->M / 2 : s->in_groups * s->M) * AQLM_LUTQ_TILE;
     float facc[TILE_STEP * AQLM_LUTQ_MAX_TOKENS * AQLM_LUTQ_TILE];
     for (int64_t tile = 0; tile < tiles; tile += TILE_STEP) {
         const int64_t count = tiles - tile < TILE_STEP ? tiles - tile : TILE_STEP;
         for (int64_t p = 0; p < count * n * AQLM_LUTQ_TILE; p++) facc[p] = 0.0f;
         const uint8_t *codes = packed + tile * tile_stride;
-        if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, codes, n, qtab, qscale, facc);
+        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, codes, n, qtab, qscale, facc);
+        else if (nibbles)
+            for (int64_t u = 0; u < count; u++)
+                accumulate_tiles_nibbles(1, s, group, codes + u * tile_stride, n, qtab, qscale, facc + u * n * AQLM_LUTQ_TILE);
+        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, codes, n, qtab, qscale, facc);
         else
             for (int64_t u = 0; u < count; u++)
                 accumulate_tiles(K, 1, s, group, codes + u * tile_stride, n, qtab, qscale, facc + u * n * AQLM_LUTQ_TILE);

@@ -32,25 +32,31 @@ static aqlm_status check_lutq_format(const aqlm_format *f, aqlm_error *err) {
 }
 
 size_t aqlm_lutq_packed_size(const aqlm_format *f) {
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
     const int64_t tiles = (f->out_features + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
-    return (size_t)(tiles * (f->in_features / f->in_group_size) * f->num_codebooks * AQLM_LUTQ_TILE);
+    const int64_t slots = s.in_groups * s.M;
+    return (size_t)(tiles * (aqlm_lutq_nibbles(&s) ? slots / 2 : slots) * AQLM_LUTQ_TILE);
 }
 
 aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_t *packed, aqlm_error *err) {
     aqlm_status status = check_lutq_format(f, err);
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, codes != NULL && packed != NULL, "codes and packed must not be NULL");
-    const int64_t out = f->out_features, G = f->in_features / f->in_group_size, M = f->num_codebooks;
-    const uint8_t mask = (uint8_t)((1u << f->nbits) - 1u);
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int64_t out = f->out_features, slots = s.in_groups * s.M;
+    const uint8_t mask = (uint8_t)s.code_mask;
+    const int nibbles = aqlm_lutq_nibbles(&s);
     const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
+    memset(packed, 0, aqlm_lutq_packed_size(f));
     for (int64_t tile = 0; tile < tiles; tile++)
-        for (int64_t j = 0; j < G; j++)
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
-                    const int64_t row = tile * AQLM_LUTQ_TILE + lane;
-                    const uint8_t code = row < out ? ((const uint8_t *)codes)[(row * G + j) * M + m] & mask : 0;
-                    packed[((tile * G + j) * M + m) * AQLM_LUTQ_TILE + lane] = code;
-                }
+        for (int64_t slot = 0; slot < slots; slot++)
+            for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
+                const int64_t row = tile * AQLM_LUTQ_TILE + lane;
+                if (row >= out) continue;
+                const uint8_t code = ((const uint8_t *)codes)[row * slots + slot] & mask;
+                if (nibbles) packed[((tile * slots + slot) / 2) * AQLM_LUTQ_TILE + lane] |= (uint8_t)(code << (4 * (slot % 2)));
+                else packed[(tile * slots + slot) * AQLM_LUTQ_TILE + lane] = code;
+            }
     return AQLM_OK;
 }
 
@@ -74,6 +80,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     const int64_t KS = aqlm_lutq_table_stride(K), chunks = (G + group - 1) / group;
     const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
     const int64_t blocks = (tiles + AQLM_LUTQ_TILE_BLOCK - 1) / AQLM_LUTQ_TILE_BLOCK;
+    const int64_t tile_bytes = (aqlm_lutq_nibbles(&s) ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
     const int64_t T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
     /* Lookups are ~16 per vector operation, table entries ~8 per FMA. */
     const double work = (double)T * ((double)out * G * M / 16 + (double)G * M * K * ig / 8);
@@ -116,7 +123,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             for (int64_t block = 0; block < blocks; block++) {
                 const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
                 const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
-                kernels->accumulate(&s, group, count, packed + tile0 * G * M * AQLM_LUTQ_TILE, tokens, qtab, qscale, acc);
+                kernels->accumulate(&s, group, count, packed + tile0 * tile_bytes, tokens, qtab, qscale, acc);
                 const int64_t row0 = tile0 * AQLM_LUTQ_TILE;
                 const int64_t row1 = row0 + count * AQLM_LUTQ_TILE < out ? row0 + count * AQLM_LUTQ_TILE : out;
                 for (int64_t row = row0; row < row1; row++) {

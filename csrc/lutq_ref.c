@@ -49,8 +49,9 @@ void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t 
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group;
     const uint32_t mask = s->code_mask;
+    const int nibbles = aqlm_lutq_nibbles(s);
     for (int64_t tile = 0; tile < tiles; tile++) {
-        const uint8_t *codes = packed + tile * G * M * AQLM_LUTQ_TILE;
+        const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
         for (int64_t t = 0; t < n; t++) {
             const int8_t *tables = qtab + t * G * M * KS;
             for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
@@ -60,7 +61,9 @@ void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t 
                     for (int64_t m = 0; m < M; m++) {
                         int32_t total = 0;
                         for (int64_t j = b * group; j < j1; j++) {
-                            const uint32_t code = codes[(j * M + m) * AQLM_LUTQ_TILE + lane] & mask;
+                            const int64_t slot = j * M + m;
+                            const uint32_t code = (nibbles ? codes[slot / 2 * AQLM_LUTQ_TILE + lane] >> (4 * (slot % 2))
+                                                           : codes[slot * AQLM_LUTQ_TILE + lane]) & mask;
                             total += tables[(j * M + m) * KS + code];
                         }
                         sum = fmaf(qscale[(t * chunks + b) * M + m], (float)total, sum);

@@ -386,13 +386,14 @@ fail:
 }
 
 PyDoc_STRVAR(lutq_packed_size_doc,
-"lutq_packed_size(out_features, in_features, in_group_size, num_codebooks)\n--\n\n"
+"lutq_packed_size(out_features, in_features, in_group_size, num_codebooks, nbits)\n--\n\n"
 "Bytes of the packed codes of a weight for lutq_matmul.");
 
 static PyObject *py_lutq_packed_size(PyObject *module, PyObject *args) {
     long long out, in, ig, M;
-    if (!PyArg_ParseTuple(args, "LLLL:lutq_packed_size", &out, &in, &ig, &M)) return NULL;
-    aqlm_format format = {out, in, 1, ig, M, 8, 8};
+    int nbits;
+    if (!PyArg_ParseTuple(args, "LLLLi:lutq_packed_size", &out, &in, &ig, &M, &nbits)) return NULL;
+    aqlm_format format = {out, in, 1, ig, M, nbits, 8};
     aqlm_error err;
     if (aqlm_format_check(&format, &err) != AQLM_OK) return raise_status(AQLM_ERR_ARGUMENT, &err);
     return PyLong_FromSize_t(aqlm_lutq_packed_size(&format));
