@@ -332,7 +332,7 @@ def quantized_matmul_cpu(
             _numpy_view(out), group=LUTQ_GROUP, x_dtype=_DTYPE_NAMES[input.dtype],
             param_dtype=_DTYPE_NAMES[codebooks.dtype], num_threads=torch.get_num_threads(),
         )
-    elif kernel != "dequantize":
+    elif kernel in ("lut", "decode"):
         c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
         codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
         c_kernel(
