@@ -9,6 +9,7 @@ import sys
 import numpy
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ISA_FLAGS = {
     "_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
@@ -53,6 +54,19 @@ class BuildExtPerFileFlags(build_ext):
         )
 
 
+class BuildPyWithData(build_py):
+    """build_py that also copies the repository's data/ into the package as aqlm/_bundled_data.
+
+    An editable install reads data/ in place (aqlm.paths looks there), so only real builds copy it.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False) or not os.path.isdir("data"):
+            return
+        self.copy_tree("data", os.path.join(self.build_lib, "aqlm", "_bundled_data"))
+
+
 if sys.platform != "linux":
     raise RuntimeError("aqlm's C core is built and tested on Linux only (gcc or clang with OpenMP)")
 
@@ -70,5 +84,5 @@ setup(
             extra_link_args=["-fopenmp"] + (["-fsanitize=address,undefined"] if os.environ.get("AQLM_DEBUG_BUILD") else []),
         )
     ],
-    cmdclass={"build_ext": BuildExtPerFileFlags},
+    cmdclass={"build_ext": BuildExtPerFileFlags, "build_py": BuildPyWithData},
 )

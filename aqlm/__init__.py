@@ -2,7 +2,21 @@
 
 ``from aqlm import QuantizedLinear`` is what Hugging Face Transformers' AQLM integration imports.
 """
+import sys as _sys
 from importlib import metadata as _metadata
+from pathlib import Path as _Path
+
+try:
+    from . import _C
+except ImportError:  # a source tree whose extension was never built, e.g. the checkout after `pip install .`
+    _message = (
+        f"aqlm's C extension is not built in the source tree {_Path(__file__).parent}, which shadows any installed "
+        "aqlm from this directory: build it in place with `pip install -e .`, or run from another directory"
+    )
+    if _sys.argv[:1] == ["-m"]:  # `python -m aqlm ...`: one line, no traceback
+        print(f"error: {_message}", file=_sys.stderr)
+        raise SystemExit(2) from None
+    raise ImportError(_message) from None
 
 from . import ops
 from .format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes

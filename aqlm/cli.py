@@ -10,7 +10,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .argtypes import OneLineErrorParser, int_at_least, scheme_type
 from .format import AqlmScheme
+from .paths import data_file
 from .quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -18,7 +20,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def _scheme_from_args(args: argparse.Namespace) -> AqlmScheme:
     if args.scheme:
-        return AqlmScheme.parse(args.scheme)
+        return args.scheme
     return AqlmScheme(args.num_codebooks, args.nbits_per_codebook, args.in_group_size, args.out_group_size)
 
 
@@ -32,12 +34,6 @@ def _resolve_model(name_or_dir: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model {name_or_dir!r} is neither a directory nor one of {sorted(REAL_MODELS)}")
     return path
-
-
-def _shared_file(*parts: str) -> Path:
-    from .paths import shared_data_dir
-
-    return shared_data_dir().joinpath(*parts)
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -85,40 +81,44 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``quantize`` (defaults follow upstream AQLM: 1x16 codebooks, groups of 8, beam 1)."""
     parser.add_argument("model", help="dense Hugging Face model directory, or a bundled model name (smollm2-135m, stories260k)")
     parser.add_argument("--dataset", required=True, help="calibration data: .txt, .jsonl or a .pt token tensor")
-    parser.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
-    scheme = parser.add_argument_group("scheme")
-    scheme.add_argument("--scheme", help="shorthand such as 2x8g8 or 1x16g8 (overrides the four options below)")
-    scheme.add_argument("--num-codebooks", type=int, default=1)
-    scheme.add_argument("--nbits-per-codebook", type=int, default=16)
-    scheme.add_argument("--in-group-size", type=int, default=8)
-    scheme.add_argument("--out-group-size", type=int, default=1)
+    parser.add_argument("--out", required=True,
+                        help="output directory (a Hugging Face checkpoint): empty or new, unless --resume or --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out (an unfinished run there is discarded; other files are kept)")
+    group = parser.add_argument_group("scheme")
+    group.add_argument("--scheme", type=scheme_type, help="shorthand such as 2x8g8 or 1x16g8 (overrides the four options below)")
+    group.add_argument("--num-codebooks", type=int_at_least(1), default=1)
+    group.add_argument("--nbits-per-codebook", type=int_at_least(1), default=16)
+    group.add_argument("--in-group-size", type=int_at_least(1), default=8)
+    group.add_argument("--out-group-size", type=int_at_least(1), default=1)
     calibration = parser.add_argument_group("calibration")
-    calibration.add_argument("--nsamples", type=int, default=128)
-    calibration.add_argument("--val-size", type=int, default=0, help="held-out windows for fine-tuning early stopping")
-    calibration.add_argument("--seqlen", type=int, default=2048, help="capped at the model's context length")
+    calibration.add_argument("--nsamples", type=int_at_least(1), default=128)
+    calibration.add_argument("--val-size", type=int_at_least(0), default=0,
+                             help="held-out windows for fine-tuning early stopping")
+    calibration.add_argument("--seqlen", type=int_at_least(2), default=2048, help="capped at the model's context length")
     calibration.add_argument("--no-true-sequential", action="store_true",
                              help="collect every linear's statistics once per block (faster, as upstream's default)")
     layer = parser.add_argument_group("layer optimisation")
-    layer.add_argument("--beam-size", type=int, default=1)
+    layer.add_argument("--beam-size", type=int_at_least(1), default=1)
     layer.add_argument("--relative-mse-tolerance", type=float, default=0.01)
-    layer.add_argument("--max-epochs", type=int, default=1000)
-    layer.add_argument("--steps-per-epoch", type=int, default=100)
+    layer.add_argument("--max-epochs", type=int_at_least(1), default=1000)
+    layer.add_argument("--steps-per-epoch", type=int_at_least(1), default=100)
     layer.add_argument("--lr", type=float, default=1e-4)
     layer.add_argument("--codebook-update", choices=["adam", "lstsq"], default="adam",
                        help="adam (upstream) or lstsq (exact least squares by conjugate gradients)")
-    layer.add_argument("--init-max-iter", type=int, default=100, help="k-means iterations")
+    layer.add_argument("--init-max-iter", type=int_at_least(1), default=100, help="k-means iterations")
     layer.add_argument("--init-max-points-per-centroid", type=int, default=None)
     tune = parser.add_argument_group("block fine-tuning")
-    tune.add_argument("--finetune-max-epochs", type=int, default=5)
+    tune.add_argument("--finetune-max-epochs", type=int_at_least(0), default=5)
     tune.add_argument("--finetune-early-stop", type=int, default=3)
     tune.add_argument("--finetune-lr", type=float, default=1e-5)
-    tune.add_argument("--finetune-batch-size", type=int, default=1)
+    tune.add_argument("--finetune-batch-size", type=int_at_least(1), default=1)
     tune.add_argument("--finetune-adam-beta1", type=float, default=0.9)
     tune.add_argument("--finetune-adam-beta2", type=float, default=0.95)
     parser.add_argument("--param-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="storage dtype of codebooks and scales")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -159,11 +159,12 @@ def _add_quantize(subparsers) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    config = quantize_config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _resolve_model(args.model)
-    report = quantize_model(model_dir, args.dataset, args.out, quantize_config_from_args(args), resume=args.resume,
-                            progress=not args.no_progress)
+    report = quantize_model(model_dir, args.dataset, args.out, config, resume=args.resume,
+                            progress=not args.no_progress, overwrite=args.overwrite)
     print(f"saved {report.out_dir}")
     return 0
 
@@ -185,11 +186,11 @@ def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="perplexity (text or tokens) or KL to a reference model")
     parser.add_argument("model", help="model directory (dense or AQLM) or a bundled model name")
     parser.add_argument("--dataset", required=True, help=".txt/.jsonl text (needs a tokenizer) or a .pt token tensor")
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seqlen", type=int_at_least(2), default=2048)
+    parser.add_argument("--max-windows", type=int_at_least(1), default=None, help="evaluate only the first N windows")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1)
     parser.add_argument("--reference", help="also report KL(reference || model) on the same windows")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int_at_least(1), default=None)
     parser.set_defaults(run=_run_eval)
 
 
@@ -238,26 +239,33 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 DEMO_MODEL = "stories260k"
 DEMO_SCHEME = "4x4g4"
+# Below this many parameters the demo runs on one thread unless --threads says otherwise: every
+# operation is microseconds long, so a second thread only adds synchronisation, and when the
+# cores are shared each synchronisation can wait for a descheduled thread (measured on a loaded
+# 2-core machine: the whole demo took 177 s on one thread; on two, 9 minutes reached only block 3 of 5).
+SMALL_MODEL_PARAMETERS = 10_000_000
 
 
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="quantize the real model bundled in ../shared/data (stories260K) and print its quality before/after",
+        help="quantize the real model bundled in data/ (stories260K) and print its quality before/after",
         description="The main job on the bundled defaults: AQLM-quantize a real model and compare it with the dense "
         "model and with round-to-nearest at no fewer bits per weight. Models with a tokenizer are calibrated on "
         "WikiText-2 valid.txt and scored by perplexity on test.txt; models without one (stories260K) are "
         "calibrated and scored on token sequences sampled from the dense model (perplexity and KL to it).",
     )
     parser.add_argument("--model", default=DEMO_MODEL, help="bundled model name or dense model directory")
-    parser.add_argument("--out", default="aqlm-demo", help="output directory")
-    parser.add_argument("--scheme", default=DEMO_SCHEME,
+    parser.add_argument("--out", default="aqlm-demo", help="output directory (empty or new, unless --resume or --overwrite)")
+    parser.add_argument("--scheme", type=scheme_type, default=DEMO_SCHEME,
                         help="AQLM scheme (default 4x4g4: 16-codeword codebooks, small beside a 64-wide model's layers)")
-    parser.add_argument("--nsamples", type=int, default=64, help="calibration sequences")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration and test sequence")
-    parser.add_argument("--eval-sequences", type=int, default=32, help="test sequences (windows)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--nsamples", type=int_at_least(1), default=64, help="calibration sequences")
+    parser.add_argument("--seqlen", type=int_at_least(2), default=256, help="tokens per calibration and test sequence")
+    parser.add_argument("--eval-sequences", type=int_at_least(1), default=32, help="test sequences (windows)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help=f"CPU threads (default: 1 for models under {SMALL_MODEL_PARAMETERS:,} parameters, else torch's)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     parser.set_defaults(run=_run_demo)
 
 
@@ -267,9 +275,9 @@ def _demo_data(model, tokenizer, out: Path, args: argparse.Namespace) -> tuple:
     from .evaluate import sample_sequences
 
     if tokenizer is not None:
-        test = load_tokens(_shared_file("wikitext-2", "test.txt"), tokenizer)
+        test = load_tokens(data_file("wikitext-2", "test.txt"), tokenizer)
         windows = evaluation_windows(test, args.seqlen)[: args.eval_sequences]
-        return _shared_file("wikitext-2", "valid.txt"), windows, "WikiText-2 test.txt"
+        return data_file("wikitext-2", "valid.txt"), windows, "WikiText-2 test.txt"
     out.mkdir(parents=True, exist_ok=True)
     samples = out / "demo_samples.pt"
     total = args.nsamples + args.eval_sequences
@@ -296,24 +304,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     import math
 
     from .baselines import quantize_model_rtn, rtn_bits_per_weight
+    from .fileio import check_output_dir
+    from .quantize.model import PROGRESS_DIR
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    scheme = AqlmScheme.parse(args.scheme)
+    scheme = args.scheme
     model_dir = _resolve_model(args.model)
     out = Path(args.out)
+    check_output_dir(out, {"input": model_dir}, out / PROGRESS_DIR / "config.json", args.resume, args.overwrite)
     dense, tokenizer = load_model(model_dir)
+    threads = args.threads
+    if threads is None and sum(p.numel() for p in dense.parameters()) < SMALL_MODEL_PARAMETERS:
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     calibration, windows, described = _demo_data(dense, tokenizer, out, args)
     config = QuantizeConfig(
         layer=LayerConfig(scheme=scheme, max_epochs=8, steps_per_epoch=20, codebook_update="lstsq",
-                          num_threads=args.threads),
+                          num_threads=threads),
         finetune=FinetuneConfig(max_epochs=2, lr=1e-4),
         nsamples=args.nsamples,
         seqlen=args.seqlen,
     )
     print(f"model {model_dir}\ncalibration {calibration} ({config.nsamples} windows of {config.seqlen} tokens)")
-    report = quantize_model(model_dir, calibration, out, config, resume=args.resume)
+    report = quantize_model(model_dir, calibration, out, config, resume=args.resume, overwrite=not args.resume)
     quantized, _ = load_model(out)
     rtn_bits = max(2, math.floor(report.bits_per_weight))
     group = next(g for g in (128, 64, 32, 16, 8, 4) if rtn_bits_per_weight(rtn_bits, g) >= report.bits_per_weight
@@ -323,7 +337,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     rows = [
         ("dense float32", 32.0, _demo_quality(dense, dense, windows)),
         (f"RTN {rtn_bits}-bit g{group}", rtn_bits_per_weight(rtn_bits, group), _demo_quality(rtn, dense, windows)),
-        (f"AQLM {args.scheme}", report.bits_per_weight, _demo_quality(quantized, dense, windows)),
+        (f"AQLM {scheme.name}", report.bits_per_weight, _demo_quality(quantized, dense, windows)),
     ]
     print(f"\nquality on {described} ({windows.shape[0]} windows of {windows.shape[1]} tokens):")
     print(f"  {'':<18} {'bits/weight':>11} {'perplexity':>11} {'KL to dense':>12}")
@@ -339,7 +353,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m aqlm`` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m aqlm", description="AQLM and PV-Tuning for LLMs, with a C core.")
+    parser = OneLineErrorParser(prog="python -m aqlm", description="AQLM and PV-Tuning for LLMs, with a C core.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
     _add_quantize(subparsers)
@@ -351,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; errors in the input are reported in one line, not as a traceback."""
+    from .models.real import RealModelUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, RealModelUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -88,6 +88,10 @@ def dequantize_reference(codes: torch.Tensor, codebooks: torch.Tensor, scales: t
     return blocks.swapaxes(1, 2).reshape(num_out_groups * out_group_size, num_in_groups * in_group_size)
 
 
+MAX_NUM_CODEBOOKS = 256  # the C core's limits (csrc/format.c, aqlm_format_check)
+MAX_GROUP_WEIGHTS = 1 << 20
+
+
 @dataclass(frozen=True)
 class AqlmScheme:
     """One AQLM configuration: ``num_codebooks`` x ``nbits_per_codebook`` bits per group of
@@ -104,6 +108,13 @@ class AqlmScheme:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         code_dtype(self.nbits_per_codebook)
+        if self.num_codebooks > MAX_NUM_CODEBOOKS:
+            raise ValueError(f"num_codebooks must be in [1, {MAX_NUM_CODEBOOKS}], got {self.num_codebooks}")
+        if self.in_group_size * self.out_group_size >= MAX_GROUP_WEIGHTS:
+            raise ValueError(
+                f"a group of out_group_size x in_group_size = {self.out_group_size} x {self.in_group_size} weights "
+                f"must hold fewer than {MAX_GROUP_WEIGHTS}"
+            )
 
     @property
     def codebook_size(self) -> int:

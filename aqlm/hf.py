@@ -8,6 +8,11 @@ while Transformers 5 matches *module* names (``lm_head``): stock loading then re
 narrow fix: Transformers' AQLM integration module sees the list with a trailing ``.weight``
 stripped from each entry. It is applied when that module is imported (or at once if it already
 is), so it works whichever of ``aqlm`` and ``transformers`` is imported first.
+
+The same mechanism makes loading strict: Transformers fills a tensor missing from a checkpoint
+with whatever memory it allocated and only logs a warning, which for AQLM codes, codebooks or
+scales means silently wrong logits. After loading, every QuantizedLinear tensor must have come
+from the checkpoint, or ``from_pretrained`` raises a ValueError naming the missing tensors.
 """
 from __future__ import annotations
 
@@ -19,12 +24,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import torch.nn as nn
 
+from .fileio import make_readable
 from .inference import QuantizedLinear
 
 _INTEGRATION_MODULE = "transformers.integrations.aqlm"
+_QUANTIZER_MODULE = "transformers.quantizers.quantizer_aqlm"
 _PATCH_MARK = "_aqlm_accepts_weight_names"
+_CHECK_MARK = "_aqlm_checks_loaded_tensors"
 
 
 def _module_names(patterns: Optional[list]) -> Optional[list]:
@@ -46,36 +55,80 @@ def _patch_integration(module: Any) -> None:
     module.should_convert_module = should_convert_module
 
 
+def check_loaded_tensors(model: nn.Module) -> None:
+    """Raise ValueError if a QuantizedLinear tensor of ``model`` was not read from its checkpoint.
+
+    Relies on the ``_is_hf_initialized`` flag that Transformers sets on every tensor it loads;
+    a model in which no QuantizedLinear tensor carries the flag (loaded some other way) passes.
+    """
+    missing, flagged = [], False
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        for tensor_name, tensor in module.named_parameters(recurse=False):
+            if getattr(tensor, "_is_hf_initialized", False):
+                flagged = True
+            else:
+                missing.append(f"{name}.{tensor_name}")
+    if flagged and missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"the AQLM checkpoint lacks tensors that the model needs: {shown}")
+
+
+def _patch_quantizer(module: Any) -> None:
+    """Make the AQLM quantizer's ``postprocess_model`` refuse checkpoints with missing AQLM tensors."""
+    quantizer = getattr(module, "AqlmHfQuantizer", None)
+    original: Optional[Callable] = getattr(quantizer, "postprocess_model", None)
+    if original is None or getattr(original, _CHECK_MARK, False):
+        return
+
+    def postprocess_model(self, model, **kwargs):
+        check_loaded_tensors(model)
+        return original(self, model, **kwargs)
+
+    setattr(postprocess_model, _CHECK_MARK, True)
+    quantizer.postprocess_model = postprocess_model
+
+
+_PATCHES: dict[str, Callable[[Any], None]] = {
+    _INTEGRATION_MODULE: _patch_integration,
+    _QUANTIZER_MODULE: _patch_quantizer,
+}
+
+
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[Any], None]):
         self._loader = loader
+        self._patch = patch
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        _patch_integration(module)
+        self._patch(module)
 
 
 class _IntegrationImportHook(importlib.abc.MetaPathFinder):
-    """Patches Transformers' AQLM integration module right after it is first imported."""
+    """Patches Transformers' AQLM integration and quantizer modules right after each is first imported."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _INTEGRATION_MODULE:
+        if fullname not in _PATCHES or fullname in sys.modules:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _PatchingLoader(spec.loader)
+        spec.loader = _PatchingLoader(spec.loader, _PATCHES[fullname])
         return spec
 
 
 def install_transformers_compat() -> None:
-    """Install the ``linear_weights_not_to_quantize`` fix (idempotent; called by ``import aqlm``)."""
-    if _INTEGRATION_MODULE in sys.modules:
-        _patch_integration(sys.modules[_INTEGRATION_MODULE])
-    elif not any(isinstance(finder, _IntegrationImportHook) for finder in sys.meta_path):
+    """Install the ``linear_weights_not_to_quantize`` fix and the missing-tensor check (idempotent;
+    called by ``import aqlm``)."""
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(finder, _IntegrationImportHook) for finder in sys.meta_path):
         sys.meta_path.insert(0, _IntegrationImportHook())
 
 
@@ -106,13 +159,37 @@ def quantization_config(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save_quantized(
+    model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, storage_dtype: Optional[torch.dtype] = None
+) -> Path:
     """Save a Transformers model with QuantizedLinear layers as a checkpoint that
-    ``AutoModelForCausalLM.from_pretrained`` loads (safetensors + config with ``quantization_config``)."""
+    ``AutoModelForCausalLM.from_pretrained`` loads (safetensors + config with ``quantization_config``).
+
+    Args:
+        model: the model; it is not changed.
+        out_dir: the checkpoint directory.
+        tokenizer: saved beside the model when given.
+        storage_dtype: store every floating-point tensor (embeddings, norms, codebooks, scales, ...)
+            in this dtype, as upstream's float16 checkpoints do. ``config.json`` keeps the model's own
+            dtype, so ``from_pretrained`` still builds the model in the dtype it was quantized in.
+            None: store each tensor in its current dtype.
+    """
     out_dir = Path(out_dir)
     config = quantization_config(model)
     model.config.quantization_config = config
-    model.save_pretrained(out_dir, safe_serialization=True)
+    state_dict = None
+    if storage_dtype is not None:
+        # Tied tensors (an output head sharing the embedding) are stored once, as save_pretrained
+        # stores them: a converted copy would no longer share memory and would be written twice.
+        state_dict, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            if tensor.numel() and key in seen:
+                continue
+            seen.add(key)
+            state_dict[name] = tensor.to(storage_dtype) if tensor.is_floating_point() else tensor
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    make_readable(out_dir.glob("model*.safetensors*"))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     # save_pretrained may drop or rewrite the dict form: make sure config.json carries it as given

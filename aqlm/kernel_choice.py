@@ -35,6 +35,7 @@ CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 CACHE_FILE = "kernel_choice-v1.json"
 ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
 HOPELESS = 4.0  # a candidate this many times slower than the best after a round is not run again
+MARGIN = 1.5  # another candidate replaces the fixed rules' pick only when this many times faster
 
 
 def token_class(tokens: int) -> int:
@@ -105,8 +106,12 @@ class KernelChooser:
             json.dump(everything, file, indent=1, sort_keys=True)
         os.replace(temporary, self.path)
 
-    def choose(self, key: str, candidates: list[str], run: Callable[[str], object]) -> str:
-        """The fastest of ``candidates`` for ``key``: from the cache, else measured with ``run(kernel)``."""
+    def choose(self, key: str, candidates: list[str], run: Callable[[str], object], prior: Optional[str] = None) -> str:
+        """The fastest of ``candidates`` for ``key``: from the cache, else measured with ``run(kernel)``.
+
+        ``prior`` (the fixed rules' pick) is kept unless another candidate beats it by MARGIN: on a
+        machine whose cores are shared, every timing of a multi-threaded kernel can be inflated by
+        waits for a descheduled thread, and a near tie says more about the load than the kernels."""
         choices = self._load()
         known = choices.get(key)
         if known in candidates:
@@ -125,6 +130,8 @@ class KernelChooser:
             best = min(times.values())
             alive = [kernel for kernel in alive if times[kernel] <= HOPELESS * best]
         chosen = min(times, key=times.get)
+        if prior in times and times[chosen] * MARGIN > times[prior]:
+            chosen = prior
         choices[key] = chosen
         try:
             self._save()

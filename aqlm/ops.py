@@ -326,7 +326,10 @@ def quantized_matmul_cpu(
         raise ValueError(f"kernel={kernel!r} needs codebooks of at most 256 codewords, got {2**nbits}")
     if kernel == "lutq" and not lutq_applies(nbits, codebooks.shape[2]):
         raise ValueError(f"kernel='lutq' needs out_group_size=1, got {codebooks.shape[2]}")
-    out = torch.empty(tokens, out_features, dtype=input.dtype)
+    # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
+    # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
+    result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
+    out = result.view(tokens, out_features)
     if kernel == "lutq":
         _, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
         _C.lutq_matmul(
@@ -343,6 +346,7 @@ def quantized_matmul_cpu(
             num_threads=torch.get_num_threads(),
         )
     else:
+        scales = scales.reshape(-1)
         dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype
         dense_x = x.to(dense_dtype)
         out_group_size = codebooks.shape[2]
@@ -353,7 +357,7 @@ def quantized_matmul_cpu(
             weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], dense_dtype)
             rows = slice(first * out_group_size, last * out_group_size)
             out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
-    return out.view(*input.shape[:-1], out_features)
+    return result
 
 
 def cpu_kernel_for(
@@ -393,7 +397,8 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
         sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
         return quantized_matmul_cpu(sample, codes, codebooks, scales, bias, kernel=kernel)
 
-    return _CHOOSER.choose(key, candidates, run)
+    prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
+    return _CHOOSER.choose(key, candidates, run, prior=prior)
 
 
 class _CpuPlan:
@@ -448,7 +453,8 @@ def quantized_linear_cpu(
         kernel = plan.kernels[key] = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
     if kernel not in ("lutq", "lut", "decode"):
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=kernel)
-    out = torch.empty(tokens, plan.out_features, dtype=input.dtype)
+    result = torch.empty(*input.shape[:-1], plan.out_features, dtype=input.dtype)  # not a view: see quantized_matmul_cpu
+    out = result.view(tokens, plan.out_features)
     x_dtype = _DTYPE_NAMES[input.dtype]
     if kernel == "lutq":
         _C.lutq_matmul(
@@ -461,7 +467,7 @@ def quantized_linear_cpu(
             _numpy_view(x), plan.codes, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), x_dtype=x_dtype,
             param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
         )
-    return out.view(*input.shape[:-1], plan.out_features)
+    return result
 
 
 @quantized_matmul.register_kernel("cpu")

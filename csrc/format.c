@@ -80,16 +80,15 @@ aqlm_status aqlm_check_matmul_args(const aqlm_format *f, int64_t n, aqlm_dtype x
                                    const void *x, const void *codes, aqlm_dtype param_dtype,
                                    const void *codebooks, const void *scales, const void *y,
                                    int num_threads, aqlm_error *err) {
-    aqlm_status status = aqlm_codes_check(f, codes, err);
-    if (status != AQLM_OK) return status;
-    AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
-    AQLM_CHECK(err, dtype_valid(x_dtype) && dtype_valid(param_dtype), "unknown dtype code %d or %d",
-               (int)x_dtype, (int)param_dtype);
+    /* Every pointer is checked before anything is read through one (the codes' range check reads codes). */
     AQLM_CHECK(err, codes != NULL && codebooks != NULL && scales != NULL,
                "codes, codebooks and scales must not be NULL");
+    AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
     AQLM_CHECK(err, n == 0 || (x != NULL && y != NULL), "x and y must not be NULL");
+    AQLM_CHECK(err, dtype_valid(x_dtype) && dtype_valid(param_dtype), "unknown dtype code %d or %d",
+               (int)x_dtype, (int)param_dtype);
     AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
-    return AQLM_OK;
+    return aqlm_codes_check(f, codes, err);
 }
 
 int aqlm_threads_for(int num_threads, double work) {

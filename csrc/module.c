@@ -130,6 +130,19 @@ static int check_output(PyObject *object, const char *name, aqlm_dtype dtype, np
     return 0;
 }
 
+/* Rejects an output whose bytes overlap an input's: the kernels read inputs after writing outputs.
+ * Both arrays are C-contiguous here, so their bytes are [data, data + nbytes). */
+static int check_no_overlap(PyObject *out, const char *out_name, PyArrayObject *input, const char *input_name) {
+    if (input == NULL) return 0;
+    const char *out_first = PyArray_BYTES((PyArrayObject *)out), *in_first = PyArray_BYTES(input);
+    const char *out_end = out_first + PyArray_NBYTES((PyArrayObject *)out), *in_end = in_first + PyArray_NBYTES(input);
+    if (out_first < in_end && in_first < out_end) {
+        PyErr_Format(PyExc_ValueError, "%s must not overlap %s in memory", out_name, input_name);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_simd(PyObject *module, const char *name, aqlm_simd *level) {
     const module_state *state = state_of(module);
     if (name == NULL) {
@@ -228,6 +241,16 @@ static int weight_args_parse(weight_args *w, PyObject *codes, PyObject *codebook
     return 0;
 }
 
+/* Rejects an output that overlaps any weight tensor. */
+static int check_weight_not_overlapped(PyObject *out, const char *out_name, const weight_args *w) {
+    return check_no_overlap(out, out_name, w->codes, "codes") < 0 ||
+                   check_no_overlap(out, out_name, w->codebooks, "codebooks") < 0 ||
+                   check_no_overlap(out, out_name, w->scales, "scales") < 0 ||
+                   check_no_overlap(out, out_name, w->bias, "bias") < 0
+               ? -1
+               : 0;
+}
+
 /* ---- functions ------------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(dequantize_doc,
@@ -251,7 +274,8 @@ static PyObject *py_dequantize(PyObject *module, PyObject *args, PyObject *kwarg
     if (weight_args_parse(&w, codes, codebooks, scales, Py_None, param_dtype) < 0 ||
         parse_float_dtype(out_dtype_name, "out_dtype", &out_dtype) < 0 || parse_simd(module, simd_name, &simd) < 0 ||
         check_threads(num_threads) < 0 ||
-        check_output(out, "out", out_dtype, (npy_intp)w.format.out_features, (npy_intp)w.format.in_features) < 0) {
+        check_output(out, "out", out_dtype, (npy_intp)w.format.out_features, (npy_intp)w.format.in_features) < 0 ||
+        check_weight_not_overlapped(out, "out", &w) < 0) {
         weight_args_release(&w);
         return NULL;
     }
@@ -294,7 +318,9 @@ static PyObject *matmul_common(PyObject *module, PyObject *args, PyObject *kwarg
         goto fail;
     }
     const npy_intp n = PyArray_DIM(x, 0);
-    if (check_output(out, "out", x_dtype, n, (npy_intp)w.format.out_features) < 0) goto fail;
+    if (check_output(out, "out", x_dtype, n, (npy_intp)w.format.out_features) < 0 ||
+        check_no_overlap(out, "out", x, "x") < 0 || check_weight_not_overlapped(out, "out", &w) < 0)
+        goto fail;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, Path, int, int, int]:
     """Resolve (dense, quantized, train, test, seqlen, test_windows, nsamples) from the arguments and preset."""
     from aqlm.models import smollm2_dir, stories260k_dir
-    from aqlm.paths import shared_data_dir
+    from aqlm.paths import data_dir
 
     if args.preset == "stories260k":
         dense = Path(args.dense) if args.dense else stories260k_dir()
@@ -151,7 +151,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, Pat
         return dense, quantized, train, test, seqlen, args.test_windows or 32, args.nsamples or 128
     if args.preset == "smollm2":
         dense = Path(args.dense) if args.dense else smollm2_dir()
-        wikitext = shared_data_dir() / "wikitext-2"
+        wikitext = data_dir() / "wikitext-2"
         train = Path(args.train) if args.train else wikitext / "valid.txt"
         test = Path(args.test) if args.test else wikitext / "test.txt"
         scheme = args.scheme or "2x8g8"

@@ -26,7 +26,7 @@ from aqlm.calibration import find_linears, get_blocks
 from aqlm.cli import _resolve_model, evaluate_model, load_model
 from aqlm.data import calibration_windows, load_tokens
 from aqlm.format import AqlmScheme
-from aqlm.paths import shared_data_dir
+from aqlm.paths import data_dir
 from aqlm.quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
 
 ROWS = ["fp", "rtn-4", "rtn-3", "rtn-2", "gptq-4", "gptq-3", "gptq-2", "aqlm-1x16g8", "aqlm-2x8g8", "aqlm-1x8g8", "aqlm-2x8g8+pv"]
@@ -149,8 +149,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m", help="bundled model name or dense model directory")
     parser.add_argument("--out", default="results/smollm2-135m")
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    parser.add_argument("--calibration", default=str(shared_data_dir() / "wikitext-2" / "valid.txt"))
-    parser.add_argument("--test", default=str(shared_data_dir() / "wikitext-2" / "test.txt"))
+    parser.add_argument("--calibration", default=str(data_dir() / "wikitext-2" / "valid.txt"))
+    parser.add_argument("--test", default=str(data_dir() / "wikitext-2" / "test.txt"))
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=512)

@@ -60,18 +60,20 @@ def test_each_token_class_is_measured_once(measured):
     assert sorted(int(key.split(" t")[1].split()[0]) for key in keys) == [1, 5, 16, 128]
 
 
-def test_the_fastest_candidate_wins(tmp_path):
-    chooser = kernel_choice.KernelChooser(tmp_path / "choices.json")
-    delays = {"slow": 0.004, "fast": 0.0}
+def test_the_fastest_candidate_wins_unless_the_prior_is_nearly_as_fast(tmp_path, monkeypatch):
+    clock = [0.0]  # a fake clock that each run advances by its kernel's cost: deterministic timings
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: clock[0])
+    costs = {"slow": 4.0, "fast": 1.0}
 
     def run(kernel):
-        if delays[kernel]:
-            import time
+        clock[0] += costs[kernel]
 
-            time.sleep(delays[kernel])
-
+    chooser = kernel_choice.KernelChooser(tmp_path / "choices.json")
     assert chooser.choose("k", ["slow", "fast"], run) == "fast"
     assert json.loads((tmp_path / "choices.json").read_text())[kernel_choice.cpu_model()] == {"k": "fast"}
+    assert chooser.choose("k2", ["slow", "fast"], run, prior="slow") == "fast"  # 4x faster: beats the prior
+    costs["fast"] = 3.0
+    assert chooser.choose("k3", ["slow", "fast"], run, prior="slow") == "slow"  # 1.33x: the prior stays
 
 
 def test_forced_kernel_and_exact_mode(measured, monkeypatch):

@@ -168,3 +168,12 @@ def test_vbmi_kernels_run_where_the_cpu_has_vbmi():
         pytest.skip("no AVX-512 here")
     assert _C.lutq_kernel(simd="avx512") == ("avx512vbmi" if "avx512vbmi" in flags else "avx2")
     assert _C.lutq_kernel(simd="scalar") == "scalar"
+
+
+def test_scales_of_any_shape_give_the_same_result():
+    codes, codebooks, scales, bias = random_weight(96, 64, 2, 8, 8)
+    x = torch.randn(3, 64)
+    expected = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lutq")
+    for shape in [(96,), (96, 1), (1, 96), (96, 1, 1, 1)]:
+        got = ops.quantized_matmul_cpu(x, codes, codebooks, scales.reshape(shape), bias, kernel="lutq")
+        assert torch.equal(got, expected), shape

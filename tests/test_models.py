@@ -28,7 +28,7 @@ from aqlm.models import (
     smollm2_dir,
     stories260k_dir,
 )
-from aqlm.paths import cache_dir, shared_data_dir
+from aqlm.paths import cache_dir, data_dir, data_file
 
 STORIES_BIN = Path("stories260K") / "stories260K.bin"
 STORIES_BYTES = 1_056_540
@@ -228,7 +228,7 @@ def _with_env(var: str, value: str, fn):
 
 @pytest.fixture(scope="module")
 def stories_bin() -> Path:
-    return shared_data_dir() / STORIES_BIN
+    return data_dir() / STORIES_BIN
 
 
 @pytest.fixture(scope="module")
@@ -261,26 +261,42 @@ def smollm2():
 # paths
 
 
-def test_shared_data_dir_env_override(monkeypatch, tmp_path):
+def test_data_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("AQLM_SHARED_DATA", str(tmp_path))
-    assert shared_data_dir() == tmp_path.resolve()
+    assert data_dir() == tmp_path.resolve()
 
 
-def test_shared_data_dir_default_has_stories(monkeypatch):
+def test_data_dir_default_is_the_bundled_data(monkeypatch):
     monkeypatch.delenv("AQLM_SHARED_DATA", raising=False)
-    assert (shared_data_dir() / STORIES_BIN).stat().st_size == STORIES_BYTES
+    repository = Path(aqlm.__file__).resolve().parents[1]
+    assert data_dir() == repository / "data"
+    assert (data_dir() / STORIES_BIN).stat().st_size == STORIES_BYTES
+    assert data_file("wikitext-2", "test.txt").stat().st_size == 1_256_449
+    assert data_file("wikitext-2", "valid.txt").stat().st_size == 1_121_681
 
 
-def test_shared_data_dir_missing_lists_every_path(monkeypatch, tmp_path):
+def test_data_dir_does_not_need_shared(monkeypatch, tmp_path):
+    """A clone with no ../shared beside it finds its data wherever the working directory is."""
     monkeypatch.delenv("AQLM_SHARED_DATA", raising=False)
-    work = tmp_path / "a" / "b"
-    work.mkdir(parents=True)
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(aqlm.paths, "__file__", str(tmp_path / "x" / "pkg" / "paths.py"))
+    monkeypatch.chdir(tmp_path)
+    assert (data_dir() / STORIES_BIN).is_file()
+
+
+def test_data_dir_missing_lists_every_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("AQLM_SHARED_DATA", raising=False)
+    candidates = (tmp_path / "pkg" / "_bundled_data", tmp_path / "data")
+    monkeypatch.setattr(aqlm.paths, "_BUNDLED_CANDIDATES", candidates)
     with pytest.raises(FileNotFoundError) as info:
-        shared_data_dir()
-    assert str(tmp_path / "a" / "shared" / "data") in str(info.value)
-    assert str(tmp_path / "shared" / "data") in str(info.value)
+        data_dir()
+    for candidate in candidates:
+        assert str(candidate) in str(info.value)
+    assert "AQLM_SHARED_DATA" in str(info.value)
+
+
+def test_data_file_names_a_missing_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("AQLM_SHARED_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="wikitext-2/nope.txt"):
+        data_file("wikitext-2", "nope.txt")
 
 
 def test_cache_dir_env_creates(monkeypatch, tmp_path):

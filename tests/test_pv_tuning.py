@@ -513,7 +513,7 @@ def test_errors_name_the_problem(model_dirs, tmp_path):
         pv_tune(dense, tmp_path / "missing", tokens, tmp_path / "a", fast_config(), **quiet)
     with pytest.raises(ValueError, match="not quantized.*AQLM checkpoint"):
         pv_tune(dense, dense, tokens, tmp_path / "a", fast_config(), **quiet)
-    with pytest.raises(ValueError, match="out_dir must differ"):
+    with pytest.raises(ValueError, match="is the quantized model directory"):
         pv_tune(dense, aqlm, tokens, aqlm, fast_config(), **quiet)
     other = small_llama(seed=3, hidden=48)
     other.save_pretrained(tmp_path / "other")

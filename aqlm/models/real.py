@@ -36,7 +36,7 @@ from pathlib import Path
 
 from aqlm.models.gguf import load_gguf
 from aqlm.models.llama2c import load_llama2c
-from aqlm.paths import cache_dir, shared_data_dir
+from aqlm.paths import cache_dir, data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _convert_smollm2(target: Path) -> dict:
 
 
 def _convert_stories260k(target: Path) -> dict:
-    source = shared_data_dir() / STORIES260K_RELATIVE
+    source = data_dir() / STORIES260K_RELATIVE
     model = load_llama2c(source)
     model.save_pretrained(target)
     (target / "README.txt").write_text(
@@ -241,7 +241,7 @@ def stories260k_dir() -> Path:
     """Hugging Face directory of llama2.c's stories260K (no tokenizer), converting it on first use.
 
     Cached under ``cache_dir()/models/stories260k``; the source is
-    ``shared_data_dir()/stories260K/stories260K.bin``.
+    ``data_dir()/stories260K/stories260K.bin``.
 
     Raises:
         FileNotFoundError: the shared data directory or the checkpoint is missing.

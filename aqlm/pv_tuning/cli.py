@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..argtypes import int_at_least
 from .config import SAVE_DTYPES, SELECT_BY, PVConfig
 
 _DEFAULTS = PVConfig()
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--eval-dataset",
                     help="held-out data for evaluation and keep-best (default: the tail of --dataset)")
     io.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    io.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --out (an earlier run's checkpoint and report there are discarded)")
 
     data = parser.add_argument_group("calibration windows and schedule")
     data.add_argument("--nsamples", type=int, default=_DEFAULTS.nsamples, help="calibration windows")
@@ -80,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     other.add_argument("--save-every", type=int, default=_DEFAULTS.save_every, help="checkpoint interval (0: never)")
     other.add_argument("--save-dtype", choices=SAVE_DTYPES, default=_DEFAULTS.save_dtype)
     other.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    other.add_argument("--threads", type=int, default=None, help="torch and C threads (default: torch's)")
+    other.add_argument("--threads", type=int_at_least(1), default=None, help="torch and C threads (default: torch's)")
     other.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             config,
             eval_dataset=args.eval_dataset,
             resume=args.resume,
+            overwrite=args.overwrite,
             progress=args.progress,
         )
     except FloatingPointError as error:

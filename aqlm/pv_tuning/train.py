@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
-from ..fileio import atomic_save, atomic_write_text, file_sha256, tokens_sha256
+from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, tokens_sha256
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
 from ..quantize.model import load_dense_model
@@ -468,6 +468,7 @@ def pv_tune(
     *,
     eval_dataset: Optional[Dataset] = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
     callback: Optional[Callable[[dict], None]] = None,
@@ -487,6 +488,7 @@ def pv_tune(
             ``config.val_fraction`` of ``dataset``.
         resume: continue from ``out_dir/pv_checkpoint`` (same settings required); the run then
             gives the same result as an uninterrupted one. Without a checkpoint it starts afresh.
+        overwrite: write into a non-empty ``out_dir``, discarding an earlier run's checkpoint and report.
         progress: show a progress bar (loss and fraction of codes changed per step).
         log: receives the evaluation lines.
         callback: called with each step's record after the step completes.
@@ -496,8 +498,9 @@ def pv_tune(
 
     Raises:
         FileNotFoundError: a model directory or data file is missing.
-        FileExistsError: ``out_dir`` is not empty and ``resume`` is False, or it holds a finished run.
-        ValueError: bad settings, a student that is not AQLM or does not match the teacher, too few tokens.
+        FileExistsError: ``out_dir`` is a file, or not empty and neither resumed nor overwritten, or it
+            holds a finished run (without ``overwrite``).
+        ValueError: ``out_dir`` is a model directory; bad settings, a student that is not AQLM or does not match the teacher, too few tokens.
         FloatingPointError: the loss became NaN or infinite.
 
     A KeyboardInterrupt between steps writes a checkpoint of the last finished step before it propagates.
@@ -507,22 +510,18 @@ def pv_tune(
     dense_dir, quantized_dir, out_dir = Path(dense_dir), Path(quantized_dir), Path(out_dir)
     _read_model_config(dense_dir, "dense")
     _check_student_config(quantized_dir)
-    for role, directory in (("dense", dense_dir), ("quantized", quantized_dir)):
-        if out_dir.resolve() == directory.resolve():
-            raise ValueError(f"out_dir must differ from the {role} model directory {directory}")
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    check_output_dir(out_dir, {"dense": dense_dir, "quantized": quantized_dir}, checkpoint_path, resume, overwrite)
+    if overwrite and not resume:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        (out_dir / REPORT_FILE).unlink(missing_ok=True)
     if (out_dir / REPORT_FILE).exists():
         raise FileExistsError(f"{out_dir} already holds a finished PV-Tuning run; choose another output directory")
     if checkpoint_path.exists() and not resume:
         raise FileExistsError(
             f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
             "or choose another output directory"
-        )
-    others = [p.name for p in out_dir.iterdir() if p.name != CHECKPOINT_DIR] if out_dir.is_dir() else []
-    if others and not checkpoint_path.exists():
-        raise FileExistsError(
-            f"{out_dir} is not empty ({', '.join(sorted(others)[:3])}, ...): choose another output directory"
         )
 
     teacher, tokenizer = load_dense_model(dense_dir)
@@ -609,7 +608,7 @@ def pv_tune(
     student.requires_grad_(False)
     restore_quantized(student, entries, save_dtype)
     final = evaluate_student(student, teacher, eval_windows, config.eval_batch_size)
-    save_quantized(student, out_dir, tokenizer)
+    save_quantized(student, out_dir, tokenizer, storage_dtype=save_dtype)
     report = PVReport(
         out_dir=out_dir,
         config=config.to_dict(),

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import capture_block_inputs, find_linears, get_blocks, run_block
 from ..data import calibration_windows, load_tokens
-from ..fileio import atomic_write_text, file_sha256, tokens_sha256
+from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_readable, tokens_sha256
 from ..format import AqlmScheme
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
@@ -50,7 +51,9 @@ class QuantizeConfig:
         seed: calibration windows, k-means, search order and fine-tuning order all derive from it.
         true_sequential: collect each group's XTX after the groups before it are quantized
             (False: one collection for all linears of a block, as upstream's default).
-        param_dtype: storage dtype of codebooks, scales and biases ("float16" as in upstream checkpoints).
+        param_dtype: storage dtype of codebooks, scales, biases and every non-quantized parameter
+            (embeddings, norms, output head), "float16" as in upstream checkpoints. The saved model is
+            still built in float32 by ``from_pretrained``.
         batch_size: windows per forward pass when collecting statistics.
     """
 
@@ -102,6 +105,7 @@ class QuantizationReport:
     quantized_bits: float
     model_bits: float
     seconds: float
+    checkpoint_bytes: int = 0
 
     @property
     def bits_per_weight(self) -> float:
@@ -120,7 +124,8 @@ class QuantizationReport:
             f"quantized {len(self.layers)} linear layers ({self.quantized_parameters / 1e6:.1f}M weights) "
             f"at {self.bits_per_weight:.3f} bits/weight including codebooks and scales; whole model "
             f"{self.model_bits_per_parameter:.2f} bits/parameter ({self.model_bits / 8 / 2**20:.1f} MiB); "
-            f"mean relative layer error {mean_error:.4f}; wall time {self.seconds:.0f} s"
+            f"mean relative layer error {mean_error:.4f}; checkpoint {self.checkpoint_bytes / 2**20:.1f} MiB on disk; "
+            f"wall time {self.seconds:.0f} s"
         )
 
 
@@ -156,6 +161,10 @@ class ProgressStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
 
+    def discard(self) -> None:
+        """Delete an earlier run's progress, if any."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def done(self, index: int) -> bool:
         """Whether block ``index`` was finished by this or an earlier run."""
         return (self.directory / f"block_{index:04d}.json").exists()
@@ -167,6 +176,7 @@ class ProgressStore:
         temporary = target.with_suffix(".tmp")
         save_file(tensors, str(temporary))
         os.replace(temporary, target)
+        make_readable([target])
         atomic_write_text(self.directory / f"block_{index:04d}.json", json.dumps(record, indent=2))
 
     def load(self, index: int, block: nn.Module) -> dict:
@@ -309,6 +319,7 @@ def quantize_model(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
+    overwrite: bool = False,
 ) -> QuantizationReport:
     """Quantize every linear layer of the transformer blocks of ``model_dir`` with AQLM.
 
@@ -321,12 +332,19 @@ def quantize_model(
         resume: continue a killed run from its last finished block (same settings required).
         progress: show progress bars.
         log: receives one line per quantized layer and per block.
+        overwrite: write into a non-empty ``out_dir`` (an earlier unfinished run in it is discarded).
+            Without it, a non-empty ``out_dir`` is refused unless ``resume`` continues its run.
 
     Returns:
         A :class:`QuantizationReport` (also written to ``out_dir/quantization_report.json``).
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or non-empty and neither resumed nor overwritten.
+        ValueError: ``out_dir`` is ``model_dir``; bad settings or model.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, {"input": Path(model_dir)}, out_dir / PROGRESS_DIR / "config.json", resume, overwrite)
     model, tokenizer = load_dense_model(model_dir)
     scheme = config.layer.scheme
     _check_model(model, scheme)
@@ -340,6 +358,8 @@ def quantize_model(
         "dataset": _identity(dataset),
     }
     store = ProgressStore(out_dir, fingerprint)
+    if overwrite and not resume:
+        store.discard()
     store.start(resume)
 
     param_dtype = _PARAM_DTYPES[config.param_dtype]
@@ -362,11 +382,15 @@ def quantize_model(
         if val_inputs is not None:
             run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
 
-    save_quantized(model, out_dir, tokenizer)
+    save_quantized(model, out_dir, tokenizer, storage_dtype=param_dtype)
+    checkpoint_bytes = sum(path.stat().st_size for path in out_dir.glob("model*.safetensors"))
     quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
     quantized_bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
     quantized_ids = {id(p) for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()}
-    other_bits = sum(p.numel() * _param_bits(p.dtype) for p in model.parameters() if id(p) not in quantized_ids)
+    other_bits = sum(
+        p.numel() * (_param_bits(param_dtype) if p.is_floating_point() else p.element_size() * 8)
+        for p in model.parameters() if id(p) not in quantized_ids
+    )
     total_parameters = quantized_parameters + sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
     report = QuantizationReport(
         out_dir=out_dir,
@@ -376,12 +400,14 @@ def quantize_model(
         quantized_bits=quantized_bits,
         model_bits=quantized_bits + other_bits,
         seconds=time.perf_counter() - started,
+        checkpoint_bytes=checkpoint_bytes,
     )
     payload = {
         "summary": report.summary(),
         "bits_per_weight": report.bits_per_weight,
         "model_bits_per_parameter": report.model_bits_per_parameter,
         "seconds": report.seconds,
+        "checkpoint_bytes": report.checkpoint_bytes,
         "config": fingerprint,
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }

@@ -1,0 +1,124 @@
+"""The C core's boundary: NULL pointers through the raw C API, aliased buffers and scale shapes
+through the Python bindings and the torch ops."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import aqlm.ops
+from aqlm import QuantizedLinear, _C
+from aqlm.format import dequantize_reference, pack_codes
+
+NULL_CODES_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys
+    import numpy as np
+
+    class Format(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_int64) for name in
+                    ("out_features", "in_features", "out_group_size", "in_group_size", "num_codebooks")]
+        _fields_ += [("nbits", ctypes.c_int), ("code_bits", ctypes.c_int)]
+
+    class Error(ctypes.Structure):
+        _fields_ = [("message", ctypes.c_char * 512)]
+
+    core = ctypes.CDLL(sys.argv[1])
+    pointer = lambda array: array.ctypes.data_as(ctypes.c_void_p)
+    # 4-bit codes stored as int8: the range check reads every code, so NULL must be caught first.
+    fmt = ctypes.byref(Format(4, 8, 1, 8, 1, 4, 8))
+    codebooks, scales = np.zeros((1, 16, 1, 8), np.float32), np.ones(4, np.float32)
+    x, y, weight = np.ones((2, 8), np.float32), np.zeros((2, 4), np.float32), np.zeros((4, 8), np.float32)
+    for name in ("aqlm_lut_matmul", "aqlm_codebook_matmul"):
+        error = Error()
+        status = getattr(core, name)(fmt, ctypes.c_int64(2), 0, pointer(x), None, 0, pointer(codebooks),
+                                     pointer(scales), None, pointer(y), 0, 1, ctypes.byref(error))
+        print(name, status, error.message.decode())
+    error = Error()
+    status = core.aqlm_dequantize(fmt, None, 0, pointer(codebooks), pointer(scales), 0, pointer(weight), 0, 1,
+                                  ctypes.byref(error))
+    print("aqlm_dequantize", status, error.message.decode())
+    """
+)
+
+
+def test_matmul_and_dequantize_check_null_codes_before_reading_them() -> None:
+    """Regression: aqlm_check_matmul_args range-checked int8-stored 4-bit codes before its NULL
+    check. A child process runs the calls, so a crash fails this test instead of the test run."""
+    child = subprocess.run([sys.executable, "-c", NULL_CODES_SCRIPT, _C.__file__], capture_output=True, text=True)
+    assert child.returncode == 0, f"child died with {child.returncode}: {child.stderr}"
+    lines = child.stdout.strip().splitlines()
+    assert [line.split(" ", 2)[:2] for line in lines] == [
+        ["aqlm_lut_matmul", "1"], ["aqlm_codebook_matmul", "1"], ["aqlm_dequantize", "1"]
+    ]
+    assert all(line.endswith("codes, codebooks and scales must not be NULL") for line in lines)
+
+
+def _layer(out: int = 16, inp: int = 32, nbits: int = 8):
+    generator = torch.Generator().manual_seed(0)
+    codes = pack_codes(torch.randint(0, 2**nbits, (out, inp // 8, 2), generator=generator), nbits)
+    codebooks = torch.randn(2, 2**nbits, 1, 8, generator=generator)
+    scales = torch.rand(out, generator=generator) + 0.5
+    return codes, codebooks, scales
+
+
+@pytest.mark.parametrize("kernel", ["codebook_matmul", "lut_matmul"])
+def test_output_aliasing_an_input_is_rejected(kernel: str) -> None:
+    codes, codebooks, scales = _layer(out=32, inp=32)
+    x = torch.randn(4, 32)
+    args = [x.numpy(), codes.numpy(), codebooks.numpy(), scales.numpy(), None]
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        getattr(_C, kernel)(*args, x.numpy())
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        getattr(_C, kernel)(*args, x.numpy()[:, :].reshape(4, 32))
+    buffer = np.random.default_rng(0).standard_normal(16 + 4 * 32).astype(np.float32)
+    with pytest.raises(ValueError, match="out must not overlap bias"):
+        getattr(_C, kernel)(x.numpy(), codes.numpy(), codebooks.numpy(), scales.numpy(), buffer[:32],
+                            buffer[16:].reshape(4, 32))
+    out = torch.empty(4, 32)
+    getattr(_C, kernel)(*args, out.numpy())
+    torch.testing.assert_close(out, x @ dequantize_reference(codes, codebooks, scales).T, rtol=1e-5, atol=1e-4)
+
+
+def test_dequantize_output_aliasing_codebooks_is_rejected() -> None:
+    codes, codebooks, scales = _layer(out=16, inp=32)
+    flat = codebooks.reshape(-1)[: 16 * 32].reshape(16, 32).numpy()
+    with pytest.raises(ValueError, match="out must not overlap codebooks"):
+        _C.dequantize(codes.numpy(), codebooks.numpy(), scales.numpy(), flat)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 100, 600])
+@pytest.mark.parametrize("shape", [(16,), (1, 16), (16, 1), (16, 1, 1, 1)])
+def test_scales_of_any_shape_with_one_value_per_group_are_accepted_alike(tokens: int, shape: tuple, monkeypatch) -> None:
+    """Every kernel choice (per-token tables, decoding, dequantize in several row chunks) accepts the same shapes."""
+    monkeypatch.setattr(aqlm.ops, "DEQUANTIZE_CHUNK_BYTES", 4 * 32 * 4)  # 4 output rows per chunk
+    monkeypatch.setenv("AQLM_EXACT_LUT", "1")  # exact paths here; test_lutq.py checks the quantized tables alike
+    codes, codebooks, scales = _layer()
+    x = torch.randn(tokens, 32)
+    expected = x @ dequantize_reference(codes, codebooks, scales).T
+    got = torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales.reshape(shape), None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.ops.aqlm.dequantize(codes, codebooks, scales.reshape(shape)),
+                               dequantize_reference(codes, codebooks, scales))
+
+
+def test_scales_with_the_wrong_count_are_rejected_at_every_size() -> None:
+    codes, codebooks, scales = _layer()
+    for tokens in (1, 2, 100, 600):
+        with pytest.raises(ValueError, match=r"one value per output group \(16\), got shape \(2, 16\)"):
+            torch.ops.aqlm.quantized_matmul(torch.randn(tokens, 32), codes, codebooks, scales.repeat(2, 1), None)
+
+
+def test_quantized_linear_output_is_not_a_view() -> None:
+    """PEFT adds LoRA outputs in place (result += lora(x)); a view returned by a custom op forbids that."""
+    codes, codebooks, scales = _layer()
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales)
+    for shape in ((32,), (3, 32), (2, 3, 32), (2, 300, 32)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        assert not y._is_view(), f"output for input {shape} is a view"
+        y += 1.0
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, dequantize_reference(codes, codebooks, scales).sum(0).expand(*shape))
