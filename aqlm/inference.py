@@ -78,7 +78,19 @@ class QuantizedLinear(nn.Module):
             raise ValueError(
                 f"input must have in_features={self.in_features} as its last dimension, got shape {tuple(input.shape)}"
             )
+        if self._eager_cpu(input):
+            return ops.quantized_linear_cpu(input, self.codes, self.codebooks, self.scales, self.bias)
         return torch.ops.aqlm.quantized_matmul(input, self.codes, self.codebooks, self.scales, self.bias)
+
+    def _eager_cpu(self, input: torch.Tensor) -> bool:
+        """Whether the call may skip the custom op: a plain CPU tensor, no gradient wanted, no
+        tracing (torch.compile and export see the op, with its fake and autograd formulas)."""
+        if type(input) is not torch.Tensor or input.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled():
+            tensors = (input, self.codebooks, self.scales, self.bias)
+            return not any(t is not None and t.requires_grad for t in tensors)
+        return True
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight ``[out_features, in_features]`` in the codebooks' dtype."""

@@ -7,14 +7,17 @@ flow to the input, the codebooks, the scales and the bias (codes are integers an
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _C
+from . import _C, kernel_choice
 from .format import check_code_range, dequantize_reference, nbits_of, unpack_codes
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -25,14 +28,72 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 DEQUANTIZE_CHUNK_BYTES = 8 << 20
 
 
-def choose_cpu_kernel(tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int) -> str:
-    """"lut", "decode" or "dequantize": the fastest CPU path for this many tokens.
+logger = logging.getLogger("aqlm")
 
-    Crossovers measured on a 2-core Zen 3 at 4096x4096 (benchmarks/bench_matmul.py): per-token lookup
-    tables win for one 8-bit codebook up to 64 tokens, and for a single token generally; decoding
-    codewords (fast for groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more
-    so the more codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
+# Quantized lookup tables: input groups sharing one table scale per codebook (lutq.h bounds the
+# error by |scale| * sum over chunks of group * table_scale / 2). On real SmolLM2 2x8g8 activations
+# the relative layer-output error was 0.95% with 1 group per scale, 1.6% with 4, 2.8% with 16
+# (AQLM's own quantization error there: 1.8%); 16 is ~30% faster than 1. AQLM_EXACT_LUT=1 keeps to
+# the paths that compute in the activations' dtype: no quantized tables, no bf16 dequantization.
+LUTQ_GROUP = 1
+LUTQ_MAX_TOKENS = 16  # fixed rules only; measured choices consider it up to FEW_TOKENS
+FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
+EXACT_LUT_ENV = "AQLM_EXACT_LUT"
+CPU_KERNELS = ("lutq", "lut", "decode", "dequantize", "dequantize_bf16")
+_CHOOSER = kernel_choice.KernelChooser()
+
+
+def exact_lut_requested() -> bool:
+    """Whether ``AQLM_EXACT_LUT`` asks for the exact paths only (no quantized tables, no bf16)."""
+    return os.environ.get(EXACT_LUT_ENV, "0") not in ("", "0")
+
+
+def lutq_applies(nbits: int, out_group_size: int) -> bool:
+    """Whether the quantized-table kernel serves this format (codebooks of <= 256 codewords, og 1)."""
+    return nbits <= 8 and out_group_size == 1
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), per /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def applicable_cpu_kernels(tokens: int, nbits: int, out_group_size: int, input_dtype: torch.dtype, exact: bool) -> list:
+    """The CPU kernels worth measuring for this many tokens, cheapest to try first."""
+    kernels = []
+    if tokens <= FEW_TOKENS:
+        if not exact and lutq_applies(nbits, out_group_size):
+            kernels.append("lutq")
+        if nbits <= 8:
+            kernels.append("lut")
+        kernels.append("decode")
+    kernels.append("dequantize")
+    if not exact and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
+        kernels.append("dequantize_bf16")
+    return kernels
+
+
+def choose_cpu_kernel(
+    tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False
+) -> str:
+    """"lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
+    (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
+
+    Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens at
+    4096x4096 (1 thread, AVX-512 VBMI and AVX2). The exact crossovers were measured on a 2-core
+    Zen 3 at 4096x4096 (benchmarks/bench_matmul.py): per-token lookup tables win for one 8-bit
+    codebook up to 64 tokens, and for a single token generally; decoding codewords (fast for
+    groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more so the more
+    codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
     """
+    if not exact and tokens <= LUTQ_MAX_TOKENS and lutq_applies(nbits, out_group_size):
+        return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
     if nbits <= 8:
         if tokens == 1 or (num_codebooks == 1 and tokens <= 64) or (num_codebooks == 2 and tokens < 4):
@@ -222,6 +283,193 @@ def quantized_matmul(
     return quantized_matmul_torch(input, codes, codebooks, scales, bias)
 
 
+def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The codes repacked for ``_C.lutq_matmul`` (tiles of 64 output rows side by side).
+
+    Computed on first use and kept on the codes tensor itself, so it lives and dies with the
+    weight; an in-place change of the codes (``codes.copy_``, as ``load_state_dict`` does) bumps
+    ``codes._version`` and makes it be recomputed. Writes that bypass the version counter
+    (through ``codes.data`` or a NumPy view) are not seen: replace the parameter instead.
+    """
+    cached = getattr(codes, "_aqlm_lutq_packed", None)
+    if cached is not None and cached[0] == codes._version:
+        return cached[1]
+    in_features = codes.shape[1] * codebooks.shape[3]
+    size = _C.lutq_packed_size(codes.shape[0], in_features, codebooks.shape[3], codes.shape[2], nbits_of(codebooks))
+    packed = torch.empty(size, dtype=torch.uint8)
+    codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
+    _C.lutq_pack_codes(codes_np, codebooks_np, scales_np, packed.numpy(), param_dtype=_DTYPE_NAMES[codebooks.dtype])
+    codes._aqlm_lutq_packed = (codes._version, packed)
+    return packed
+
+
+def quantized_matmul_cpu(
+    input: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    kernel: Optional[str] = None,
+) -> torch.Tensor:
+    """``input @ W.T + bias`` on the CPU by the named kernel (one of ``CPU_KERNELS``), or by the
+    one ``choose_cpu_kernel`` picks (quantized tables unless ``AQLM_EXACT_LUT=1``)."""
+    nbits = check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    out_features = codes.shape[0] * codebooks.shape[2]
+    tokens = math.prod(input.shape[:-1])
+    x = input.reshape(tokens, input.shape[-1]).contiguous()
+    if kernel is None:
+        kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits)
+    elif kernel not in CPU_KERNELS:
+        raise ValueError(f"kernel must be one of {CPU_KERNELS} or None, got {kernel!r}")
+    if kernel in ("lut", "lutq") and nbits > 8:
+        raise ValueError(f"kernel={kernel!r} needs codebooks of at most 256 codewords, got {2**nbits}")
+    if kernel == "lutq" and not lutq_applies(nbits, codebooks.shape[2]):
+        raise ValueError(f"kernel='lutq' needs out_group_size=1, got {codebooks.shape[2]}")
+    # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
+    # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
+    result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
+    out = result.view(tokens, out_features)
+    if kernel == "lutq":
+        _, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
+        _C.lutq_matmul(
+            _numpy_view(x), _numpy_view(packed_codes(codes, codebooks, scales)), codebooks_np, scales_np, bias_np,
+            _numpy_view(out), group=LUTQ_GROUP, x_dtype=_DTYPE_NAMES[input.dtype],
+            param_dtype=_DTYPE_NAMES[codebooks.dtype], num_threads=torch.get_num_threads(),
+        )
+    elif kernel in ("lut", "decode"):
+        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
+        c_kernel(
+            _numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
+            x_dtype=_DTYPE_NAMES[input.dtype], param_dtype=_DTYPE_NAMES[codebooks.dtype],
+            num_threads=torch.get_num_threads(),
+        )
+    else:
+        scales = scales.reshape(-1)
+        dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype
+        dense_x = x.to(dense_dtype)
+        out_group_size = codebooks.shape[2]
+        row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * dense_x.element_size()
+        groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
+        for first in range(0, codes.shape[0], groups_per_chunk):
+            last = min(first + groups_per_chunk, codes.shape[0])
+            weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], dense_dtype)
+            rows = slice(first * out_group_size, last * out_group_size)
+            out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
+    return result
+
+
+def cpu_kernel_for(
+    input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
+) -> str:
+    """The CPU kernel ``quantized_matmul`` uses for these arguments (measuring it on first use)."""
+    nbits = check_weight(codes, codebooks, scales, bias)
+    _check_input(input, codes, codebooks)
+    x = input.reshape(-1, input.shape[-1])
+    return _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits)
+
+
+def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
+    """The kernel for this call: forced (AQLM_CPU_KERNEL), measured (kernel_choice) or by fixed rules."""
+    tokens, in_features = x.shape
+    num_codebooks, _, out_group_size, in_group_size = codebooks.shape
+    exact = exact_lut_requested()
+    candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact)
+    forced = kernel_choice.forced_kernel()
+    if forced is not None:
+        if forced not in CPU_KERNELS:
+            raise ValueError(f"{kernel_choice.FORCE_ENV} must be one of {CPU_KERNELS}, got {forced!r}")
+        if forced in candidates:
+            return forced
+    if forced is not None or not kernel_choice.calibration_enabled():
+        return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
+    out_features = codes.shape[0] * out_group_size
+    calibration_tokens = kernel_choice.token_class(tokens)
+    key = (
+        f"{num_codebooks}x{nbits}g{in_group_size}o{out_group_size} "
+        f"{kernel_choice.shape_class(out_features)}x{kernel_choice.shape_class(in_features)} t{calibration_tokens} "
+        f"x:{_DTYPE_NAMES[x.dtype]} p:{_DTYPE_NAMES[codebooks.dtype]} simd:{_C.simd_default()} "
+        f"threads:{torch.get_num_threads()} {'exact' if exact else 'fast'}"
+    )
+
+    def run(kernel: str) -> torch.Tensor:
+        sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
+        return quantized_matmul_cpu(sample, codes, codebooks, scales, bias, kernel=kernel)
+
+    prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
+    return _CHOOSER.choose(key, candidates, run, prior=prior)
+
+
+class _CpuPlan:
+    """What every call on one CPU weight would otherwise re-derive: checked shapes, zero-copy
+    NumPy views, packed codes and the kernel chosen per token count."""
+
+    def __init__(self, stamp, codes, codebooks, scales, bias):
+        nbits = check_weight(codes, codebooks, scales, bias)
+        self.stamp = stamp
+        self.nbits = nbits
+        self.in_features = codes.shape[1] * codebooks.shape[3]
+        self.out_features = codes.shape[0] * codebooks.shape[2]
+        self.param_dtype = _DTYPE_NAMES[codebooks.dtype]
+        self.tensors = (codes.contiguous(), codebooks.contiguous(), scales.contiguous(), bias)
+        self.codes, self.codebooks, self.scales, self.bias = _weight_arrays(codes, codebooks, scales, bias)
+        self.packed = (
+            _numpy_view(packed_codes(codes, codebooks, scales)) if lutq_applies(nbits, codebooks.shape[2]) else None
+        )
+        self.kernels = {}
+
+
+def _stamp(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else (id(tensor), tensor._version, tensor.data_ptr())
+
+
+def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
+    """The plan of this weight, kept on the codes tensor; rebuilt when any of its tensors is
+    replaced or changed in place (``_version``)."""
+    stamp = (codes._version, _stamp(codebooks), _stamp(scales), _stamp(bias))
+    plan = getattr(codes, "_aqlm_cpu_plan", None)
+    if plan is None or plan.stamp != stamp:
+        plan = _CpuPlan(stamp, codes, codebooks, scales, bias)
+        codes._aqlm_cpu_plan = plan
+    return plan
+
+
+def quantized_linear_cpu(
+    input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``quantized_matmul`` on the CPU without the custom-op dispatch and with the per-weight
+    work cached: the eager inference path of :class:`aqlm.QuantizedLinear` (no autograd, no
+    tracing). Same kernels, same results."""
+    plan = _cpu_plan(codes, codebooks, scales, bias)
+    if input.dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != plan.in_features:
+        return quantized_matmul_cpu(input, codes, codebooks, scales, bias)  # raises the precise error
+    tokens = input.numel() // plan.in_features
+    key = (tokens, input.dtype, os.environ.get(EXACT_LUT_ENV), os.environ.get(kernel_choice.FORCE_ENV),
+           os.environ.get(kernel_choice.CALIBRATION_ENV), torch.get_num_threads(), _C.simd_default())
+    x = input.reshape(tokens, plan.in_features).contiguous()
+    kernel = plan.kernels.get(key)
+    if kernel is None:
+        kernel = plan.kernels[key] = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
+    if kernel not in ("lutq", "lut", "decode"):
+        return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=kernel)
+    result = torch.empty(*input.shape[:-1], plan.out_features, dtype=input.dtype)  # not a view: see quantized_matmul_cpu
+    out = result.view(tokens, plan.out_features)
+    x_dtype = _DTYPE_NAMES[input.dtype]
+    if kernel == "lutq":
+        _C.lutq_matmul(
+            _numpy_view(x), plan.packed, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), group=LUTQ_GROUP,
+            x_dtype=x_dtype, param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
+        )
+    else:
+        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        c_kernel(
+            _numpy_view(x), plan.codes, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), x_dtype=x_dtype,
+            param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
+        )
+    return result
+
+
 @quantized_matmul.register_kernel("cpu")
 def _quantized_matmul_cpu(
     input: torch.Tensor,
@@ -230,35 +478,7 @@ def _quantized_matmul_cpu(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    nbits = check_weight(codes, codebooks, scales, bias)
-    _check_input(input, codes, codebooks)
-    out_features = codes.shape[0] * codebooks.shape[2]
-    tokens = math.prod(input.shape[:-1])
-    x = input.reshape(tokens, input.shape[-1]).contiguous()
-    kernel_name = choose_cpu_kernel(tokens, codes.shape[2], nbits, codebooks.shape[2], codebooks.shape[3])
-    # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
-    # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
-    result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
-    out = result.view(tokens, out_features)
-    if kernel_name != "dequantize":
-        kernel = _C.lut_matmul if kernel_name == "lut" else _C.codebook_matmul
-        codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
-        kernel(
-            _numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
-            x_dtype=_DTYPE_NAMES[input.dtype], param_dtype=_DTYPE_NAMES[codebooks.dtype],
-            num_threads=torch.get_num_threads(),
-        )
-    else:
-        scales = scales.reshape(-1)
-        out_group_size = codebooks.shape[2]
-        row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * input.element_size()
-        groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
-        for first in range(0, codes.shape[0], groups_per_chunk):
-            last = min(first + groups_per_chunk, codes.shape[0])
-            weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], input.dtype)
-            rows = slice(first * out_group_size, last * out_group_size)
-            out[:, rows] = F.linear(x, weight, None if bias is None else bias[rows].to(input.dtype))
-    return result
+    return quantized_matmul_cpu(input, codes, codebooks, scales, bias)
 
 
 @quantized_matmul.register_fake

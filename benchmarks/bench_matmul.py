@@ -1,17 +1,22 @@
 """QuantizedLinear forward vs dense torch matmul at Llama-2-7B shapes, measured in one run.
 
-For each shape and scheme, batch 1 and 16: the time of ``QuantizedLinear`` (the public forward,
-torch op dispatch included), of ``F.linear`` in float32 and in bfloat16, their ratios, and the
-fraction of the memory roofline reached: bytes the kernel must read (codes, codebooks, scales,
-activations) over the read bandwidth measured in the same run, divided by the measured time.
+For each SIMD level (each in its own process, forced with AQLM_SIMD), shape and scheme, batch 1
+and 16: the time of ``QuantizedLinear`` (the public forward, torch op dispatch included), of
+``F.linear`` in float32 and in bfloat16 measured in the same process, interleaved, their ratios,
+the CPU kernel used, and the fraction of the memory roofline reached: bytes the kernel must read
+(codes, codebooks, scales, activations) over the read bandwidth measured in the same run,
+divided by the measured time. Times are medians; on a shared machine compare the ratios.
 
-    python benchmarks/bench_matmul.py [--threads 2] [--repeat 30] [--shapes 4096x4096 ...]
+    python benchmarks/bench_matmul.py [--threads 2] [--repeat 30] [--shapes 4096x4096 ...] [--levels avx512 avx2]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -20,20 +25,41 @@ import torch.nn.functional as F
 import aqlm
 from aqlm import QuantizedLinear, pack_codes
 
-SHAPES = ["4096x4096", "11008x4096", "4096x11008"]  # out x in
-SCHEMES = ["2x8g8", "1x8g8", "8x8g8", "1x16g8"]
+SHAPES = ["4096x4096"]  # out x in; Llama-2-7B's MLP shapes are 11008x4096 and 4096x11008
+SCHEMES = ["2x8g8", "1x16g8", "8x8g8", "4x4g8"]
+TARGETS = {"2x8g8": 10.0, "1x16g8": 4.0, "8x8g8": 1.0, "4x4g8": 10.0}  # batch 1, times fp32 dense (issue 13)
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "avx512_bf16", "amx_bf16")
 
 
 def measure(fn, repeat: int) -> float:
     """Median wall time of fn() in seconds after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
+    return measure_interleaved({"fn": fn}, repeat)["fn"]
+
+
+def measure_interleaved(fns: dict, repeat: int) -> dict:
+    """Median wall time of each function, calls interleaved so that load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cpu_flags() -> str:
+    """The CPU model and the vector-extension flags that matter here (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            info = file.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return f"{model}; flags: {' '.join(f for f in CPU_FLAGS if f in flags)}"
 
 
 def read_bandwidth(repeat: int) -> float:
@@ -62,24 +88,17 @@ def bytes_read(layer: QuantizedLinear, batch: int) -> int:
     return int(code_bytes + param_bytes + batch * layer.in_features * 4)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--shapes", nargs="+", default=SHAPES)
-    parser.add_argument("--schemes", nargs="+", default=SCHEMES)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--param-dtype", choices=["float16", "float32", "bfloat16"], default="float16",
-                        help="codebook/scale dtype (upstream checkpoints store float16)")
-    args = parser.parse_args()
+def run_level(args) -> None:
+    """One process, one SIMD level (AQLM_SIMD was set before aqlm was imported)."""
     torch.set_num_threads(args.threads)
     param_dtype = getattr(torch, args.param_dtype)
     bandwidth = read_bandwidth(args.repeat)
-    print(f"aqlm {aqlm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"SIMD {aqlm._C.simd_default()}, {args.threads} threads, codebooks {args.param_dtype}, activations float32")
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; times are medians of {args.repeat} runs\n")
-    header = (f"{'shape':>11} {'scheme':>7} {'batch':>5} | {'aqlm ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} | "
-              f"{'vs fp32':>7} {'vs bf16':>7} | {'roofline':>8}")
+    level = aqlm._C.simd_default()
+    print(f"SIMD {level} (quantized-table kernels: {aqlm._C.lutq_kernel()}), {args.threads} threads, "
+          f"codebooks {args.param_dtype}, activations float32, AQLM_EXACT_LUT={os.environ.get('AQLM_EXACT_LUT', '0')}")
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; times are medians of {args.repeat} interleaved runs\n")
+    header = (f"{'shape':>11} {'scheme':>7} {'batch':>5} {'kernel':>15} | {'aqlm ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} | "
+              f"{'vs fp32':>7} {'vs bf16':>7} {'vs best':>7} | {'roofline':>8} | target")
     print(header)
     print("-" * len(header))
     for shape in args.shapes:
@@ -92,14 +111,49 @@ def main() -> None:
             for batch in args.batches:
                 x = torch.randn(batch, in_features)
                 x_bf16 = x.bfloat16()
+                kernel = aqlm.ops.cpu_kernel_for(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
                 with torch.no_grad():
-                    ours = measure(lambda: layer(x), args.repeat)
-                    fp32 = measure(lambda: F.linear(x, dense), args.repeat)
-                    bf16 = measure(lambda: F.linear(x_bf16, dense_bf16), args.repeat)
+                    times = measure_interleaved(
+                        {"aqlm": lambda: layer(x), "fp32": lambda: F.linear(x, dense), "bf16": lambda: F.linear(x_bf16, dense_bf16)},
+                        args.repeat,
+                    )
+                ours, fp32, bf16 = times["aqlm"], times["fp32"], times["bf16"]
                 roofline = bytes_read(layer, batch) / bandwidth / ours
-                print(f"{shape:>11} {name:>7} {batch:>5} | {ours * 1e3:8.3f} {fp32 * 1e3:8.3f} {bf16 * 1e3:8.3f} | "
-                      f"{fp32 / ours:6.2f}x {bf16 / ours:6.2f}x | {roofline:7.1%}")
+                if batch == 1 and name in TARGETS:
+                    target = f">= {TARGETS[name]:g}x fp32: {'met' if fp32 / ours >= TARGETS[name] else 'MISSED'}"
+                elif batch >= 8:
+                    target = f">= 1x best dense: {'met' if min(fp32, bf16) / ours >= 1 else 'MISSED'}"
+                else:
+                    target = ""
+                print(f"{shape:>11} {name:>7} {batch:>5} {kernel:>15} | {ours * 1e3:8.3f} {fp32 * 1e3:8.3f} {bf16 * 1e3:8.3f} | "
+                      f"{fp32 / ours:6.2f}x {bf16 / ours:6.2f}x {min(fp32, bf16) / ours:6.2f}x | {roofline:7.1%} | {target}",
+                      flush=True)
         print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--schemes", nargs="+", default=SCHEMES)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--param-dtype", choices=["float16", "float32", "bfloat16"], default="float16",
+                        help="codebook/scale dtype (upstream checkpoints store float16)")
+    parser.add_argument("--levels", nargs="+", choices=["scalar", "avx2", "avx512"],
+                        help="SIMD levels to run, each in its own process (default: every level above scalar "
+                             "that this CPU supports)")
+    parser.add_argument("--single-level", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single_level:
+        run_level(args)
+        return
+    print(f"aqlm {aqlm.__version__}, torch {torch.__version__}, {cpu_flags()}")
+    order = ["scalar", "avx2", "avx512"]
+    levels = args.levels or [lv for lv in order[1:] if order.index(lv) <= order.index(aqlm._C.simd_supported())]
+    for level in levels:
+        print(f"\n=== AQLM_SIMD={level} ===", flush=True)
+        subprocess.run([sys.executable, __file__, "--single-level", *sys.argv[1:]], env={**os.environ, "AQLM_SIMD": level}, check=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
  */
 #include <ctype.h>
 
-#include "internal.h"
+#include "lutq.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -32,8 +32,14 @@ aqlm_simd aqlm_simd_supported(void) {
     if (avx512 && (xcr0 & 0xe6) == 0xe6) return AQLM_SIMD_AVX512; /* opmask, ZMM state */
     return AQLM_SIMD_AVX2;
 }
+
+/* AVX-512 VBMI (byte permutes), asked of the CPU model libgcc reads once at load time (no CPUID
+ * per call: in a virtual machine each CPUID traps to the hypervisor). Callers have already
+ * checked the AVX-512 level, which includes the OS's ZMM state. */
+static int cpu_has_vbmi(void) { return __builtin_cpu_supports("avx512vbmi"); }
 #else
 aqlm_simd aqlm_simd_supported(void) { return AQLM_SIMD_SCALAR; }
+static int cpu_has_vbmi(void) { return 0; }
 #endif
 
 const char *aqlm_simd_name(aqlm_simd level) {
@@ -70,3 +76,13 @@ const aqlm_kernels *aqlm_kernels_for(aqlm_simd level) {
     if (level >= AQLM_SIMD_AVX2 && aqlm_kernels_avx2.level == AQLM_SIMD_AVX2) return &aqlm_kernels_avx2;
     return &aqlm_kernels_scalar;
 }
+
+const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level) {
+    /* Without VBMI (e.g. Skylake-X) the AVX-512 level uses the AVX2 byte-shuffle kernels. */
+    if (level >= AQLM_SIMD_AVX512 && aqlm_lutq_kernels_avx512vbmi.name != NULL && cpu_has_vbmi())
+        return &aqlm_lutq_kernels_avx512vbmi;
+    if (level >= AQLM_SIMD_AVX2 && aqlm_lutq_kernels_avx2.name != NULL) return &aqlm_lutq_kernels_avx2;
+    return &aqlm_lutq_kernels_scalar;
+}
+
+const char *aqlm_lutq_kernel_name(aqlm_simd level) { return aqlm_lutq_kernels_for(level)->name; }

@@ -358,6 +358,152 @@ static PyObject *py_codebook_matmul(PyObject *module, PyObject *args, PyObject *
     return matmul_common(module, args, kwargs, "OOOOOO|$sszi:codebook_matmul", aqlm_codebook_matmul);
 }
 
+/* ---- quantized lookup tables ------------------------------------------------------------------ */
+
+/* packed: uint8, 1-D, C-contiguous, exactly aqlm_lutq_packed_size(format) bytes. */
+static int check_packed(PyObject *object, const aqlm_format *format, int writeable) {
+    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_UINT8) {
+        PyErr_SetString(PyExc_TypeError, "packed must be a numpy.ndarray of dtype uint8");
+        return -1;
+    }
+    PyArrayObject *packed = (PyArrayObject *)object;
+    const npy_intp expected = (npy_intp)aqlm_lutq_packed_size(format);
+    if (PyArray_NDIM(packed) != 1 || PyArray_DIM(packed, 0) != expected) {
+        PyErr_Format(PyExc_ValueError, "packed must have shape (%zd,) for this weight, got %d dimensions of size %zd",
+                     (Py_ssize_t)expected, PyArray_NDIM(packed), (Py_ssize_t)PyArray_SIZE(packed));
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(packed) || (writeable && !PyArray_ISWRITEABLE(packed))) {
+        PyErr_Format(PyExc_ValueError, "packed must be C-contiguous%s", writeable ? " and writeable" : "");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(lutq_pack_codes_doc,
+"lutq_pack_codes(codes, codebooks, scales, packed, *, param_dtype='float32')\n"
+"--\n\n"
+"Repacks int8 codes (nbits <= 8, out_group_size 1) into `packed` (uint8, lutq_packed_size(...)\n"
+"bytes) for lutq_matmul: tiles of 64 output rows whose codes for one group and codebook are adjacent.");
+
+static PyObject *py_lutq_pack_codes(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"codes", "codebooks", "scales", "packed", "param_dtype", NULL};
+    PyObject *codes, *codebooks, *scales, *packed;
+    const char *param_dtype = "float32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$s:lutq_pack_codes", keywords, &codes, &codebooks, &scales,
+                                     &packed, &param_dtype))
+        return NULL;
+    weight_args w;
+    if (weight_args_parse(&w, codes, codebooks, scales, Py_None, param_dtype) < 0) goto fail;
+    aqlm_error err;
+    aqlm_status status = aqlm_codes_check(&w.format, PyArray_DATA(w.codes), &err);
+    if (status == AQLM_OK && check_packed(packed, &w.format, 1) < 0) goto fail;
+    if (status == AQLM_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        status = aqlm_lutq_pack_codes(&w.format, PyArray_DATA(w.codes), PyArray_DATA((PyArrayObject *)packed), &err);
+        Py_END_ALLOW_THREADS
+    }
+    weight_args_release(&w);
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+fail:
+    weight_args_release(&w);
+    return NULL;
+}
+
+PyDoc_STRVAR(lutq_packed_size_doc,
+"lutq_packed_size(out_features, in_features, in_group_size, num_codebooks, nbits)\n--\n\n"
+"Bytes of the packed codes of a weight for lutq_matmul.");
+
+static PyObject *py_lutq_packed_size(PyObject *module, PyObject *args) {
+    long long out, in, ig, M;
+    int nbits;
+    if (!PyArg_ParseTuple(args, "LLLLi:lutq_packed_size", &out, &in, &ig, &M, &nbits)) return NULL;
+    aqlm_format format = {out, in, 1, ig, M, nbits, 8};
+    aqlm_error err;
+    if (aqlm_format_check(&format, &err) != AQLM_OK) return raise_status(AQLM_ERR_ARGUMENT, &err);
+    return PyLong_FromSize_t(aqlm_lutq_packed_size(&format));
+}
+
+PyDoc_STRVAR(lutq_matmul_doc,
+"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=16, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias by int8 lookup tables with one fp32\n"
+"scale per `group` input groups and codebook (1 <= group <= 256). packed: from lutq_pack_codes.\n"
+"codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.");
+
+static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"x", "packed", "codebooks", "scales", "bias", "out", "group", "x_dtype", "param_dtype",
+                               "simd", "num_threads", NULL};
+    PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out;
+    long long group = 16;
+    const char *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Lsszi:lutq_matmul", keywords, &x_object, &packed,
+                                     &codebooks_object, &scales_object, &bias_object, &out, &group, &x_dtype_name,
+                                     &param_dtype_name, &simd_name, &num_threads))
+        return NULL;
+    aqlm_dtype x_dtype, param_dtype;
+    aqlm_simd simd;
+    if (parse_float_dtype(x_dtype_name, "x_dtype", &x_dtype) < 0 || parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0 ||
+        parse_simd(module, simd_name, &simd) < 0 || check_threads(num_threads) < 0)
+        return NULL;
+    PyArrayObject *x = float_input(x_object, "x", x_dtype, 2);
+    PyArrayObject *codebooks = x ? float_input(codebooks_object, "codebooks", param_dtype, 4) : NULL;
+    PyArrayObject *scales = codebooks ? float_input(scales_object, "scales", param_dtype, -1) : NULL;
+    PyArrayObject *bias = NULL;
+    PyObject *result = NULL;
+    if (!scales || (bias_object != Py_None && !(bias = float_input(bias_object, "bias", param_dtype, 1)))) goto done;
+    const npy_intp *cb = PyArray_DIMS(codebooks);
+    const npy_intp n = PyArray_DIM(x, 0), in = PyArray_DIM(x, 1), out_features = PyArray_SIZE(scales);
+    int nbits = 0;
+    while (nbits < 9 && ((npy_intp)1 << nbits) < cb[1]) nbits++;
+    if (cb[1] < 2 || ((npy_intp)1 << nbits) != cb[1] || nbits > 8 || cb[2] != 1 || cb[3] < 1 || in % cb[3] != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in [2, 256] and "
+                     "in_group_size dividing x's %zd features, got [%zd, %zd, %zd, %zd]",
+                     (Py_ssize_t)in, (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+        goto done;
+    }
+    if (bias && PyArray_DIM(bias, 0) != out_features) {
+        PyErr_Format(PyExc_ValueError, "bias must have out_features=%zd values, got %zd", (Py_ssize_t)out_features,
+                     (Py_ssize_t)PyArray_DIM(bias, 0));
+        goto done;
+    }
+    aqlm_format format = {out_features, in, 1, cb[3], cb[0], nbits, 8};
+    aqlm_error err;
+    if (aqlm_format_check(&format, &err) != AQLM_OK) {
+        raise_status(AQLM_ERR_ARGUMENT, &err);
+        goto done;
+    }
+    if (check_packed(packed, &format, 0) < 0 || check_output(out, "out", x_dtype, n, out_features) < 0) goto done;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_lutq_matmul(&format, group, n, x_dtype, PyArray_DATA(x), PyArray_DATA((PyArrayObject *)packed),
+                              param_dtype, PyArray_DATA(codebooks), PyArray_DATA(scales),
+                              bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
+    Py_END_ALLOW_THREADS
+    if (status != AQLM_OK) {
+        raise_status(status, &err);
+        goto done;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    Py_XDECREF(x), Py_XDECREF(codebooks), Py_XDECREF(scales), Py_XDECREF(bias);
+    return result;
+}
+
+PyDoc_STRVAR(lutq_kernel_doc, "lutq_kernel(simd=None)\n--\n\nThe quantized-table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512vbmi'.");
+static PyObject *py_lutq_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"simd", NULL};
+    const char *simd_name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|z:lutq_kernel", keywords, &simd_name)) return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
+    return PyUnicode_FromString(aqlm_lutq_kernel_name(simd));
+}
+
 /* Called by long C loops between steps, outside parallel regions, with the GIL released. */
 static int check_signals(void *unused) {
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -677,6 +823,10 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS, dequantize_doc},
     {"lut_matmul", (PyCFunction)(void (*)(void))py_lut_matmul, METH_VARARGS | METH_KEYWORDS, lut_matmul_doc},
     {"codebook_matmul", (PyCFunction)(void (*)(void))py_codebook_matmul, METH_VARARGS | METH_KEYWORDS, codebook_matmul_doc},
+    {"lutq_pack_codes", (PyCFunction)(void (*)(void))py_lutq_pack_codes, METH_VARARGS | METH_KEYWORDS, lutq_pack_codes_doc},
+    {"lutq_packed_size", py_lutq_packed_size, METH_VARARGS, lutq_packed_size_doc},
+    {"lutq_matmul", (PyCFunction)(void (*)(void))py_lutq_matmul, METH_VARARGS | METH_KEYWORDS, lutq_matmul_doc},
+    {"lutq_kernel", (PyCFunction)(void (*)(void))py_lutq_kernel, METH_VARARGS | METH_KEYWORDS, lutq_kernel_doc},
     {"kmeans", (PyCFunction)(void (*)(void))py_kmeans, METH_VARARGS | METH_KEYWORDS, kmeans_doc},
     {"beam_search", (PyCFunction)(void (*)(void))py_beam_search, METH_VARARGS | METH_KEYWORDS, beam_search_doc},
     {"topk_scores", (PyCFunction)(void (*)(void))py_topk_scores, METH_VARARGS | METH_KEYWORDS, topk_scores_doc},

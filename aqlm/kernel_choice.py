@@ -1,0 +1,143 @@
+"""Pick the CPU kernel of a quantized matmul by measuring it on the machine at hand.
+
+Which CPU path is fastest (quantized tables ``lutq``, exact tables ``lut``, decoding codewords
+``decode``, dequantizing into a dense dtype and calling torch's matmul ``dequantize`` /
+``dequantize_bf16``) depends on the CPU, its caches and vector extensions, and the thread count:
+crossovers measured on one CPU are wrong on another. At the first call for a key (scheme, shape
+class, token class, dtypes, SIMD level, threads, exact or not), every kernel that applies runs a
+few times on the layer's own tensors and the fastest wins. Choices persist in a JSON file under
+:func:`aqlm.paths.cache_dir`, one section per CPU model, so later processes skip the measurement.
+
+Environment:
+    ``AQLM_CPU_KERNEL=<kernel>``: use that kernel wherever it applies (tests, experiments).
+    ``AQLM_KERNEL_CALIBRATION=0``: no measurement and no file; the fixed rules of
+    :func:`aqlm.ops.choose_cpu_kernel` decide.
+Every choice is logged at DEBUG level on ``logging.getLogger("aqlm")``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .paths import cache_dir
+
+logger = logging.getLogger("aqlm")
+
+FORCE_ENV = "AQLM_CPU_KERNEL"
+CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
+CACHE_FILE = "kernel_choice-v1.json"
+ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
+HOPELESS = 4.0  # a candidate this many times slower than the best after a round is not run again
+MARGIN = 1.5  # another candidate replaces the fixed rules' pick only when this many times faster
+
+
+def token_class(tokens: int) -> int:
+    """Token counts measured alike: 1..8 exactly, then powers of two (16, 32, ...)."""
+    return tokens if tokens <= 8 else 1 << (tokens - 1).bit_length()
+
+
+def shape_class(features: int) -> int:
+    """Feature counts measured alike: the next power of two."""
+    return 1 << (max(features, 1) - 1).bit_length()
+
+
+def calibration_enabled() -> bool:
+    """False when ``AQLM_KERNEL_CALIBRATION=0``."""
+    return os.environ.get(CALIBRATION_ENV, "1") != "0"
+
+
+def forced_kernel() -> Optional[str]:
+    """The kernel named by ``AQLM_CPU_KERNEL``, or None."""
+    return os.environ.get(FORCE_ENV) or None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), the section of the cache file."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class KernelChooser:
+    """Measured kernel choices, loaded from and saved to one JSON file (``path``)."""
+
+    def __init__(self, path: Optional[Path] = None):
+        self._path = path
+        self._choices: Optional[dict] = None
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else cache_dir() / CACHE_FILE
+
+    def _load(self) -> dict:
+        if self._choices is None:
+            try:
+                with open(self.path) as file:
+                    self._choices = json.load(file).get(cpu_model(), {})
+            except (OSError, ValueError, AttributeError):
+                self._choices = {}
+        return self._choices
+
+    def _save(self) -> None:
+        try:
+            with open(self.path) as file:
+                everything = json.load(file)
+        except (OSError, ValueError):
+            everything = {}
+        if not isinstance(everything, dict):
+            everything = {}
+        everything[cpu_model()] = self._choices
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".kernel_choice-")
+        with os.fdopen(handle, "w") as file:
+            json.dump(everything, file, indent=1, sort_keys=True)
+        os.replace(temporary, self.path)
+
+    def choose(self, key: str, candidates: list[str], run: Callable[[str], object], prior: Optional[str] = None) -> str:
+        """The fastest of ``candidates`` for ``key``: from the cache, else measured with ``run(kernel)``.
+
+        ``prior`` (the fixed rules' pick) is kept unless another candidate beats it by MARGIN: on a
+        machine whose cores are shared, every timing of a multi-threaded kernel can be inflated by
+        waits for a descheduled thread, and a near tie says more about the load than the kernels."""
+        choices = self._load()
+        known = choices.get(key)
+        if known in candidates:
+            return known
+        if len(candidates) == 1:
+            return candidates[0]
+        for kernel in candidates:  # warm-up: packs codes, faults pages in, builds caches
+            run(kernel)
+        times = {kernel: float("inf") for kernel in candidates}
+        alive = list(candidates)
+        for _ in range(ROUNDS):
+            for kernel in alive:  # interleaved, so that a burst of load elsewhere hits every candidate
+                start = time.perf_counter()
+                run(kernel)
+                times[kernel] = min(times[kernel], time.perf_counter() - start)
+            best = min(times.values())
+            alive = [kernel for kernel in alive if times[kernel] <= HOPELESS * best]
+        chosen = min(times, key=times.get)
+        if prior in times and times[chosen] * MARGIN > times[prior]:
+            chosen = prior
+        choices[key] = chosen
+        try:
+            self._save()
+        except OSError as error:
+            logger.debug("aqlm: could not save kernel choices to %s: %s", self.path, error)
+        logger.debug(
+            "aqlm: measured %s: %s -> %s", key, ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in times.items()), chosen
+        )
+        return chosen

@@ -1,0 +1,173 @@
+/*
+ * lutq_avx2.c - AVX2 quantized-table kernels (definitions in lutq.h): vpshufb lookups.
+ *
+ * vpshufb looks up 32 bytes in a 16-entry table (per 128-bit lane; an index with bit 7 set gives
+ * 0). Codebooks of up to 16 codewords (Kx4 schemes) take one shuffle per 32 rows; larger ones
+ * take one per 16-entry slice of the table: slice h sees index (code - 16h) + 0x70 with unsigned
+ * saturation, whose bit 7 is clear exactly when code lies in [16h, 16h + 16), and the slices'
+ * results are OR-ed. Lookups give int8 lanes; pairs of them are sign-extended into even/odd
+ * int16 lanes by shifts and summed exactly (lutq.h bounds the sums).
+ * Also used on AVX-512 CPUs without VBMI.
+ */
+#include <math.h>
+
+#include "lutq.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Quantizes one chunk's fp32 tables exactly as the reference does (K a multiple of 8). */
+static void quantize_chunk_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                int8_t *restrict qtab, float *restrict qscale) {
+    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t m = 0; m < M; m++) {
+        __m256 vmax = _mm256_setzero_ps();
+        for (int64_t j = 0; j < groups; j++)
+            for (int64_t c = 0; c < K; c += 8)
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(work + (j * M + m) * K + c)));
+        float lanes[8], amax = 0.0f;
+        _mm256_storeu_ps(lanes, vmax);
+        for (int lane = 0; lane < 8; lane++) amax = fmaxf(amax, lanes[lane]);
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        qscale[m] = amax / 127.0f;
+        const __m256 vinverse = _mm256_set1_ps(inverse);
+        for (int64_t j = 0; j < groups; j++) {
+            const float *row = work + (j * M + m) * K;
+            int8_t *table = qtab + (j * M + m) * KS;
+            int64_t c = 0;
+            for (; c + 32 <= K; c += 32) {
+                const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vinverse));
+                const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 8), vinverse));
+                const __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 16), vinverse));
+                const __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 24), vinverse));
+                const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+                _mm256_storeu_si256((__m256i *)(table + c), _mm256_permutevar8x32_epi32(bytes, order));
+            }
+            for (; c < K; c++) table[c] = (int8_t)_mm_cvtss_si32(_mm_set_ss(row[c] * inverse));
+            for (; c < KS; c++) table[c] = 0;
+        }
+    }
+}
+
+void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                          const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
+                          float *restrict qscale) {
+    const int64_t ig = s->ig, M = s->M, K = s->K;
+    if (K % 8 != 0) {
+        aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qtab, qscale);
+        return;
+    }
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t c = 0; c < K; c += 8) {
+                __m256 value = _mm256_setzero_ps();
+                for (int64_t i = 0; i < ig; i++)
+                    value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
+                _mm256_storeu_ps(work + ((j - j0) * M + m) * K + c, value);
+            }
+    quantize_chunk_avx2(s, j1 - j0, work, qtab, qscale);
+}
+
+/* 32 int8 lookups of idx in the table at `table` (slices 16-entry slices). */
+ALWAYS_INLINE __m256i lookup32(const int slices, __m256i idx, const int8_t *restrict table) {
+    if (slices == 1) return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table)), idx);
+    const __m256i bias = _mm256_set1_epi8(0x70), step = _mm256_set1_epi8(16);
+    __m256i result = _mm256_setzero_si256(), shifted = idx;
+    for (int h = 0; h < slices; h++) {
+        const __m256i slice = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + 16 * h)));
+        result = _mm256_or_si256(result, _mm256_shuffle_epi8(slice, _mm256_adds_epu8(shifted, bias)));
+        shifted = _mm256_sub_epi8(shifted, step);
+    }
+    return result;
+}
+
+/* facc position p of a tile (two halves of [16 even rows, 16 odd rows]) -> row. */
+ALWAYS_INLINE int64_t row_of_position(int64_t p) {
+    const int64_t half = p / 32, q = p % 32;
+    return half * 32 + (q < 16 ? 2 * q : 2 * (q - 16) + 1);
+}
+
+ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, int64_t group, int64_t tiles,
+                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                   const float *restrict qscale, float *restrict acc) {
+    const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
+    const int64_t chunks = (G + group - 1) / group;
+    const int nibbles = aqlm_lutq_nibbles(s);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    float facc[AQLM_LUTQ_MAX_TOKENS][AQLM_LUTQ_TILE];
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
+        for (int64_t t = 0; t < n; t++)
+            for (int p = 0; p < AQLM_LUTQ_TILE; p++) facc[t][p] = 0.0f;
+        for (int64_t b = 0; b < chunks; b++) {
+            const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+            for (int64_t t = 0; t < n; t++) {
+                const int8_t *tables = qtab + t * G * M * KS;
+                for (int64_t m = 0; m < M; m++) {
+                    const __m256 scale = _mm256_set1_ps(qscale[(t * chunks + b) * M + m]);
+                    for (int half = 0; half < 2; half++) {
+                        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+                        for (int64_t j = j0; j < j1; j++) {
+                            const int64_t slot = j * M + m;
+                            __m256i idx;
+                            if (nibbles) { /* two codes per byte: slot m even in the low nibble, m + 1 in the high */
+                                idx = _mm256_loadu_si256((const __m256i *)(codes + slot / 2 * AQLM_LUTQ_TILE + half * 32));
+                                idx = _mm256_and_si256(m % 2 ? _mm256_srli_epi16(idx, 4) : idx, low4);
+                            } else {
+                                idx = _mm256_loadu_si256((const __m256i *)(codes + slot * AQLM_LUTQ_TILE + half * 32));
+                            }
+                            const __m256i v = lookup32(slices, idx, tables + slot * KS);
+                            even = _mm256_add_epi16(even, _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8));
+                            odd = _mm256_add_epi16(odd, _mm256_srai_epi16(v, 8));
+                        }
+                        float *f = facc[t] + half * 32;
+                        const __m256i parts[4] = {
+                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(even)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(even, 1)),
+                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(odd)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(odd, 1)),
+                        };
+                        for (int k = 0; k < 4; k++)
+                            _mm256_storeu_ps(f + 8 * k, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(parts[k]), _mm256_loadu_ps(f + 8 * k)));
+                    }
+                }
+            }
+        }
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++) acc[(tile * n + t) * AQLM_LUTQ_TILE + row_of_position(p)] = facc[t][p];
+    }
+}
+
+static void lutq_accumulate_avx2(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+                                 const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                 const float *restrict qscale, float *restrict acc) {
+    switch (aqlm_lutq_table_stride(s->K) / 16) {
+    case 1: accumulate_avx2(1, s, group, tiles, packed, n, qtab, qscale, acc); break;
+    case 2: accumulate_avx2(2, s, group, tiles, packed, n, qtab, qscale, acc); break;
+    case 4: accumulate_avx2(4, s, group, tiles, packed, n, qtab, qscale, acc); break;
+    case 8: accumulate_avx2(8, s, group, tiles, packed, n, qtab, qscale, acc); break;
+    default: accumulate_avx2(16, s, group, tiles, packed, n, qtab, qscale, acc); break;
+    }
+}
+
+const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
+    .name = "avx2",
+    .build = aqlm_lutq_build_avx2,
+    .accumulate = lutq_accumulate_avx2,
+};
+
+#else /* built without AVX2: never chosen */
+
+void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                          const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
+                          float *restrict qscale) {
+    aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qtab, qscale);
+}
+
+const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {.name = NULL, .build = aqlm_lutq_build_ref, .accumulate = aqlm_lutq_accumulate_ref};
+
+#endif

@@ -1,0 +1,208 @@
+/*
+ * lutq_avx512vbmi.c - AVX-512 VBMI quantized-table kernels (definitions in lutq.h).
+ *
+ * vpermb looks up 64 bytes in a 64-entry table held in one register, vpermi2b in a 128-entry
+ * table held in two; a 256-entry table is two vpermi2b (entries 0-127 and 128-255) blended on
+ * the code's top bit. One lookup instruction thus serves 64 output rows. The four registers of a
+ * (group, codebook) table are loaded once for TILE_STEP tiles. The int8 results are summed
+ * exactly in even/odd int16 lanes (sign-extended by shifts) and scaled to fp32 once per chunk.
+ * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
+ */
+#include "lutq.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX2__)
+#include <immintrin.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+enum { TILE_STEP = AQLM_LUTQ_TILE_BLOCK }; /* tiles sharing each table load */
+
+/* fp32 tables of groups [j0, j1): V independent FMA chains of 16 codewords each hide the FMA
+ * latency; each chain adds x[i] * codeword[i] in order i = 0, 1, ... like the reference. */
+ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1,
+                                const float *restrict x, const float *restrict cbt, float *restrict work) {
+    const int64_t ig = s->ig, M = s->M, K = s->K;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t c0 = 0; c0 < K; c0 += 16 * V) {
+                __m512 value[16];
+                for (int v = 0; v < V; v++) value[v] = _mm512_setzero_ps();
+                for (int64_t i = 0; i < ig; i++) {
+                    const __m512 xi = _mm512_set1_ps(x[j * ig + i]);
+                    const float *column = cbt + (m * ig + i) * K + c0;
+                    for (int v = 0; v < V; v++) value[v] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(column + 16 * v), value[v]);
+                }
+                for (int v = 0; v < V; v++) _mm512_storeu_ps(work + ((j - j0) * M + m) * K + c0 + 16 * v, value[v]);
+            }
+}
+
+/* Tables in fp32 (K a multiple of 16), then quantized exactly as the reference does. */
+static void lutq_build_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                              const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
+                              float *restrict qscale) {
+    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    if (K % 16 != 0) {
+        aqlm_lutq_build_avx2(s, j0, j1, x, cbt, work, qtab, qscale);
+        return;
+    }
+    const int64_t groups = j1 - j0;
+    if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, work);
+    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, work);
+    else build_tables(1, s, j0, j1, x, cbt, work);
+    for (int64_t m = 0; m < M; m++) {
+        __m512 vmax = _mm512_setzero_ps();
+        for (int64_t j = 0; j < groups; j++)
+            for (int64_t c = 0; c < K; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(work + (j * M + m) * K + c)));
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        qscale[m] = amax / 127.0f;
+        const __m512 vinverse = _mm512_set1_ps(inverse);
+        for (int64_t j = 0; j < groups; j++)
+            for (int64_t c = 0; c < K; c += 16) {
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(work + (j * M + m) * K + c), vinverse));
+                _mm_storeu_si128((__m128i *)(qtab + (j * M + m) * KS + c), _mm512_cvtepi32_epi8(q));
+            }
+    }
+}
+
+/* 64 int8 lookups of idx; a holds table entries 0-63, a..b 0-127, c..d 128-255. */
+ALWAYS_INLINE __m512i lookup64(const int K, __m512i idx, __m512i a, __m512i b, __m512i c, __m512i d) {
+    if (K <= 64) return _mm512_permutexvar_epi8(idx, a);
+    if (K <= 128) return _mm512_permutex2var_epi8(a, idx, b);
+    const __m512i low = _mm512_permutex2var_epi8(a, idx, b), high = _mm512_permutex2var_epi8(c, idx, d);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), low, high);
+}
+
+/* facc position p of a tile ([32 even rows, 32 odd rows]) -> row. */
+ALWAYS_INLINE int64_t row_of_position(int64_t p) { return p < 32 ? 2 * p : 2 * (p - 32) + 1; }
+
+/* facc[u * n * 64 + p] += scale * (even/odd int16 sums of tile u), for NT tiles (f: token t's rows). */
+ALWAYS_INLINE void flush(const int NT, float scale_value, const __m512i *even, const __m512i *odd, float *restrict f,
+                         int64_t n) {
+    const __m512 scale = _mm512_set1_ps(scale_value);
+    for (int u = 0; u < NT; u++) {
+        float *tile = f + u * n * AQLM_LUTQ_TILE;
+        const __m512i parts[4] = {
+            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(even[u])),
+            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(even[u], 1)),
+            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(odd[u])),
+            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(odd[u], 1)),
+        };
+        for (int k = 0; k < 4; k++)
+            _mm512_storeu_ps(tile + 16 * k, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(parts[k]), _mm512_loadu_ps(tile + 16 * k)));
+    }
+}
+
+/* NT (<= TILE_STEP) tiles at once; facc [NT][n][64] in position order. */
+ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group,
+                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                    const float *restrict qscale, float *restrict facc) {
+    const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
+    const int64_t chunks = (G + group - 1) / group, tile_stride = G * M * AQLM_LUTQ_TILE;
+    for (int64_t b = 0; b < chunks; b++) {
+        const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+        for (int64_t t = 0; t < n; t++) {
+            const int8_t *tables = qtab + t * G * M * KS;
+            for (int64_t m = 0; m < M; m++) {
+                __m512i even[TILE_STEP], odd[TILE_STEP];
+                for (int u = 0; u < NT; u++) even[u] = odd[u] = _mm512_setzero_si512();
+                for (int64_t j = j0; j < j1; j++) {
+                    const int8_t *table = tables + (j * M + m) * KS;
+                    const __m512i ta = _mm512_loadu_si512(table);
+                    const __m512i tb = K > 64 ? _mm512_loadu_si512(table + 64) : ta;
+                    const __m512i tc = K > 128 ? _mm512_loadu_si512(table + 128) : ta;
+                    const __m512i td = K > 128 ? _mm512_loadu_si512(table + 192) : ta;
+                    const uint8_t *codes = packed + (j * M + m) * AQLM_LUTQ_TILE;
+                    for (int u = 0; u < NT; u++) {
+                        const __m512i idx = _mm512_loadu_si512(codes + u * tile_stride);
+                        const __m512i v = lookup64(K, idx, ta, tb, tc, td);
+                        even[u] = _mm512_add_epi16(even[u], _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8));
+                        odd[u] = _mm512_add_epi16(odd[u], _mm512_srai_epi16(v, 8));
+                    }
+                }
+                flush(NT, qscale[(t * chunks + b) * M + m], even, odd, facc + t * AQLM_LUTQ_TILE, n);
+            }
+        }
+    }
+}
+
+/* The same for codebooks of <= 16 codewords with two codes per packed byte (M even): the low
+ * nibbles are codebook m, the high ones m + 1, each masked to the 4 bits vpermb must see. */
+ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group,
+                                            const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                            const float *restrict qscale, float *restrict facc) {
+    const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
+    const int64_t chunks = (G + group - 1) / group, tile_stride = G * M / 2 * AQLM_LUTQ_TILE;
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int64_t b = 0; b < chunks; b++) {
+        const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+        for (int64_t t = 0; t < n; t++) {
+            const int8_t *tables = qtab + t * G * M * KS;
+            for (int64_t m = 0; m < M; m += 2) {
+                __m512i even0[TILE_STEP], odd0[TILE_STEP], even1[TILE_STEP], odd1[TILE_STEP];
+                for (int u = 0; u < NT; u++) even0[u] = odd0[u] = even1[u] = odd1[u] = _mm512_setzero_si512();
+                for (int64_t j = j0; j < j1; j++) {
+                    const __m512i ta = _mm512_loadu_si512(tables + (j * M + m) * KS);
+                    const __m512i tb = _mm512_loadu_si512(tables + (j * M + m + 1) * KS);
+                    const uint8_t *codes = packed + (j * M + m) / 2 * AQLM_LUTQ_TILE;
+                    for (int u = 0; u < NT; u++) {
+                        const __m512i v = _mm512_loadu_si512(codes + u * tile_stride);
+                        const __m512i r0 = _mm512_permutexvar_epi8(_mm512_and_si512(v, low4), ta);
+                        const __m512i r1 = _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), tb);
+                        even0[u] = _mm512_add_epi16(even0[u], _mm512_srai_epi16(_mm512_slli_epi16(r0, 8), 8));
+                        odd0[u] = _mm512_add_epi16(odd0[u], _mm512_srai_epi16(r0, 8));
+                        even1[u] = _mm512_add_epi16(even1[u], _mm512_srai_epi16(_mm512_slli_epi16(r1, 8), 8));
+                        odd1[u] = _mm512_add_epi16(odd1[u], _mm512_srai_epi16(r1, 8));
+                    }
+                }
+                flush(NT, qscale[(t * chunks + b) * M + m], even0, odd0, facc + t * AQLM_LUTQ_TILE, n);
+                flush(NT, qscale[(t * chunks + b) * M + m + 1], even1, odd1, facc + t * AQLM_LUTQ_TILE, n);
+            }
+        }
+    }
+}
+
+ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t tiles,
+                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                   const float *restrict qscale, float *restrict acc) {
+    const int nibbles = aqlm_lutq_nibbles(s);
+    const int64_t tile_stride = (nibbles ? s->in_groups * s->M / 2 : s->in_groups * s->M) * AQLM_LUTQ_TILE;
+    float facc[TILE_STEP * AQLM_LUTQ_MAX_TOKENS * AQLM_LUTQ_TILE];
+    for (int64_t tile = 0; tile < tiles; tile += TILE_STEP) {
+        const int64_t count = tiles - tile < TILE_STEP ? tiles - tile : TILE_STEP;
+        for (int64_t p = 0; p < count * n * AQLM_LUTQ_TILE; p++) facc[p] = 0.0f;
+        const uint8_t *codes = packed + tile * tile_stride;
+        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, codes, n, qtab, qscale, facc);
+        else if (nibbles)
+            for (int64_t u = 0; u < count; u++)
+                accumulate_tiles_nibbles(1, s, group, codes + u * tile_stride, n, qtab, qscale, facc + u * n * AQLM_LUTQ_TILE);
+        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, codes, n, qtab, qscale, facc);
+        else
+            for (int64_t u = 0; u < count; u++)
+                accumulate_tiles(K, 1, s, group, codes + u * tile_stride, n, qtab, qscale, facc + u * n * AQLM_LUTQ_TILE);
+        for (int64_t u = 0; u < count; u++)
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++)
+                    acc[((tile + u) * n + t) * AQLM_LUTQ_TILE + row_of_position(p)] = facc[(u * n + t) * AQLM_LUTQ_TILE + p];
+    }
+}
+
+static void lutq_accumulate_vbmi(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+                                 const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                                 const float *restrict qscale, float *restrict acc) {
+    if (s->K <= 64) accumulate_vbmi(64, s, group, tiles, packed, n, qtab, qscale, acc);
+    else if (s->K <= 128) accumulate_vbmi(128, s, group, tiles, packed, n, qtab, qscale, acc);
+    else accumulate_vbmi(256, s, group, tiles, packed, n, qtab, qscale, acc);
+}
+
+const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {
+    .name = "avx512vbmi",
+    .build = lutq_build_avx512,
+    .accumulate = lutq_accumulate_vbmi,
+};
+
+#else /* built without VBMI: never chosen */
+
+const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {.name = NULL, .build = aqlm_lutq_build_ref, .accumulate = aqlm_lutq_accumulate_ref};
+
+#endif

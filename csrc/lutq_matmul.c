@@ -1,0 +1,141 @@
+/*
+ * lutq_matmul.c - y = x W^T + b for few tokens by quantized lookup tables (see lutq.h).
+ *
+ * The exact fp32 gather of lut_matmul.c does one table load per code and stalls on the load
+ * ports. Here the tables are int8 with one fp32 scale per chunk of input groups and codebook,
+ * small enough to sit in vector registers: one in-register permute looks up 64 (AVX-512 VBMI) or
+ * 32 (AVX2) output rows at once, summed exactly in int16 and scaled to fp32 once per chunk.
+ * Codes must first be repacked (aqlm_lutq_pack_codes) so the rows of a tile lie side by side.
+ *
+ * Per pass of up to 8 tokens: build every table (parallel over token and chunk), then the
+ * lookups (parallel over tiles of 64 rows), each thread writing its own rows' outputs.
+ */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "lutq.h"
+
+static void *aligned_buffer(size_t bytes) {
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    return aligned_alloc(64, rounded ? rounded : 64);
+}
+
+static aqlm_status check_lutq_format(const aqlm_format *f, aqlm_error *err) {
+    aqlm_status status = aqlm_format_check(f, err);
+    if (status != AQLM_OK) return status;
+    AQLM_CHECK(err, f->nbits <= 8,
+               "quantized lookup tables need codebooks of at most 256 codewords (nbits_per_codebook <= 8), "
+               "got nbits_per_codebook=%d", f->nbits);
+    AQLM_CHECK(err, f->out_group_size == 1, "quantized lookup tables need out_group_size=1, got %lld",
+               (long long)f->out_group_size);
+    return AQLM_OK;
+}
+
+size_t aqlm_lutq_packed_size(const aqlm_format *f) {
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int64_t tiles = (f->out_features + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
+    const int64_t slots = s.in_groups * s.M;
+    return (size_t)(tiles * (aqlm_lutq_nibbles(&s) ? slots / 2 : slots) * AQLM_LUTQ_TILE);
+}
+
+aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_t *packed, aqlm_error *err) {
+    aqlm_status status = check_lutq_format(f, err);
+    if (status != AQLM_OK) return status;
+    AQLM_CHECK(err, codes != NULL && packed != NULL, "codes and packed must not be NULL");
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int64_t out = f->out_features, slots = s.in_groups * s.M;
+    const uint8_t mask = (uint8_t)s.code_mask;
+    const int nibbles = aqlm_lutq_nibbles(&s);
+    const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
+    memset(packed, 0, aqlm_lutq_packed_size(f));
+    for (int64_t tile = 0; tile < tiles; tile++)
+        for (int64_t slot = 0; slot < slots; slot++)
+            for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
+                const int64_t row = tile * AQLM_LUTQ_TILE + lane;
+                if (row >= out) continue;
+                const uint8_t code = ((const uint8_t *)codes)[row * slots + slot] & mask;
+                if (nibbles) packed[((tile * slots + slot) / 2) * AQLM_LUTQ_TILE + lane] |= (uint8_t)(code << (4 * (slot % 2)));
+                else packed[(tile * slots + slot) * AQLM_LUTQ_TILE + lane] = code;
+            }
+    return AQLM_OK;
+}
+
+aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
+                             const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
+                             const void *codebooks, const void *scales, const void *bias, void *y,
+                             aqlm_simd simd, int num_threads, aqlm_error *err) {
+    aqlm_status status = check_lutq_format(f, err);
+    if (status != AQLM_OK) return status;
+    AQLM_CHECK(err, group >= 1 && group <= AQLM_LUTQ_MAX_GROUP,
+               "input groups per table scale must be in [1, %d], got %lld", AQLM_LUTQ_MAX_GROUP, (long long)group);
+    AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
+    AQLM_CHECK(err, packed != NULL && codebooks != NULL && scales != NULL, "packed codes, codebooks and scales must not be NULL");
+    AQLM_CHECK(err, n == 0 || (x != NULL && y != NULL), "x and y must not be NULL");
+    AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
+    if (n == 0) return AQLM_OK;
+
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const aqlm_lutq_kernels *kernels = aqlm_lutq_kernels_for(simd);
+    const int64_t in = f->in_features, out = f->out_features, ig = s.ig, M = s.M, K = s.K, G = s.in_groups;
+    const int64_t KS = aqlm_lutq_table_stride(K), chunks = (G + group - 1) / group;
+    const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
+    const int64_t blocks = (tiles + AQLM_LUTQ_TILE_BLOCK - 1) / AQLM_LUTQ_TILE_BLOCK;
+    const int64_t tile_bytes = (aqlm_lutq_nibbles(&s) ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
+    const int64_t T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
+    /* Lookups are ~16 per vector operation, table entries ~8 per FMA. */
+    const double work = (double)T * ((double)out * G * M / 16 + (double)G * M * K * ig / 8);
+    const int threads = aqlm_threads_for(num_threads, work);
+
+    const size_t cbt_bytes = (size_t)(M * ig * K) * sizeof(float);
+    const size_t x_bytes = (size_t)(T * in) * sizeof(float);
+    const size_t work_bytes = (size_t)threads * (size_t)(group * M * K) * sizeof(float);
+    const size_t qtab_bytes = (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD;
+    const size_t qscale_bytes = (size_t)(T * chunks * M) * sizeof(float);
+    const size_t acc_bytes = (size_t)threads * (size_t)(AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE) * sizeof(float);
+    float *cbt = aligned_buffer(cbt_bytes), *x32 = aligned_buffer(x_bytes), *work_all = aligned_buffer(work_bytes);
+    int8_t *qtab = aligned_buffer(qtab_bytes);
+    float *qscale = aligned_buffer(qscale_bytes), *acc_all = aligned_buffer(acc_bytes);
+    if (!cbt || !x32 || !work_all || !qtab || !qscale || !acc_all) {
+        free(cbt), free(x32), free(work_all), free(qtab), free(qscale), free(acc_all);
+        return aqlm_nomem(err, cbt_bytes + x_bytes + work_bytes + qtab_bytes + qscale_bytes + acc_bytes);
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c++)
+            for (int64_t i = 0; i < ig; i++)
+                cbt[(m * ig + i) * K + c] = aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i);
+    memset(qtab + T * G * M * KS, 0, AQLM_LUTQ_PAD);
+
+    for (int64_t t0 = 0; t0 < n; t0 += T) {
+        const int64_t tokens = n - t0 < T ? n - t0 : T;
+        for (int64_t index = 0; index < tokens * in; index++) x32[index] = aqlm_load(x_dtype, x, t0 * in + index);
+#pragma omp parallel num_threads(threads)
+        {
+            float *work = work_all + (size_t)omp_get_thread_num() * (size_t)(group * M * K);
+            float *acc = acc_all + (size_t)omp_get_thread_num() * (size_t)(AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE);
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < tokens * chunks; item++) {
+                const int64_t t = item / chunks, b = item % chunks;
+                const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+                kernels->build(&s, j0, j1, x32 + t * in, cbt, work, qtab + (t * G + j0) * M * KS,
+                               qscale + (t * chunks + b) * M);
+            }
+#pragma omp for schedule(static)
+            for (int64_t block = 0; block < blocks; block++) {
+                const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
+                const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
+                kernels->accumulate(&s, group, count, packed + tile0 * tile_bytes, tokens, qtab, qscale, acc);
+                const int64_t row0 = tile0 * AQLM_LUTQ_TILE;
+                const int64_t row1 = row0 + count * AQLM_LUTQ_TILE < out ? row0 + count * AQLM_LUTQ_TILE : out;
+                for (int64_t row = row0; row < row1; row++) {
+                    const int64_t tile = (row - row0) / AQLM_LUTQ_TILE, lane = (row - row0) % AQLM_LUTQ_TILE;
+                    const float scale = aqlm_load(param_dtype, scales, row);
+                    const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
+                    for (int64_t t = 0; t < tokens; t++)
+                        aqlm_store(x_dtype, y, (t0 + t) * out + row, acc[(tile * tokens + t) * AQLM_LUTQ_TILE + lane] * scale + shift);
+                }
+            }
+        }
+    }
+    free(cbt), free(x32), free(work_all), free(qtab), free(qscale), free(acc_all);
+    return AQLM_OK;
+}

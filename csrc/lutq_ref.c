@@ -1,0 +1,82 @@
+/*
+ * lutq_ref.c - scalar reference of the quantized-table kernels (definitions in lutq.h).
+ *
+ * Built without SIMD flags. fmaf and lrintf (round to nearest even) are what the SIMD versions'
+ * vector FMA and float-to-int conversion compute, lane by lane, so all versions agree bit for bit.
+ */
+#include <math.h>
+
+#include "lutq.h"
+
+/* Quantizes count fp32 entries per codebook: scale = amax / 127, q = round(T * (127 / amax)). */
+static void quantize_chunk(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                           int8_t *restrict qtab, float *restrict qscale) {
+    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.0f;
+        for (int64_t j = 0; j < groups; j++)
+            for (int64_t c = 0; c < K; c++) amax = fmaxf(amax, fabsf(work[(j * M + m) * K + c]));
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        qscale[m] = amax / 127.0f;
+        for (int64_t j = 0; j < groups; j++) {
+            int8_t *table = qtab + (j * M + m) * KS;
+            for (int64_t c = 0; c < K; c++) {
+                long q = lrintf(work[(j * M + m) * K + c] * inverse);
+                table[c] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+            }
+            for (int64_t c = K; c < KS; c++) table[c] = 0;
+        }
+    }
+}
+
+void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                         const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
+                         float *restrict qscale) {
+    const int64_t ig = s->ig, M = s->M, K = s->K;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t c = 0; c < K; c++) {
+                float value = 0.0f;
+                for (int64_t i = 0; i < ig; i++) value = fmaf(x[j * ig + i], cbt[(m * ig + i) * K + c], value);
+                work[((j - j0) * M + m) * K + c] = value;
+            }
+    quantize_chunk(s, j1 - j0, work, qtab, qscale);
+}
+
+void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+                              const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
+                              const float *restrict qscale, float *restrict acc) {
+    const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
+    const int64_t chunks = (G + group - 1) / group;
+    const uint32_t mask = s->code_mask;
+    const int nibbles = aqlm_lutq_nibbles(s);
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
+        for (int64_t t = 0; t < n; t++) {
+            const int8_t *tables = qtab + t * G * M * KS;
+            for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
+                float sum = 0.0f;
+                for (int64_t b = 0; b < chunks; b++) {
+                    const int64_t j1 = (b + 1) * group < G ? (b + 1) * group : G;
+                    for (int64_t m = 0; m < M; m++) {
+                        int32_t total = 0;
+                        for (int64_t j = b * group; j < j1; j++) {
+                            const int64_t slot = j * M + m;
+                            const uint32_t code = (nibbles ? codes[slot / 2 * AQLM_LUTQ_TILE + lane] >> (4 * (slot % 2))
+                                                           : codes[slot * AQLM_LUTQ_TILE + lane]) & mask;
+                            total += tables[(j * M + m) * KS + code];
+                        }
+                        sum = fmaf(qscale[(t * chunks + b) * M + m], (float)total, sum);
+                    }
+                }
+                acc[(tile * n + t) * AQLM_LUTQ_TILE + lane] = sum;
+            }
+        }
+    }
+}
+
+const aqlm_lutq_kernels aqlm_lutq_kernels_scalar = {
+    .name = "scalar",
+    .build = aqlm_lutq_build_ref,
+    .accumulate = aqlm_lutq_accumulate_ref,
+};

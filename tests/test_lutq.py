@@ -1,0 +1,179 @@
+"""Quantized lookup tables (``_C.lutq_matmul``, the default few-token CPU path).
+
+Every SIMD level must give the scalar reference's bits (same integers, same fp32 operations in
+the same order), for any thread count; and the result must stay within the error bound derived
+in csrc/lutq.h from the table scales, measured against the float64 defining formula.
+"""
+import numpy as np
+import pytest
+import torch
+
+from aqlm import QuantizedLinear, _C, dequantize_reference, pack_codes
+from aqlm import ops
+from simd_levels import simd_params, supported_levels
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# (out, in, num_codebooks, nbits, in_group_size): rows not a multiple of 64 or of 4 tiles, chunk
+# remainders, every table width class (<= 16, <= 64, <= 128, 256), one codebook and many.
+CONFIGS = [
+    (64, 64, 1, 8, 8),
+    (200, 96, 2, 8, 8),
+    (300, 136, 2, 8, 8),
+    (130, 64, 4, 4, 8),
+    (100, 80, 3, 6, 8),
+    (70, 64, 1, 7, 16),
+    (64, 48, 2, 2, 4),
+    (40, 60, 8, 8, 4),
+    (257, 32, 6, 4, 8),
+    (20, 24, 1, 1, 3),
+]
+
+
+def random_weight(out, inp, M, nbits, ig, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    K = 2**nbits
+    codes = pack_codes(torch.randint(0, K, (out, inp // ig, M), generator=generator), nbits)
+    codebooks = torch.randn(M, K, 1, ig, generator=generator).to(dtype)
+    scales = (torch.rand(out, 1, 1, 1, generator=generator) + 0.5).to(dtype)
+    bias = torch.randn(out, generator=generator).to(dtype)
+    return codes, codebooks, scales, bias
+
+
+def np_view(t):
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def run_lutq(x, codes, codebooks, scales, bias, group, simd, num_threads=2):
+    packed = ops.packed_codes(codes, codebooks, scales)
+    out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype)
+    names = {v: k for k, v in DTYPES.items()}
+    _C.lutq_matmul(
+        np_view(x), packed.numpy(), np_view(codebooks), np_view(scales), None if bias is None else np_view(bias),
+        np_view(out), group=group, x_dtype=names[x.dtype], param_dtype=names[codebooks.dtype], simd=simd,
+        num_threads=num_threads,
+    )
+    return out
+
+
+def error_bound(x, codes, codebooks, scales, bias, group):
+    """lutq.h: |y - exact| <= |scale| * sum_{b, m} |b| * s[b, m] / 2, s = max |table entry| / 127, plus
+    float rounding (relative 1e-5 of the sum of |entries| the output adds up)."""
+    nbits = codebooks.shape[1].bit_length() - 1
+    M, K, _, ig = codebooks.shape
+    G = codes.shape[1]
+    xs = x.double().view(x.shape[0], G, ig)
+    tables = torch.einsum("tji,mki->tjmk", xs, codebooks.double()[:, :, 0, :])  # [n, G, M, K]
+    chunks = (G + group - 1) // group
+    step = torch.zeros(x.shape[0], G, M, dtype=torch.float64)  # s of each group's chunk
+    for b in range(chunks):
+        j0, j1 = b * group, min((b + 1) * group, G)
+        step[:, j0:j1] = tables[:, j0:j1].abs().amax(dim=(1, 3), keepdim=False)[:, None, :] / 127
+    unpacked = ops.unpack_codes(codes, nbits).long()  # [out, G, M]
+    picked = tables[:, torch.arange(G)[None, :, None], torch.arange(M)[None, None, :], unpacked]  # [n, out, G, M]
+    scale = scales.double().abs().view(1, -1)
+    half_steps = (step / 2).sum(dim=(1, 2)).view(-1, 1)
+    rounding = 1e-5 * (picked.abs().sum(dim=(2, 3)) * scale + (0 if bias is None else bias.double().abs()))
+    return scale * half_steps + rounding + 1e-6
+
+
+def formula(x, codes, codebooks, scales, bias):
+    y = x.double() @ dequantize_reference(codes, codebooks, scales).double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 17])
+def test_every_level_gives_the_scalar_bits_and_stays_within_the_bound(config, tokens):
+    codes, codebooks, scales, bias = random_weight(*config, seed=tokens)
+    x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(tokens))
+    for group in (1, 5, 16):
+        reference = run_lutq(x, codes, codebooks, scales, bias, group, "scalar", num_threads=1)
+        for level in supported_levels():
+            for threads in (1, 2):
+                got = run_lutq(x, codes, codebooks, scales, bias, group, level, num_threads=threads)
+                assert torch.equal(got, reference), f"simd={level} threads={threads} group={group}"
+        error = (reference.double() - formula(x, codes, codebooks, scales, bias)).abs()
+        bound = error_bound(x, codes, codebooks, scales, bias, group)
+        assert (error <= bound).all(), f"group={group}: error {float((error - bound).max())} above the bound"
+        assert float(error.max()) > 0  # the tables really are quantized: a bound that could fail
+
+
+@pytest.mark.parametrize("level", simd_params())
+@pytest.mark.parametrize("x_dtype", list(DTYPES))
+@pytest.mark.parametrize("param_dtype", list(DTYPES))
+def test_dtypes_match_the_float32_computation(level, x_dtype, param_dtype):
+    codes, codebooks, scales, bias = random_weight(130, 96, 2, 8, 8, dtype=DTYPES[param_dtype])
+    x = torch.randn(3, 96).to(DTYPES[x_dtype])
+    got = run_lutq(x, codes, codebooks, scales, bias, 16, level)
+    expected = run_lutq(x.float(), codes, codebooks.float(), scales.float(), bias.float(), 16, "scalar")
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=0, atol=0)
+
+
+def test_quantized_tables_are_the_default_and_exact_stays_available(monkeypatch):
+    codes, codebooks, scales, bias = random_weight(200, 96, 2, 8, 8)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    x = torch.randn(1, 96)  # one token: the exact choice is the fp32 tables ("lut")
+    quantized = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lutq")
+    exact = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lut")
+    assert not torch.equal(quantized, exact)
+    monkeypatch.delenv("AQLM_EXACT_LUT", raising=False)
+    assert torch.equal(layer(x), quantized)
+    monkeypatch.setenv("AQLM_EXACT_LUT", "1")
+    assert torch.equal(layer(x), exact)
+    monkeypatch.setenv("AQLM_EXACT_LUT", "0")
+    assert torch.equal(layer(x), quantized)
+
+
+def test_packed_codes_follow_in_place_changes_of_the_codes(monkeypatch):
+    monkeypatch.delenv("AQLM_EXACT_LUT", raising=False)
+    codes, codebooks, scales, bias = random_weight(100, 64, 2, 8, 8, seed=1)
+    other, _, _, _ = random_weight(100, 64, 2, 8, 8, seed=2)
+    layer = QuantizedLinear.from_parts(codes.clone(), codebooks, scales, bias)
+    x = torch.randn(1, 64)
+    before = layer(x)
+    assert torch.equal(layer(x), before)  # second call reuses the packed codes
+    with torch.no_grad():
+        layer.codes.copy_(other)  # as load_state_dict and PV-tuning do
+    expected = QuantizedLinear.from_parts(other, codebooks, scales, bias)(x)
+    assert torch.equal(layer(x), expected)
+
+
+def test_lutq_rejects_what_it_cannot_serve():
+    codes, codebooks, scales, bias = random_weight(64, 64, 2, 8, 8)
+    x = torch.randn(2, 64)
+    for group in (0, 257):
+        with pytest.raises(ValueError, match=r"input groups per table scale must be in \[1, 256\]"):
+            run_lutq(x, codes, codebooks, scales, bias, group, "scalar")
+    packed = ops.packed_codes(codes, codebooks, scales).numpy()
+    out = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match=r"packed must have shape \(1024,\)"):
+        _C.lutq_matmul(x.numpy(), packed[:-1], codebooks.numpy(), scales.numpy(), None, out)
+    with pytest.raises(TypeError, match="packed must be a numpy.ndarray of dtype uint8"):
+        _C.lutq_matmul(x.numpy(), packed.view(np.int8), codebooks.numpy(), scales.numpy(), None, out)
+    wide = pack_codes(torch.randint(0, 2**10, (64, 8, 1)), 10)
+    with pytest.raises(ValueError, match="at most 256 codewords"):
+        ops.quantized_matmul_cpu(x, wide, torch.randn(1, 2**10, 1, 8), torch.ones(64, 1, 1, 1), None, kernel="lutq")
+    grouped = pack_codes(torch.randint(0, 256, (32, 8, 1)), 8)
+    with pytest.raises(ValueError, match="out_group_size=1"):
+        ops.quantized_matmul_cpu(x, grouped, torch.randn(1, 256, 2, 8), torch.ones(32, 1, 1, 1), None, kernel="lutq")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="fast")
+
+
+def test_vbmi_kernels_run_where_the_cpu_has_vbmi():
+    flags = open("/proc/cpuinfo").read().split()
+    if _C.simd_supported() != "avx512":
+        pytest.skip("no AVX-512 here")
+    assert _C.lutq_kernel(simd="avx512") == ("avx512vbmi" if "avx512vbmi" in flags else "avx2")
+    assert _C.lutq_kernel(simd="scalar") == "scalar"
+
+
+def test_scales_of_any_shape_give_the_same_result():
+    codes, codebooks, scales, bias = random_weight(96, 64, 2, 8, 8)
+    x = torch.randn(3, 64)
+    expected = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lutq")
+    for shape in [(96,), (96, 1), (1, 96), (96, 1, 1, 1)]:
+        got = ops.quantized_matmul_cpu(x, codes, codebooks, scales.reshape(shape), bias, kernel="lutq")
+        assert torch.equal(got, expected), shape
