@@ -33,19 +33,21 @@ logger = logging.getLogger("aqlm")
 # Quantized lookup tables: input groups sharing one table scale per codebook (lutq.h bounds the
 # error by |scale| * sum over chunks of group * table_scale / 2). On real SmolLM2 2x8g8 activations
 # the relative layer-output error was 0.95% with 1 group per scale, 1.6% with 4, 2.8% with 16
-# (AQLM's own quantization error there: 1.8%); 16 is ~30% faster than 1. AQLM_EXACT_LUT=1 keeps to
-# the paths that compute in the activations' dtype: no quantized tables, no bf16 dequantization.
+# (AQLM's own quantization error there: 1.8%); 16 is ~30% faster than 1. An extra 0.95% error on
+# top of 1.8% is not shown to keep perplexity within 0.3%, so the quantized tables (and the bf16
+# dequantization for prefill) are opt-in: AQLM_QUANTIZED_LUT=1. By default every path computes in
+# the activations' dtype with exact fp32 tables.
 LUTQ_GROUP = 1
 LUTQ_MAX_TOKENS = 16  # fixed rules only; measured choices consider it up to FEW_TOKENS
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
-EXACT_LUT_ENV = "AQLM_EXACT_LUT"
+QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 CPU_KERNELS = ("lutq", "lut", "decode", "dequantize", "dequantize_bf16")
 _CHOOSER = kernel_choice.KernelChooser()
 
 
 def exact_lut_requested() -> bool:
-    """Whether ``AQLM_EXACT_LUT`` asks for the exact paths only (no quantized tables, no bf16)."""
-    return os.environ.get(EXACT_LUT_ENV, "0") not in ("", "0")
+    """Whether only the exact paths may run (no quantized tables, no bf16): unless ``AQLM_QUANTIZED_LUT=1``."""
+    return os.environ.get(QUANTIZED_LUT_ENV, "0") in ("", "0")
 
 
 def lutq_applies(nbits: int, out_group_size: int) -> bool:
@@ -312,7 +314,7 @@ def quantized_matmul_cpu(
     kernel: Optional[str] = None,
 ) -> torch.Tensor:
     """``input @ W.T + bias`` on the CPU by the named kernel (one of ``CPU_KERNELS``), or by the
-    one ``choose_cpu_kernel`` picks (quantized tables unless ``AQLM_EXACT_LUT=1``)."""
+    one ``choose_cpu_kernel`` picks (quantized tables only with ``AQLM_QUANTIZED_LUT=1``)."""
     nbits = check_weight(codes, codebooks, scales, bias)
     _check_input(input, codes, codebooks)
     out_features = codes.shape[0] * codebooks.shape[2]
@@ -445,7 +447,7 @@ def quantized_linear_cpu(
     if input.dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != plan.in_features:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias)  # raises the precise error
     tokens = input.numel() // plan.in_features
-    key = (tokens, input.dtype, os.environ.get(EXACT_LUT_ENV), os.environ.get(kernel_choice.FORCE_ENV),
+    key = (tokens, input.dtype, os.environ.get(QUANTIZED_LUT_ENV), os.environ.get(kernel_choice.FORCE_ENV),
            os.environ.get(kernel_choice.CALIBRATION_ENV), torch.get_num_threads(), _C.simd_default())
     x = input.reshape(tokens, plan.in_features).contiguous()
     kernel = plan.kernels.get(key)

@@ -128,7 +128,6 @@ def test_kl_divergence_errors(llama):
 
 def test_perplexity_and_kl_with_quantized_linears(llama, monkeypatch):
     """Linears replaced by aqlm.QuantizedLinear score like dense linears holding the same weights."""
-    monkeypatch.setenv("AQLM_EXACT_LUT", "1")  # exact fp32 tables: equal up to float rounding
     from aqlm import QuantizedLinear, pack_codes
     from aqlm.calibration import find_linears
 

@@ -204,7 +204,6 @@ def test_min_parallel_work_is_a_checked_process_wide_setting():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("shape", [(1,), (3,), (2, 5), (300,)])
 def test_quantized_linear_cpu_matches_torch_path(config, shape, monkeypatch):
-    monkeypatch.setenv("AQLM_EXACT_LUT", "1")  # the quantized tables are held to their own bound in test_lutq.py
     out, inp, M, nbits, og, ig = config
     codes, codebooks, scales, bias = random_layer(*config)
     layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)

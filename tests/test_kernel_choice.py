@@ -23,7 +23,7 @@ def measured(tmp_path, monkeypatch):
     monkeypatch.setenv("AQLM_KERNEL_CALIBRATION", "1")
     monkeypatch.setenv("AQLM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("AQLM_CPU_KERNEL", raising=False)
-    monkeypatch.delenv("AQLM_EXACT_LUT", raising=False)
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
     monkeypatch.setattr(ops, "_CHOOSER", kernel_choice.KernelChooser())
     return tmp_path / kernel_choice.CACHE_FILE
 

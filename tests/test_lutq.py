@@ -111,23 +111,23 @@ def test_dtypes_match_the_float32_computation(level, x_dtype, param_dtype):
     torch.testing.assert_close(got, expected.to(got.dtype), rtol=0, atol=0)
 
 
-def test_quantized_tables_are_the_default_and_exact_stays_available(monkeypatch):
+def test_exact_tables_are_the_default_and_quantized_tables_are_opt_in(monkeypatch):
     codes, codebooks, scales, bias = random_weight(200, 96, 2, 8, 8)
     layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
     x = torch.randn(1, 96)  # one token: the exact choice is the fp32 tables ("lut")
     quantized = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lutq")
     exact = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lut")
     assert not torch.equal(quantized, exact)
-    monkeypatch.delenv("AQLM_EXACT_LUT", raising=False)
-    assert torch.equal(layer(x), quantized)
-    monkeypatch.setenv("AQLM_EXACT_LUT", "1")
+    monkeypatch.delenv("AQLM_QUANTIZED_LUT", raising=False)
     assert torch.equal(layer(x), exact)
-    monkeypatch.setenv("AQLM_EXACT_LUT", "0")
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
     assert torch.equal(layer(x), quantized)
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+    assert torch.equal(layer(x), exact)
 
 
 def test_packed_codes_follow_in_place_changes_of_the_codes(monkeypatch):
-    monkeypatch.delenv("AQLM_EXACT_LUT", raising=False)
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
     codes, codebooks, scales, bias = random_weight(100, 64, 2, 8, 8, seed=1)
     other, _, _, _ = random_weight(100, 64, 2, 8, 8, seed=2)
     layer = QuantizedLinear.from_parts(codes.clone(), codebooks, scales, bias)
