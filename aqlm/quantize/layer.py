@@ -17,6 +17,7 @@ import torch
 from .. import _C
 from ..format import AqlmScheme, dequantize_reference, pack_codes
 from ..ops import dequantize, weight_gradients
+from .phases import PhaseTimer, maybe_phase
 
 _EPS = 1e-9
 
@@ -234,32 +235,44 @@ def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: L
 
 
 def quantize_weight(
-    weight: torch.Tensor, xtx: torch.Tensor, config: LayerConfig, layer_seed: int = 0, progress=None
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    config: LayerConfig,
+    layer_seed: int = 0,
+    progress=None,
+    timer: Optional[PhaseTimer] = None,
 ) -> LayerResult:
     """Quantize one weight [out, in] for the calibration statistics ``xtx`` [in, in].
 
     Alternates codebook/scale updates (codes fixed) and beam search (codebooks fixed) until the
     relative improvement of a round drops below ``config.relative_mse_tolerance``.
-    ``progress``, if given, is called with (epoch, relative_error) after every round.
+    ``progress``, if given, is called with (epoch, relative_error) after every round; ``timer``,
+    if given, receives the time of k-means init, codebook updates, beam search and error checks.
     """
     started = time.perf_counter()
     scheme = config.scheme
     objective = LayerObjective(weight, xtx, scheme.out_group_size)
     init_config = LayerConfig(**{**config.__dict__, "seed": config.seed * 7919 + layer_seed})
-    codes, codebooks, scales = init_quantized_weight(objective.weight, init_config)
+    with maybe_phase(timer, "kmeans_init"):
+        codes, codebooks, scales = init_quantized_weight(objective.weight, init_config)
     codebooks = codebooks.requires_grad_(True)
     scales = scales.requires_grad_(True)
     threads = _threads(config)
-    initial = best = objective.relative_error(codes, codebooks, scales)
+    with maybe_phase(timer, "output_check"):
+        initial = best = objective.relative_error(codes, codebooks, scales)
     state: dict = {}
     epochs = 0
     for epoch in range(config.max_epochs):
-        if config.codebook_update == "adam":
-            _adam_update(objective, codes, codebooks, scales, config, state)
-        else:
-            _lstsq_update(objective, codes, codebooks, scales, config)
+        with maybe_phase(timer, "codebook_update"):
+            if config.codebook_update == "adam":
+                _adam_update(objective, codes, codebooks, scales, config, state)
+            else:
+                _lstsq_update(objective, codes, codebooks, scales, config)
         seed = (config.seed * 1000003 + layer_seed) * 1009 + epoch
-        error = beam_search_codes(objective, codes, codebooks.detach(), scales.detach(), config.beam_size, seed, threads)
+        with maybe_phase(timer, "beam_search"):
+            error = beam_search_codes(
+                objective, codes, codebooks.detach(), scales.detach(), config.beam_size, seed, threads
+            )
         epochs = epoch + 1
         if progress is not None:
             progress(epochs, error)
@@ -267,7 +280,8 @@ def quantize_weight(
         best = min(best, error)
         if config.relative_mse_tolerance is not None and improved < config.relative_mse_tolerance:
             break
-    final = objective.relative_error(codes, codebooks, scales)
+    with maybe_phase(timer, "output_check"):
+        final = objective.relative_error(codes, codebooks, scales)
     if not math.isfinite(final):
         raise ValueError(f"quantization diverged: relative error {final}")
     return LayerResult(

@@ -30,6 +30,7 @@ from ..hf import save_quantized
 from ..inference import QuantizedLinear
 from .finetune import FinetuneConfig, finetune_block
 from .layer import LayerConfig, quantize_weight
+from .phases import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class QuantizationReport:
     quantized_bits: float
     model_bits: float
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -114,14 +116,19 @@ class QuantizationReport:
         return self.model_bits / max(self.total_parameters, 1)
 
     def summary(self) -> str:
-        """A few human-readable lines."""
+        """A few human-readable lines (the last one: wall time per phase)."""
         mean_error = sum(layer.final_error for layer in self.layers) / max(len(self.layers), 1)
-        return (
+        text = (
             f"quantized {len(self.layers)} linear layers ({self.quantized_parameters / 1e6:.1f}M weights) "
             f"at {self.bits_per_weight:.3f} bits/weight including codebooks and scales; whole model "
             f"{self.model_bits_per_parameter:.2f} bits/parameter ({self.model_bits / 8 / 2**20:.1f} MiB); "
             f"mean relative layer error {mean_error:.4f}; wall time {self.seconds:.0f} s"
         )
+        if self.phases:
+            other = self.seconds - sum(self.phases.values())
+            listed = ", ".join(f"{name} {value:.1f} s" for name, value in self.phases.items())
+            text += f"\nphases (this run): {listed}, other {other:.1f} s"
+        return text
 
 
 class ProgressStore:
@@ -257,6 +264,16 @@ def collect_xtx(
     return {name: (sums[name] / counts[name]).float() for name in names}
 
 
+def _duration(seconds: float) -> str:
+    """``1 h 02 min``, ``3 min 05 s`` or ``12 s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
 def _param_bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits
 
@@ -326,6 +343,7 @@ def quantize_model(
         A :class:`QuantizationReport` (also written to ``out_dir/quantization_report.json``).
     """
     started = time.perf_counter()
+    timer = PhaseTimer()
     out_dir = Path(out_dir)
     model, tokenizer = load_dense_model(model_dir)
     scheme = config.layer.scheme
@@ -345,23 +363,41 @@ def quantize_model(
     param_dtype = _PARAM_DTYPES[config.param_dtype]
     blocks = get_blocks(model)
     train_windows, val_windows = windows[: config.nsamples], windows[config.nsamples :]
-    inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
-    val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
+    with timer.phase("calibration"):
+        inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
+        val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
 
     reports: list[LayerReport] = []
+    first_block_seconds: Optional[float] = None
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]
         if store.done(index):
             record = store.load(index, block)
             log(f"block {index}: restored from {store.directory}")
         else:
-            record = _quantize_block(block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log)
-            store.save(index, block, record)
+            block_started = time.perf_counter()
+            block_timer = PhaseTimer()
+            record = _quantize_block(
+                block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer
+            )
+            record["phases"] = block_timer.as_dict()
+            with block_timer.phase("saving"):
+                store.save(index, block, record)
+            timer.add(block_timer.as_dict())
+            if first_block_seconds is None:
+                first_block_seconds = time.perf_counter() - block_started
+                remaining = sum(not store.done(later) for later in range(index + 1, len(blocks)))
+                log(
+                    f"block {index} took {first_block_seconds:.1f} s ({block_timer.summary()}); "
+                    f"ETA for the {remaining} remaining blocks: {_duration(first_block_seconds * remaining)}"
+                )
         reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
-        run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
-        if val_inputs is not None:
-            run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
+        with timer.phase("calibration"):
+            run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
+            if val_inputs is not None:
+                run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
 
+    saving_started = time.perf_counter()
     save_quantized(model, out_dir, tokenizer)
     quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
     quantized_bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
@@ -377,11 +413,15 @@ def quantize_model(
         model_bits=quantized_bits + other_bits,
         seconds=time.perf_counter() - started,
     )
+    timer.add({"saving": time.perf_counter() - saving_started})
+    report.phases = timer.as_dict()
+    report.seconds = time.perf_counter() - started
     payload = {
         "summary": report.summary(),
         "bits_per_weight": report.bits_per_weight,
         "model_bits_per_parameter": report.model_bits_per_parameter,
         "seconds": report.seconds,
+        "phase_seconds": report.phases,
         "config": fingerprint,
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }
@@ -401,22 +441,27 @@ def _quantize_block(
     param_dtype: torch.dtype,
     progress: bool,
     log: Callable[[str], None],
+    timer: PhaseTimer,
 ) -> dict:
     started = time.perf_counter()
-    targets = run_block(block, inputs, block_kwargs, config.batch_size)
-    val_targets = run_block(block, val_inputs, block_kwargs, config.batch_size) if val_inputs is not None else None
-    if config.true_sequential:
-        groups = input_groups(block, inputs[:1], block_kwargs)
-    else:
-        groups = [list(find_linears(block))]
+    with timer.phase("calibration"):
+        targets = run_block(block, inputs, block_kwargs, config.batch_size)
+        val_targets = run_block(block, val_inputs, block_kwargs, config.batch_size) if val_inputs is not None else None
+        if config.true_sequential:
+            groups = input_groups(block, inputs[:1], block_kwargs)
+        else:
+            groups = [list(find_linears(block))]
     scheme = config.layer.scheme
     layers = []
     names = [name for group in groups for name in group]
     for group in groups:
-        xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size)
+        with timer.phase("xtx"):
+            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size)
         for name in group:
             linear = block.get_submodule(name)
-            result = quantize_weight(linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name))
+            result = quantize_weight(
+                linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name), timer=timer
+            )
             bias = None if linear.bias is None else linear.bias.detach().float()
             block.set_submodule(name, QuantizedLinear.from_parts(result.codes, result.codebooks, result.scales, bias))
             bits = scheme.bits_per_weight(linear.out_features, linear.in_features, _param_bits(param_dtype))
@@ -435,17 +480,18 @@ def _quantize_block(
                 f"block {index} {name} {linear.out_features}x{linear.in_features} {scheme.name}: relative error "
                 f"{result.initial_error:.4f} -> {result.final_error:.4f} in {result.epochs} epochs, {result.seconds:.1f} s"
             )
-    losses = finetune_block(
-        block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
-        val_inputs=val_inputs, val_targets=val_targets, progress=progress,
-    )
+    with timer.phase("finetune"):
+        losses = finetune_block(
+            block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
+            val_inputs=val_inputs, val_targets=val_targets, progress=progress,
+        )
     for module in block.modules():
         if isinstance(module, QuantizedLinear):
             for name in ("codebooks", "scales", "bias"):
                 parameter = getattr(module, name)
                 if parameter is not None:
                     setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
-    with torch.no_grad():
+    with timer.phase("output_check"), torch.no_grad():
         output_error = float(
             ((run_block(block, inputs, block_kwargs, config.batch_size) - targets) ** 2).mean() / (targets**2).mean()
         )
