@@ -239,19 +239,30 @@ def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> 
 def collect_xtx(
     block: nn.Module, inputs: torch.Tensor, block_kwargs: dict, names: list[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``."""
+    """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``.
+
+    Linears fed the same input tensor (q/k/v, gate/up) share one product per forward pass and,
+    when they shared it on every pass, one result tensor; the values are those of a separate
+    product per linear.
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    sources: dict[str, list[int]] = {name: [] for name in names}  # which product each linear summed
+    last: list = []  # [input, product, rows, number] of the latest product; keeps the input alive
     handles = []
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if not torch.isfinite(x).all():
-                raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
-            product = (x.T @ x).double()
+            if not last or last[0] is not args[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
+                number = last[3] + 1 if last else 0
+                last[:] = [args[0], (x.T @ x).double(), x.shape[0], number]
+            _, product, rows, number = last
             sums[name] = product if name not in sums else sums[name] + product
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            counts[name] = counts.get(name, 0) + rows
+            sources[name].append(number)
         return hook
 
     for name in names:
@@ -261,7 +272,13 @@ def collect_xtx(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name]).float() for name in names}
+    last.clear()
+    results: dict[tuple, torch.Tensor] = {}
+    for name in names:
+        key = tuple(sources[name])
+        if key not in results:
+            results[key] = (sums[name] / counts[name]).float()
+    return {name: results[tuple(sources[name])] for name in names}
 
 
 def _duration(seconds: float) -> str:
