@@ -79,3 +79,16 @@ def test_linears_with_different_inputs_keep_their_own_xtx():
     assert got["self_attn.q_proj"] is not got["self_attn.o_proj"]
     assert got["mlp.gate_proj"] is got["mlp.up_proj"]
     assert not torch.equal(got["self_attn.q_proj"], got["mlp.gate_proj"])
+
+
+def test_each_pass_stops_after_the_last_needed_input():
+    block, inputs, kwargs = block_and_inputs()
+    calls = []
+    handle = block.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        collect_xtx(block, inputs, kwargs, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], batch_size=2)
+        assert calls == [], "the MLP ran although only q/k/v inputs were needed"
+        collect_xtx(block, inputs, kwargs, ["mlp.down_proj"], batch_size=2)
+        assert len(calls) == 2
+    finally:
+        handle.remove()

@@ -236,6 +236,10 @@ def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> 
     return [names for _, names in groups]
 
 
+class _InputsCollected(Exception):
+    """Raised by collect_xtx's hooks to end a forward pass once every input it needs is recorded."""
+
+
 def collect_xtx(
     block: nn.Module, inputs: torch.Tensor, block_kwargs: dict, names: list[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
@@ -243,7 +247,8 @@ def collect_xtx(
 
     Linears fed the same input tensor (q/k/v, gate/up) share one product per forward pass and,
     when they shared it on every pass, one result tensor; the values are those of a separate
-    product per linear.
+    product per linear. Each pass stops as soon as the last of the named linears has its input,
+    so the rest of the block (all of it after q/k/v, say) is not computed.
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -263,12 +268,25 @@ def collect_xtx(
             sums[name] = product if name not in sums else sums[name] + product
             counts[name] = counts.get(name, 0) + rows
             sources[name].append(number)
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _InputsCollected
         return hook
 
+    seen: set[str] = set()
     for name in names:
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
     try:
-        run_block(block, inputs, block_kwargs, batch_size=batch_size)
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], batch_size):
+                seen.clear()
+                try:
+                    block(inputs[start : start + batch_size], **block_kwargs)
+                except _InputsCollected:
+                    pass
+                if len(seen) != len(names):
+                    missing = sorted(set(names) - seen)
+                    raise ValueError(f"the block's forward pass never called {', '.join(missing)}")
     finally:
         for handle in handles:
             handle.remove()
@@ -388,13 +406,14 @@ def quantize_model(
     first_block_seconds: Optional[float] = None
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]
+        outputs = None
         if store.done(index):
             record = store.load(index, block)
             log(f"block {index}: restored from {store.directory}")
         else:
             block_started = time.perf_counter()
             block_timer = PhaseTimer()
-            record = _quantize_block(
+            record, outputs = _quantize_block(
                 block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer
             )
             record["phases"] = block_timer.as_dict()
@@ -410,7 +429,10 @@ def quantize_model(
                 )
         reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
         with timer.phase("calibration"):
-            run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
+            if outputs is None:
+                run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
+            else:
+                inputs = outputs
             if val_inputs is not None:
                 run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
 
@@ -459,7 +481,9 @@ def _quantize_block(
     progress: bool,
     log: Callable[[str], None],
     timer: PhaseTimer,
-) -> dict:
+) -> tuple[dict, torch.Tensor]:
+    """Quantize and fine-tune ``block``; returns its record and its outputs on ``inputs`` (the
+    inputs of the next block, computed once for the output check)."""
     started = time.perf_counter()
     with timer.phase("calibration"):
         targets = run_block(block, inputs, block_kwargs, config.batch_size)
@@ -509,8 +533,7 @@ def _quantize_block(
                 if parameter is not None:
                     setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
     with timer.phase("output_check"), torch.no_grad():
-        output_error = float(
-            ((run_block(block, inputs, block_kwargs, config.batch_size) - targets) ** 2).mean() / (targets**2).mean()
-        )
+        outputs = run_block(block, inputs, block_kwargs, config.batch_size)
+        output_error = float(((outputs - targets) ** 2).mean() / (targets**2).mean())
     log(f"block {index}: relative output error {output_error:.4f} after fine-tuning, {time.perf_counter() - started:.1f} s")
-    return {"layers": layers, "finetune": losses, "output_error": output_error}
+    return {"layers": layers, "finetune": losses, "output_error": output_error}, outputs
