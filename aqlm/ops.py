@@ -288,3 +288,94 @@ def _matmul_backward(ctx, grad_output):
 
 
 quantized_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# ---- quantizer kernels: k-means and beam search ----------------------------------------------
+
+
+def _check_cpu_float32(name: str, tensor: torch.Tensor, dim: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+    if tensor.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
+
+
+def kmeans(
+    points: torch.Tensor,
+    k: int,
+    *,
+    max_iter: int = 25,
+    max_points_per_centroid: Optional[int] = 256,
+    init: str = "random",
+    seed: int = 0,
+    num_threads: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd's k-means of ``points`` [n, d] float32 (d <= 64) into ``k`` centroids, in C.
+
+    Trains on a seeded sample of ``k * max_points_per_centroid`` points when there are more (as
+    faiss does; None trains on all points); the assignment and objective cover all points.
+    ``init`` is "random" or "kmeans++". Returns (centroids [k, d] float32, assignment [n] int64,
+    sum of squared distances).
+    """
+    _check_cpu_float32("points", points, 2)
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
+    centroids, assignment, objective = _C.kmeans(
+        points.detach().contiguous().numpy(),
+        k,
+        max_iter=max_iter,
+        max_points_per_centroid=max_points_per_centroid or 0,
+        init=init,
+        seed=seed,
+        num_threads=num_threads or torch.get_num_threads(),
+    )
+    return torch.from_numpy(centroids), torch.from_numpy(assignment).long(), objective
+
+
+def beam_search(
+    xtx: Optional[torch.Tensor],
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    gradient: torch.Tensor,
+    losses: torch.Tensor,
+    *,
+    allowed: Optional[torch.Tensor] = None,
+    beam_size: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_threads: Optional[int] = None,
+) -> None:
+    """One beam-search pass in C over ``codes``, minimising per output group tr((W - What) xtx (W - What)^T).
+
+    xtx [in, in] float32, or None for the plain squared error; codebooks [M, K, og, ig] and scales
+    (one per output group) are read as float32. ``codes`` (packed int8/int16 [out/og, in/ig, M]),
+    ``gradient`` ([out, in] float32, (W - What) @ xtx) and ``losses`` ([out/og] float64) must be
+    contiguous CPU tensors: they are updated in place. ``allowed`` [out/og, in/ig] (bool/uint8):
+    only groups with allowed != 0 may change.
+    """
+    if xtx is not None:
+        _check_cpu_float32("xtx", xtx, 2)
+    _check_cpu_float32("gradient", gradient, 2)
+    for name, tensor in (("codes", codes), ("gradient", gradient), ("losses", losses)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: it is updated in place")
+    if losses.dtype != torch.float64:
+        raise TypeError(f"losses must be float64, got {losses.dtype}")
+    _C.beam_search(
+        None if xtx is None else xtx.detach().contiguous().numpy(),
+        codebooks.detach().float().contiguous().numpy(),
+        scales.detach().float().reshape(-1).contiguous().numpy(),
+        codes.numpy(),
+        gradient.detach().numpy(),
+        losses.numpy(),
+        allowed=None if allowed is None else allowed.to(torch.uint8).contiguous().numpy(),
+        beam_size=beam_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_threads=num_threads or torch.get_num_threads(),
+    )

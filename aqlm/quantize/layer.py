@@ -11,12 +11,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 
-from .. import _C
 from ..format import AqlmScheme, dequantize_reference, pack_codes
-from ..ops import dequantize, weight_gradients
+from ..ops import beam_search, dequantize, kmeans, weight_gradients
 from .phases import PhaseTimer, maybe_phase
 
 _EPS = 1e-9
@@ -37,8 +35,8 @@ class LayerConfig:
         codebook_update: "adam" (upstream: Adam, betas (0, 0.95), amsgrad) or "lstsq" (exact
             minimum over codebooks by conjugate gradients, then closed-form scales).
         init_max_iter: k-means iterations for the initial codebooks.
-        init_max_points_per_centroid: train k-means on at most this many points per centroid
-            (None: all points).
+        init_max_points_per_centroid: train k-means on a seeded sample of at most this many points
+            per centroid, as faiss does (None: all points; upstream trains on all).
         seed: seeds k-means and the order of the code search.
         num_threads: C kernel threads (None: torch.get_num_threads()).
     """
@@ -51,13 +49,15 @@ class LayerConfig:
     lr: float = 1e-4
     codebook_update: str = "adam"
     init_max_iter: int = 100
-    init_max_points_per_centroid: Optional[int] = None
+    init_max_points_per_centroid: Optional[int] = 256
     seed: int = 0
     num_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.init_max_points_per_centroid is not None and self.init_max_points_per_centroid < 1:
+            raise ValueError(f"init_max_points_per_centroid must be >= 1 or None, got {self.init_max_points_per_centroid}")
         if self.max_epochs < 0 or self.steps_per_epoch < 0 or self.init_max_iter < 0:
             raise ValueError("max_epochs, steps_per_epoch and init_max_iter must be >= 0")
         if self.relative_mse_tolerance is not None and not 0 <= self.relative_mse_tolerance < 1:
@@ -106,21 +106,21 @@ def init_quantized_weight(
     groups = weight.float().reshape(num_out_groups, og, num_in_groups, ig).swapaxes(1, 2)
     scales = groups.flatten(1).norm(dim=1) + _EPS
     points = (groups / scales.view(-1, 1, 1, 1)).reshape(num_out_groups * num_in_groups, og * ig)
-    residual = points.contiguous().numpy().copy()
+    residual = points.contiguous().clone()
     codebooks, codes = [], []
     for m in range(scheme.num_codebooks):
-        centroids, assignment, _ = _C.kmeans(
+        centroids, assignment, _ = kmeans(
             residual,
             scheme.codebook_size,
             max_iter=config.init_max_iter,
-            max_points_per_centroid=config.init_max_points_per_centroid or 0,
+            max_points_per_centroid=config.init_max_points_per_centroid,
             init="kmeans++" if scheme.codebook_size <= 256 else "random",
             seed=config.seed * 1000003 + m,
             num_threads=_threads(config),
         )
         residual -= centroids[assignment]
-        codebooks.append(torch.from_numpy(centroids).view(scheme.codebook_size, og, ig))
-        codes.append(torch.from_numpy(assignment.astype(np.int64)))
+        codebooks.append(centroids.view(scheme.codebook_size, og, ig))
+        codes.append(assignment)
     codes_tensor = torch.stack(codes, dim=-1).view(num_out_groups, num_in_groups, scheme.num_codebooks)
     return pack_codes(codes_tensor, scheme.nbits_per_codebook), torch.stack(codebooks), scales.view(-1, 1, 1, 1)
 
@@ -166,22 +166,21 @@ def beam_search_codes(
 ) -> float:
     """One beam-search pass in C over ``codes`` (updated in place); returns the relative error."""
     _, gradient, losses = objective.residual_terms(codes, codebooks, scales)
-    gradient_np = gradient.contiguous().numpy()
-    losses_np = losses.contiguous().numpy()
-    _C.beam_search(
-        objective.xtx.numpy(),
-        codebooks.detach().float().contiguous().numpy(),
-        scales.detach().float().reshape(-1).contiguous().numpy(),
-        codes.numpy(),
-        gradient_np,
-        losses_np,
-        allowed=None if allowed is None else allowed.to(torch.uint8).contiguous().numpy(),
+    losses = losses.contiguous()
+    beam_search(
+        objective.xtx,
+        codebooks,
+        scales,
+        codes,
+        gradient.contiguous(),
+        losses,
+        allowed=allowed,
         beam_size=beam_size,
         shuffle=True,
         seed=seed,
         num_threads=num_threads,
     )
-    return float(losses_np.sum()) / objective.reference
+    return float(losses.sum()) / objective.reference
 
 
 def _adam_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig, state: dict) -> None:
