@@ -148,6 +148,22 @@ def _dequantize_fake(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch
     return codebooks.new_empty(codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3])
 
 
+def unscaled_weight(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """The dense weight with all scales 1, in float32 (sums of codewords, never rounded to the
+    codebooks' dtype): multiplied by the scales, it is the dequantized weight."""
+    ones = torch.ones(codes.shape[0], dtype=codebooks.dtype, device=codebooks.device)
+    if codes.device.type == "cpu":
+        check_weight(codes, codebooks, ones)
+        return _dequantize_cpu_as(codes.detach(), codebooks.detach(), ones, torch.float32)
+    return dequantize_reference(codes, codebooks.detach(), ones).float()
+
+
+def scale_rows(unscaled: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``unscaled`` [out, in] with each output group's rows multiplied by its scale (float32)."""
+    groups = scales.numel()
+    return (unscaled.view(groups, -1) * scales.detach().float().view(groups, 1)).view_as(unscaled)
+
+
 def weight_gradients(
     grad_weight: torch.Tensor,
     codes: torch.Tensor,
@@ -155,14 +171,20 @@ def weight_gradients(
     scales: torch.Tensor,
     need_codebooks: bool,
     need_scales: bool,
+    unscaled: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of a loss with respect to codebooks and scales, given its gradient for the dense weight."""
+    """Gradients of a loss with respect to codebooks and scales, given its gradient for the dense weight.
+
+    ``unscaled`` (:func:`unscaled_weight`), when the caller already has it, saves the scales'
+    gradient a dequantization.
+    """
     num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
     num_out_groups, num_in_groups, _ = codes.shape
     blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
     grad_codebooks = grad_scales = None
     if need_scales:
-        unscaled = dequantize(codes, codebooks, torch.ones_like(scales)).float()
+        if unscaled is None:
+            unscaled = unscaled_weight(codes, codebooks)
         unscaled = unscaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
         grad_scales = (blocks * unscaled).sum(dim=(1, 2, 3)).view_as(scales).to(scales.dtype)
     if need_codebooks:
@@ -272,16 +294,19 @@ def _matmul_setup(ctx, inputs, output) -> None:
 
 
 def _matmul_backward(ctx, grad_output):
+    """At most one dequantization: the unscaled weight serves both the input's and the scales' gradients."""
     input, codes, codebooks, scales = ctx.saved_tensors
     need_input, _, need_codebooks, need_scales, need_bias = ctx.needs_input_grad
     grad_input = grad_codebooks = grad_scales = grad_bias = None
+    unscaled = unscaled_weight(codes, codebooks) if need_input or need_scales else None
     if need_input:
-        weight = dequantize(codes, codebooks, scales).to(grad_output.dtype)
-        grad_input = grad_output @ weight
+        grad_input = grad_output @ scale_rows(unscaled, scales).to(grad_output.dtype)
     if need_codebooks or need_scales:
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1]).float()
         grad_weight = flat_grad.T @ input.reshape(-1, input.shape[-1]).float()
-        grad_codebooks, grad_scales = weight_gradients(grad_weight, codes, codebooks, scales, need_codebooks, need_scales)
+        grad_codebooks, grad_scales = weight_gradients(
+            grad_weight, codes, codebooks, scales, need_codebooks, need_scales, unscaled=unscaled
+        )
     if need_bias and ctx.has_bias:
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(codebooks.dtype)
     return grad_input, None, grad_codebooks, grad_scales, grad_bias

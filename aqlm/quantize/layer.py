@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..format import AqlmScheme, dequantize_reference, pack_codes
-from ..ops import beam_search, dequantize, kmeans, weight_gradients
+from ..format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes
+from ..ops import beam_search, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients
 from .phases import PhaseTimer, maybe_phase
 
 _EPS = 1e-9
@@ -190,25 +190,53 @@ def _adam_update(objective: LayerObjective, codes, codebooks, scales, config: La
         optimizer = state["adam"] = torch.optim.Adam([codebooks, scales], lr=config.lr, betas=(0.0, 0.95), amsgrad=True)
     out_features = objective.weight.shape[0]
     for _ in range(config.steps_per_epoch):
-        residual = dequantize(codes, codebooks.detach(), scales.detach()).float() - objective.weight
+        unscaled = unscaled_weight(codes, codebooks)
+        residual = scale_rows(unscaled, scales) - objective.weight
         grad_weight = (2.0 / out_features) * (residual @ objective.xtx)
-        grad_codebooks, grad_scales = weight_gradients(grad_weight, codes, codebooks, scales, True, True)
+        grad_codebooks, grad_scales = weight_gradients(
+            grad_weight, codes, codebooks, scales, True, True, unscaled=unscaled
+        )
         codebooks.grad, scales.grad = grad_codebooks, grad_scales
         optimizer.step()
+
+
+class _CodebookGradient:
+    """Gradient with respect to the codebooks of a loss with dense-weight gradient G, for fixed codes
+    and scales: sum over the code groups using codeword (m, c) of scale * G's block. The codes'
+    row indices are computed once for all products of a solve."""
+
+    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor):
+        num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
+        self.shape = codebooks.shape
+        self.groups = codes.shape[:2]
+        offsets = torch.arange(num_codebooks) * codebook_size
+        rows = unpack_codes(codes, codebook_size.bit_length() - 1) + offsets
+        self.indices = rows.reshape(-1, num_codebooks).T.contiguous()  # [M, code groups]
+        self.scales = scales.detach().float().view(-1, 1, 1, 1)
+
+    def __call__(self, grad_weight: torch.Tensor) -> torch.Tensor:
+        num_codebooks, codebook_size, out_group_size, in_group_size = self.shape
+        num_out_groups, num_in_groups = self.groups
+        blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+        scaled = (blocks * self.scales).reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)
+        flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size)
+        for m in range(num_codebooks):
+            flat.index_add_(0, self.indices[m], scaled)
+        return flat.view(self.shape)
 
 
 def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig) -> None:
     """Exact minimum over codebooks for fixed codes and scales (conjugate gradients on the normal
     equations, each product one dequantize and one multiplication by H), then the closed-form
     optimal scale of every output group for the new codebooks."""
+    gradient = _CodebookGradient(codes, codebooks, scales)
+
     def apply(direction: torch.Tensor) -> torch.Tensor:
-        dense = dequantize(codes, direction, scales.detach()).float()
-        grad_codebooks, _ = weight_gradients(dense @ objective.xtx, codes, direction, scales, True, False)
-        return grad_codebooks
+        return gradient(dequantize(codes, direction, scales.detach()).float() @ objective.xtx)
 
     with torch.no_grad():
         x = codebooks.detach().clone()
-        rhs, _ = weight_gradients(objective.weight @ objective.xtx, codes, x, scales, True, False)
+        rhs = gradient(objective.weight @ objective.xtx)
         r = rhs - apply(x)
         p = r.clone()
         rr = float((r * r).sum())
