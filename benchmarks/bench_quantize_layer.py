@@ -33,7 +33,7 @@ import aqlm
 from aqlm import _C
 from aqlm.format import AqlmScheme
 from aqlm.ops import beam_search
-from aqlm.quantize.beam_search_torch import beam_search_torch, visiting_order
+from beam_search_torch import beam_search_torch, visiting_order
 from aqlm.quantize.layer import LayerConfig, LayerObjective, init_quantized_weight
 
 # k-means settings per codebook size: 2**16 centroids over millions of points would take the
