@@ -35,3 +35,14 @@ def file_sha256(path: Path) -> str:
 def tokens_sha256(tokens: torch.Tensor) -> str:
     """Hex SHA-256 of a token tensor's values (dtype and layout as stored, on the CPU)."""
     return hashlib.sha256(tokens.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def model_identity(model_dir: Path) -> dict:
+    """What resume fingerprints (quantization and PV-Tuning alike) record of a model directory:
+    the digests of its config.json and of every weight file, so changed weights are never resumed onto."""
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {
+        "config_sha256": file_sha256(model_dir / "config.json"),
+        "weights_sha256": {p.name: file_sha256(p) for p in weights},
+    }

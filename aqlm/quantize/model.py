@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import capture_block_inputs, find_linears, get_blocks, run_block
 from ..data import calibration_windows, load_tokens
-from ..fileio import atomic_write_text, file_sha256, tokens_sha256
+from ..fileio import atomic_write_text, file_sha256, model_identity, tokens_sha256
 from ..format import AqlmScheme
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
@@ -389,7 +389,7 @@ def quantize_model(
     fingerprint = {
         "config": config.to_dict(),
         "seqlen": seqlen,
-        "model": _identity(Path(model_dir) / "config.json"),
+        "model": model_identity(Path(model_dir)),
         "dataset": _identity(dataset),
     }
     store = ProgressStore(out_dir, fingerprint)
