@@ -47,5 +47,15 @@ def test_report_splits_the_wall_time_into_phases(tmp_path):
         assert phases[name] > 0, f"phase {name} was not timed"
     assert sum(phases.values()) <= written["seconds"] + 1e-6
     assert report.phases == phases
+    assert list(written["phase_cpu_seconds"]) == list(PHASES) and written["phase_cpu_seconds"]["beam_search"] > 0
     assert "phases (this run): calibration" in lines[-1] and "beam_search" in lines[-1]
     assert any("ETA for the 1 remaining blocks" in line for line in lines)
+
+
+def test_cpu_time_is_kept_per_phase():
+    timer = PhaseTimer()
+    with timer.phase("kmeans_init"):
+        sum(i * i for i in range(200000))
+    timer.add({"xtx": 1.0}, {"xtx": 0.5})
+    assert timer.cpu_dict()["kmeans_init"] > 0 and timer.cpu_dict()["xtx"] == 0.5
+    assert list(timer.cpu_dict()) == list(PHASES)

@@ -419,7 +419,7 @@ def quantize_model(
             record["phases"] = block_timer.as_dict()
             with block_timer.phase("saving"):
                 store.save(index, block, record)
-            timer.add(block_timer.as_dict())
+            timer.add(block_timer.as_dict(), block_timer.cpu_dict())
             if first_block_seconds is None:
                 first_block_seconds = time.perf_counter() - block_started
                 remaining = sum(not store.done(later) for later in range(index + 1, len(blocks)))
@@ -436,7 +436,7 @@ def quantize_model(
             if val_inputs is not None:
                 run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
 
-    saving_started = time.perf_counter()
+    saving_started, saving_cpu_started = time.perf_counter(), time.process_time()
     save_quantized(model, out_dir, tokenizer)
     quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
     quantized_bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
@@ -452,7 +452,7 @@ def quantize_model(
         model_bits=quantized_bits + other_bits,
         seconds=time.perf_counter() - started,
     )
-    timer.add({"saving": time.perf_counter() - saving_started})
+    timer.add({"saving": time.perf_counter() - saving_started}, {"saving": time.process_time() - saving_cpu_started})
     report.phases = timer.as_dict()
     report.seconds = time.perf_counter() - started
     payload = {
@@ -461,6 +461,7 @@ def quantize_model(
         "model_bits_per_parameter": report.model_bits_per_parameter,
         "seconds": report.seconds,
         "phase_seconds": report.phases,
+        "phase_cpu_seconds": timer.cpu_dict(),
         "config": fingerprint,
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }

@@ -2,7 +2,8 @@
 
 One :class:`PhaseTimer` is passed down through the model, block and layer code; each phase adds
 the wall time of the code inside ``with timer.phase(name):``. Phases do not nest: time spent inside
-one phase is counted once, in that phase.
+one phase is counted once, in that phase. The process's CPU time (all threads) is kept alongside:
+on a machine shared with other jobs it varies much less than wall time.
 """
 from __future__ import annotations
 
@@ -27,28 +28,35 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.cpu_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Add the wall time of the ``with`` body to phase ``name``."""
         if name not in self.seconds:
             raise ValueError(f"unknown phase {name!r}: expected one of {', '.join(PHASES)}")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
+            self.cpu_seconds[name] += time.process_time() - cpu_start
 
-    def add(self, seconds: dict[str, float]) -> None:
-        """Add another timer's :meth:`as_dict` (e.g. one block's)."""
-        for name, value in seconds.items():
-            if name not in self.seconds:
-                raise ValueError(f"unknown phase {name!r}: expected one of {', '.join(PHASES)}")
-            self.seconds[name] += float(value)
+    def add(self, seconds: dict[str, float], cpu_seconds: Optional[dict[str, float]] = None) -> None:
+        """Add another timer's :meth:`as_dict` and :meth:`cpu_dict` (e.g. one block's)."""
+        for target, values in ((self.seconds, seconds), (self.cpu_seconds, cpu_seconds or {})):
+            for name, value in values.items():
+                if name not in target:
+                    raise ValueError(f"unknown phase {name!r}: expected one of {', '.join(PHASES)}")
+                target[name] += float(value)
 
     def as_dict(self) -> dict[str, float]:
-        """Seconds per phase, in :data:`PHASES` order."""
+        """Wall seconds per phase, in :data:`PHASES` order."""
         return dict(self.seconds)
+
+    def cpu_dict(self) -> dict[str, float]:
+        """CPU seconds of the process (all threads) per phase, in :data:`PHASES` order."""
+        return dict(self.cpu_seconds)
 
     def total(self) -> float:
         """Sum over all phases."""
