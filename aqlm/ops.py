@@ -180,19 +180,20 @@ def weight_gradients(
     """
     num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
     num_out_groups, num_in_groups, _ = codes.shape
-    blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+    rows = grad_weight.float().reshape(num_out_groups, -1)  # one row per output group: contiguous products
     grad_codebooks = grad_scales = None
     if need_scales:
         if unscaled is None:
             unscaled = unscaled_weight(codes, codebooks)
-        unscaled = unscaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
-        grad_scales = (blocks * unscaled).sum(dim=(1, 2, 3)).view_as(scales).to(scales.dtype)
+        grad_scales = (rows * unscaled.float().reshape(num_out_groups, -1)).sum(dim=1).view_as(scales).to(scales.dtype)
     if need_codebooks:
-        scaled = (blocks * scales.float().view(-1, 1, 1, 1)).reshape(num_out_groups * num_in_groups, 1, -1)
-        offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
-        indices = (unpack_codes(codes, codebook_size.bit_length() - 1) + offsets).reshape(-1)
+        scaled = rows * scales.detach().float().reshape(num_out_groups, 1)
+        blocks = scaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+        blocks = blocks.reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)  # a view when og == 1
+        indices = unpack_codes(codes, codebook_size.bit_length() - 1).reshape(-1, num_codebooks)
         flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size, device=codes.device)
-        flat.index_add_(0, indices, scaled.expand(-1, num_codebooks, -1).reshape(indices.numel(), -1))
+        for m in range(num_codebooks):
+            flat.index_add_(0, indices[:, m] + m * codebook_size, blocks)
         grad_codebooks = flat.view_as(codebooks).to(codebooks.dtype)
     return grad_codebooks, grad_scales
 
