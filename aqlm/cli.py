@@ -14,6 +14,7 @@ from .argtypes import OneLineErrorParser, int_at_least, scheme_type
 from .format import AqlmScheme
 from .paths import data_file
 from .quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
+from .quantize.presets import add_preset_argument
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -107,7 +108,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     layer.add_argument("--codebook-update", choices=["adam", "lstsq"], default="adam",
                        help="adam (upstream) or lstsq (exact least squares by conjugate gradients)")
     layer.add_argument("--init-max-iter", type=int_at_least(1), default=100, help="k-means iterations")
-    layer.add_argument("--init-max-points-per-centroid", type=int, default=None)
+    layer.add_argument("--init-max-points-per-centroid", type=int_at_least(0), default=256,
+                       help="k-means trains on at most this many points per centroid (0: all points)")
     tune = parser.add_argument_group("block fine-tuning")
     tune.add_argument("--finetune-max-epochs", type=int_at_least(0), default=5)
     tune.add_argument("--finetune-early-stop", type=int, default=3)
@@ -121,6 +123,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
     parser.add_argument("--no-progress", action="store_true")
+    add_preset_argument(parser)
 
 
 def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
@@ -134,7 +137,7 @@ def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         lr=args.lr,
         codebook_update=args.codebook_update,
         init_max_iter=args.init_max_iter,
-        init_max_points_per_centroid=args.init_max_points_per_centroid,
+        init_max_points_per_centroid=args.init_max_points_per_centroid or None,
         seed=args.seed,
         num_threads=args.threads,
     )

@@ -77,3 +77,14 @@ def check_output_dir(
         f"output directory {out_dir} is not empty ({shown}): continue its run with --resume, "
         "write into it with --overwrite, or choose an empty directory"
     )
+
+
+def model_identity(model_dir: Path) -> dict:
+    """What resume fingerprints (quantization and PV-Tuning alike) record of a model directory:
+    the digests of its config.json and of every weight file, so changed weights are never resumed onto."""
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {
+        "config_sha256": file_sha256(model_dir / "config.json"),
+        "weights_sha256": {p.name: file_sha256(p) for p in weights},
+    }

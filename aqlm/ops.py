@@ -211,6 +211,22 @@ def _dequantize_fake(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch
     return codebooks.new_empty(codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3])
 
 
+def unscaled_weight(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """The dense weight with all scales 1, in float32 (sums of codewords, never rounded to the
+    codebooks' dtype): multiplied by the scales, it is the dequantized weight."""
+    ones = torch.ones(codes.shape[0], dtype=codebooks.dtype, device=codebooks.device)
+    if codes.device.type == "cpu":
+        check_weight(codes, codebooks, ones)
+        return _dequantize_cpu_as(codes.detach(), codebooks.detach(), ones, torch.float32)
+    return dequantize_reference(codes, codebooks.detach(), ones).float()
+
+
+def scale_rows(unscaled: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``unscaled`` [out, in] with each output group's rows multiplied by its scale (float32)."""
+    groups = scales.numel()
+    return (unscaled.view(groups, -1) * scales.detach().float().view(groups, 1)).view_as(unscaled)
+
+
 def weight_gradients(
     grad_weight: torch.Tensor,
     codes: torch.Tensor,
@@ -218,22 +234,29 @@ def weight_gradients(
     scales: torch.Tensor,
     need_codebooks: bool,
     need_scales: bool,
+    unscaled: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of a loss with respect to codebooks and scales, given its gradient for the dense weight."""
+    """Gradients of a loss with respect to codebooks and scales, given its gradient for the dense weight.
+
+    ``unscaled`` (:func:`unscaled_weight`), when the caller already has it, saves the scales'
+    gradient a dequantization.
+    """
     num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
     num_out_groups, num_in_groups, _ = codes.shape
-    blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+    rows = grad_weight.float().reshape(num_out_groups, -1)  # one row per output group: contiguous products
     grad_codebooks = grad_scales = None
     if need_scales:
-        unscaled = dequantize(codes, codebooks, torch.ones_like(scales)).float()
-        unscaled = unscaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
-        grad_scales = (blocks * unscaled).sum(dim=(1, 2, 3)).view_as(scales).to(scales.dtype)
+        if unscaled is None:
+            unscaled = unscaled_weight(codes, codebooks)
+        grad_scales = (rows * unscaled.float().reshape(num_out_groups, -1)).sum(dim=1).view_as(scales).to(scales.dtype)
     if need_codebooks:
-        scaled = (blocks * scales.float().view(-1, 1, 1, 1)).reshape(num_out_groups * num_in_groups, 1, -1)
-        offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
-        indices = (unpack_codes(codes, codebook_size.bit_length() - 1) + offsets).reshape(-1)
+        scaled = rows * scales.detach().float().reshape(num_out_groups, 1)
+        blocks = scaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+        blocks = blocks.reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)  # a view when og == 1
+        indices = unpack_codes(codes, codebook_size.bit_length() - 1).reshape(-1, num_codebooks)
         flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size, device=codes.device)
-        flat.index_add_(0, indices, scaled.expand(-1, num_codebooks, -1).reshape(indices.numel(), -1))
+        for m in range(num_codebooks):
+            flat.index_add_(0, indices[:, m] + m * codebook_size, blocks)
         grad_codebooks = flat.view_as(codebooks).to(codebooks.dtype)
     return grad_codebooks, grad_scales
 
@@ -497,19 +520,113 @@ def _matmul_setup(ctx, inputs, output) -> None:
 
 
 def _matmul_backward(ctx, grad_output):
+    """At most one dequantization: the unscaled weight serves both the input's and the scales' gradients."""
     input, codes, codebooks, scales = ctx.saved_tensors
     need_input, _, need_codebooks, need_scales, need_bias = ctx.needs_input_grad
     grad_input = grad_codebooks = grad_scales = grad_bias = None
+    unscaled = unscaled_weight(codes, codebooks) if need_input or need_scales else None
     if need_input:
-        weight = dequantize(codes, codebooks, scales).to(grad_output.dtype)
-        grad_input = grad_output @ weight
+        grad_input = grad_output @ scale_rows(unscaled, scales).to(grad_output.dtype)
     if need_codebooks or need_scales:
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1]).float()
         grad_weight = flat_grad.T @ input.reshape(-1, input.shape[-1]).float()
-        grad_codebooks, grad_scales = weight_gradients(grad_weight, codes, codebooks, scales, need_codebooks, need_scales)
+        grad_codebooks, grad_scales = weight_gradients(
+            grad_weight, codes, codebooks, scales, need_codebooks, need_scales, unscaled=unscaled
+        )
     if need_bias and ctx.has_bias:
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(codebooks.dtype)
     return grad_input, None, grad_codebooks, grad_scales, grad_bias
 
 
 quantized_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# ---- quantizer kernels: k-means and beam search ----------------------------------------------
+
+
+def _check_cpu_float32(name: str, tensor: torch.Tensor, dim: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+    if tensor.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
+
+
+def kmeans(
+    points: torch.Tensor,
+    k: int,
+    *,
+    max_iter: int = 25,
+    max_points_per_centroid: Optional[int] = 256,
+    init: str = "random",
+    seed: int = 0,
+    num_threads: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd's k-means of ``points`` [n, d] float32 (d <= 64) into ``k`` centroids, in C.
+
+    Trains on a seeded sample of ``k * max_points_per_centroid`` points when there are more (as
+    faiss does; None trains on all points); the assignment and objective cover all points.
+    ``init`` is "random" or "kmeans++". Returns (centroids [k, d] float32, assignment [n] int64,
+    sum of squared distances).
+    """
+    _check_cpu_float32("points", points, 2)
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
+    centroids, assignment, objective = _C.kmeans(
+        points.detach().contiguous().numpy(),
+        k,
+        max_iter=max_iter,
+        max_points_per_centroid=max_points_per_centroid or 0,
+        init=init,
+        seed=seed,
+        num_threads=num_threads or torch.get_num_threads(),
+    )
+    return torch.from_numpy(centroids), torch.from_numpy(assignment).long(), objective
+
+
+def beam_search(
+    xtx: Optional[torch.Tensor],
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    gradient: torch.Tensor,
+    losses: torch.Tensor,
+    *,
+    allowed: Optional[torch.Tensor] = None,
+    beam_size: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_threads: Optional[int] = None,
+) -> None:
+    """One beam-search pass in C over ``codes``, minimising per output group tr((W - What) xtx (W - What)^T).
+
+    xtx [in, in] float32, or None for the plain squared error; codebooks [M, K, og, ig] and scales
+    (one per output group) are read as float32. ``codes`` (packed int8/int16 [out/og, in/ig, M]),
+    ``gradient`` ([out, in] float32, (W - What) @ xtx) and ``losses`` ([out/og] float64) must be
+    contiguous CPU tensors: they are updated in place. ``allowed`` [out/og, in/ig] (bool/uint8):
+    only groups with allowed != 0 may change.
+    """
+    if xtx is not None:
+        _check_cpu_float32("xtx", xtx, 2)
+    _check_cpu_float32("gradient", gradient, 2)
+    for name, tensor in (("codes", codes), ("gradient", gradient), ("losses", losses)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: it is updated in place")
+    if losses.dtype != torch.float64:
+        raise TypeError(f"losses must be float64, got {losses.dtype}")
+    _C.beam_search(
+        None if xtx is None else xtx.detach().contiguous().numpy(),
+        codebooks.detach().float().contiguous().numpy(),
+        scales.detach().float().reshape(-1).contiguous().numpy(),
+        codes.numpy(),
+        gradient.detach().numpy(),
+        losses.numpy(),
+        allowed=None if allowed is None else allowed.to(torch.uint8).contiguous().numpy(),
+        beam_size=beam_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_threads=num_threads or torch.get_num_threads(),
+    )

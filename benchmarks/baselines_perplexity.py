@@ -1,6 +1,6 @@
 """WikiText-2 perplexity of a causal LM, dense or after an RTN/GPTQ baseline, with aqlm's own code.
 
-Protocol: ``../shared/data/wikitext-2/test.txt`` (the word-level tokenized release, not the raw
+Protocol: ``data/wikitext-2/test.txt`` (the word-level tokenized release, not the raw
 split papers use) is read whole, tokenized once with the model's tokenizer (plain call), cut into
 non-overlapping windows of ``--seqlen`` and scored by :func:`aqlm.evaluate.perplexity`. GPTQ
 calibrates on ``--nsamples`` random windows of ``valid.txt`` (seed 0). ``--windows N`` scores only

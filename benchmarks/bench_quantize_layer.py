@@ -32,7 +32,8 @@ import torch
 import aqlm
 from aqlm import _C
 from aqlm.format import AqlmScheme
-from aqlm.quantize.beam_search_torch import beam_search_torch, visiting_order
+from aqlm.ops import beam_search
+from beam_search_torch import beam_search_torch, visiting_order
 from aqlm.quantize.layer import LayerConfig, LayerObjective, init_quantized_weight
 
 # k-means settings per codebook size: 2**16 centroids over millions of points would take the
@@ -103,27 +104,19 @@ class PassResult:
 
 
 def run_c(objective: LayerObjective, codes, codebooks, scales, beam_size: int, seed: int, threads: int) -> tuple:
-    """The quantizer's C pass (LayerObjective gradient and losses, then _C.beam_search).
+    """The quantizer's C pass (LayerObjective gradient and losses, then aqlm.ops.beam_search).
     Returns (result, seconds of the C call alone)."""
     codes = codes.clone()
     start = time.perf_counter()
     _, gradient, losses = objective.residual_terms(codes, codebooks, scales)
-    gradient_np, losses_np = gradient.contiguous().numpy(), losses.contiguous().numpy()
+    gradient, losses = gradient.contiguous(), losses.contiguous()
     search_start = time.perf_counter()
-    _C.beam_search(
-        objective.xtx.numpy(),
-        codebooks.contiguous().numpy(),
-        scales.reshape(-1).contiguous().numpy(),
-        codes.numpy(),
-        gradient_np,
-        losses_np,
-        beam_size=beam_size,
-        shuffle=True,
-        seed=seed,
-        num_threads=threads,
+    beam_search(
+        objective.xtx, codebooks, scales, codes, gradient, losses,
+        beam_size=beam_size, shuffle=True, seed=seed, num_threads=threads,
     )
     end = time.perf_counter()
-    return PassResult(codes, float(losses_np.sum()) / objective.reference, end - start), end - search_start
+    return PassResult(codes, float(losses.sum()) / objective.reference, end - start), end - search_start
 
 
 def run_torch(objective: LayerObjective, codes, codebooks, scales, beam_size: int, seed: int) -> PassResult:

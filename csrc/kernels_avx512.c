@@ -1,9 +1,13 @@
 /*
  * kernels_avx512.c - AVX-512 (F, BW, VL, DQ) versions of the loops that gain from 16-wide
- * vectors: the one-token table build (16 codewords per vector) and, for in_group_size a multiple
- * of 16, decode-and-dot and dequantize (one vector per group row). Everything else reuses the
- * AVX2 versions, which run unchanged on AVX-512 hardware.
+ * vectors: the one-token table build (16 codewords per vector); for in_group_size a multiple
+ * of 16, decode-and-dot and dequantize (one vector per group row); the top-1 codeword search of
+ * greedy beam search and k-means (four queries x 32 codewords per step) and the gradient update
+ * for in_group_size 8. Everything else reuses the AVX2 versions, which run unchanged on AVX-512
+ * hardware.
  */
+#include <math.h>
+
 #include "internal.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX2__) && defined(__F16C__)
@@ -77,6 +81,125 @@ static void decode_dot_avx512(const aqlm_block_shape *s, int64_t o0, int64_t o1,
     else decode_dot_rows(s, o0, o1, n, x, codes, AQLM_BF16, cb, acc);
 }
 
+/* ---- top-1 scores over codewords ------------------------------------------------------------ */
+
+/* Per-lane running minimum of QB queries over codewords [c0, c1) (a multiple of 32), 32 codewords
+ * (two vectors) per step: QB * 2 independent FMA chains, each score accumulated exactly as the
+ * reference does (bias, then fma over d = 0, 1, ...). A lane takes a new value only when strictly
+ * smaller, so it keeps the first minimum among its codewords. */
+ALWAYS_INLINE void top1_lanes(const int QB, int64_t D, int64_t K, int64_t c0, int64_t c1,
+                              const float *restrict q, const float *restrict ct, const float *restrict bias,
+                              __m512 *restrict best, __m512i *restrict best_index) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t c = c0; c < c1; c += 32) {
+        __m512 acc[QB][2];
+        const __m512 b0 = _mm512_loadu_ps(bias + c), b1 = _mm512_loadu_ps(bias + c + 16);
+        for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
+        for (int64_t d = 0; d < D; d++) {
+            const __m512 w0 = _mm512_loadu_ps(ct + d * K + c), w1 = _mm512_loadu_ps(ct + d * K + c + 16);
+            for (int t = 0; t < QB; t++) {
+                const __m512 qd = _mm512_set1_ps(q[t * D + d]);
+                acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
+            }
+        }
+        const __m512i index0 = _mm512_add_epi32(iota, _mm512_set1_epi32((int)c));
+        const __m512i index1 = _mm512_add_epi32(index0, _mm512_set1_epi32(16));
+        for (int t = 0; t < QB; t++) {
+            const __mmask16 better0 = _mm512_cmp_ps_mask(acc[t][0], best[t], _CMP_LT_OQ);
+            best[t] = _mm512_mask_mov_ps(best[t], better0, acc[t][0]);
+            best_index[t] = _mm512_mask_mov_epi32(best_index[t], better0, index0);
+            const __mmask16 better1 = _mm512_cmp_ps_mask(acc[t][1], best[t], _CMP_LT_OQ);
+            best[t] = _mm512_mask_mov_ps(best[t], better1, acc[t][1]);
+            best_index[t] = _mm512_mask_mov_epi32(best_index[t], better1, index1);
+        }
+    }
+}
+
+/* The smallest lane value and, among the lanes holding it, the smallest index (lanes that never
+ * took a value hold index -1 and are skipped): the answer of a sequential strict-< scan. */
+ALWAYS_INLINE void top1_reduce(__m512 best, __m512i best_index, float *value, int32_t *index) {
+    const __mmask16 taken = _mm512_cmpge_epi32_mask(best_index, _mm512_setzero_si512());
+    if (!taken) return;
+    const float smallest = _mm512_mask_reduce_min_ps(taken, best);
+    const __mmask16 holders = taken & _mm512_cmp_ps_mask(best, _mm512_set1_ps(smallest), _CMP_EQ_OQ);
+    *value = smallest;
+    *index = _mm512_mask_reduce_min_epi32(holders, best_index);
+}
+
+enum { TOP1_BLOCK_FLOATS = 8192 }; /* D x block codewords of ct kept in L1 (32 KiB) across all queries */
+
+/* k = 1 with K a multiple of 32: codewords in blocks that stay in L1, queries four at a time.
+ * Each block's winner is merged with a strict <, so earlier blocks win ties, as in one scan. */
+static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
+                               const float *restrict ct, const float *restrict bias, float *restrict values,
+                               int32_t *restrict indices) {
+    if (k != 1 || K % 32 != 0) {
+        aqlm_topk_scores_avx2(n, D, K, k, q, ct, bias, values, indices);
+        return;
+    }
+    for (int64_t row = 0; row < n; row++) values[row] = INFINITY, indices[row] = -1;
+    int64_t block = TOP1_BLOCK_FLOATS / (D > 0 ? D : 1) / 32 * 32;
+    if (block < 32) block = 32;
+    for (int64_t c0 = 0; c0 < K; c0 += block) {
+        const int64_t c1 = c0 + block < K ? c0 + block : K;
+        int64_t row = 0;
+        for (; row + 4 <= n; row += 4) {
+            __m512 best[4];
+            __m512i best_index[4];
+            for (int t = 0; t < 4; t++) best[t] = _mm512_set1_ps(INFINITY), best_index[t] = _mm512_set1_epi32(-1);
+            top1_lanes(4, D, K, c0, c1, q + row * D, ct, bias, best, best_index);
+            for (int t = 0; t < 4; t++) {
+                float value = INFINITY;
+                int32_t index = -1;
+                top1_reduce(best[t], best_index[t], &value, &index);
+                if (index >= 0) aqlm_topk_insert(1, values + row + t, indices + row + t, value, index);
+            }
+        }
+        for (; row < n; row++) {
+            __m512 best[1] = {_mm512_set1_ps(INFINITY)};
+            __m512i best_index[1] = {_mm512_set1_epi32(-1)};
+            top1_lanes(1, D, K, c0, c1, q + row * D, ct, bias, best, best_index);
+            float value = INFINITY;
+            int32_t index = -1;
+            top1_reduce(best[0], best_index[0], &value, &index);
+            if (index >= 0) aqlm_topk_insert(1, values + row, indices + row, value, index);
+        }
+    }
+}
+
+/* ---- gradient update ------------------------------------------------------------------------- */
+
+/* g_r -= delta_r H for R rows and in_group_size 8: the R x 8 deltas stay in registers, every
+ * 16-column slice of H is loaded once for the R rows; the tail columns are masked. */
+ALWAYS_INLINE void gradient_update_ig8_rows(const int R, int64_t width, const float *restrict delta,
+                                            const float *restrict h, float *const *restrict g_rows) {
+    __m512 d[R][8];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 8; i++) d[r][i] = _mm512_set1_ps(delta[r * 8 + i]);
+    for (int64_t col = 0; col < width; col += 16) {
+        const __mmask16 mask = width - col >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (width - col)) - 1u);
+        __m512 acc[R];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_maskz_loadu_ps(mask, g_rows[r] + col);
+        for (int i = 0; i < 8; i++) {
+            const __m512 hv = _mm512_maskz_loadu_ps(mask, h + i * width + col);
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fnmadd_ps(d[r][i], hv, acc[r]);
+        }
+        for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(g_rows[r] + col, mask, acc[r]);
+    }
+}
+
+static void gradient_update_avx512(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
+                                   const float *restrict h, float *const *restrict g_rows) {
+    if (ig != 8) {
+        aqlm_gradient_update_avx2(n, ig, width, delta, h, g_rows);
+        return;
+    }
+    int64_t row = 0;
+    for (; row + 3 <= n; row += 3) gradient_update_ig8_rows(3, width, delta + row * 8, h, g_rows + row);
+    for (; row < n; row++) gradient_update_ig8_rows(1, width, delta + row * 8, h, g_rows + row);
+}
+
 const aqlm_kernels aqlm_kernels_avx512 = {
     .level = AQLM_SIMD_AVX512,
     .lut_build_t1 = lut_build_t1_avx512,
@@ -85,8 +208,8 @@ const aqlm_kernels aqlm_kernels_avx512 = {
     .lut_accumulate_t8 = aqlm_lut_accumulate_t8_avx2,
     .decode_dot = decode_dot_avx512,
     .dequant_rows = aqlm_dequant_rows_avx2,
-    .topk_scores = aqlm_topk_scores_avx2,
-    .gradient_update = aqlm_gradient_update_avx2,
+    .topk_scores = topk_scores_avx512,
+    .gradient_update = gradient_update_avx512,
 };
 
 #else /* built without AVX-512: a scalar table that aqlm_kernels_for never returns for AVX-512 */

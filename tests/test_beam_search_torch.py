@@ -2,13 +2,16 @@
 codes for the same visiting order, greedy and beam, plain and shuffled."""
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from aqlm.quantize.beam_search_torch import beam_search_torch, visiting_order
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the baseline lives beside its benchmark
+from beam_search_torch import beam_search_torch, visiting_order  # noqa: E402
 from beam_problems import BeamProblem, make_problem, pack, residual_terms, run_beam_search, unpack
 
 NEAR_TIE = 1e-5

@@ -1,7 +1,6 @@
 """The command line and the library never damage data, and report a user's mistakes in one line."""
 import hashlib
 import json
-import os
 import stat
 import subprocess
 import sys

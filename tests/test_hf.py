@@ -153,7 +153,7 @@ def test_save_refuses_models_without_or_with_mixed_schemes(tmp_path):
 
 
 def test_real_model_round_trip(tmp_path):
-    """stories260K (the real model in ../shared/data): quantize its linears, save, reload, generate."""
+    """stories260K (the real model bundled in data/): quantize its linears, save, reload, generate."""
     from aqlm.models import stories260k_dir
 
     model = AutoModelForCausalLM.from_pretrained(stories260k_dir(), dtype=torch.float32).eval()

@@ -27,8 +27,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
-from ..ops import check_weight, dequantize
+from ..ops import beam_search, check_weight, dequantize
 
 
 @dataclass
@@ -149,14 +148,14 @@ def reencode_codes(
     new_codes = codes.detach().clone().contiguous()
     residual = (target - previous).contiguous()
     losses = residual.double().square().sum(dim=1).view(num_out_groups, out_group_size).sum(dim=1).contiguous()
-    _C.beam_search(
+    beam_search(
         None,
-        codebooks32.numpy(),
-        scales32.numpy(),
-        new_codes.numpy(),
-        residual.numpy(),
-        losses.numpy(),
-        allowed=None if allowed is None else allowed.numpy(),
+        codebooks32,
+        scales32,
+        new_codes,
+        residual,
+        losses,
+        allowed=allowed,
         beam_size=beam_size,
         shuffle=False,
         seed=0,

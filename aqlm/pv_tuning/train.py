@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
-from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, tokens_sha256
+from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, model_identity, tokens_sha256
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
 from ..quantize.model import load_dense_model
@@ -100,14 +100,6 @@ class PVReport:
             "seconds": self.seconds,
             **self.extra,
         }
-
-
-def _model_identity(model_dir: Path) -> dict:
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
-    return {
-        "config_sha256": file_sha256(model_dir / "config.json"),
-        "weights": {p.name: p.stat().st_size for p in weights},
-    }
 
 
 def _dataset_identity(dataset: Optional[Dataset]) -> Optional[dict]:
@@ -536,8 +528,8 @@ def pv_tune(
     fingerprint = {
         "config": config.fingerprint(),
         "seqlen": seqlen,
-        "dense": _model_identity(dense_dir),
-        "quantized": _model_identity(quantized_dir),
+        "dense": model_identity(dense_dir),
+        "quantized": model_identity(quantized_dir),
         "dataset": _dataset_identity(dataset),
         "eval_dataset": _dataset_identity(eval_dataset),
     }

@@ -11,12 +11,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 
-from .. import _C
-from ..format import AqlmScheme, dequantize_reference, pack_codes
-from ..ops import dequantize, weight_gradients
+from ..format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes
+from ..ops import beam_search, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients
+from .phases import PhaseTimer, maybe_phase
 
 _EPS = 1e-9
 
@@ -36,8 +35,8 @@ class LayerConfig:
         codebook_update: "adam" (upstream: Adam, betas (0, 0.95), amsgrad) or "lstsq" (exact
             minimum over codebooks by conjugate gradients, then closed-form scales).
         init_max_iter: k-means iterations for the initial codebooks.
-        init_max_points_per_centroid: train k-means on at most this many points per centroid
-            (None: all points).
+        init_max_points_per_centroid: train k-means on a seeded sample of at most this many points
+            per centroid, as faiss does (None: all points; upstream trains on all).
         seed: seeds k-means and the order of the code search.
         num_threads: C kernel threads (None: torch.get_num_threads()).
     """
@@ -50,13 +49,15 @@ class LayerConfig:
     lr: float = 1e-4
     codebook_update: str = "adam"
     init_max_iter: int = 100
-    init_max_points_per_centroid: Optional[int] = None
+    init_max_points_per_centroid: Optional[int] = 256
     seed: int = 0
     num_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.init_max_points_per_centroid is not None and self.init_max_points_per_centroid < 1:
+            raise ValueError(f"init_max_points_per_centroid must be >= 1 or None, got {self.init_max_points_per_centroid}")
         if self.max_epochs < 0 or self.steps_per_epoch < 0 or self.init_max_iter < 0:
             raise ValueError("max_epochs, steps_per_epoch and init_max_iter must be >= 0")
         if self.relative_mse_tolerance is not None and not 0 <= self.relative_mse_tolerance < 1:
@@ -105,21 +106,21 @@ def init_quantized_weight(
     groups = weight.float().reshape(num_out_groups, og, num_in_groups, ig).swapaxes(1, 2)
     scales = groups.flatten(1).norm(dim=1) + _EPS
     points = (groups / scales.view(-1, 1, 1, 1)).reshape(num_out_groups * num_in_groups, og * ig)
-    residual = points.contiguous().numpy().copy()
+    residual = points.contiguous().clone()
     codebooks, codes = [], []
     for m in range(scheme.num_codebooks):
-        centroids, assignment, _ = _C.kmeans(
+        centroids, assignment, _ = kmeans(
             residual,
             scheme.codebook_size,
             max_iter=config.init_max_iter,
-            max_points_per_centroid=config.init_max_points_per_centroid or 0,
+            max_points_per_centroid=config.init_max_points_per_centroid,
             init="kmeans++" if scheme.codebook_size <= 256 else "random",
             seed=config.seed * 1000003 + m,
             num_threads=_threads(config),
         )
         residual -= centroids[assignment]
-        codebooks.append(torch.from_numpy(centroids).view(scheme.codebook_size, og, ig))
-        codes.append(torch.from_numpy(assignment.astype(np.int64)))
+        codebooks.append(centroids.view(scheme.codebook_size, og, ig))
+        codes.append(assignment)
     codes_tensor = torch.stack(codes, dim=-1).view(num_out_groups, num_in_groups, scheme.num_codebooks)
     return pack_codes(codes_tensor, scheme.nbits_per_codebook), torch.stack(codebooks), scales.view(-1, 1, 1, 1)
 
@@ -165,22 +166,21 @@ def beam_search_codes(
 ) -> float:
     """One beam-search pass in C over ``codes`` (updated in place); returns the relative error."""
     _, gradient, losses = objective.residual_terms(codes, codebooks, scales)
-    gradient_np = gradient.contiguous().numpy()
-    losses_np = losses.contiguous().numpy()
-    _C.beam_search(
-        objective.xtx.numpy(),
-        codebooks.detach().float().contiguous().numpy(),
-        scales.detach().float().reshape(-1).contiguous().numpy(),
-        codes.numpy(),
-        gradient_np,
-        losses_np,
-        allowed=None if allowed is None else allowed.to(torch.uint8).contiguous().numpy(),
+    losses = losses.contiguous()
+    beam_search(
+        objective.xtx,
+        codebooks,
+        scales,
+        codes,
+        gradient.contiguous(),
+        losses,
+        allowed=allowed,
         beam_size=beam_size,
         shuffle=True,
         seed=seed,
         num_threads=num_threads,
     )
-    return float(losses_np.sum()) / objective.reference
+    return float(losses.sum()) / objective.reference
 
 
 def _adam_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig, state: dict) -> None:
@@ -190,25 +190,53 @@ def _adam_update(objective: LayerObjective, codes, codebooks, scales, config: La
         optimizer = state["adam"] = torch.optim.Adam([codebooks, scales], lr=config.lr, betas=(0.0, 0.95), amsgrad=True)
     out_features = objective.weight.shape[0]
     for _ in range(config.steps_per_epoch):
-        residual = dequantize(codes, codebooks.detach(), scales.detach()).float() - objective.weight
+        unscaled = unscaled_weight(codes, codebooks)
+        residual = scale_rows(unscaled, scales) - objective.weight
         grad_weight = (2.0 / out_features) * (residual @ objective.xtx)
-        grad_codebooks, grad_scales = weight_gradients(grad_weight, codes, codebooks, scales, True, True)
+        grad_codebooks, grad_scales = weight_gradients(
+            grad_weight, codes, codebooks, scales, True, True, unscaled=unscaled
+        )
         codebooks.grad, scales.grad = grad_codebooks, grad_scales
         optimizer.step()
+
+
+class _CodebookGradient:
+    """Gradient with respect to the codebooks of a loss with dense-weight gradient G, for fixed codes
+    and scales: sum over the code groups using codeword (m, c) of scale * G's block. The codes'
+    row indices are computed once for all products of a solve."""
+
+    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor):
+        num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
+        self.shape = codebooks.shape
+        self.groups = codes.shape[:2]
+        offsets = torch.arange(num_codebooks) * codebook_size
+        rows = unpack_codes(codes, codebook_size.bit_length() - 1) + offsets
+        self.indices = rows.reshape(-1, num_codebooks).T.contiguous()  # [M, code groups]
+        self.scales = scales.detach().float().view(-1, 1, 1, 1)
+
+    def __call__(self, grad_weight: torch.Tensor) -> torch.Tensor:
+        num_codebooks, codebook_size, out_group_size, in_group_size = self.shape
+        num_out_groups, num_in_groups = self.groups
+        blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+        scaled = (blocks * self.scales).reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)
+        flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size)
+        for m in range(num_codebooks):
+            flat.index_add_(0, self.indices[m], scaled)
+        return flat.view(self.shape)
 
 
 def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig) -> None:
     """Exact minimum over codebooks for fixed codes and scales (conjugate gradients on the normal
     equations, each product one dequantize and one multiplication by H), then the closed-form
     optimal scale of every output group for the new codebooks."""
+    gradient = _CodebookGradient(codes, codebooks, scales)
+
     def apply(direction: torch.Tensor) -> torch.Tensor:
-        dense = dequantize(codes, direction, scales.detach()).float()
-        grad_codebooks, _ = weight_gradients(dense @ objective.xtx, codes, direction, scales, True, False)
-        return grad_codebooks
+        return gradient(dequantize(codes, direction, scales.detach()).float() @ objective.xtx)
 
     with torch.no_grad():
         x = codebooks.detach().clone()
-        rhs, _ = weight_gradients(objective.weight @ objective.xtx, codes, x, scales, True, False)
+        rhs = gradient(objective.weight @ objective.xtx)
         r = rhs - apply(x)
         p = r.clone()
         rr = float((r * r).sum())
@@ -234,32 +262,44 @@ def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: L
 
 
 def quantize_weight(
-    weight: torch.Tensor, xtx: torch.Tensor, config: LayerConfig, layer_seed: int = 0, progress=None
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    config: LayerConfig,
+    layer_seed: int = 0,
+    progress=None,
+    timer: Optional[PhaseTimer] = None,
 ) -> LayerResult:
     """Quantize one weight [out, in] for the calibration statistics ``xtx`` [in, in].
 
     Alternates codebook/scale updates (codes fixed) and beam search (codebooks fixed) until the
     relative improvement of a round drops below ``config.relative_mse_tolerance``.
-    ``progress``, if given, is called with (epoch, relative_error) after every round.
+    ``progress``, if given, is called with (epoch, relative_error) after every round; ``timer``,
+    if given, receives the time of k-means init, codebook updates, beam search and error checks.
     """
     started = time.perf_counter()
     scheme = config.scheme
     objective = LayerObjective(weight, xtx, scheme.out_group_size)
     init_config = LayerConfig(**{**config.__dict__, "seed": config.seed * 7919 + layer_seed})
-    codes, codebooks, scales = init_quantized_weight(objective.weight, init_config)
+    with maybe_phase(timer, "kmeans_init"):
+        codes, codebooks, scales = init_quantized_weight(objective.weight, init_config)
     codebooks = codebooks.requires_grad_(True)
     scales = scales.requires_grad_(True)
     threads = _threads(config)
-    initial = best = objective.relative_error(codes, codebooks, scales)
+    with maybe_phase(timer, "output_check"):
+        initial = best = objective.relative_error(codes, codebooks, scales)
     state: dict = {}
     epochs = 0
     for epoch in range(config.max_epochs):
-        if config.codebook_update == "adam":
-            _adam_update(objective, codes, codebooks, scales, config, state)
-        else:
-            _lstsq_update(objective, codes, codebooks, scales, config)
+        with maybe_phase(timer, "codebook_update"):
+            if config.codebook_update == "adam":
+                _adam_update(objective, codes, codebooks, scales, config, state)
+            else:
+                _lstsq_update(objective, codes, codebooks, scales, config)
         seed = (config.seed * 1000003 + layer_seed) * 1009 + epoch
-        error = beam_search_codes(objective, codes, codebooks.detach(), scales.detach(), config.beam_size, seed, threads)
+        with maybe_phase(timer, "beam_search"):
+            error = beam_search_codes(
+                objective, codes, codebooks.detach(), scales.detach(), config.beam_size, seed, threads
+            )
         epochs = epoch + 1
         if progress is not None:
             progress(epochs, error)
@@ -267,7 +307,8 @@ def quantize_weight(
         best = min(best, error)
         if config.relative_mse_tolerance is not None and improved < config.relative_mse_tolerance:
             break
-    final = objective.relative_error(codes, codebooks, scales)
+    with maybe_phase(timer, "output_check"):
+        final = objective.relative_error(codes, codebooks, scales)
     if not math.isfinite(final):
         raise ValueError(f"quantization diverged: relative error {final}")
     return LayerResult(

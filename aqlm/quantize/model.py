@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from ..calibration import capture_block_inputs, find_linears, get_blocks, run_block
 from ..data import calibration_windows, load_tokens
-from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_readable, tokens_sha256
+from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_readable, model_identity, tokens_sha256
 from ..format import AqlmScheme
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
 from .finetune import FinetuneConfig, finetune_block
 from .layer import LayerConfig, quantize_weight
+from .phases import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class QuantizationReport:
     model_bits: float
     seconds: float
     checkpoint_bytes: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -118,15 +120,20 @@ class QuantizationReport:
         return self.model_bits / max(self.total_parameters, 1)
 
     def summary(self) -> str:
-        """A few human-readable lines."""
+        """A few human-readable lines (the last one: wall time per phase)."""
         mean_error = sum(layer.final_error for layer in self.layers) / max(len(self.layers), 1)
-        return (
+        text = (
             f"quantized {len(self.layers)} linear layers ({self.quantized_parameters / 1e6:.1f}M weights) "
             f"at {self.bits_per_weight:.3f} bits/weight including codebooks and scales; whole model "
             f"{self.model_bits_per_parameter:.2f} bits/parameter ({self.model_bits / 8 / 2**20:.1f} MiB); "
             f"mean relative layer error {mean_error:.4f}; checkpoint {self.checkpoint_bytes / 2**20:.1f} MiB on disk; "
             f"wall time {self.seconds:.0f} s"
         )
+        if self.phases:
+            other = self.seconds - sum(self.phases.values())
+            listed = ", ".join(f"{name} {value:.1f} s" for name, value in self.phases.items())
+            text += f"\nphases (this run): {listed}, other {other:.1f} s"
+        return text
 
 
 class ProgressStore:
@@ -239,32 +246,77 @@ def input_groups(block: nn.Module, sample: torch.Tensor, block_kwargs: dict) -> 
     return [names for _, names in groups]
 
 
+class _InputsCollected(Exception):
+    """Raised by collect_xtx's hooks to end a forward pass once every input it needs is recorded."""
+
+
 def collect_xtx(
     block: nn.Module, inputs: torch.Tensor, block_kwargs: dict, names: list[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``."""
+    """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``.
+
+    Linears fed the same input tensor (q/k/v, gate/up) share one product per forward pass and,
+    when they shared it on every pass, one result tensor; the values are those of a separate
+    product per linear. Each pass stops as soon as the last of the named linears has its input,
+    so the rest of the block (all of it after q/k/v, say) is not computed.
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    sources: dict[str, list[int]] = {name: [] for name in names}  # which product each linear summed
+    last: list = []  # [input, product, rows, number] of the latest product; keeps the input alive
     handles = []
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if not torch.isfinite(x).all():
-                raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
-            product = (x.T @ x).double()
+            if not last or last[0] is not args[0]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
+                number = last[3] + 1 if last else 0
+                last[:] = [args[0], (x.T @ x).double(), x.shape[0], number]
+            _, product, rows, number = last
             sums[name] = product if name not in sums else sums[name] + product
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            counts[name] = counts.get(name, 0) + rows
+            sources[name].append(number)
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _InputsCollected
         return hook
 
+    seen: set[str] = set()
     for name in names:
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
     try:
-        run_block(block, inputs, block_kwargs, batch_size=batch_size)
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], batch_size):
+                seen.clear()
+                try:
+                    block(inputs[start : start + batch_size], **block_kwargs)
+                except _InputsCollected:
+                    pass
+                if len(seen) != len(names):
+                    missing = sorted(set(names) - seen)
+                    raise ValueError(f"the block's forward pass never called {', '.join(missing)}")
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name]).float() for name in names}
+    last.clear()
+    results: dict[tuple, torch.Tensor] = {}
+    for name in names:
+        key = tuple(sources[name])
+        if key not in results:
+            results[key] = (sums[name] / counts[name]).float()
+    return {name: results[tuple(sources[name])] for name in names}
+
+
+def _duration(seconds: float) -> str:
+    """``1 h 02 min``, ``3 min 05 s`` or ``12 s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
 
 
 def _param_bits(dtype: torch.dtype) -> int:
@@ -343,6 +395,7 @@ def quantize_model(
         ValueError: ``out_dir`` is ``model_dir``; bad settings or model.
     """
     started = time.perf_counter()
+    timer = PhaseTimer()
     out_dir = Path(out_dir)
     check_output_dir(out_dir, {"input": Path(model_dir)}, out_dir / PROGRESS_DIR / "config.json", resume, overwrite)
     model, tokenizer = load_dense_model(model_dir)
@@ -354,7 +407,7 @@ def quantize_model(
     fingerprint = {
         "config": config.to_dict(),
         "seqlen": seqlen,
-        "model": _identity(Path(model_dir) / "config.json"),
+        "model": model_identity(Path(model_dir)),
         "dataset": _identity(dataset),
     }
     store = ProgressStore(out_dir, fingerprint)
@@ -365,23 +418,45 @@ def quantize_model(
     param_dtype = _PARAM_DTYPES[config.param_dtype]
     blocks = get_blocks(model)
     train_windows, val_windows = windows[: config.nsamples], windows[config.nsamples :]
-    inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
-    val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
+    with timer.phase("calibration"):
+        inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
+        val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
 
     reports: list[LayerReport] = []
+    first_block_seconds: Optional[float] = None
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]
+        outputs = None
         if store.done(index):
             record = store.load(index, block)
             log(f"block {index}: restored from {store.directory}")
         else:
-            record = _quantize_block(block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log)
-            store.save(index, block, record)
+            block_started = time.perf_counter()
+            block_timer = PhaseTimer()
+            record, outputs = _quantize_block(
+                block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer
+            )
+            record["phases"] = block_timer.as_dict()
+            with block_timer.phase("saving"):
+                store.save(index, block, record)
+            timer.add(block_timer.as_dict(), block_timer.cpu_dict())
+            if first_block_seconds is None:
+                first_block_seconds = time.perf_counter() - block_started
+                remaining = sum(not store.done(later) for later in range(index + 1, len(blocks)))
+                log(
+                    f"block {index} took {first_block_seconds:.1f} s ({block_timer.summary()}); "
+                    f"ETA for the {remaining} remaining blocks: {_duration(first_block_seconds * remaining)}"
+                )
         reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
-        run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
-        if val_inputs is not None:
-            run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
+        with timer.phase("calibration"):
+            if outputs is None:
+                run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
+            else:
+                inputs = outputs
+            if val_inputs is not None:
+                run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
 
+    saving_started, saving_cpu_started = time.perf_counter(), time.process_time()
     save_quantized(model, out_dir, tokenizer, storage_dtype=param_dtype)
     checkpoint_bytes = sum(path.stat().st_size for path in out_dir.glob("model*.safetensors"))
     quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
@@ -402,12 +477,17 @@ def quantize_model(
         seconds=time.perf_counter() - started,
         checkpoint_bytes=checkpoint_bytes,
     )
+    timer.add({"saving": time.perf_counter() - saving_started}, {"saving": time.process_time() - saving_cpu_started})
+    report.phases = timer.as_dict()
+    report.seconds = time.perf_counter() - started
     payload = {
         "summary": report.summary(),
         "bits_per_weight": report.bits_per_weight,
         "model_bits_per_parameter": report.model_bits_per_parameter,
         "seconds": report.seconds,
         "checkpoint_bytes": report.checkpoint_bytes,
+        "phase_seconds": report.phases,
+        "phase_cpu_seconds": timer.cpu_dict(),
         "config": fingerprint,
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }
@@ -427,22 +507,29 @@ def _quantize_block(
     param_dtype: torch.dtype,
     progress: bool,
     log: Callable[[str], None],
-) -> dict:
+    timer: PhaseTimer,
+) -> tuple[dict, torch.Tensor]:
+    """Quantize and fine-tune ``block``; returns its record and its outputs on ``inputs`` (the
+    inputs of the next block, computed once for the output check)."""
     started = time.perf_counter()
-    targets = run_block(block, inputs, block_kwargs, config.batch_size)
-    val_targets = run_block(block, val_inputs, block_kwargs, config.batch_size) if val_inputs is not None else None
-    if config.true_sequential:
-        groups = input_groups(block, inputs[:1], block_kwargs)
-    else:
-        groups = [list(find_linears(block))]
+    with timer.phase("calibration"):
+        targets = run_block(block, inputs, block_kwargs, config.batch_size)
+        val_targets = run_block(block, val_inputs, block_kwargs, config.batch_size) if val_inputs is not None else None
+        if config.true_sequential:
+            groups = input_groups(block, inputs[:1], block_kwargs)
+        else:
+            groups = [list(find_linears(block))]
     scheme = config.layer.scheme
     layers = []
     names = [name for group in groups for name in group]
     for group in groups:
-        xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size)
+        with timer.phase("xtx"):
+            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size)
         for name in group:
             linear = block.get_submodule(name)
-            result = quantize_weight(linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name))
+            result = quantize_weight(
+                linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name), timer=timer
+            )
             bias = None if linear.bias is None else linear.bias.detach().float()
             block.set_submodule(name, QuantizedLinear.from_parts(result.codes, result.codebooks, result.scales, bias))
             bits = scheme.bits_per_weight(linear.out_features, linear.in_features, _param_bits(param_dtype))
@@ -461,19 +548,19 @@ def _quantize_block(
                 f"block {index} {name} {linear.out_features}x{linear.in_features} {scheme.name}: relative error "
                 f"{result.initial_error:.4f} -> {result.final_error:.4f} in {result.epochs} epochs, {result.seconds:.1f} s"
             )
-    losses = finetune_block(
-        block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
-        val_inputs=val_inputs, val_targets=val_targets, progress=progress,
-    )
+    with timer.phase("finetune"):
+        losses = finetune_block(
+            block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
+            val_inputs=val_inputs, val_targets=val_targets, progress=progress,
+        )
     for module in block.modules():
         if isinstance(module, QuantizedLinear):
             for name in ("codebooks", "scales", "bias"):
                 parameter = getattr(module, name)
                 if parameter is not None:
                     setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
-    with torch.no_grad():
-        output_error = float(
-            ((run_block(block, inputs, block_kwargs, config.batch_size) - targets) ** 2).mean() / (targets**2).mean()
-        )
+    with timer.phase("output_check"), torch.no_grad():
+        outputs = run_block(block, inputs, block_kwargs, config.batch_size)
+        output_error = float(((outputs - targets) ** 2).mean() / (targets**2).mean())
     log(f"block {index}: relative output error {output_error:.4f} after fine-tuning, {time.perf_counter() - started:.1f} s")
-    return {"layers": layers, "finetune": losses, "output_error": output_error}
+    return {"layers": layers, "finetune": losses, "output_error": output_error}, outputs

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..format import check_code_range, nbits_of, pack_codes, unpack_codes
+from aqlm.format import check_code_range, nbits_of, pack_codes, unpack_codes
 
 _MASK64 = (1 << 64) - 1
 

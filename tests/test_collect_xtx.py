@@ -1,0 +1,94 @@
+"""`collect_xtx` shares one X^T X between linears with one input (q/k/v, gate/up): the same values
+as a separate product per linear, one matrix product per input group and forward pass."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from aqlm.calibration import capture_block_inputs, find_linears, get_blocks, run_block
+from aqlm.quantize.model import collect_xtx, input_groups
+
+from random_models import tiny_llama
+
+HIDDEN, INTERMEDIATE = 64, 128
+
+
+def per_linear_xtx(block, inputs, kwargs, names):
+    """The definition: one float64 product per linear and pass, divided by the token count."""
+    sums, counts, handles = {}, {}, []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x.T @ x).double()
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for name in names:
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    try:
+        run_block(block, inputs, kwargs, batch_size=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).float() for name in names}
+
+
+class CountSquareProducts(TorchDispatchMode):
+    """Counts matrix products whose result is [width, width] (X^T X; the tokens per pass differ from width)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width, self.count = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.matmul.default) and tuple(out.shape) == (self.width,) * 2:
+            self.count += 1
+        return out
+
+
+def block_and_inputs():
+    model = tiny_llama(seed=3)
+    windows = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
+    inputs, kwargs = capture_block_inputs(model, windows, batch_size=2, progress=False)
+    return get_blocks(model)[0], inputs, kwargs
+
+
+def test_shared_input_groups_get_the_per_linear_values_once():
+    block, inputs, kwargs = block_and_inputs()
+    groups = input_groups(block, inputs[:1], kwargs)
+    assert ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] in groups
+    for group in groups:
+        expected = per_linear_xtx(block, inputs, kwargs, group)
+        width = block.get_submodule(group[0]).in_features
+        with CountSquareProducts(width) as counter:
+            got = collect_xtx(block, inputs, kwargs, group, batch_size=2)
+        for name in group:
+            assert torch.equal(got[name], expected[name]), name
+            assert got[name] is got[group[0]], "linears with one input must share one tensor"
+        assert counter.count == inputs.shape[0] // 2, f"{group}: {counter.count} products for 2 passes"
+
+
+def test_linears_with_different_inputs_keep_their_own_xtx():
+    block, inputs, kwargs = block_and_inputs()
+    names = list(find_linears(block))  # one collection for all linears (true_sequential=False)
+    expected = per_linear_xtx(block, inputs, kwargs, names)
+    got = collect_xtx(block, inputs, kwargs, names, batch_size=2)
+    for name in names:
+        assert torch.equal(got[name], expected[name]), name
+    assert got["self_attn.q_proj"] is got["self_attn.v_proj"]
+    assert got["self_attn.q_proj"] is not got["self_attn.o_proj"]
+    assert got["mlp.gate_proj"] is got["mlp.up_proj"]
+    assert not torch.equal(got["self_attn.q_proj"], got["mlp.gate_proj"])
+
+
+def test_each_pass_stops_after_the_last_needed_input():
+    block, inputs, kwargs = block_and_inputs()
+    calls = []
+    handle = block.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        collect_xtx(block, inputs, kwargs, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], batch_size=2)
+        assert calls == [], "the MLP ran although only q/k/v inputs were needed"
+        collect_xtx(block, inputs, kwargs, ["mlp.down_proj"], batch_size=2)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
