@@ -1,0 +1,71 @@
+"""Perplexity of an AQLM checkpoint decoded token by token (KV cache), exact fp32 tables against
+the quantized (int8) tables: the decode path that prefill-based perplexity never exercises.
+
+    python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2]
+
+Each setting runs in its own process (the kernel choice reads the environment once per weight).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+
+def decode_perplexity(checkpoint: str, windows: int, seqlen: int) -> dict:
+    """Token-by-token perplexity of the first ``windows`` windows of WikiText-2 test.txt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from aqlm.data import evaluation_windows, load_tokens
+    from aqlm.paths import data_file
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokens = load_tokens(data_file("wikitext-2", "test.txt"), tokenizer)
+    total, count, started = 0.0, 0, time.perf_counter()
+    with torch.no_grad():
+        for window in evaluation_windows(tokens, seqlen)[:windows]:
+            cache = DynamicCache()
+            for position in range(seqlen - 1):
+                logits = model(input_ids=window[position : position + 1].view(1, 1), past_key_values=cache,
+                               use_cache=True).logits[0, -1].float()
+                total -= float(torch.log_softmax(logits, -1)[window[position + 1]])
+                count += 1
+    return {"perplexity": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(decode_perplexity(args.checkpoint, args.windows, args.seqlen)))
+        return
+    results = {}
+    for name, quantized in (("exact fp32 tables", "0"), ("quantized int8 tables", "1")):
+        env = dict(os.environ, AQLM_QUANTIZED_LUT=quantized, AQLM_KERNEL_CALIBRATION="0")
+        env.pop("AQLM_CPU_KERNEL", None)
+        child = subprocess.run([sys.executable, __file__, args.checkpoint, "--windows", str(args.windows), "--seqlen",
+                                str(args.seqlen), "--threads", str(args.threads), "--child"],
+                               env=env, capture_output=True, text=True, check=True)
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{name:>22}: perplexity {results[name]['perplexity']:.4f} over {results[name]['tokens']} tokens "
+              f"decoded one at a time, {results[name]['tokens'] / results[name]['seconds']:.1f} tok/s")
+    exact, fast = (results[k]["perplexity"] for k in results)
+    print(f"relative change of the quantized tables: {100 * (fast - exact) / exact:+.3f}% (target: within 0.3%)")
+
+
+if __name__ == "__main__":
+    main()
