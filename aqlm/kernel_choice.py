@@ -58,17 +58,23 @@ def forced_kernel() -> Optional[str]:
     return os.environ.get(FORCE_ENV) or None
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), the section of the cache file."""
+@functools.lru_cache(maxsize=None)
+def cpuinfo_field(name: str) -> Optional[str]:
+    """The first ``name : value`` line of Linux's /proc/cpuinfo (e.g. "model name", "flags"), or None."""
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, the section of the cache file."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 class KernelChooser:

@@ -42,6 +42,7 @@ LUTQ_MAX_TOKENS = 16  # fixed rules only; measured choices consider it up to FEW
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 CPU_KERNELS = ("lutq", "lut", "decode", "dequantize", "dequantize_bf16")
+FEW_TOKEN_KERNELS = ("lutq", "lut", "decode")  # C kernels over the codes; the others dequantize and call torch
 _CHOOSER = kernel_choice.KernelChooser()
 
 
@@ -58,11 +59,7 @@ def lutq_applies(nbits: int, out_group_size: int) -> bool:
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), per /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = (kernel_choice.cpuinfo_field("flags") or "").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -355,21 +352,9 @@ def quantized_matmul_cpu(
     # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
     result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
     out = result.view(tokens, out_features)
-    if kernel == "lutq":
-        _, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
-        _C.lutq_matmul(
-            _numpy_view(x), _numpy_view(packed_codes(codes, codebooks, scales)), codebooks_np, scales_np, bias_np,
-            _numpy_view(out), group=LUTQ_GROUP, x_dtype=_DTYPE_NAMES[input.dtype],
-            param_dtype=_DTYPE_NAMES[codebooks.dtype], num_threads=torch.get_num_threads(),
-        )
-    elif kernel in ("lut", "decode"):
-        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
-        codes_np, codebooks_np, scales_np, bias_np = _weight_arrays(codes, codebooks, scales, bias)
-        c_kernel(
-            _numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
-            x_dtype=_DTYPE_NAMES[input.dtype], param_dtype=_DTYPE_NAMES[codebooks.dtype],
-            num_threads=torch.get_num_threads(),
-        )
+    if kernel in FEW_TOKEN_KERNELS:
+        packed = _numpy_view(packed_codes(codes, codebooks, scales)) if kernel == "lutq" else None
+        _few_token_matmul(kernel, x, out, _weight_arrays(codes, codebooks, scales, bias), packed, codebooks.dtype)
     else:
         scales = scales.reshape(-1)
         dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype
@@ -383,6 +368,25 @@ def quantized_matmul_cpu(
             rows = slice(first * out_group_size, last * out_group_size)
             out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
     return result
+
+
+def _few_token_matmul(
+    kernel: str, x: torch.Tensor, out: torch.Tensor, arrays: tuple, packed: Optional[np.ndarray], param_dtype: torch.dtype
+) -> None:
+    """``out = x @ W.T + bias`` by one of the C kernels that read the codes directly (FEW_TOKEN_KERNELS).
+
+    ``arrays`` are the weight's NumPy views (:func:`_weight_arrays`); ``packed`` the codes repacked
+    for "lutq" (:func:`packed_codes`), unused by the others.
+    """
+    codes_np, codebooks_np, scales_np, bias_np = arrays
+    dtypes = {"x_dtype": _DTYPE_NAMES[x.dtype], "param_dtype": _DTYPE_NAMES[param_dtype]}
+    if kernel == "lutq":
+        _C.lutq_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out), group=LUTQ_GROUP,
+                       num_threads=torch.get_num_threads(), **dtypes)
+    else:
+        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        c_kernel(_numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
+                 num_threads=torch.get_num_threads(), **dtypes)
 
 
 def cpu_kernel_for(
@@ -436,9 +440,8 @@ class _CpuPlan:
         self.nbits = nbits
         self.in_features = codes.shape[1] * codebooks.shape[3]
         self.out_features = codes.shape[0] * codebooks.shape[2]
-        self.param_dtype = _DTYPE_NAMES[codebooks.dtype]
-        self.tensors = (codes.contiguous(), codebooks.contiguous(), scales.contiguous(), bias)
-        self.codes, self.codebooks, self.scales, self.bias = _weight_arrays(codes, codebooks, scales, bias)
+        self.param_dtype = codebooks.dtype
+        self.arrays = _weight_arrays(codes, codebooks, scales, bias)  # NumPy views keep their tensors alive
         self.packed = (
             _numpy_view(packed_codes(codes, codebooks, scales)) if lutq_applies(nbits, codebooks.shape[2]) else None
         )
@@ -476,22 +479,10 @@ def quantized_linear_cpu(
     kernel = plan.kernels.get(key)
     if kernel is None:
         kernel = plan.kernels[key] = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
-    if kernel not in ("lutq", "lut", "decode"):
+    if kernel not in FEW_TOKEN_KERNELS:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=kernel)
     result = torch.empty(*input.shape[:-1], plan.out_features, dtype=input.dtype)  # not a view: see quantized_matmul_cpu
-    out = result.view(tokens, plan.out_features)
-    x_dtype = _DTYPE_NAMES[input.dtype]
-    if kernel == "lutq":
-        _C.lutq_matmul(
-            _numpy_view(x), plan.packed, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), group=LUTQ_GROUP,
-            x_dtype=x_dtype, param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
-        )
-    else:
-        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
-        c_kernel(
-            _numpy_view(x), plan.codes, plan.codebooks, plan.scales, plan.bias, _numpy_view(out), x_dtype=x_dtype,
-            param_dtype=plan.param_dtype, num_threads=torch.get_num_threads(),
-        )
+    _few_token_matmul(kernel, x, result.view(tokens, plan.out_features), plan.arrays, plan.packed, plan.param_dtype)
     return result
 
 
