@@ -172,6 +172,13 @@ static int check_threads(int num_threads) {
 
 /* ---- the quantized weight: codes, codebooks, scales, bias ------------------------------------ */
 
+/* log2 of a codebook size K that is a power of two in [2, 2**max_bits]; -1 otherwise. */
+static int codebook_bits(npy_intp K, int max_bits) {
+    int nbits = 1;
+    while (nbits <= max_bits && ((npy_intp)1 << nbits) < K) nbits++;
+    return nbits <= max_bits && ((npy_intp)1 << nbits) == K ? nbits : -1;
+}
+
 typedef struct {
     PyArrayObject *codes, *codebooks, *scales, *bias;
     aqlm_format format;
@@ -203,9 +210,8 @@ static int weight_args_parse(weight_args *w, PyObject *codes, PyObject *codebook
                      (Py_ssize_t)cs[2], (Py_ssize_t)M);
         return -1;
     }
-    int nbits = 0;
-    while (nbits < 17 && ((npy_intp)1 << nbits) < K) nbits++;
-    if (K < 2 || ((npy_intp)1 << nbits) != K || nbits > 16) {
+    const int nbits = codebook_bits(K, 16);
+    if (nbits < 0) {
         PyErr_Format(PyExc_ValueError, "codebook size (codebooks.shape[1]) must be a power of two in [2, 65536], got %zd",
                      (Py_ssize_t)K);
         return -1;
@@ -456,9 +462,8 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
     if (!scales || (bias_object != Py_None && !(bias = float_input(bias_object, "bias", param_dtype, 1)))) goto done;
     const npy_intp *cb = PyArray_DIMS(codebooks);
     const npy_intp n = PyArray_DIM(x, 0), in = PyArray_DIM(x, 1), out_features = PyArray_SIZE(scales);
-    int nbits = 0;
-    while (nbits < 9 && ((npy_intp)1 << nbits) < cb[1]) nbits++;
-    if (cb[1] < 2 || ((npy_intp)1 << nbits) != cb[1] || nbits > 8 || cb[2] != 1 || cb[3] < 1 || in % cb[3] != 0) {
+    const int nbits = codebook_bits(cb[1], 8);
+    if (nbits < 0 || cb[2] != 1 || cb[3] < 1 || in % cb[3] != 0) {
         PyErr_Format(PyExc_ValueError,
                      "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in [2, 256] and "
                      "in_group_size dividing x's %zd features, got [%zd, %zd, %zd, %zd]",
@@ -476,7 +481,11 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
         raise_status(AQLM_ERR_ARGUMENT, &err);
         goto done;
     }
-    if (check_packed(packed, &format, 0) < 0 || check_output(out, "out", x_dtype, n, out_features) < 0) goto done;
+    if (check_packed(packed, &format, 0) < 0 || check_output(out, "out", x_dtype, n, out_features) < 0 ||
+        check_no_overlap(out, "out", x, "x") < 0 || check_no_overlap(out, "out", (PyArrayObject *)packed, "packed") < 0 ||
+        check_no_overlap(out, "out", codebooks, "codebooks") < 0 || check_no_overlap(out, "out", scales, "scales") < 0 ||
+        check_no_overlap(out, "out", bias, "bias") < 0)
+        goto done;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
     status = aqlm_lutq_matmul(&format, group, n, x_dtype, PyArray_DATA(x), PyArray_DATA((PyArrayObject *)packed),

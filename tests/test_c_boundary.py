@@ -121,3 +121,18 @@ def test_quantized_linear_output_is_not_a_view() -> None:
         y += 1.0
         y.sum().backward()
         torch.testing.assert_close(x.grad, dequantize_reference(codes, codebooks, scales).sum(0).expand(*shape))
+
+
+def test_quantized_table_output_aliasing_an_input_is_rejected() -> None:
+    codes, codebooks, scales = _layer(out=32, inp=32)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    packed = aqlm.ops.packed_codes(codes, codebooks, scales).numpy()
+    args = [x.numpy(), packed, codebooks.numpy(), scales.numpy(), None]
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        _C.lutq_matmul(*args, x.numpy(), group=1)
+    buffer = np.random.default_rng(0).standard_normal(16 + 4 * 32).astype(np.float32)
+    with pytest.raises(ValueError, match="out must not overlap bias"):
+        _C.lutq_matmul(*args[:4], buffer[:32], buffer[16:].reshape(4, 32), group=1)
+    out = torch.empty(4, 32)
+    _C.lutq_matmul(*args, out.numpy(), group=aqlm.ops.LUTQ_GROUP)
+    assert torch.equal(out, aqlm.ops.quantized_matmul_cpu(x, codes, codebooks, scales, None, kernel="lutq"))
