@@ -247,15 +247,35 @@ def weight_gradients(
             unscaled = unscaled_weight(codes, codebooks)
         grad_scales = (rows * unscaled.float().reshape(num_out_groups, -1)).sum(dim=1).view_as(scales).to(scales.dtype)
     if need_codebooks:
-        scaled = rows * scales.detach().float().reshape(num_out_groups, 1)
-        blocks = scaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
-        blocks = blocks.reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)  # a view when og == 1
-        indices = unpack_codes(codes, codebook_size.bit_length() - 1).reshape(-1, num_codebooks)
-        flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size, device=codes.device)
-        for m in range(num_codebooks):
-            flat.index_add_(0, indices[:, m] + m * codebook_size, blocks)
-        grad_codebooks = flat.view_as(codebooks).to(codebooks.dtype)
+        grad_codebooks = codebook_gradient(grad_weight, codeword_rows(codes, codebook_size), scales, codebooks.shape)
+        grad_codebooks = grad_codebooks.to(codebooks.dtype)
     return grad_codebooks, grad_scales
+
+
+def codeword_rows(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """[num_codebooks, code groups]: the row of each code in the codebooks flattened to
+    [num_codebooks * codebook_size, ...] (computed once, it serves many :func:`codebook_gradient` calls)."""
+    num_codebooks = codes.shape[2]
+    offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
+    return (unpack_codes(codes, codebook_size.bit_length() - 1) + offsets).reshape(-1, num_codebooks).T.contiguous()
+
+
+def codebook_gradient(
+    grad_weight: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, codebooks_shape: torch.Size
+) -> torch.Tensor:
+    """Float32 gradient with respect to codebooks of shape ``codebooks_shape`` of a loss whose dense-weight
+    gradient is ``grad_weight``, for fixed codes (their :func:`codeword_rows`) and scales: each codeword
+    collects scale * the blocks of ``grad_weight`` its codes cover."""
+    num_codebooks, codebook_size, out_group_size, in_group_size = codebooks_shape
+    num_out_groups = scales.numel()
+    num_in_groups = rows.shape[1] // num_out_groups
+    scaled = grad_weight.float().reshape(num_out_groups, -1) * scales.detach().float().reshape(num_out_groups, 1)
+    blocks = scaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
+    blocks = blocks.reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)  # a view when og == 1
+    flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size, device=grad_weight.device)
+    for m in range(num_codebooks):
+        flat.index_add_(0, rows[m], blocks)
+    return flat.view(codebooks_shape)
 
 
 def _dequantize_setup(ctx, inputs, output) -> None:

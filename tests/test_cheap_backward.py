@@ -46,9 +46,8 @@ def test_backward_dequantizes_once_and_matches_the_dense_formula(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_lstsq_codebook_gradient_equals_weight_gradients():
-    from aqlm.quantize.layer import _CodebookGradient
-
+def test_codebook_gradient_from_precomputed_rows_equals_weight_gradients_and_autograd():
+    """The least-squares solve computes the codes' rows once (codeword_rows) and reuses them."""
     generator = torch.Generator().manual_seed(3)
     for num_codebooks, nbits, og, ig in ((2, 8, 1, 8), (1, 4, 2, 4), (3, 6, 1, 4)):
         codes = pack_codes(torch.randint(0, 2**nbits, (12, 10, num_codebooks), generator=generator), nbits)
@@ -56,4 +55,8 @@ def test_lstsq_codebook_gradient_equals_weight_gradients():
         scales = torch.rand(12, 1, 1, 1, generator=generator)
         grad_weight = torch.randn(12 * og, 10 * ig, generator=generator)
         expected, _ = ops.weight_gradients(grad_weight, codes, codebooks, scales, True, False)
-        assert torch.equal(_CodebookGradient(codes, codebooks, scales)(grad_weight), expected)
+        got = ops.codebook_gradient(grad_weight, ops.codeword_rows(codes, 2**nbits), scales, codebooks.shape)
+        assert torch.equal(got, expected)
+        leaf = codebooks.clone().requires_grad_(True)
+        (reference,) = torch.autograd.grad((dequantize_reference(codes, leaf, scales) * grad_weight).sum(), leaf)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)

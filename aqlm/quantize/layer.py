@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 
-from ..format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes
-from ..ops import beam_search, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients
+from ..format import AqlmScheme, dequantize_reference, pack_codes
+from ..ops import (
+    beam_search, codebook_gradient, codeword_rows, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients,
+)
 from .phases import PhaseTimer, maybe_phase
 
 _EPS = 1e-9
@@ -200,36 +202,14 @@ def _adam_update(objective: LayerObjective, codes, codebooks, scales, config: La
         optimizer.step()
 
 
-class _CodebookGradient:
-    """Gradient with respect to the codebooks of a loss with dense-weight gradient G, for fixed codes
-    and scales: sum over the code groups using codeword (m, c) of scale * G's block. The codes'
-    row indices are computed once for all products of a solve."""
-
-    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor):
-        num_codebooks, codebook_size, out_group_size, in_group_size = codebooks.shape
-        self.shape = codebooks.shape
-        self.groups = codes.shape[:2]
-        offsets = torch.arange(num_codebooks) * codebook_size
-        rows = unpack_codes(codes, codebook_size.bit_length() - 1) + offsets
-        self.indices = rows.reshape(-1, num_codebooks).T.contiguous()  # [M, code groups]
-        self.scales = scales.detach().float().view(-1, 1, 1, 1)
-
-    def __call__(self, grad_weight: torch.Tensor) -> torch.Tensor:
-        num_codebooks, codebook_size, out_group_size, in_group_size = self.shape
-        num_out_groups, num_in_groups = self.groups
-        blocks = grad_weight.float().view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
-        scaled = (blocks * self.scales).reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)
-        flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size)
-        for m in range(num_codebooks):
-            flat.index_add_(0, self.indices[m], scaled)
-        return flat.view(self.shape)
-
-
 def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig) -> None:
     """Exact minimum over codebooks for fixed codes and scales (conjugate gradients on the normal
     equations, each product one dequantize and one multiplication by H), then the closed-form
     optimal scale of every output group for the new codebooks."""
-    gradient = _CodebookGradient(codes, codebooks, scales)
+    rows = codeword_rows(codes, codebooks.shape[1])  # once for every product of the solve
+
+    def gradient(grad_weight: torch.Tensor) -> torch.Tensor:
+        return codebook_gradient(grad_weight, rows, scales, codebooks.shape)
 
     def apply(direction: torch.Tensor) -> torch.Tensor:
         return gradient(dequantize(codes, direction, scales.detach()).float() @ objective.xtx)
