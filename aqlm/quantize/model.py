@@ -456,8 +456,8 @@ def quantize_model(
             if val_inputs is not None:
                 run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
 
-    saving_started, saving_cpu_started = time.perf_counter(), time.process_time()
-    save_quantized(model, out_dir, tokenizer, storage_dtype=param_dtype)
+    with timer.phase("saving"):
+        save_quantized(model, out_dir, tokenizer, storage_dtype=param_dtype)
     checkpoint_bytes = sum(path.stat().st_size for path in out_dir.glob("model*.safetensors"))
     quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
     quantized_bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
@@ -477,7 +477,6 @@ def quantize_model(
         seconds=time.perf_counter() - started,
         checkpoint_bytes=checkpoint_bytes,
     )
-    timer.add({"saving": time.perf_counter() - saving_started}, {"saving": time.process_time() - saving_cpu_started})
     report.phases = timer.as_dict()
     report.seconds = time.perf_counter() - started
     payload = {
