@@ -23,12 +23,13 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..calibration import capture_block_inputs, find_linears, get_blocks, run_block
+from ..calibration import capture_block_inputs, find_linears, get_blocks
 from ..data import calibration_windows, load_tokens
 from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_readable, model_identity, tokens_sha256
 from ..format import AqlmScheme
 from ..hf import save_quantized
 from ..inference import QuantizedLinear
+from .distributed import World, assign_owners, run_block_split, tree_nodes, tree_sum
 from .finetune import FinetuneConfig, finetune_block
 from .layer import LayerConfig, quantize_weight
 from .phases import PhaseTimer
@@ -186,23 +187,26 @@ class ProgressStore:
         make_readable([target])
         atomic_write_text(self.directory / f"block_{index:04d}.json", json.dumps(record, indent=2))
 
-    def load(self, index: int, block: nn.Module) -> dict:
-        """Restore block ``index`` into ``block`` (replacing its quantized linears) and return its record."""
+    def read(self, index: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The record and the tensors of finished block ``index`` (see :func:`restore_block`)."""
         record = json.loads((self.directory / f"block_{index:04d}.json").read_text())
-        tensors = load_file(str(self.directory / f"block_{index:04d}.safetensors"))
-        for layer in record["layers"]:
-            name = layer["name"]
-            quantized = QuantizedLinear.from_parts(
-                tensors[f"{name}.codes"], tensors[f"{name}.codebooks"], tensors[f"{name}.scales"], tensors.get(f"{name}.bias")
-            )
-            block.set_submodule(name, quantized)
-        block.load_state_dict(tensors, strict=True)
-        return record
+        return record, load_file(str(self.directory / f"block_{index:04d}.safetensors"))
 
     def remove_blocks(self) -> None:
         """Delete the per-block files once the final checkpoint is written."""
         for path in self.directory.glob("block_*"):
             path.unlink()
+
+
+def restore_block(block: nn.Module, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a finished block's tensors (:meth:`ProgressStore.read`) into ``block``, replacing its quantized linears."""
+    for layer in record["layers"]:
+        name = layer["name"]
+        quantized = QuantizedLinear.from_parts(
+            tensors[f"{name}.codes"], tensors[f"{name}.codebooks"], tensors[f"{name}.scales"], tensors.get(f"{name}.bias")
+        )
+        block.set_submodule(name, quantized)
+    block.load_state_dict(tensors, strict=True)
 
 
 def _identity(source: str | os.PathLike | torch.Tensor) -> dict:
@@ -250,63 +254,123 @@ class _InputsCollected(Exception):
     """Raised by collect_xtx's hooks to end a forward pass once every input it needs is recorded."""
 
 
+# A partial X^T X sum over some forward passes: float64 sums and token counts per linear name;
+# linears that shared one product on every pass share one sum tensor.
+_Partial = tuple[dict[str, torch.Tensor], dict[str, int]]
+
+
+def _add_partials(left: _Partial, right: _Partial) -> _Partial:
+    """``left + right`` per linear, one addition per pair of summed tensors (keeps the sharing)."""
+    sums: dict[str, torch.Tensor] = {}
+    made: dict[tuple[int, int], torch.Tensor] = {}
+    for name, tensor in left[0].items():
+        key = (id(tensor), id(right[0][name]))
+        if key not in made:
+            made[key] = tensor + right[0][name]
+        sums[name] = made[key]
+    return sums, {name: rows + right[1][name] for name, rows in left[1].items()}
+
+
+def _share_partial(partial: Optional[_Partial], names: list[str], world: World, src: int, device: torch.device) -> _Partial:
+    """Rank ``src``'s partial sum on every rank, with the same sharing of tensors between linears."""
+    if world.size == 1:
+        return partial
+    layout = None
+    if world.rank == src:
+        sums, rows = partial
+        groups: list[list[str]] = []
+        for name in names:
+            group = next((group for group in groups if sums[group[0]] is sums[name]), None)
+            if group is None:
+                groups.append([name])
+            else:
+                group.append(name)
+        layout = ([(group, tuple(sums[group[0]].shape), sums[group[0]].dtype) for group in groups], rows)
+    groups, rows = world.broadcast_object(layout, src)
+    shared: dict[str, torch.Tensor] = {}
+    for group, shape, dtype in groups:
+        tensor = partial[0][group[0]] if world.rank == src else torch.empty(shape, dtype=dtype, device=device)
+        world.broadcast_tensor(tensor, src)
+        shared.update(dict.fromkeys(group, tensor))
+    return shared, rows
+
+
 def collect_xtx(
-    block: nn.Module, inputs: torch.Tensor, block_kwargs: dict, names: list[str], batch_size: int
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_kwargs: dict,
+    names: list[str],
+    batch_size: int,
+    world: Optional[World] = None,
 ) -> dict[str, torch.Tensor]:
     """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``.
+
+    Each forward pass (one batch of ``batch_size`` windows) contributes one float64 product per
+    linear, and the products are added by the fixed binary tree over the pass index of
+    :func:`~aqlm.quantize.distributed.tree_sum`. With several processes (``world``), each rank runs
+    its own run of batches, sums the largest subtrees inside it, and every rank completes the upper
+    levels from the gathered subtree sums: the result is bit-identical for every world size.
 
     Linears fed the same input tensor (q/k/v, gate/up) share one product per forward pass and,
     when they shared it on every pass, one result tensor; the values are those of a separate
     product per linear. Each pass stops as soon as the last of the named linears has its input,
     so the rest of the block (all of it after q/k/v, say) is not computed.
     """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    sources: dict[str, list[int]] = {name: [] for name in names}  # which product each linear summed
-    last: list = []  # [input, product, rows, number] of the latest product; keeps the input alive
-    handles = []
+    world = world or World()
+    current: dict[str, Any] = {}  # this pass's products and rows, and [input, product, rows] of the latest product
+    seen: set[str] = set()
 
     def hook_for(name):
         def hook(module, args):
-            if not last or last[0] is not args[0]:
+            last = current.get("last")
+            if last is None or last[0] is not args[0]:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 if not torch.isfinite(x).all():
                     raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
-                number = last[3] + 1 if last else 0
-                last[:] = [args[0], (x.T @ x).double(), x.shape[0], number]
-            _, product, rows, number = last
-            sums[name] = product if name not in sums else sums[name] + product
+                last = current["last"] = (args[0], (x.T @ x).double(), x.shape[0])
+            _, product, rows = last
+            products, counts = current["partial"]
+            products[name] = product if name not in products else products[name] + product
             counts[name] = counts.get(name, 0) + rows
-            sources[name].append(number)
             seen.add(name)
             if len(seen) == len(names):
                 raise _InputsCollected
         return hook
 
-    seen: set[str] = set()
-    for name in names:
-        handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    def one_pass(number: int) -> _Partial:
+        seen.clear()
+        current["partial"] = ({}, {})
+        try:
+            block(inputs[number * batch_size : (number + 1) * batch_size], **block_kwargs)
+        except _InputsCollected:
+            pass
+        current.pop("last", None)
+        if len(seen) != len(names):
+            missing = sorted(set(names) - seen)
+            raise ValueError(f"the block's forward pass never called {', '.join(missing)}")
+        return current.pop("partial")
+
+    passes = -(-inputs.shape[0] // batch_size)
+    owners = {
+        node: rank
+        for rank, batches in enumerate(world.batch_ranges(passes))
+        for node in tree_nodes(0, passes, batches.start, batches.stop)
+    }
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in names]
     try:
         with torch.no_grad():
-            for start in range(0, inputs.shape[0], batch_size):
-                seen.clear()
-                try:
-                    block(inputs[start : start + batch_size], **block_kwargs)
-                except _InputsCollected:
-                    pass
-                if len(seen) != len(names):
-                    missing = sorted(set(names) - seen)
-                    raise ValueError(f"the block's forward pass never called {', '.join(missing)}")
+            computed = {node: tree_sum(*node, one_pass, _add_partials) for node, rank in owners.items() if rank == world.rank}
     finally:
         for handle in handles:
             handle.remove()
-    last.clear()
-    results: dict[tuple, torch.Tensor] = {}
+    known = {node: _share_partial(computed.get(node), names, world, rank, inputs.device) for node, rank in owners.items()}
+    sums, counts = tree_sum(0, passes, one_pass, _add_partials, known)  # every node below the known ones is known
+    results: dict[tuple[int, int], torch.Tensor] = {}
     for name in names:
-        key = tuple(sources[name])
+        key = (id(sums[name]), counts[name])
         if key not in results:
             results[key] = (sums[name] / counts[name]).float()
-    return {name: results[tuple(sources[name])] for name in names}
+    return {name: results[(id(sums[name]), counts[name])] for name in names}
 
 
 def _duration(seconds: float) -> str:
@@ -372,6 +436,7 @@ def quantize_model(
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
     overwrite: bool = False,
+    world: Optional[World] = None,
 ) -> QuantizationReport:
     """Quantize every linear layer of the transformer blocks of ``model_dir`` with AQLM.
 
@@ -386,6 +451,11 @@ def quantize_model(
         log: receives one line per quantized layer and per block.
         overwrite: write into a non-empty ``out_dir`` (an earlier unfinished run in it is discarded).
             Without it, a non-empty ``out_dir`` is refused unless ``resume`` continues its run.
+        world: the processes sharing the work (see :mod:`aqlm.quantize.distributed`); None: the
+            initialized torch.distributed default group (every rank calls this function with the
+            same arguments), else this process alone. Rank 0 alone reads and writes ``out_dir``
+            and logs; the checkpoint is bit-identical for every world size, given the same
+            threads per process.
 
     Returns:
         A :class:`QuantizationReport` (also written to ``out_dir/quantization_report.json``).
@@ -397,7 +467,11 @@ def quantize_model(
     started = time.perf_counter()
     timer = PhaseTimer()
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, {"input": Path(model_dir)}, out_dir / PROGRESS_DIR / "config.json", resume, overwrite)
+    world = world or World.current()
+    if not world.is_main:
+        log, progress = (lambda line: None), False
+    else:
+        check_output_dir(out_dir, {"input": Path(model_dir)}, out_dir / PROGRESS_DIR / "config.json", resume, overwrite)
     model, tokenizer = load_dense_model(model_dir)
     scheme = config.layer.scheme
     _check_model(model, scheme)
@@ -411,14 +485,15 @@ def quantize_model(
         "dataset": _identity(dataset),
     }
     store = ProgressStore(out_dir, fingerprint)
-    if overwrite and not resume:
-        store.discard()
-    store.start(resume)
+    if world.is_main:
+        if overwrite and not resume:
+            store.discard()
+        store.start(resume)
 
     param_dtype = _PARAM_DTYPES[config.param_dtype]
     blocks = get_blocks(model)
     train_windows, val_windows = windows[: config.nsamples], windows[config.nsamples :]
-    with timer.phase("calibration"):
+    with timer.phase("calibration"):  # on every rank: only the embeddings run
         inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
         val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
 
@@ -427,20 +502,24 @@ def quantize_model(
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]
         outputs = None
-        if store.done(index):
-            record = store.load(index, block)
+        saved = world.broadcast_object(store.read(index) if world.is_main and store.done(index) else None, src=0)
+        if saved is not None:
+            record = saved[0]
+            restore_block(block, *saved)
             log(f"block {index}: restored from {store.directory}")
         else:
             block_started = time.perf_counter()
             block_timer = PhaseTimer()
             record, outputs = _quantize_block(
-                block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer
+                block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer, world
             )
             record["phases"] = block_timer.as_dict()
             with block_timer.phase("saving"):
-                store.save(index, block, record)
+                if world.is_main:
+                    store.save(index, block, record)
+                world.barrier()  # a run killed from here on has this block on disk, whichever rank dies
             timer.add(block_timer.as_dict(), block_timer.cpu_dict())
-            if first_block_seconds is None:
+            if first_block_seconds is None and world.is_main:
                 first_block_seconds = time.perf_counter() - block_started
                 remaining = sum(not store.done(later) for later in range(index + 1, len(blocks)))
                 log(
@@ -450,15 +529,16 @@ def quantize_model(
         reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
         with timer.phase("calibration"):
             if outputs is None:
-                run_block(block, inputs, block_kwargs, config.batch_size, out=inputs)
+                run_block_split(block, inputs, block_kwargs, config.batch_size, world, out=inputs)
             else:
                 inputs = outputs
             if val_inputs is not None:
-                run_block(block, val_inputs, block_kwargs, config.batch_size, out=val_inputs)
+                run_block_split(block, val_inputs, block_kwargs, config.batch_size, world, out=val_inputs)
 
     with timer.phase("saving"):
-        save_quantized(model, out_dir, tokenizer, storage_dtype=param_dtype)
-    checkpoint_bytes = sum(path.stat().st_size for path in out_dir.glob("model*.safetensors"))
+        if world.is_main:
+            save_quantized(model, out_dir, tokenizer, storage_dtype=param_dtype)
+    checkpoint_bytes = sum(path.stat().st_size for path in out_dir.glob("model*.safetensors")) if world.is_main else 0
     quantized_parameters = sum(r.shape[0] * r.shape[1] for r in reports)
     quantized_bits = sum(r.bits_per_weight * r.shape[0] * r.shape[1] for r in reports)
     quantized_ids = {id(p) for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()}
@@ -490,8 +570,10 @@ def quantize_model(
         "config": fingerprint,
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }
-    atomic_write_text(out_dir / "quantization_report.json", json.dumps(payload, indent=2))
-    store.remove_blocks()
+    if world.is_main:
+        atomic_write_text(out_dir / "quantization_report.json", json.dumps(payload, indent=2))
+        store.remove_blocks()
+    world.barrier()  # every rank returns once the checkpoint is complete
     log(report.summary())
     return report
 
@@ -507,13 +589,20 @@ def _quantize_block(
     progress: bool,
     log: Callable[[str], None],
     timer: PhaseTimer,
+    world: World,
 ) -> tuple[dict, torch.Tensor]:
     """Quantize and fine-tune ``block``; returns its record and its outputs on ``inputs`` (the
-    inputs of the next block, computed once for the output check)."""
+    inputs of the next block, computed once for the output check).
+
+    With several processes, forward passes and X^T X are split by batch, and the linears of each
+    input group are shared out between ranks (see :mod:`aqlm.quantize.distributed`).
+    """
     started = time.perf_counter()
     with timer.phase("calibration"):
-        targets = run_block(block, inputs, block_kwargs, config.batch_size)
-        val_targets = run_block(block, val_inputs, block_kwargs, config.batch_size) if val_inputs is not None else None
+        targets = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
+        val_targets = None
+        if val_inputs is not None:
+            val_targets = run_block_split(block, val_inputs, block_kwargs, config.batch_size, world)
         if config.true_sequential:
             groups = input_groups(block, inputs[:1], block_kwargs)
         else:
@@ -523,12 +612,18 @@ def _quantize_block(
     names = [name for group in groups for name in group]
     for group in groups:
         with timer.phase("xtx"):
-            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size)
-        for name in group:
-            linear = block.get_submodule(name)
-            result = quantize_weight(
+            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world)
+        linears = [block.get_submodule(name) for name in group]
+        owners = assign_owners([linear.weight.numel() for linear in linears], world.size)
+        results = {
+            name: quantize_weight(
                 linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name), timer=timer
             )
+            for name, linear, owner in zip(group, linears, owners)
+            if owner == world.rank
+        }
+        for name, linear, owner in zip(group, linears, owners):
+            result = world.broadcast_object(results.get(name), src=owner)
             bias = None if linear.bias is None else linear.bias.detach().float()
             block.set_submodule(name, QuantizedLinear.from_parts(result.codes, result.codebooks, result.scales, bias))
             bits = scheme.bits_per_weight(linear.out_features, linear.in_features, _param_bits(param_dtype))
@@ -547,6 +642,8 @@ def _quantize_block(
                 f"block {index} {name} {linear.out_features}x{linear.in_features} {scheme.name}: relative error "
                 f"{result.initial_error:.4f} -> {result.final_error:.4f} in {result.epochs} epochs, {result.seconds:.1f} s"
             )
+    # Fine-tuning runs whole on every rank: it is deterministic given the same inputs, targets and
+    # thread count, so every rank ends with the same block and no parameters need to be sent.
     with timer.phase("finetune"):
         losses = finetune_block(
             block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
@@ -559,7 +656,7 @@ def _quantize_block(
                 if parameter is not None:
                     setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
     with timer.phase("output_check"), torch.no_grad():
-        outputs = run_block(block, inputs, block_kwargs, config.batch_size)
+        outputs = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
         output_error = float(((outputs - targets) ** 2).mean() / (targets**2).mean())
     log(f"block {index}: relative output error {output_error:.4f} after fine-tuning, {time.perf_counter() - started:.1f} s")
     return {"layers": layers, "finetune": losses, "output_error": output_error}, outputs
