@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -120,7 +122,11 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="storage dtype of codebooks and scales")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="CPU threads per process (default: torch's; 1 under torchrun and --nproc)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="share the work between N processes on this machine (started with torchrun); "
+                        "the checkpoint is the same as with one process and the same --threads")
     parser.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
     parser.add_argument("--no-progress", action="store_true")
     add_preset_argument(parser)
@@ -161,14 +167,62 @@ def _add_quantize(subparsers) -> None:
     parser.set_defaults(run=_run_quantize)
 
 
+def check_nproc(nproc: Optional[int], environ: Mapping[str, str]) -> int:
+    """The number of processes ``--nproc`` asks for (1 when not given).
+
+    Raises:
+        ValueError: ``nproc`` < 1, or ``--nproc`` inside a run already started by torchrun.
+    """
+    if nproc is None:
+        return 1
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if "WORLD_SIZE" in environ:
+        raise ValueError(
+            f"--nproc {nproc} given inside a distributed launch (WORLD_SIZE={environ['WORLD_SIZE']}): "
+            "under torchrun, set the processes with torchrun's --nproc-per-node and drop --nproc"
+        )
+    return nproc
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``)."""
+    strip = argparse.ArgumentParser(add_help=False)
+    strip.add_argument("--nproc")
+    return strip.parse_known_args(list(argv))[1]
+
+
+def _launch_workers(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``python -m aqlm <argv less --nproc>`` as ``nproc`` torchrun workers on this machine."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+               "-m", "aqlm", *_without_nproc(argv)]
+    status = subprocess.run(command).returncode
+    if status != 0:
+        print(f"error: the {nproc}-process run failed (torchrun exit status {status}); "
+              "the failing worker's error is printed above", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_quantize(args: argparse.Namespace) -> int:
+    from .quantize.distributed import init_from_environment
+
+    nproc = check_nproc(args.nproc, os.environ)
     config = quantize_config_from_args(args)
+    if nproc > 1:
+        return _launch_workers(nproc, args.argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _resolve_model(args.model)
-    report = quantize_model(model_dir, args.dataset, args.out, config, resume=args.resume,
-                            progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"saved {report.out_dir}")
+    world = init_from_environment(torch.device("cpu"))  # quantize_model keeps the model on the CPU
+    try:
+        report = quantize_model(model_dir, args.dataset, args.out, config, resume=args.resume,
+                                progress=not args.no_progress, overwrite=args.overwrite, world=world)
+    finally:
+        if world.size > 1:
+            torch.distributed.destroy_process_group()
+    if world.is_main:
+        print(f"saved {report.out_dir}")
     return 0
 
 
@@ -370,7 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; errors in the input are reported in one line, not as a traceback."""
     from .models.real import RealModelUnavailable
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # quantize --nproc starts its workers with the same arguments
     try:
         return args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError, RealModelUnavailable) as error:
