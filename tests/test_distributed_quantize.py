@@ -1,0 +1,137 @@
+"""``quantize`` with several processes (torch.distributed, gloo on CPU): the checkpoint is bit-identical
+to a single process's with the same threads per process, also when a 2-process run resumes a run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aqlm.cli import build_parser, check_nproc, main, quantize_config_from_args
+from aqlm.quantize import quantize_model
+from aqlm.quantize.distributed import World, assign_owners, tree_nodes, tree_sum
+
+from test_quantize_model import tiny_model_dir, token_file
+
+# Six batches of one window (split 3 + 3 between two ranks) and two validation windows.
+SETTINGS = ["--scheme", "2x4g8", "--nsamples", "6", "--val-size", "2", "--seqlen", "32", "--max-epochs", "2",
+            "--steps-per-epoch", "5", "--init-max-iter", "5", "--codebook-update", "lstsq", "--finetune-max-epochs", "1",
+            "--finetune-lr", "1e-4", "--threads", "1", "--no-progress"]
+
+
+def arguments(model_dir: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
+    return ["quantize", str(model_dir), "--dataset", str(tokens), "--out", str(out), *SETTINGS, *extra]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "aqlm", *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def in_process(function, *args, **kwargs):
+    """Call ``function`` in this process with one torch thread, as the workers run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_checkpoint(expected: Path, got: Path) -> None:
+    want, have = load_file(str(expected / "model.safetensors")), load_file(str(got / "model.safetensors"))
+    assert want.keys() == have.keys()
+    for name in want:
+        assert torch.equal(want[name], have[name]), f"{name} differs"
+    reports = [json.loads((path / "quantization_report.json").read_text()) for path in (expected, got)]
+    assert reports[0]["bits_per_weight"] == reports[1]["bits_per_weight"]
+    assert [(l["name"], l["bits_per_weight"]) for l in reports[0]["layers"]] == [
+        (l["name"], l["bits_per_weight"]) for l in reports[1]["layers"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The model, the tokens and the checkpoint of a one-process run."""
+    tmp_path = tmp_path_factory.mktemp("distributed")
+    model_dir, tokens = tiny_model_dir(tmp_path), token_file(tmp_path)
+    assert in_process(main, arguments(model_dir, tokens, tmp_path / "one")) == 0
+    return model_dir, tokens, tmp_path / "one"
+
+
+def test_two_processes_write_the_checkpoint_of_one(single, tmp_path):
+    model_dir, tokens, one = single
+    result = run_cli(*arguments(model_dir, tokens, tmp_path / "two", "--nproc", "2"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("block 0 self_attn.q_proj") == 1, "only rank 0 logs"
+    assert_same_checkpoint(one, tmp_path / "two")
+
+
+def test_two_processes_resume_a_killed_run(single, tmp_path):
+    model_dir, tokens, one = single
+    out = tmp_path / "resumed"
+    argv = arguments(model_dir, tokens, out)
+
+    class Killed(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if line.startswith("block 0 took"):  # written after block 0 is saved
+            raise Killed
+
+    config = quantize_config_from_args(build_parser().parse_args(argv))
+    with pytest.raises(Killed):
+        in_process(quantize_model, model_dir, tokens, out, config, progress=False, log=log)
+    assert (out / "aqlm_progress" / "block_0000.json").exists() and not (out / "model.safetensors").exists()
+    result = run_cli(*argv, "--resume", "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert "block 0: restored" in result.stdout
+    assert_same_checkpoint(one, out)
+
+
+def test_tree_sum_is_the_same_for_every_split():
+    """Full-width float64 leaves, so that the order of the additions shows in the last bits."""
+    leaves = torch.randn(13, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e3
+    in_order = [leaves[0]]
+    for leaf in leaves[1:]:
+        in_order.append(in_order[-1] + leaf)
+    assert not all(torch.equal(tree_sum(0, n, lambda i: leaves[i], torch.add), in_order[n - 1]) for n in range(1, 14))
+    for count in range(1, 14):
+        whole = tree_sum(0, count, lambda i: leaves[i], torch.add)
+        for size in range(1, 6):
+            known = {}
+            for batches in World(0, size).batch_ranges(count):
+                for node in tree_nodes(0, count, batches.start, batches.stop):
+                    known[node] = tree_sum(*node, lambda i: leaves[i], torch.add)
+            assert sum(hi - lo for lo, hi in known) == count
+            combined = tree_sum(0, count, lambda i: pytest.fail("a leaf outside the known nodes"), torch.add, known)
+            assert torch.equal(combined, whole), (count, size)
+
+
+def test_linears_are_shared_out_largest_first():
+    assert assign_owners([64 * 64, 32 * 64, 32 * 64], 2) == [0, 1, 1]
+    assert assign_owners([128 * 64, 128 * 64], 2) == [0, 1]
+    assert assign_owners([64 * 128], 2) == [0]
+    assert assign_owners([5, 5, 5], 1) == [0, 0, 0]
+
+
+def test_bad_process_counts_are_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--nproc must be at least 1, got 0"):
+        check_nproc(0, {})
+    with pytest.raises(ValueError, match="WORLD_SIZE=2.*--nproc-per-node"):
+        check_nproc(2, {"WORLD_SIZE": "2"})
+    assert check_nproc(None, {"WORLD_SIZE": "2"}) == 1
+    assert main(arguments(tmp_path, tmp_path / "tokens.pt", tmp_path / "out", "--nproc", "-1")) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc must be at least 1, got -1"
+
+
+def test_a_failing_worker_fails_the_launch(tmp_path):
+    result = run_cli(*arguments(tmp_path / "missing", tmp_path / "tokens.pt", tmp_path / "out", "--nproc", "2"))
+    assert result.returncode == 1
+    assert "error: model" in result.stderr  # the worker's own one-line error
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the 2-process run failed (torchrun exit status 1); the failing worker's error is printed above"
+    )
