@@ -89,7 +89,7 @@ def init_from_environment(device: torch.device, environ: Optional[Mapping[str, s
 
 def tree_nodes(lo: int, hi: int, start: int, stop: int) -> list[tuple[int, int]]:
     """The largest nodes of :func:`tree_sum`'s tree over ``[lo, hi)`` lying inside ``[start, stop)``, in order."""
-    if stop <= lo or hi <= start or lo >= hi:
+    if start >= stop or stop <= lo or hi <= start:
         return []
     if start <= lo and hi <= stop:
         return [(lo, hi)]

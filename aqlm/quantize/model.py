@@ -497,6 +497,8 @@ def quantize_model(
         inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
         val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
 
+    if world.size > 1:
+        log(f"{world.size} processes share the work; rank 0 writes {out_dir}")
     reports: list[LayerReport] = []
     first_block_seconds: Optional[float] = None
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
