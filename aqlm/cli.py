@@ -198,15 +198,10 @@ def _add_eval(subparsers) -> None:
 
 
 def load_model(path: Path):
-    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None); see :func:`aqlm.hf.load_causal_lm`."""
+    from .hf import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+    return load_causal_lm(path)
 
 
 def evaluate_model(model, tokenizer, dataset, seqlen: int, max_windows: Optional[int], batch_size: int = 1,

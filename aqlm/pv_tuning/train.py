@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 
 from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
 from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, model_identity, tokens_sha256
-from ..hf import save_quantized
+from ..hf import check_model_kind, load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
-from ..quantize.model import load_dense_model
 from .config import PVConfig
 from .loss import (
     Evaluation,
@@ -110,26 +109,6 @@ def _dataset_identity(dataset: Optional[Dataset]) -> Optional[dict]:
     return {"name": Path(dataset).name, "sha256": file_sha256(Path(dataset))}
 
 
-def _read_model_config(model_dir: Path, role: str) -> dict:
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{role} model directory {model_dir} does not exist")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{role} model directory {model_dir} has no config.json: not a Hugging Face model")
-    return json.loads(config_path.read_text())
-
-
-def _check_student_config(quantized_dir: Path) -> None:
-    config = _read_model_config(quantized_dir, "quantized")
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method != "aqlm":
-        what = f"quantized with {method!r}" if method else "not quantized"
-        raise ValueError(
-            f"{quantized_dir} is {what}: PV-Tuning needs an AQLM checkpoint (quantization_config.quant_method "
-            "'aqlm'), e.g. from aqlm.quantize.quantize_model"
-        )
-
-
 def _stored_codebook_dtype(quantized_dir: Path) -> torch.dtype:
     from safetensors import safe_open
 
@@ -150,14 +129,7 @@ def load_student(quantized_dir: Union[str, os.PathLike]) -> nn.Module:
         FileNotFoundError: the directory or its config.json is missing.
         ValueError: it is not an AQLM checkpoint, or holds no ``QuantizedLinear`` layer.
     """
-    from transformers import AutoModelForCausalLM
-
-    quantized_dir = Path(quantized_dir)
-    _check_student_config(quantized_dir)
-    model = AutoModelForCausalLM.from_pretrained(quantized_dir, dtype=torch.float32)
-    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        raise ValueError(f"{quantized_dir} loaded without any aqlm.QuantizedLinear layer: not an AQLM student")
-    return model
+    return load_causal_lm(quantized_dir, kind="aqlm", dtype=torch.float32, role="quantized model")[0]
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
@@ -500,8 +472,8 @@ def pv_tune(
     started = time.perf_counter()
     config = config or PVConfig()
     dense_dir, quantized_dir, out_dir = Path(dense_dir), Path(quantized_dir), Path(out_dir)
-    _read_model_config(dense_dir, "dense")
-    _check_student_config(quantized_dir)
+    check_model_kind(dense_dir, "dense", "dense model")
+    check_model_kind(quantized_dir, "aqlm", "quantized model")
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
     check_output_dir(out_dir, {"dense": dense_dir, "quantized": quantized_dir}, checkpoint_path, resume, overwrite)
@@ -516,7 +488,8 @@ def pv_tune(
             "or choose another output directory"
         )
 
-    teacher, tokenizer = load_dense_model(dense_dir)
+    teacher, tokenizer = load_causal_lm(dense_dir, kind="dense", dtype=torch.float32, use_cache=False,
+                                        role="dense model")
     teacher.requires_grad_(False)
     student = load_student(quantized_dir)
     check_compatible(teacher, student)
