@@ -428,20 +428,6 @@ def test_pv_tune_saves_a_loadable_checkpoint(model_dirs, tmp_path):
     assert json.loads((out / REPORT_FILE).read_text())["final"] == report.final
 
 
-def test_two_dimensional_tokens_are_independent_sequences():
-    from aqlm.pv_tuning.train import prepare_windows
-
-    rows = torch.arange(10 * 40).view(10, 40) % VOCAB
-    config = fast_config(nsamples=12, seqlen=32, eval_windows=5)
-    windows, held_out = prepare_windows(rows, None, None, config, 32, VOCAB)
-    assert windows.shape == (12, 32) and held_out.shape == (1, 32)
-    starts = {int(w[0]) for w in windows}
-    assert starts == {int(r[0]) for r in rows[:9]}  # every training window is a row prefix, held-out row excluded
-    torch.testing.assert_close(held_out, rows[9:, :32])
-    with pytest.raises(ValueError, match="fewer than seqlen"):
-        prepare_windows(rows, None, None, config, 48, VOCAB)
-
-
 def test_p_only_tuning_leaves_codes_unchanged(model_dirs, tmp_path):
     report = pv_tune(model_dirs["dense"], model_dirs["aqlm"], model_dirs["tokens"], tmp_path / "p",
                      fast_config(update_codes=False, lr=1e-2, keep_best=False), progress=False, log=lambda line: None)

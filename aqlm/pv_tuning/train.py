@@ -14,13 +14,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
+from ..data import Dataset, prepare_windows
 from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, model_identity, tokens_sha256
 from ..hf import check_model_kind, load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
@@ -44,9 +44,6 @@ _MATCHING_CONFIG_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads",
 )
-
-Dataset = Union[str, os.PathLike, torch.Tensor]
-
 
 @dataclass
 class PVReport:
@@ -219,103 +216,6 @@ def _restore_snapshot(snapshot: dict, entries: list[QuantizedEntry], non_quantiz
         p.copy_(snapshot["non_quantized"][name])
 
 
-def _check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(
-            f"{what} holds token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
-            f"{vocab_size} entries"
-        )
-
-
-def token_rows(dataset: Dataset) -> Optional[torch.Tensor]:
-    """The dataset as ``[n, length]`` independent sequences if it is (or a .pt file holds) a 2-D integer tensor.
-
-    Returns None for text files and 1-D token streams.
-    """
-    if isinstance(dataset, torch.Tensor):
-        stored = dataset
-    else:
-        path = Path(dataset)
-        if path.suffix.lower() not in TOKEN_SUFFIXES or not path.is_file():
-            return None
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(stored, torch.Tensor) or stored.dim() != 2 or stored.is_floating_point():
-        return None
-    return stored.to(torch.long)
-
-
-def _training_windows(data: torch.Tensor, config: PVConfig, seqlen: int) -> torch.Tensor:
-    if data.dim() == 2:
-        if data.shape[0] == 0:
-            raise ValueError("too few sequences: none is left for training after holding out the evaluation ones")
-        generator = torch.Generator().manual_seed(config.seed)
-        rounds = -(-config.nsamples // data.shape[0])
-        order = torch.cat([torch.randperm(data.shape[0], generator=generator) for _ in range(rounds)])
-        return data[order[: config.nsamples], :seqlen]
-    if data.numel() < seqlen + 1:
-        raise ValueError(
-            f"too few tokens: training windows of {seqlen} need at least {seqlen + 1} tokens, the dataset gives "
-            f"{data.numel()} for training (lower seqlen or pass more data)"
-        )
-    return calibration_windows(data, config.nsamples, seqlen, config.seed)
-
-
-def held_out_windows(data: torch.Tensor, seqlen: int, count: int) -> torch.Tensor:
-    """At most ``count`` evaluation windows: prefixes of the rows of 2-D data, else consecutive windows of a stream.
-
-    Raises:
-        ValueError: not a single window of ``seqlen`` tokens fits.
-    """
-    windows = data[:count, :seqlen] if data.dim() == 2 else evaluation_windows(data, seqlen)[:count]
-    if windows.shape[0] == 0 or windows.shape[1] < seqlen:
-        raise ValueError(
-            f"too few tokens for evaluation: one window of {seqlen} tokens is needed "
-            "(pass eval_dataset, raise val_fraction or lower seqlen)"
-        )
-    return windows
-
-
-def prepare_windows(
-    dataset: Dataset,
-    eval_dataset: Optional[Dataset],
-    tokenizer: Any,
-    config: PVConfig,
-    seqlen: int,
-    vocab_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training windows ``[nsamples, seqlen]`` and held-out evaluation windows ``[<= eval_windows, seqlen]``.
-
-    Text and 1-D token data form one stream: training windows start at random positions
-    (:func:`aqlm.data.calibration_windows`), evaluation windows are consecutive. 2-D token data
-    ``[n, length]`` holds independent sequences (e.g. samples from the dense model, each starting
-    with BOS): every window is the first ``seqlen`` tokens of a row, training rows in a seeded
-    random order. Without ``eval_dataset``, the last ``val_fraction`` of the tokens (or of the rows,
-    at least one) is held out for evaluation and the training windows come from the rest.
-
-    Raises:
-        ValueError: too few tokens (or rows shorter than ``seqlen``), or ids outside the vocabulary.
-    """
-    tokens = load_tokens(dataset, tokenizer)
-    _check_token_range(tokens, vocab_size, "the dataset")
-    rows = token_rows(dataset)
-    if rows is not None and rows.shape[1] < seqlen:
-        raise ValueError(f"the dataset's sequences have {rows.shape[1]} tokens, fewer than seqlen = {seqlen}")
-    if eval_dataset is None:
-        if rows is not None:
-            held = max(1, int(round(rows.shape[0] * config.val_fraction)))
-            train_data, eval_data = rows[:-held], rows[-held:]
-        else:
-            split = int(tokens.numel() * (1 - config.val_fraction))
-            train_data, eval_data = tokens[:split], tokens[split:]
-    else:
-        train_data = rows if rows is not None else tokens
-        eval_tokens = load_tokens(eval_dataset, tokenizer)
-        _check_token_range(eval_tokens, vocab_size, "the evaluation dataset")
-        eval_rows = token_rows(eval_dataset)
-        eval_data = eval_rows if eval_rows is not None else eval_tokens
-    return _training_windows(train_data, config, seqlen), held_out_windows(eval_data, seqlen, config.eval_windows)
-
-
 def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -> torch.Tensor:
     """``[num_steps, batch_size]`` window indices: consecutive epochs, each a seeded permutation."""
     generator = torch.Generator().manual_seed(seed * 7919 + 3)
@@ -444,7 +344,7 @@ def pv_tune(
         quantized_dir: its AQLM quantization (the student), e.g. from :func:`aqlm.quantize.quantize_model`.
         dataset: calibration text (.txt/.jsonl, needs the teacher's tokenizer) or tokens (.pt file
             or integer tensor): a 1-D stream, or 2-D ``[n, length]`` independent sequences whose
-            windows start at the rows' beginnings (see :func:`prepare_windows`).
+            windows start at the rows' beginnings (see :func:`aqlm.data.prepare_windows`).
         out_dir: receives the tuned Hugging Face AQLM checkpoint, ``pv_report.json`` and, while
             training, the resumable checkpoint ``pv_checkpoint/``.
         config: all settings (:class:`PVConfig`).
@@ -496,7 +396,8 @@ def pv_tune(
     save_dtype = _stored_codebook_dtype(quantized_dir) if config.save_dtype == "auto" else _DTYPES[config.save_dtype]
     seqlen = min(config.seqlen, getattr(teacher.config, "max_position_embeddings", None) or config.seqlen)
     windows, eval_windows = prepare_windows(
-        dataset, eval_dataset, tokenizer, config, seqlen, int(teacher.config.vocab_size)
+        dataset, eval_dataset, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
+        val_fraction=config.val_fraction, eval_windows=config.eval_windows, vocab_size=int(teacher.config.vocab_size),
     )
     fingerprint = {
         "config": config.fingerprint(),
