@@ -366,6 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models.real import RealModelUnavailable
 
     args = build_parser().parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError, RealModelUnavailable) as error:

@@ -25,11 +25,13 @@ from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha2
 from ..hf import check_model_kind, load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
 from .config import PVConfig
+from .distributed import Distributed, check_batch_split
 from .loss import (
     Evaluation,
     autocast_context,
     distillation_loss_sum,
-    evaluate_student,
+    evaluation_from_sums,
+    evaluation_sums,
     hidden_states,
     split_decoder_and_head,
 )
@@ -225,15 +227,16 @@ def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -
 
 
 class _Trainer:
-    """State and steps of one run (see :func:`pv_tune`)."""
+    """State and steps of one run on one rank (see :func:`pv_tune` and :mod:`aqlm.pv_tuning.distributed`)."""
 
-    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, log):
+    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist):
+        self.dist: Distributed = dist
+        self.local_batch = check_batch_split(config.batch_size, config.microbatch_size, dist.world_size)
         self.teacher, self.student = teacher, student
         self.entries, self.non_quantized = entries, non_quantized
         self.optimizer: PVOptimizer = optimizer
         self.windows, self.eval_windows = windows, eval_windows
         self.config = config
-        self.log = log
         self.student_decoder, self.student_head = split_decoder_and_head(student)
         self.teacher_decoder, self.teacher_head = split_decoder_and_head(teacher)
         self.schedule = window_schedule(windows.shape[0], config.batch_size, config.num_steps, config.seed)
@@ -243,13 +246,18 @@ class _Trainer:
         self.best: Optional[dict] = None
 
     def train_step(self) -> float:
-        """Forward/backward over the microbatches of the next step; returns the mean KL per token."""
+        """Forward/backward over this rank's microbatches of the next step; returns the mean KL per token.
+
+        Each rank's loss is divided by the token count of the global batch and the gradients are
+        summed over the ranks, so they are those of the mean loss over the global batch.
+        """
         config = self.config
         batch = self.windows[self.schedule[self.step]]
         tokens = batch.numel()
+        local = batch[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch]
         self.optimizer.zero_grad()
         total = 0.0
-        for micro in batch.split(config.microbatch_size):
+        for micro in local.split(config.microbatch_size):
             with autocast_context(config.bf16):
                 student_hidden = hidden_states(self.student_decoder, micro)
                 with torch.no_grad():
@@ -258,19 +266,34 @@ class _Trainer:
                 student_hidden, teacher_hidden, self.student_head, self.teacher_head, config.bf16
             )
             value = float(loss_sum.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the loss is {value} at step {self.step + 1}: training diverged or the student produces "
-                    "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
-                )
-            (loss_sum / tokens).backward()
             total += value
+            if not math.isfinite(value):
+                break
+            (loss_sum / tokens).backward()
+        (total,) = self.dist.sum_floats([total])
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"the loss is {total} at step {self.step + 1}: training diverged or the student produces "
+                "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
+            )
+        self.dist.sum_gradients(self.student.parameters())
         return total / tokens
 
-    def evaluate(self) -> dict:
-        result: Evaluation = evaluate_student(
-            self.student, self.teacher, self.eval_windows, self.config.eval_batch_size
+    def evaluate_windows(self, windows: torch.Tensor) -> Evaluation:
+        """Evaluate the student on ``windows``, each rank on its share; the same result on every rank."""
+        nll, kl = evaluation_sums(
+            self.student, self.teacher, windows[self.dist.share(windows.shape[0])], self.config.eval_batch_size
         )
+        nll, kl = self.dist.sum_floats([nll, kl])
+        return evaluation_from_sums(nll, kl, windows.shape[0], windows.shape[1])
+
+    def check_synchronised(self) -> None:
+        """Raise RuntimeError if the ranks' trained state differs (see :meth:`Distributed.check_identical`)."""
+        tensors = [t for e in self.entries for t in (e.quantized.codes, e.quantized.codebooks, e.quantized.scales)]
+        self.dist.check_identical(tensors + list(self.non_quantized.values()), "codes, codebooks, scales or parameters")
+
+    def evaluate(self) -> dict:
+        result = self.evaluate_windows(self.eval_windows)
         record = {"step": self.step, "perplexity": result.perplexity, "kl": result.kl}
         self.evaluations.append(record)
         metric = record[self.config.select_by]
@@ -317,6 +340,32 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+
+
+def _no_log(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _prepare_output_dir(out_dir: Path, dense_dir: Path, quantized_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check that the run may write ``out_dir``; with ``overwrite`` (and no ``resume``), clear an earlier run there."""
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    check_output_dir(out_dir, {"dense": dense_dir, "quantized": quantized_dir}, checkpoint_path, resume, overwrite)
+    if overwrite and not resume:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        (out_dir / REPORT_FILE).unlink(missing_ok=True)
+    if (out_dir / REPORT_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a finished PV-Tuning run; choose another output directory")
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(
+            f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
+            "or choose another output directory"
+        )
+
+
+def _read_checkpoint(path: Path) -> Optional[dict]:
+    """The resumable state at ``path``, or None when there is none."""
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 def _eval_due(step: int, config: PVConfig) -> bool:
@@ -368,25 +417,26 @@ def pv_tune(
         FloatingPointError: the loss became NaN or infinite.
 
     A KeyboardInterrupt between steps writes a checkpoint of the last finished step before it propagates.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) the run is data-parallel
+    (see :mod:`aqlm.pv_tuning.distributed`): every process calls ``pv_tune`` with the same
+    arguments, each takes an equal share of every batch (``batch_size`` must then be a multiple of
+    the number of processes times ``microbatch_size``), the result equals that of one process up
+    to float rounding, and only rank 0 logs, shows progress and writes ``out_dir``. Every rank
+    returns the same report and calls ``callback``.
     """
     started = time.perf_counter()
     config = config or PVConfig()
+    dist = Distributed.current()
+    check_batch_split(config.batch_size, config.microbatch_size, dist.world_size)
+    if not dist.is_main:
+        progress, log = False, _no_log
     dense_dir, quantized_dir, out_dir = Path(dense_dir), Path(quantized_dir), Path(out_dir)
     check_model_kind(dense_dir, "dense", "dense model")
     check_model_kind(quantized_dir, "aqlm", "quantized model")
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-    check_output_dir(out_dir, {"dense": dense_dir, "quantized": quantized_dir}, checkpoint_path, resume, overwrite)
-    if overwrite and not resume:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        (out_dir / REPORT_FILE).unlink(missing_ok=True)
-    if (out_dir / REPORT_FILE).exists():
-        raise FileExistsError(f"{out_dir} already holds a finished PV-Tuning run; choose another output directory")
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(
-            f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
-            "or choose another output directory"
-        )
+    dist.on_main(lambda: _prepare_output_dir(out_dir, dense_dir, quantized_dir, resume, overwrite))
 
     teacher, tokenizer = load_causal_lm(dense_dir, kind="dense", dtype=torch.float32, use_cache=False,
                                         role="dense model")
@@ -413,10 +463,10 @@ def pv_tune(
     student.train()
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
-    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, log)
+    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist)
 
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = dist.on_main(lambda: _read_checkpoint(checkpoint_path) if resume else None)
+    if state is not None:
         if state["fingerprint"] != fingerprint:
             changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
             raise ValueError(
@@ -425,7 +475,8 @@ def pv_tune(
             )
         trainer.load_checkpoint_state(state)
         log(f"resumed from {checkpoint_path} at step {trainer.step}")
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not trainer.evaluations or (_eval_due(trainer.step, config) and trainer.evaluations[-1]["step"] != trainer.step):
         record = trainer.evaluate()
         log(f"step {record['step']}: held-out perplexity {record['perplexity']:.4f}, KL {record['kl']:.5f}")
@@ -442,6 +493,7 @@ def pv_tune(
             trainer.step += 1
             record = {"step": trainer.step, "loss": loss, "codes_changed": stats.changed_fraction}
             trainer.steps.append(record)
+            trainer.check_synchronised()
             updating = False
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", codes=f"{100 * stats.changed_fraction:.3f}%")
@@ -452,12 +504,13 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
-                atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+                if dist.is_main:
+                    atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
-        if not updating and trainer.step > saved_step:
+        if not updating and trainer.step > saved_step and dist.is_main:
             atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
@@ -473,8 +526,7 @@ def pv_tune(
     student.eval()
     student.requires_grad_(False)
     restore_quantized(student, entries, save_dtype)
-    final = evaluate_student(student, teacher, eval_windows, config.eval_batch_size)
-    save_quantized(student, out_dir, tokenizer, storage_dtype=save_dtype)
+    final = trainer.evaluate_windows(eval_windows)
     report = PVReport(
         out_dir=out_dir,
         config=config.to_dict(),
@@ -483,8 +535,14 @@ def pv_tune(
         best_step=best_step,
         final={"step": best_step, "perplexity": final.perplexity, "kl": final.kl},
         seconds=time.perf_counter() - started,
-        extra={"seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype)},
+        extra={
+            "seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype),
+            "processes": dist.world_size,
+        },
     )
-    atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if dist.is_main:
+        save_quantized(student, out_dir, tokenizer, storage_dtype=save_dtype)
+        atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    dist.barrier()
     return report
