@@ -290,7 +290,9 @@ class _Trainer:
     def check_synchronised(self) -> None:
         """Raise RuntimeError if the ranks' trained state differs (see :meth:`Distributed.check_identical`)."""
         tensors = [t for e in self.entries for t in (e.quantized.codes, e.quantized.codebooks, e.quantized.scales)]
-        self.dist.check_identical(tensors + list(self.non_quantized.values()), "codes, codebooks, scales or parameters")
+        if self.config.update_non_quantized_parameters:
+            tensors += list(self.non_quantized.values())
+        self.dist.check_identical(tensors, "codes, codebooks, scales or parameters")
 
     def evaluate(self) -> dict:
         result = self.evaluate_windows(self.eval_windows)
