@@ -210,7 +210,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     nproc = check_nproc(args.nproc, os.environ)
     config = quantize_config_from_args(args)
     if nproc > 1:
-        return _launch_workers(nproc, args.argv)
+        return _launch_workers(nproc, args.command_line)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _resolve_model(args.model)
@@ -252,15 +252,10 @@ def _add_eval(subparsers) -> None:
 
 
 def load_model(path: Path):
-    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None); see :func:`aqlm.hf.load_causal_lm`."""
+    from .hf import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+    return load_causal_lm(path)
 
 
 def evaluate_model(model, tokenizer, dataset, seqlen: int, max_windows: Optional[int], batch_size: int = 1,
@@ -426,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv  # quantize --nproc starts its workers with the same arguments
+    args.command_line = argv  # --nproc starts its workers with the same arguments
     try:
         return args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError, RealModelUnavailable) as error:

@@ -2,14 +2,16 @@
 
 The protocol is the one of GPTQ and AQLM (``get_loaders``): a corpus is joined into one string,
 tokenized once, and then cut into windows of ``seqlen`` tokens, either random windows (calibration)
-or consecutive non-overlapping ones (perplexity).
+or consecutive non-overlapping ones (perplexity). 2-D token data ``[n, length]`` holds independent
+sequences instead (e.g. samples from a dense model): their windows are the rows' prefixes
+(:func:`prepare_windows`, used by PV-Tuning).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -17,6 +19,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_SUFFIXES = (".pt", ".pth")
 
 PathLike = Union[str, os.PathLike]
+Dataset = Union[PathLike, torch.Tensor]
 
 
 def load_text(path: PathLike) -> str:
@@ -156,3 +159,114 @@ def evaluation_windows(tokens: torch.Tensor, seqlen: int) -> torch.LongTensor:
     _check_positive_int("seqlen", seqlen)
     count = tokens.numel() // seqlen
     return tokens[: count * seqlen].to(torch.long).reshape(count, seqlen)
+
+
+def _check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"{what} holds token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
+            f"{vocab_size} entries"
+        )
+
+
+def token_rows(dataset: Dataset) -> Optional[torch.LongTensor]:
+    """The dataset as ``[n, length]`` independent sequences if it is (or a .pt file holds) a 2-D integer tensor.
+
+    Returns None for text files and 1-D token streams.
+    """
+    if isinstance(dataset, torch.Tensor):
+        stored = dataset
+    else:
+        path = Path(dataset)
+        if path.suffix.lower() not in TOKEN_SUFFIXES or not path.is_file():
+            return None
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, torch.Tensor) or stored.dim() != 2 or stored.is_floating_point():
+        return None
+    return stored.to(torch.long)
+
+
+def training_windows(data: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """``[nsamples, seqlen]`` training windows of a 1-D stream or of 2-D independent sequences.
+
+    A stream gives :func:`calibration_windows`; rows ``[n, length]`` give the first ``seqlen``
+    tokens of each row, in consecutive seeded random orders of all rows (rows repeat when
+    ``nsamples > n``).
+
+    Raises:
+        ValueError: no row, or fewer than ``seqlen + 1`` tokens in a stream.
+    """
+    if data.dim() == 2:
+        if data.shape[0] == 0:
+            raise ValueError("too few sequences: none is left for training after holding out the evaluation ones")
+        generator = torch.Generator().manual_seed(seed)
+        rounds = -(-nsamples // data.shape[0])
+        order = torch.cat([torch.randperm(data.shape[0], generator=generator) for _ in range(rounds)])
+        return data[order[:nsamples], :seqlen]
+    if data.numel() < seqlen + 1:
+        raise ValueError(
+            f"too few tokens: training windows of {seqlen} need at least {seqlen + 1} tokens, the dataset gives "
+            f"{data.numel()} for training (lower seqlen or pass more data)"
+        )
+    return calibration_windows(data, nsamples, seqlen, seed)
+
+
+def held_out_windows(data: torch.Tensor, seqlen: int, count: int) -> torch.LongTensor:
+    """At most ``count`` evaluation windows: prefixes of the rows of 2-D data, else consecutive windows of a stream.
+
+    Raises:
+        ValueError: not a single window of ``seqlen`` tokens fits.
+    """
+    windows = data[:count, :seqlen] if data.dim() == 2 else evaluation_windows(data, seqlen)[:count]
+    if windows.shape[0] == 0 or windows.shape[1] < seqlen:
+        raise ValueError(
+            f"too few tokens for evaluation: one window of {seqlen} tokens is needed "
+            "(pass eval_dataset, raise val_fraction or lower seqlen)"
+        )
+    return windows
+
+
+def prepare_windows(
+    dataset: Dataset,
+    eval_dataset: Optional[Dataset],
+    tokenizer: Any,
+    *,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    val_fraction: float,
+    eval_windows: int,
+    vocab_size: int,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Training windows ``[nsamples, seqlen]`` and held-out evaluation windows ``[<= eval_windows, seqlen]``.
+
+    Text and 1-D token data form one stream: training windows start at random positions
+    (:func:`calibration_windows`), evaluation windows are consecutive. 2-D token data
+    ``[n, length]`` holds independent sequences (e.g. samples from the dense model, each starting
+    with BOS): every window is the first ``seqlen`` tokens of a row, training rows in a seeded
+    random order (:func:`training_windows`). Without ``eval_dataset``, the last ``val_fraction`` of
+    the tokens (or of the rows, at least one) is held out for evaluation and the training windows
+    come from the rest. The result depends only on the arguments.
+
+    Raises:
+        ValueError: too few tokens (or rows shorter than ``seqlen``), or ids outside ``[0, vocab_size)``.
+    """
+    tokens = load_tokens(dataset, tokenizer)
+    _check_token_range(tokens, vocab_size, "the dataset")
+    rows = token_rows(dataset)
+    if rows is not None and rows.shape[1] < seqlen:
+        raise ValueError(f"the dataset's sequences have {rows.shape[1]} tokens, fewer than seqlen = {seqlen}")
+    if eval_dataset is None:
+        if rows is not None:
+            held = max(1, int(round(rows.shape[0] * val_fraction)))
+            train_data, eval_data = rows[:-held], rows[-held:]
+        else:
+            split = int(tokens.numel() * (1 - val_fraction))
+            train_data, eval_data = tokens[:split], tokens[split:]
+    else:
+        train_data = rows if rows is not None else tokens
+        eval_tokens = load_tokens(eval_dataset, tokenizer)
+        _check_token_range(eval_tokens, vocab_size, "the evaluation dataset")
+        eval_rows = token_rows(eval_dataset)
+        eval_data = eval_rows if eval_rows is not None else eval_tokens
+    return training_windows(train_data, nsamples, seqlen, seed), held_out_windows(eval_data, seqlen, eval_windows)

@@ -199,3 +199,84 @@ def save_quantized(
         saved["quantization_config"] = config
         config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+MODEL_KINDS = ("any", "dense", "aqlm")
+
+
+def read_model_config(model_dir: str | os.PathLike, role: str = "model") -> dict:
+    """The ``config.json`` of a Hugging Face model directory, as a dict.
+
+    Raises:
+        FileNotFoundError: the directory or its config.json is missing (the message starts with ``role``).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{role} directory {model_dir} does not exist")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{role} directory {model_dir} has no config.json: not a Hugging Face model")
+    return json.loads(config_path.read_text())
+
+
+def check_model_kind(model_dir: str | os.PathLike, kind: str, role: str = "model") -> dict:
+    """Read ``model_dir``'s config and check that it is a ``kind`` model ("any", "dense" or "aqlm"); returns the config.
+
+    Raises:
+        FileNotFoundError: see :func:`read_model_config`.
+        ValueError: a quantized checkpoint where a dense one is expected, or not an AQLM checkpoint
+            where one is expected, or an unknown ``kind``.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    config = read_model_config(model_dir, role)
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if kind == "dense" and config.get("quantization_config"):
+        raise ValueError(f"{model_dir} is already quantized ({method}): a dense model is needed")
+    if kind == "aqlm" and method != "aqlm":
+        what = f"quantized with {method!r}" if method else "not quantized"
+        raise ValueError(
+            f"{model_dir} is {what}: an AQLM checkpoint is needed (quantization_config.quant_method 'aqlm'), "
+            "e.g. from aqlm.quantize.quantize_model"
+        )
+    return config
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike,
+    *,
+    kind: str = "any",
+    dtype: Optional[torch.dtype] = None,
+    use_cache: Optional[bool] = None,
+    role: str = "model",
+) -> tuple[nn.Module, Any]:
+    """Load a Hugging Face causal LM (dense or AQLM) in evaluation mode, and its tokenizer (None when it has none).
+
+    This is the package's one model loader: the command line, quantization and PV-Tuning use it.
+
+    Args:
+        model_dir: the model directory.
+        kind: "dense" refuses quantized checkpoints, "aqlm" requires an AQLM checkpoint that loads
+            with at least one :class:`aqlm.QuantizedLinear`, "any" takes either.
+        dtype: dtype of the float parameters (None: Transformers' default).
+        use_cache: if given, set as ``model.config.use_cache``.
+        role: how errors name the directory (e.g. "dense model").
+
+    Raises:
+        FileNotFoundError: the directory or its config.json is missing.
+        ValueError: the checkpoint is not of ``kind``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_kind(model_dir, kind, role)
+    options = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **options).eval()
+    if kind == "aqlm" and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError(f"{model_dir} loaded without any aqlm.QuantizedLinear layer: not an AQLM checkpoint")
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer

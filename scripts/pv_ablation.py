@@ -39,10 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from aqlm.data import load_tokens  # noqa: E402
+from aqlm.data import held_out_windows, load_tokens, token_rows  # noqa: E402
 from aqlm.format import AqlmScheme  # noqa: E402
 from aqlm.pv_tuning import PVConfig, evaluate_student, pv_tune  # noqa: E402
-from aqlm.pv_tuning.train import held_out_windows, token_rows  # noqa: E402
 from aqlm.quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model  # noqa: E402
 
 

@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from aqlm.data import calibration_windows, evaluation_windows, load_text, load_tokens, tokenize_text
+from aqlm.data import (
+    calibration_windows,
+    evaluation_windows,
+    load_text,
+    load_tokens,
+    prepare_windows,
+    tokenize_text,
+)
 
 
 class WordTokenizer:
@@ -93,3 +100,38 @@ def test_evaluation_windows_drop_the_tail():
     assert evaluation_windows(torch.arange(2), 3).shape == (0, 3)
     with pytest.raises(ValueError, match="seqlen"):
         evaluation_windows(torch.arange(10), 0)
+
+
+def _windows(dataset, seqlen: int, **overrides):
+    settings = dict(nsamples=12, seqlen=seqlen, seed=0, val_fraction=0.1, eval_windows=5, vocab_size=96)
+    settings.update(overrides)
+    return prepare_windows(dataset, None, None, **settings)
+
+
+def test_two_dimensional_tokens_are_independent_sequences():
+    rows = torch.arange(10 * 40).view(10, 40) % 96
+    windows, held_out = _windows(rows, 32)
+    assert windows.shape == (12, 32) and held_out.shape == (1, 32)
+    starts = {int(w[0]) for w in windows}
+    assert starts == {int(r[0]) for r in rows[:9]}  # every training window is a row prefix, held-out row excluded
+    torch.testing.assert_close(held_out, rows[9:, :32])
+    with pytest.raises(ValueError, match="fewer than seqlen"):
+        _windows(rows, 48)
+
+
+def test_stream_windows_are_seeded_calibration_windows_of_the_head_and_consecutive_ones_of_the_tail():
+    tokens = torch.randint(0, 96, (1000,), generator=torch.Generator().manual_seed(1))
+    windows, held_out = _windows(tokens, 16, seed=3)
+    torch.testing.assert_close(windows, calibration_windows(tokens[:900], 12, 16, 3))
+    torch.testing.assert_close(held_out, evaluation_windows(tokens[900:], 16)[:5])
+    again, _ = _windows(tokens, 16, seed=3)
+    assert torch.equal(windows, again) and not torch.equal(windows, _windows(tokens, 16, seed=4)[0])
+
+
+def test_window_errors_name_the_problem():
+    with pytest.raises(ValueError, match="vocabulary"):
+        _windows(torch.full((500,), 200), 16)
+    with pytest.raises(ValueError, match="too few tokens: training windows"):
+        _windows(torch.arange(10), 16)
+    with pytest.raises(ValueError, match="too few tokens for evaluation"):
+        _windows(torch.arange(100) % 96, 16)

@@ -176,6 +176,15 @@ def test_trust_ratio_bounds_the_weight_change():
     assert change**2 - group_changes.max() <= (0.05 * before.norm()) ** 2 + 1e-4
 
 
+@pytest.mark.parametrize("trust_ratio", [None, 0.05])
+def test_reencode_returns_the_exact_weight_of_its_codes(trust_ratio):
+    codes, codebooks, scales = random_weight(32, 32, AqlmScheme(2, 4, 4), seed=12)
+    reference = dequantize(codes, codebooks, scales) + torch.randn(32, 32, generator=torch.Generator().manual_seed(13))
+    result = reencode_codes(reference, codes, codebooks, scales, max_change_fraction=0.5, trust_ratio=trust_ratio)
+    assert result.changed_groups > 0 and result.weight.dtype == torch.float32
+    assert torch.equal(result.weight, dequantize(result.codes, codebooks, scales).float())
+
+
 def test_reencode_rejects_bad_arguments():
     codes, codebooks, scales = random_weight(8, 16, AqlmScheme(1, 4, 4), seed=9)
     reference = dequantize(codes, codebooks, scales)
@@ -214,6 +223,21 @@ def single_layer_problem(delta_decay: float, **overrides):
         return loss.detach()
 
     return optimizer, entry, closure
+
+
+@pytest.mark.parametrize("overrides", [dict(delta_decay=0.3, code_trust_ratio=0.05), dict(delta_decay=1.0)])
+def test_a_v_step_dequantizes_each_layer_twice(monkeypatch, overrides):
+    from aqlm.pv_tuning import optim, reencode
+
+    optimizer, entry, closure = single_layer_problem(**overrides)
+    calls = []
+    for module in (optim, reencode):
+        real = module.dequantize
+        monkeypatch.setattr(module, "dequantize", lambda *args, real=real: calls.append(1) or real(*args))
+    closure()
+    assert optimizer.step().changed_groups > 0
+    assert len(calls) == 2  # the previous and the new weight
+    torch.testing.assert_close(entry.linear.weight.detach(), entry.quantized_weight(), rtol=0, atol=0)
 
 
 def test_direct_v_step_has_no_straight_through_buffers():
@@ -426,20 +450,6 @@ def test_pv_tune_saves_a_loadable_checkpoint(model_dirs, tmp_path):
     name = "model.layers.0.mlp.up_proj"
     assert not torch.equal(original[f"{name}.codes"], tuned[f"{name}.codes"])
     assert json.loads((out / REPORT_FILE).read_text())["final"] == report.final
-
-
-def test_two_dimensional_tokens_are_independent_sequences():
-    from aqlm.pv_tuning.train import prepare_windows
-
-    rows = torch.arange(10 * 40).view(10, 40) % VOCAB
-    config = fast_config(nsamples=12, seqlen=32, eval_windows=5)
-    windows, held_out = prepare_windows(rows, None, None, config, 32, VOCAB)
-    assert windows.shape == (12, 32) and held_out.shape == (1, 32)
-    starts = {int(w[0]) for w in windows}
-    assert starts == {int(r[0]) for r in rows[:9]}  # every training window is a row prefix, held-out row excluded
-    torch.testing.assert_close(held_out, rows[9:, :32])
-    with pytest.raises(ValueError, match="fewer than seqlen"):
-        prepare_windows(rows, None, None, config, 48, VOCAB)
 
 
 def test_p_only_tuning_leaves_codes_unchanged(model_dirs, tmp_path):

@@ -5,15 +5,25 @@ Example::
     python -m aqlm finetune --base DENSE_DIR --quantized AQLM_DIR --dataset calib.txt --out OUT_DIR \\
         --steps 200 --batch-size 8 --seqlen 512 --eval-dataset test.txt
 
-Wire it in with ``add_arguments(subparsers.add_parser("finetune", ...))`` and ``run(args)``.
+Data-parallel over several processes: ``--nproc N`` (one machine), or ``torchrun`` for several
+machines (see :mod:`aqlm.pv_tuning.distributed`)::
+
+    python -m aqlm finetune --nproc 4 --threads 4 ...
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m aqlm finetune ...
+
+Wire it in with ``add_arguments(subparsers.add_parser("finetune", ...))`` and ``run(args)``;
+``--nproc`` re-runs the command line that ``aqlm.cli.main`` keeps in ``args.command_line``.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from typing import Sequence
 
 from ..argtypes import int_at_least
 from .config import SAVE_DTYPES, SELECT_BY, PVConfig
+from .distributed import Distributed, check_batch_split, environment_world_size, init_from_environment
 
 _DEFAULTS = PVConfig()
 
@@ -85,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     other.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     other.add_argument("--threads", type=int_at_least(1), default=None, help="torch and C threads (default: torch's)")
     other.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    other.add_argument("--nproc", type=int_at_least(1), default=None,
+                       help="data-parallel over this many local processes (torch.distributed.run --standalone); "
+                            "--batch-size must be a multiple of nproc x --microbatch-size")
 
 
 def config_from_args(args: argparse.Namespace) -> PVConfig:
@@ -128,18 +141,69 @@ def config_from_args(args: argparse.Namespace) -> PVConfig:
     )
 
 
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` / ``--nproc=N`` options."""
+    kept: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run this ``finetune`` command in ``args.nproc`` processes with ``torch.distributed.run --standalone``.
+
+    Returns 0, or the launcher's non-zero exit status after a one-line message when a process failed.
+
+    Raises:
+        ValueError: under ``torchrun`` already, without the command line, or a batch that does not split.
+    """
+    from ..hf import check_model_kind
+
+    if environment_world_size() > 1:
+        raise ValueError("--nproc starts its own processes: leave it out when running under torchrun")
+    argv = getattr(args, "command_line", None)
+    if argv is None:
+        raise ValueError("--nproc re-runs the command line: use it with `python -m aqlm finetune`")
+    config = config_from_args(args)
+    check_batch_split(config.batch_size, config.microbatch_size, args.nproc)
+    check_model_kind(args.base, "dense", "dense model")
+    check_model_kind(args.quantized, "aqlm", "quantized model")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        "-m", "aqlm", *without_nproc(argv),
+    ]
+    status = subprocess.run(command).returncode
+    if status != 0:
+        print(f"error: finetune failed in its {args.nproc} processes (torch.distributed.run exited with status "
+              f"{status}; their messages are above)", file=sys.stderr)
+    return status
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``finetune``; returns the exit status (1 when training diverged).
 
-    Bad input raises FileNotFoundError, FileExistsError or ValueError with a message naming the problem.
+    With ``--nproc`` it launches the processes (:func:`launch`); under ``torchrun`` each process
+    joins the process group and trains its share. Bad input raises FileNotFoundError,
+    FileExistsError or ValueError with a message naming the problem.
     """
     import torch
+    import torch.distributed
 
     from .train import pv_tune
 
+    if args.nproc is not None:
+        return launch(args)
     config = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    joined = init_from_environment()
+    main = Distributed.current().is_main
     try:
         report = pv_tune(
             args.base,
@@ -153,8 +217,13 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     except FloatingPointError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if main:
+            print(f"error: {error}", file=sys.stderr)
         return 1
-    print(report.summary())
-    print(f"checkpoint: {report.out_dir}")
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if main:
+        print(report.summary())
+        print(f"checkpoint: {report.out_dir}")
     return 0

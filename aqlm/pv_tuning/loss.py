@@ -115,17 +115,17 @@ class Evaluation:
         return {"perplexity": self.perplexity, "kl": self.kl, "windows": self.windows, "seqlen": self.seqlen}
 
 
-def evaluate_student(
+def evaluation_sums(
     student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 4
-) -> Evaluation:
-    """Perplexity and mean KL(teacher || student) of ``student`` on ``windows`` ``[n, seqlen]``, in float32.
+) -> tuple[float, float]:
+    """Summed next-token NLL of ``student`` and summed KL(teacher || student) over ``windows`` ``[n, seqlen]``.
 
-    Perplexity follows the GPTQ/AQLM protocol of :func:`aqlm.evaluate.perplexity` (positions
-    ``0..seqlen-2`` predict the next token; ``exp`` of the mean NLL); the KL is averaged over all
-    ``n * seqlen`` positions as in :func:`aqlm.evaluate.kl_divergence`. Both come from one pass.
+    The NLL covers positions ``0..seqlen-2`` of every window, the KL all positions; both are float64
+    sums, so the results of disjoint sets of windows add up (see :func:`evaluation_from_sums`).
+    ``n`` may be 0 (both sums are 0).
     """
-    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"evaluation windows must be a non-empty [n, seqlen >= 2] tensor, got {tuple(windows.shape)}")
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"evaluation windows must be a [n, seqlen >= 2] tensor, got {tuple(windows.shape)}")
     student_decoder, student_head = split_decoder_and_head(student)
     teacher_decoder, teacher_head = split_decoder_and_head(teacher)
     was_training = student.training
@@ -154,9 +154,26 @@ def evaluate_student(
                         nll -= float(picked.double().sum())
     finally:
         student.train(was_training)
+    return nll, kl
+
+
+def evaluation_from_sums(nll: float, kl: float, count: int, seqlen: int) -> Evaluation:
+    """The :class:`Evaluation` of ``count`` windows of ``seqlen`` tokens from their :func:`evaluation_sums`."""
     return Evaluation(
-        perplexity=math.exp(nll / (count * (length - 1))),
-        kl=kl / (count * length),
-        windows=count,
-        seqlen=length,
+        perplexity=math.exp(nll / (count * (seqlen - 1))), kl=kl / (count * seqlen), windows=count, seqlen=seqlen
     )
+
+
+def evaluate_student(
+    student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 4
+) -> Evaluation:
+    """Perplexity and mean KL(teacher || student) of ``student`` on ``windows`` ``[n, seqlen]``, in float32.
+
+    Perplexity follows the GPTQ/AQLM protocol of :func:`aqlm.evaluate.perplexity` (positions
+    ``0..seqlen-2`` predict the next token; ``exp`` of the mean NLL); the KL is averaged over all
+    ``n * seqlen`` positions as in :func:`aqlm.evaluate.kl_divergence`. Both come from one pass.
+    """
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"evaluation windows must be a non-empty [n, seqlen >= 2] tensor, got {tuple(windows.shape)}")
+    nll, kl = evaluation_sums(student, teacher, windows, batch_size)
+    return evaluation_from_sums(nll, kl, windows.shape[0], windows.shape[1])

@@ -14,6 +14,10 @@ in the order of upstream AQLM's ``StraightThroughAdamW.step`` (``src/pv_optimize
    :mod:`aqlm.pv_tuning.reencode`), using the codebooks and scales updated in 2; in penalized
    straight-through mode, pull the buffers towards the new quantized weights;
 4. overwrite the de-quantized weights in the model with the new quantized weights.
+
+Per layer and step that is at most three de-quantizations: one without scales for the scales'
+gradient (1.), and in the V step the previous and the new weight (3.; the new one also serves
+4. and the buffer pull). P-only steps de-quantize once in 4.
 """
 from __future__ import annotations
 
@@ -262,12 +266,13 @@ class PVOptimizer:
                 stats.allowed_groups += result.allowed_groups
                 stats.total_groups += result.total_groups
                 if entry.buffer is not None and config.delta_decay != 0:
-                    entry.buffer.mul_(1 - config.delta_decay).add_(entry.quantized_weight(), alpha=config.delta_decay)
+                    entry.buffer.mul_(1 - config.delta_decay).add_(result.weight, alpha=config.delta_decay)
+                entry.linear.weight.copy_(result.weight)
         else:
             stats.total_groups = sum(entry.quantized.codes.shape[0] * entry.quantized.codes.shape[1]
                                      for entry in self.entries)
-        for entry in self.entries:
-            entry.linear.weight.copy_(entry.quantized_weight())
+            for entry in self.entries:
+                entry.linear.weight.copy_(entry.quantized_weight())
         return stats
 
     def state_dict(self) -> dict:

@@ -15,6 +15,13 @@ objective ``||W_ref - What||^2`` (``xtx=None``), but only a subspace of code gro
    (in selection order) whose cumulative change ``||What_new - What_prev||`` stays within
    ``trust_ratio * ||What_prev||``, plus one group more, so that at least one group may change.
 
+The result carries the de-quantized weight of the new codes, so the caller need not de-quantize
+again: without ``trust_ratio`` it is de-quantized once from the new codes; with it, it is put
+together from the two weights step 4 de-quantized anyway (new tiles where changes are kept,
+previous ones elsewhere), which is exact because every weight tile depends only on its group's
+codes. A V step thus de-quantizes each layer twice: the previous weight (for the selection
+and the search's residual) and the new one.
+
 This follows ``beam_search_optimal_codes`` in upstream AQLM's ``src/beam_search_l2.py``. The
 search minimises the scaled error ``s_o^2 ||W_ref / s_o - C||^2`` of each group where upstream
 divides the reference by the scales first; both have the same minimiser per group.
@@ -32,9 +39,10 @@ from ..ops import beam_search, check_weight, dequantize
 
 @dataclass
 class ReencodeResult:
-    """New codes (packed, same shape and dtype as the old ones) and what changed."""
+    """New codes (packed, same shape and dtype as the old ones), their float32 de-quantized weight, and what changed."""
 
     codes: torch.Tensor
+    weight: torch.Tensor
     changed_groups: int
     total_groups: int
     allowed_groups: int
@@ -111,7 +119,8 @@ def reencode_codes(
         num_threads: C threads (default ``torch.get_num_threads()``).
 
     Returns:
-        A :class:`ReencodeResult` with new packed codes.
+        A :class:`ReencodeResult` with new packed codes and their de-quantized weight (float32),
+        bit for bit ``dequantize(codes, codebooks, scales)`` in float32.
     """
     check_weight(codes, codebooks, scales)
     if not 0 < max_change_fraction <= 1:
@@ -162,9 +171,9 @@ def reencode_codes(
         num_threads=num_threads or torch.get_num_threads(),
     )
 
+    weight = dequantize(new_codes, codebooks32, scales32.view(-1, 1, 1, 1)).float()
     if trust_ratio is not None:
-        updated = dequantize(new_codes, codebooks32, scales32.view(-1, 1, 1, 1)).float()
-        change = groupwise_squared_norms(updated - previous, out_group_size, in_group_size).reshape(-1)[order]
+        change = groupwise_squared_norms(weight - previous, out_group_size, in_group_size).reshape(-1)[order]
         cumulative = change.double().cumsum(0).sqrt()
         limit = torch.tensor(trust_ratio * float(previous.norm()), dtype=torch.float64)
         keep = 1 + int(torch.searchsorted(cumulative, limit, side="left"))
@@ -173,10 +182,18 @@ def reencode_codes(
         flat_new = flat_old.clone()
         flat_new[kept] = new_codes.reshape(total, num_codebooks)[kept]
         new_codes = flat_new.view_as(codes).contiguous()
+        kept_groups = torch.zeros(total, dtype=torch.bool)
+        kept_groups[kept] = True
+        tiles = kept_groups.view(num_out_groups, 1, num_in_groups, 1)
+        weight = torch.where(
+            tiles, weight.view(num_out_groups, out_group_size, num_in_groups, in_group_size),
+            previous.view(num_out_groups, out_group_size, num_in_groups, in_group_size),
+        ).view(shape)
 
     changed = int(torch.ne(new_codes, codes).any(dim=-1).sum())
     return ReencodeResult(
         codes=new_codes,
+        weight=weight,
         changed_groups=changed,
         total_groups=total,
         allowed_groups=total if order is None else int(order.numel()),

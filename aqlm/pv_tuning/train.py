@@ -14,23 +14,24 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..data import TOKEN_SUFFIXES, calibration_windows, evaluation_windows, load_tokens
+from ..data import Dataset, prepare_windows
 from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, model_identity, tokens_sha256
-from ..hf import save_quantized
+from ..hf import check_model_kind, load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
-from ..quantize.model import load_dense_model
 from .config import PVConfig
+from .distributed import Distributed, check_batch_split
 from .loss import (
     Evaluation,
     autocast_context,
     distillation_loss_sum,
-    evaluate_student,
+    evaluation_from_sums,
+    evaluation_sums,
     hidden_states,
     split_decoder_and_head,
 )
@@ -45,9 +46,6 @@ _MATCHING_CONFIG_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads",
 )
-
-Dataset = Union[str, os.PathLike, torch.Tensor]
-
 
 @dataclass
 class PVReport:
@@ -110,26 +108,6 @@ def _dataset_identity(dataset: Optional[Dataset]) -> Optional[dict]:
     return {"name": Path(dataset).name, "sha256": file_sha256(Path(dataset))}
 
 
-def _read_model_config(model_dir: Path, role: str) -> dict:
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{role} model directory {model_dir} does not exist")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{role} model directory {model_dir} has no config.json: not a Hugging Face model")
-    return json.loads(config_path.read_text())
-
-
-def _check_student_config(quantized_dir: Path) -> None:
-    config = _read_model_config(quantized_dir, "quantized")
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method != "aqlm":
-        what = f"quantized with {method!r}" if method else "not quantized"
-        raise ValueError(
-            f"{quantized_dir} is {what}: PV-Tuning needs an AQLM checkpoint (quantization_config.quant_method "
-            "'aqlm'), e.g. from aqlm.quantize.quantize_model"
-        )
-
-
 def _stored_codebook_dtype(quantized_dir: Path) -> torch.dtype:
     from safetensors import safe_open
 
@@ -150,14 +128,7 @@ def load_student(quantized_dir: Union[str, os.PathLike]) -> nn.Module:
         FileNotFoundError: the directory or its config.json is missing.
         ValueError: it is not an AQLM checkpoint, or holds no ``QuantizedLinear`` layer.
     """
-    from transformers import AutoModelForCausalLM
-
-    quantized_dir = Path(quantized_dir)
-    _check_student_config(quantized_dir)
-    model = AutoModelForCausalLM.from_pretrained(quantized_dir, dtype=torch.float32)
-    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        raise ValueError(f"{quantized_dir} loaded without any aqlm.QuantizedLinear layer: not an AQLM student")
-    return model
+    return load_causal_lm(quantized_dir, kind="aqlm", dtype=torch.float32, role="quantized model")[0]
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
@@ -247,103 +218,6 @@ def _restore_snapshot(snapshot: dict, entries: list[QuantizedEntry], non_quantiz
         p.copy_(snapshot["non_quantized"][name])
 
 
-def _check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(
-            f"{what} holds token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
-            f"{vocab_size} entries"
-        )
-
-
-def token_rows(dataset: Dataset) -> Optional[torch.Tensor]:
-    """The dataset as ``[n, length]`` independent sequences if it is (or a .pt file holds) a 2-D integer tensor.
-
-    Returns None for text files and 1-D token streams.
-    """
-    if isinstance(dataset, torch.Tensor):
-        stored = dataset
-    else:
-        path = Path(dataset)
-        if path.suffix.lower() not in TOKEN_SUFFIXES or not path.is_file():
-            return None
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(stored, torch.Tensor) or stored.dim() != 2 or stored.is_floating_point():
-        return None
-    return stored.to(torch.long)
-
-
-def _training_windows(data: torch.Tensor, config: PVConfig, seqlen: int) -> torch.Tensor:
-    if data.dim() == 2:
-        if data.shape[0] == 0:
-            raise ValueError("too few sequences: none is left for training after holding out the evaluation ones")
-        generator = torch.Generator().manual_seed(config.seed)
-        rounds = -(-config.nsamples // data.shape[0])
-        order = torch.cat([torch.randperm(data.shape[0], generator=generator) for _ in range(rounds)])
-        return data[order[: config.nsamples], :seqlen]
-    if data.numel() < seqlen + 1:
-        raise ValueError(
-            f"too few tokens: training windows of {seqlen} need at least {seqlen + 1} tokens, the dataset gives "
-            f"{data.numel()} for training (lower seqlen or pass more data)"
-        )
-    return calibration_windows(data, config.nsamples, seqlen, config.seed)
-
-
-def held_out_windows(data: torch.Tensor, seqlen: int, count: int) -> torch.Tensor:
-    """At most ``count`` evaluation windows: prefixes of the rows of 2-D data, else consecutive windows of a stream.
-
-    Raises:
-        ValueError: not a single window of ``seqlen`` tokens fits.
-    """
-    windows = data[:count, :seqlen] if data.dim() == 2 else evaluation_windows(data, seqlen)[:count]
-    if windows.shape[0] == 0 or windows.shape[1] < seqlen:
-        raise ValueError(
-            f"too few tokens for evaluation: one window of {seqlen} tokens is needed "
-            "(pass eval_dataset, raise val_fraction or lower seqlen)"
-        )
-    return windows
-
-
-def prepare_windows(
-    dataset: Dataset,
-    eval_dataset: Optional[Dataset],
-    tokenizer: Any,
-    config: PVConfig,
-    seqlen: int,
-    vocab_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training windows ``[nsamples, seqlen]`` and held-out evaluation windows ``[<= eval_windows, seqlen]``.
-
-    Text and 1-D token data form one stream: training windows start at random positions
-    (:func:`aqlm.data.calibration_windows`), evaluation windows are consecutive. 2-D token data
-    ``[n, length]`` holds independent sequences (e.g. samples from the dense model, each starting
-    with BOS): every window is the first ``seqlen`` tokens of a row, training rows in a seeded
-    random order. Without ``eval_dataset``, the last ``val_fraction`` of the tokens (or of the rows,
-    at least one) is held out for evaluation and the training windows come from the rest.
-
-    Raises:
-        ValueError: too few tokens (or rows shorter than ``seqlen``), or ids outside the vocabulary.
-    """
-    tokens = load_tokens(dataset, tokenizer)
-    _check_token_range(tokens, vocab_size, "the dataset")
-    rows = token_rows(dataset)
-    if rows is not None and rows.shape[1] < seqlen:
-        raise ValueError(f"the dataset's sequences have {rows.shape[1]} tokens, fewer than seqlen = {seqlen}")
-    if eval_dataset is None:
-        if rows is not None:
-            held = max(1, int(round(rows.shape[0] * config.val_fraction)))
-            train_data, eval_data = rows[:-held], rows[-held:]
-        else:
-            split = int(tokens.numel() * (1 - config.val_fraction))
-            train_data, eval_data = tokens[:split], tokens[split:]
-    else:
-        train_data = rows if rows is not None else tokens
-        eval_tokens = load_tokens(eval_dataset, tokenizer)
-        _check_token_range(eval_tokens, vocab_size, "the evaluation dataset")
-        eval_rows = token_rows(eval_dataset)
-        eval_data = eval_rows if eval_rows is not None else eval_tokens
-    return _training_windows(train_data, config, seqlen), held_out_windows(eval_data, seqlen, config.eval_windows)
-
-
 def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -> torch.Tensor:
     """``[num_steps, batch_size]`` window indices: consecutive epochs, each a seeded permutation."""
     generator = torch.Generator().manual_seed(seed * 7919 + 3)
@@ -353,15 +227,16 @@ def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -
 
 
 class _Trainer:
-    """State and steps of one run (see :func:`pv_tune`)."""
+    """State and steps of one run on one rank (see :func:`pv_tune` and :mod:`aqlm.pv_tuning.distributed`)."""
 
-    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, log):
+    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist):
+        self.dist: Distributed = dist
+        self.local_batch = check_batch_split(config.batch_size, config.microbatch_size, dist.world_size)
         self.teacher, self.student = teacher, student
         self.entries, self.non_quantized = entries, non_quantized
         self.optimizer: PVOptimizer = optimizer
         self.windows, self.eval_windows = windows, eval_windows
         self.config = config
-        self.log = log
         self.student_decoder, self.student_head = split_decoder_and_head(student)
         self.teacher_decoder, self.teacher_head = split_decoder_and_head(teacher)
         self.schedule = window_schedule(windows.shape[0], config.batch_size, config.num_steps, config.seed)
@@ -371,13 +246,18 @@ class _Trainer:
         self.best: Optional[dict] = None
 
     def train_step(self) -> float:
-        """Forward/backward over the microbatches of the next step; returns the mean KL per token."""
+        """Forward/backward over this rank's microbatches of the next step; returns the mean KL per token.
+
+        Each rank's loss is divided by the token count of the global batch and the gradients are
+        summed over the ranks, so they are those of the mean loss over the global batch.
+        """
         config = self.config
         batch = self.windows[self.schedule[self.step]]
         tokens = batch.numel()
+        local = batch[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch]
         self.optimizer.zero_grad()
         total = 0.0
-        for micro in batch.split(config.microbatch_size):
+        for micro in local.split(config.microbatch_size):
             with autocast_context(config.bf16):
                 student_hidden = hidden_states(self.student_decoder, micro)
                 with torch.no_grad():
@@ -386,19 +266,36 @@ class _Trainer:
                 student_hidden, teacher_hidden, self.student_head, self.teacher_head, config.bf16
             )
             value = float(loss_sum.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the loss is {value} at step {self.step + 1}: training diverged or the student produces "
-                    "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
-                )
-            (loss_sum / tokens).backward()
             total += value
+            if not math.isfinite(value):
+                break
+            (loss_sum / tokens).backward()
+        (total,) = self.dist.sum_floats([total])
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"the loss is {total} at step {self.step + 1}: training diverged or the student produces "
+                "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
+            )
+        self.dist.sum_gradients(self.student.parameters())
         return total / tokens
 
-    def evaluate(self) -> dict:
-        result: Evaluation = evaluate_student(
-            self.student, self.teacher, self.eval_windows, self.config.eval_batch_size
+    def evaluate_windows(self, windows: torch.Tensor) -> Evaluation:
+        """Evaluate the student on ``windows``, each rank on its share; the same result on every rank."""
+        nll, kl = evaluation_sums(
+            self.student, self.teacher, windows[self.dist.share(windows.shape[0])], self.config.eval_batch_size
         )
+        nll, kl = self.dist.sum_floats([nll, kl])
+        return evaluation_from_sums(nll, kl, windows.shape[0], windows.shape[1])
+
+    def check_synchronised(self) -> None:
+        """Raise RuntimeError if the ranks' trained state differs (see :meth:`Distributed.check_identical`)."""
+        tensors = [t for e in self.entries for t in (e.quantized.codes, e.quantized.codebooks, e.quantized.scales)]
+        if self.config.update_non_quantized_parameters:
+            tensors += list(self.non_quantized.values())
+        self.dist.check_identical(tensors, "codes, codebooks, scales or parameters")
+
+    def evaluate(self) -> dict:
+        result = self.evaluate_windows(self.eval_windows)
         record = {"step": self.step, "perplexity": result.perplexity, "kl": result.kl}
         self.evaluations.append(record)
         metric = record[self.config.select_by]
@@ -447,6 +344,32 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def _no_log(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _prepare_output_dir(out_dir: Path, dense_dir: Path, quantized_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check that the run may write ``out_dir``; with ``overwrite`` (and no ``resume``), clear an earlier run there."""
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
+    check_output_dir(out_dir, {"dense": dense_dir, "quantized": quantized_dir}, checkpoint_path, resume, overwrite)
+    if overwrite and not resume:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        (out_dir / REPORT_FILE).unlink(missing_ok=True)
+    if (out_dir / REPORT_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a finished PV-Tuning run; choose another output directory")
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(
+            f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
+            "or choose another output directory"
+        )
+
+
+def _read_checkpoint(path: Path) -> Optional[dict]:
+    """The resumable state at ``path``, or None when there is none."""
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
 def _eval_due(step: int, config: PVConfig) -> bool:
     return step == config.num_steps or (config.eval_every > 0 and step % config.eval_every == 0)
 
@@ -472,7 +395,7 @@ def pv_tune(
         quantized_dir: its AQLM quantization (the student), e.g. from :func:`aqlm.quantize.quantize_model`.
         dataset: calibration text (.txt/.jsonl, needs the teacher's tokenizer) or tokens (.pt file
             or integer tensor): a 1-D stream, or 2-D ``[n, length]`` independent sequences whose
-            windows start at the rows' beginnings (see :func:`prepare_windows`).
+            windows start at the rows' beginnings (see :func:`aqlm.data.prepare_windows`).
         out_dir: receives the tuned Hugging Face AQLM checkpoint, ``pv_report.json`` and, while
             training, the resumable checkpoint ``pv_checkpoint/``.
         config: all settings (:class:`PVConfig`).
@@ -496,34 +419,37 @@ def pv_tune(
         FloatingPointError: the loss became NaN or infinite.
 
     A KeyboardInterrupt between steps writes a checkpoint of the last finished step before it propagates.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) the run is data-parallel
+    (see :mod:`aqlm.pv_tuning.distributed`): every process calls ``pv_tune`` with the same
+    arguments, each takes an equal share of every batch (``batch_size`` must then be a multiple of
+    the number of processes times ``microbatch_size``), the result equals that of one process up
+    to float rounding, and only rank 0 logs, shows progress and writes ``out_dir``. Every rank
+    returns the same report and calls ``callback``.
     """
     started = time.perf_counter()
     config = config or PVConfig()
+    dist = Distributed.current()
+    check_batch_split(config.batch_size, config.microbatch_size, dist.world_size)
+    if not dist.is_main:
+        progress, log = False, _no_log
     dense_dir, quantized_dir, out_dir = Path(dense_dir), Path(quantized_dir), Path(out_dir)
-    _read_model_config(dense_dir, "dense")
-    _check_student_config(quantized_dir)
+    check_model_kind(dense_dir, "dense", "dense model")
+    check_model_kind(quantized_dir, "aqlm", "quantized model")
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-    check_output_dir(out_dir, {"dense": dense_dir, "quantized": quantized_dir}, checkpoint_path, resume, overwrite)
-    if overwrite and not resume:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        (out_dir / REPORT_FILE).unlink(missing_ok=True)
-    if (out_dir / REPORT_FILE).exists():
-        raise FileExistsError(f"{out_dir} already holds a finished PV-Tuning run; choose another output directory")
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(
-            f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
-            "or choose another output directory"
-        )
+    dist.on_main(lambda: _prepare_output_dir(out_dir, dense_dir, quantized_dir, resume, overwrite))
 
-    teacher, tokenizer = load_dense_model(dense_dir)
+    teacher, tokenizer = load_causal_lm(dense_dir, kind="dense", dtype=torch.float32, use_cache=False,
+                                        role="dense model")
     teacher.requires_grad_(False)
     student = load_student(quantized_dir)
     check_compatible(teacher, student)
     save_dtype = _stored_codebook_dtype(quantized_dir) if config.save_dtype == "auto" else _DTYPES[config.save_dtype]
     seqlen = min(config.seqlen, getattr(teacher.config, "max_position_embeddings", None) or config.seqlen)
     windows, eval_windows = prepare_windows(
-        dataset, eval_dataset, tokenizer, config, seqlen, int(teacher.config.vocab_size)
+        dataset, eval_dataset, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
+        val_fraction=config.val_fraction, eval_windows=config.eval_windows, vocab_size=int(teacher.config.vocab_size),
     )
     fingerprint = {
         "config": config.fingerprint(),
@@ -539,10 +465,10 @@ def pv_tune(
     student.train()
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
-    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, log)
+    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist)
 
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = dist.on_main(lambda: _read_checkpoint(checkpoint_path) if resume else None)
+    if state is not None:
         if state["fingerprint"] != fingerprint:
             changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
             raise ValueError(
@@ -551,7 +477,8 @@ def pv_tune(
             )
         trainer.load_checkpoint_state(state)
         log(f"resumed from {checkpoint_path} at step {trainer.step}")
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not trainer.evaluations or (_eval_due(trainer.step, config) and trainer.evaluations[-1]["step"] != trainer.step):
         record = trainer.evaluate()
         log(f"step {record['step']}: held-out perplexity {record['perplexity']:.4f}, KL {record['kl']:.5f}")
@@ -568,6 +495,7 @@ def pv_tune(
             trainer.step += 1
             record = {"step": trainer.step, "loss": loss, "codes_changed": stats.changed_fraction}
             trainer.steps.append(record)
+            trainer.check_synchronised()
             updating = False
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", codes=f"{100 * stats.changed_fraction:.3f}%")
@@ -578,12 +506,13 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
-                atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+                if dist.is_main:
+                    atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
-        if not updating and trainer.step > saved_step:
+        if not updating and trainer.step > saved_step and dist.is_main:
             atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
@@ -599,8 +528,7 @@ def pv_tune(
     student.eval()
     student.requires_grad_(False)
     restore_quantized(student, entries, save_dtype)
-    final = evaluate_student(student, teacher, eval_windows, config.eval_batch_size)
-    save_quantized(student, out_dir, tokenizer, storage_dtype=save_dtype)
+    final = trainer.evaluate_windows(eval_windows)
     report = PVReport(
         out_dir=out_dir,
         config=config.to_dict(),
@@ -609,8 +537,14 @@ def pv_tune(
         best_step=best_step,
         final={"step": best_step, "perplexity": final.perplexity, "kl": final.kl},
         seconds=time.perf_counter() - started,
-        extra={"seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype)},
+        extra={
+            "seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype),
+            "processes": dist.world_size,
+        },
     )
-    atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if dist.is_main:
+        save_quantized(student, out_dir, tokenizer, storage_dtype=save_dtype)
+        atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    dist.barrier()
     return report

@@ -27,7 +27,7 @@ from ..calibration import capture_block_inputs, find_linears, get_blocks
 from ..data import calibration_windows, load_tokens
 from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_readable, model_identity, tokens_sha256
 from ..format import AqlmScheme
-from ..hf import save_quantized
+from ..hf import load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
 from .distributed import World, assign_owners, run_block_split, tree_nodes, tree_sum
 from .finetune import FinetuneConfig, finetune_block
@@ -405,26 +405,11 @@ def _check_model(model: nn.Module, scheme: AqlmScheme) -> None:
 
 
 def load_dense_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """A dense Hugging Face causal LM in float32 and its tokenizer (None when it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A dense Hugging Face causal LM in float32 and its tokenizer (None when it has none).
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method")
-        raise ValueError(f"{model_dir} is already quantized ({method}); quantize a dense model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    model.config.use_cache = False
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+    A thin wrapper of :func:`aqlm.hf.load_causal_lm`, the package's one model loader.
+    """
+    return load_causal_lm(model_dir, kind="dense", dtype=torch.float32, use_cache=False)
 
 
 def quantize_model(

@@ -1,0 +1,140 @@
+"""Data-parallel PV-Tuning: 2 gloo processes give the run of 1 process (losses, evaluations, codes), resume included."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aqlm import QuantizedLinear, save_quantized
+from aqlm.calibration import find_linears, get_blocks
+from aqlm.cli import main
+from aqlm.format import AqlmScheme
+from aqlm.pv_tuning import PVConfig, pv_tune
+from aqlm.pv_tuning.cli import without_nproc
+from aqlm.pv_tuning.distributed import Distributed, check_batch_split
+from aqlm.pv_tuning.train import CHECKPOINT_DIR, REPORT_FILE
+from aqlm.quantize.layer import LayerConfig, init_quantized_weight
+from random_models import tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 128
+STEPS = 4
+SETTINGS = dict(nsamples=8, seqlen=32, num_steps=STEPS, batch_size=4, microbatch_size=1, eval_windows=3,
+                eval_every=2, save_every=2, code_lr=0.3, max_code_change_per_step=0.05, num_threads=1)
+CLI_SETTINGS = [
+    "--nsamples", "8", "--seqlen", "32", "--steps", str(STEPS), "--batch-size", "4", "--microbatch-size", "1",
+    "--eval-windows", "3", "--eval-every", "2", "--save-every", "2", "--code-lr", "0.3",
+    "--max-code-change-per-step", "0.05", "--threads", "1", "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny dense Llama, its quick 2x4g4 AQLM student (k-means initialisation only) and a token file."""
+    root = tmp_path_factory.mktemp("dist_pv")
+    tiny_llama(seed=0, vocab=VOCAB).save_pretrained(root / "dense")
+    student = tiny_llama(seed=0, vocab=VOCAB)
+    layer_config = LayerConfig(scheme=AqlmScheme(2, 4, 4), init_max_iter=4)
+    for block in get_blocks(student):
+        for name, linear in find_linears(block).items():
+            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), layer_config)
+            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales))
+    save_quantized(student, root / "aqlm")
+    torch.save(torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(0)), root / "tokens.pt")
+    return {"dense": root / "dense", "aqlm": root / "aqlm", "tokens": root / "tokens.pt"}
+
+
+def finetune_in_processes(model_dirs, out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    command = [
+        sys.executable, "-m", "aqlm", "finetune", "--base", str(model_dirs["dense"]),
+        "--quantized", str(model_dirs["aqlm"]), "--dataset", str(model_dirs["tokens"]), "--out", str(out),
+        "--nproc", str(nproc), *CLI_SETTINGS, *extra,
+    ]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def single_process_run(model_dirs, out: Path, callback=None) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pv_tune(model_dirs["dense"], model_dirs["aqlm"], model_dirs["tokens"], out, PVConfig(**SETTINGS),
+                progress=False, log=lambda line: None, callback=callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Same per-step losses and code changes, evaluations and saved tensors (codes exactly)."""
+    report, expected = (json.loads((d / REPORT_FILE).read_text()) for d in (out, reference))
+    assert report["processes"] == 2 and expected["processes"] == 1
+    assert [s["step"] for s in report["steps"]] == list(range(1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor([s["loss"] for s in report["steps"]], dtype=torch.float64),
+                               torch.tensor([s["loss"] for s in expected["steps"]], dtype=torch.float64),
+                               rtol=1e-4, atol=0)
+    assert [s["codes_changed"] for s in report["steps"]] == [s["codes_changed"] for s in expected["steps"]]
+    for got, want in zip(report["evaluations"] + [report["final"]], expected["evaluations"] + [expected["final"]]):
+        assert got["step"] == want["step"]
+        assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+        assert got["kl"] == pytest.approx(want["kl"], rel=1e-3, abs=1e-7)
+    saved, wanted = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert saved.keys() == wanted.keys()
+    for key, tensor in saved.items():
+        if key.endswith(".codes"):
+            assert torch.equal(tensor, wanted[key]), key
+        else:
+            torch.testing.assert_close(tensor, wanted[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert not (out / CHECKPOINT_DIR).exists()
+
+
+def test_two_gloo_processes_reproduce_one_process_and_resume(model_dirs, tmp_path):
+    single_process_run(model_dirs, tmp_path / "one")
+    assert json.loads((tmp_path / "one" / REPORT_FILE).read_text())["steps"][-1]["codes_changed"] > 0
+
+    two = finetune_in_processes(model_dirs, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("tuning, 4 steps") == 1  # rank 0 alone reports
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt)
+    assert (tmp_path / "resumed" / CHECKPOINT_DIR).is_dir()
+    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "resumed", tmp_path / "one")
+
+
+def test_batch_must_split_into_whole_microbatches_per_process(model_dirs, tmp_path, capsys):
+    assert check_batch_split(4, 1, 2) == 2 and check_batch_split(3, 2, 1) == 3
+    with pytest.raises(ValueError, match="batch_size 4 must be a multiple of the number of processes 2 times "
+                                         r"microbatch_size 4 \(= 8\)"):
+        check_batch_split(4, 4, 2)
+    argv = ["finetune", "--base", str(model_dirs["dense"]), "--quantized", str(model_dirs["aqlm"]),
+            "--dataset", str(model_dirs["tokens"]), "--out", str(tmp_path / "out"), "--nproc", "3", *CLI_SETTINGS]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: batch_size 4 must be a multiple of the number of processes 3 times microbatch_size 1 (= 3): "
+        "each process takes an equal share of every batch in whole microbatches"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_nproc_is_removed_from_the_command_line_of_the_processes():
+    assert without_nproc(["finetune", "--nproc", "2", "--steps", "3", "--nproc=4", "--nprocx"]) == [
+        "finetune", "--steps", "3", "--nprocx"]
+
+
+def test_shares_cover_the_windows_once():
+    shares = [list(range(10))[Distributed(rank, 3).share(10)] for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert Distributed().share(5) == slice(0, 5) and Distributed().is_main and not Distributed().active
