@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from .argtypes import OneLineErrorParser, int_at_least, scheme_type
 from .format import AqlmScheme
+from .launch import launch_workers
 from .paths import data_file
 from .quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
 from .quantize.presets import add_preset_argument
@@ -185,32 +185,13 @@ def check_nproc(nproc: Optional[int], environ: Mapping[str, str]) -> int:
     return nproc
 
 
-def _without_nproc(argv: Sequence[str]) -> list[str]:
-    """``argv`` less its ``--nproc N`` (or ``--nproc=N``)."""
-    strip = argparse.ArgumentParser(add_help=False)
-    strip.add_argument("--nproc")
-    return strip.parse_known_args(list(argv))[1]
-
-
-def _launch_workers(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``python -m aqlm <argv less --nproc>`` as ``nproc`` torchrun workers on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-               "-m", "aqlm", *_without_nproc(argv)]
-    status = subprocess.run(command).returncode
-    if status != 0:
-        print(f"error: the {nproc}-process run failed (torchrun exit status {status}); "
-              "the failing worker's error is printed above", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _run_quantize(args: argparse.Namespace) -> int:
     from .quantize.distributed import init_from_environment
 
     nproc = check_nproc(args.nproc, os.environ)
     config = quantize_config_from_args(args)
     if nproc > 1:
-        return _launch_workers(nproc, args.command_line)
+        return launch_workers(nproc, args.command_line)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _resolve_model(args.model)

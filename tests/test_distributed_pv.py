@@ -16,7 +16,7 @@ from aqlm.calibration import find_linears, get_blocks
 from aqlm.cli import main
 from aqlm.format import AqlmScheme
 from aqlm.pv_tuning import PVConfig, pv_tune
-from aqlm.pv_tuning.cli import without_nproc
+from aqlm.launch import without_nproc
 from aqlm.pv_tuning.distributed import Distributed, check_batch_split
 from aqlm.pv_tuning.train import CHECKPOINT_DIR, REPORT_FILE
 from aqlm.quantize.layer import LayerConfig, init_quantized_weight

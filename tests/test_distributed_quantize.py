@@ -133,5 +133,5 @@ def test_a_failing_worker_fails_the_launch(tmp_path):
     assert result.returncode == 1
     assert "error: model" in result.stderr  # the worker's own one-line error
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: the 2-process run failed (torchrun exit status 1); the failing worker's error is printed above"
+        "error: the 2-process quantize run failed (torchrun exit status 1); the failing process's error is printed above"
     )

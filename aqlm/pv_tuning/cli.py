@@ -17,11 +17,10 @@ Wire it in with ``add_arguments(subparsers.add_parser("finetune", ...))`` and ``
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-from typing import Sequence
 
 from ..argtypes import int_at_least
+from ..launch import launch_workers
 from .config import SAVE_DTYPES, SELECT_BY, PVConfig
 from .distributed import Distributed, check_batch_split, environment_world_size, init_from_environment
 
@@ -141,26 +140,12 @@ def config_from_args(args: argparse.Namespace) -> PVConfig:
     )
 
 
-def without_nproc(argv: Sequence[str]) -> list[str]:
-    """``argv`` without its ``--nproc N`` / ``--nproc=N`` options."""
-    kept: list[str] = []
-    skip = False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--nproc":
-            skip = True
-        elif not item.startswith("--nproc="):
-            kept.append(item)
-    return kept
-
-
 def launch(args: argparse.Namespace) -> int:
     """Run this ``finetune`` command in ``args.nproc`` processes with ``torch.distributed.run --standalone``.
 
     Returns 0, or the launcher's non-zero exit status after a one-line message when a process failed.
 
-    Raises:
+    Returns 0, or 1 after a one-line message when a process failed.
         ValueError: under ``torchrun`` already, without the command line, or a batch that does not split.
     """
     from ..hf import check_model_kind
@@ -174,15 +159,7 @@ def launch(args: argparse.Namespace) -> int:
     check_batch_split(config.batch_size, config.microbatch_size, args.nproc)
     check_model_kind(args.base, "dense", "dense model")
     check_model_kind(args.quantized, "aqlm", "quantized model")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        "-m", "aqlm", *without_nproc(argv),
-    ]
-    status = subprocess.run(command).returncode
-    if status != 0:
-        print(f"error: finetune failed in its {args.nproc} processes (torch.distributed.run exited with status "
-              f"{status}; their messages are above)", file=sys.stderr)
-    return status
+    return launch_workers(args.nproc, argv)
 
 
 def run(args: argparse.Namespace) -> int:
