@@ -1,0 +1,94 @@
+"""Build llama.cpp's ``llama-quantize`` and ``llama-imatrix`` for the llama.cpp rows of reproduce_table.py.
+
+The tools come from the llama.cpp tree vendored in the llama-cpp-python source release, the same
+version as the installed ``llama-cpp-python`` (the ``llamacpp`` extra), so that the files they
+write are the files the Python package reads. The source release is downloaded from PyPI (or
+given with ``--sdist``), built with CMake for this CPU, and the tools are left in
+``<cache>/llamacpp/<version>/bin``; the script prints that directory. Then::
+
+    export AQLM_LLAMACPP_BIN=<printed directory>
+    python scripts/reproduce_table.py --rows llamacpp-Q4_1 llamacpp-IQ2_XS ...
+
+The build takes about 10 minutes on 2 cores. A finished build is reused.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+from aqlm.paths import cache_dir
+
+PACKAGE = "llama-cpp-python"
+TOOLS = ("llama-quantize", "llama-imatrix")
+
+
+def installed_version() -> str:
+    """The installed llama-cpp-python's version; SystemExit with a message when it is not installed."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"error: {PACKAGE} is not installed: pip install 'aqlm[llamacpp]' (or pass --version)") from None
+
+
+def download_sdist(version: str, directory: Path) -> Path:
+    """The source release of llama-cpp-python ``version`` from PyPI, downloaded into ``directory`` once."""
+    with urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/{version}/json", timeout=60) as response:
+        release = json.load(response)
+    sdists = [item for item in release["urls"] if item["packagetype"] == "sdist"]
+    if not sdists:
+        raise SystemExit(f"error: PyPI has no source release of {PACKAGE} {version}")
+    target = directory / sdists[0]["filename"]
+    if not target.is_file():
+        partial = target.with_name(target.name + ".partial")
+        print(f"downloading {sdists[0]['url']}", flush=True)
+        urllib.request.urlretrieve(sdists[0]["url"], partial)
+        partial.replace(target)
+    return target
+
+
+def build(sdist: Path, work: Path, jobs: int) -> Path:
+    """Extract ``sdist`` into ``work`` and build the tools; returns the directory holding them."""
+    source = work / "source"
+    if not source.is_dir():
+        with tarfile.open(sdist) as archive:
+            archive.extractall(work / "source.partial", filter="data")
+        (work / "source.partial").replace(source)
+    vendored = next(source.glob("*/vendor/llama.cpp"), None)
+    if vendored is None:
+        raise SystemExit(f"error: {sdist} holds no vendor/llama.cpp tree")
+    build_dir = work / "build"
+    options = ["-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
+    subprocess.run(["cmake", "-S", str(vendored), "-B", str(build_dir), *options], check=True)
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(jobs)], check=True)
+    return build_dir / "bin"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", default=None, help=f"{PACKAGE} version (default: the installed one)")
+    parser.add_argument("--sdist", type=Path, default=None, help="a downloaded source release (.tar.gz) to build")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    version = args.version or installed_version()
+    work = cache_dir() / "llamacpp" / version
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = work / "build" / "bin"
+    if not all((bin_dir / tool).is_file() for tool in TOOLS):
+        sdist = args.sdist or download_sdist(version, work)
+        if not sdist.is_file():
+            raise SystemExit(f"error: --sdist {sdist} is not a file")
+        bin_dir = build(sdist, work, args.jobs)
+    print(bin_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
