@@ -126,12 +126,13 @@ def _aqlm_row(model_dir: Path, scheme: str, args, work: Path) -> tuple[Path, dic
     return out, _existing_row(out)
 
 
-def _pv_row(model_dir: Path, quantized: Path, args, work: Path, update_codes: bool) -> tuple[Path, dict]:
-    """PV-Tuning (``update_codes``) or P-only tuning of ``quantized`` with the table's budget; resumable."""
+def _pv_row(name: str, model_dir: Path, quantized: Path, args, work: Path) -> tuple[Path, dict]:
+    """Row ``name`` (``aqlm-SCHEME+pv`` or ``+p``): PV-Tuning or P-only tuning of ``quantized`` with the
+    table's budget, written to ``work/name``; resumable."""
     from aqlm.pv_tuning import PVConfig, pv_tune
 
-    out = work / (quantized.name + ("+pv" if update_codes else "+p"))
-    budget = {**PV_BUDGET, **json.loads(args.pv_config), "update_codes": update_codes}
+    out = work / name
+    budget = {**PV_BUDGET, **json.loads(args.pv_config), "update_codes": name.endswith("+pv")}
     if not (out / "pv_report.json").is_file():
         pv_tune(model_dir, quantized, args.calibration, out, PVConfig(**budget), resume=(out / "pv_checkpoint").exists())
     report = json.loads((quantized / "quantization_report.json").read_text())
@@ -326,7 +327,7 @@ def main() -> int:
             if not (base_dir / "config.json").exists():
                 print(f"{name}: needs the {base} row first; skipped")
                 continue
-            path, row = _pv_row(model_dir, base_dir, args, out / "checkpoints", update_codes=name.endswith("+pv"))
+            path, row = _pv_row(name, model_dir, base_dir, args, out / "checkpoints")
         else:
             path, row = _aqlm_row(model_dir, name.split("-", 1)[1], args, out / "checkpoints")
         if name.startswith("aqlm"):

@@ -113,14 +113,16 @@ def test_a_failing_tool_names_its_command(tmp_path, monkeypatch):
 def test_llamacpp_perplexity_matches_the_dense_model():
     """The Q4_1 GGUF through llama.cpp and its float32 de-quantization through Transformers score the
     same windows alike (llama.cpp computes in its own order and precision, so not exactly)."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llamacpp extra) is not installed")
     from aqlm.cli import evaluate_model, load_model
     from aqlm.models.real import _find_smollm2_gguf, real_model_dir
     from aqlm.paths import data_file
 
+    try:
+        gguf_model = llamacpp.LlamaCppLM(_find_smollm2_gguf(), n_ctx=256, threads=torch.get_num_threads())
+    except llamacpp.LlamaCppUnavailable as error:
+        pytest.skip(str(error))
     model, tokenizer = load_model(real_model_dir("smollm2-135m"))
     dense = evaluate_model(model, tokenizer, data_file("wikitext-2", "test.txt"), 256, 2, progress=False)
-    gguf_model = llamacpp.LlamaCppLM(_find_smollm2_gguf(), n_ctx=256, threads=torch.get_num_threads())
     ours = evaluate_model(gguf_model, tokenizer, data_file("wikitext-2", "test.txt"), 256, 2, progress=False)
     assert ours["windows"] == dense["windows"] == 2
     assert ours["perplexity"] == pytest.approx(dense["perplexity"], rel=0.02)

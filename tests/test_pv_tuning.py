@@ -610,3 +610,11 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "PV beats P-only" in outputs
+
+
+def test_p_only_fingerprint_ignores_the_v_step_settings():
+    """A P-only run resumes whatever its V-step settings say (they change nothing); a PV run does not."""
+    p_only = PVConfig(update_codes=False)
+    assert PVConfig(update_codes=False, code_lr=0.3, beam_size=4).fingerprint() == p_only.fingerprint()
+    assert PVConfig(update_codes=False, lr=1e-2).fingerprint() != p_only.fingerprint()
+    assert PVConfig(code_lr=0.3).fingerprint() != PVConfig().fingerprint()

@@ -9,6 +9,11 @@ SELECT_BY = ("perplexity", "kl")
 SAVE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
+# The settings of the V step alone: they change nothing when update_codes is False.
+V_STEP_SETTINGS = ("code_lr", "code_beta1", "code_beta2", "delta_decay", "max_code_change_per_step",
+                   "code_trust_ratio", "code_selection_temperature", "beam_size")
+
+
 @dataclass
 class PVConfig:
     """Everything that determines the result of :func:`aqlm.pv_tuning.pv_tune`.
@@ -178,7 +183,13 @@ class PVConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> dict:
-        """The settings that change the result (for checking that a resumed run is the same job)."""
+        """The settings that change the result (for checking that a resumed run is the same job).
+
+        Without the V step (``update_codes=False``) its settings change nothing and are left out.
+        """
         data = self.to_dict()
         data.pop("num_threads")
+        if not self.update_codes:
+            for name in V_STEP_SETTINGS:
+                data.pop(name)
         return data
