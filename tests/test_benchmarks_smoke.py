@@ -1,0 +1,22 @@
+"""benchmarks/bench_7b_block.py end to end at a tiny scale (seconds): it runs the product's block
+quantization and prints its phase table and estimates, labelled as not the 7B shape."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_7b_block_tiny_scale():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_7b_block.py"),
+               "--scale", "0.0625", "--nsamples", "2", "--seqlen", "32", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for phase in ("xtx", "kmeans_init", "beam_search", "codebook_update", "finetune", "output_check", "block total"):
+        assert f"\n{phase} " in out
+    assert "NOT the 7B shape" in out
+    assert "ASSUMPTION, not a measurement" in out
+    assert "estimate / target" in out
