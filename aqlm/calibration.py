@@ -96,7 +96,8 @@ def capture_block_inputs(
         ``(inputs, block_kwargs)``: ``inputs`` is ``[n, seqlen, hidden]`` in the dtype of the
         hidden states (the model dtype), on the model's device; ``block_kwargs`` holds what a block
         must be called with besides the hidden states (for Transformers 5 Llama: ``attention_mask``,
-        ``position_ids``, ``position_embeddings``; ``past_key_values=None`` and
+        ``position_ids``, ``position_embeddings``; ``cache=None`` (``past_key_values=None`` before
+        Transformers 5.2x) and
         ``use_cache=False``). They come from a batch-of-one call and broadcast over any batch of
         windows of this ``seqlen``, for every block.
     """
@@ -126,7 +127,9 @@ def capture_block_inputs(
         with torch.no_grad():
             embed(windows[:1])
             block_kwargs = {key: _detach(value) for key, value in recorded["kwargs"].items()}
-            block_kwargs["past_key_values"] = None
+            # No cache in calibration; Transformers >= 5.2x names the argument ``cache``, older ones
+            # ``past_key_values`` (setting the old name beside the new one draws a FutureWarning).
+            block_kwargs["cache" if "cache" in block_kwargs else "past_key_values"] = None
             block_kwargs["use_cache"] = False
             starts = range(0, windows.shape[0], batch_size)
             for start in tqdm(starts, desc="block 0 inputs", disable=not progress, leave=False):
