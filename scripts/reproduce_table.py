@@ -190,7 +190,8 @@ def _existing_row(path: Path, base_bits: Optional[float] = None) -> dict:
         raise FileNotFoundError(f"{path} has no {report_name}: not a checkpoint of that kind made by this package")
     report = json.loads(report_file.read_text())
     bits = report["bits_per_weight"] if base_bits is None else base_bits
-    return {"bits": bits, "seconds": report["seconds"], "checkpoint": str(path)}
+    seconds = report.get("total_seconds", report["seconds"])  # a resumed tuning: all its calls
+    return {"bits": bits, "seconds": seconds, "checkpoint": str(path)}
 
 
 def _ordered(rows: dict) -> list[str]:

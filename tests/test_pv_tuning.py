@@ -481,6 +481,9 @@ def test_resume_gives_the_uninterrupted_result(model_dirs, tmp_path, interruptio
     with pytest.raises(FileExistsError, match="resume"):
         pv_tune(*args, tmp_path / "resumed", config, **quiet)
     resumed = pv_tune(*args, tmp_path / "resumed", config, resume=True, **quiet)
+    assert resumed.total_seconds >= state["seconds"] + resumed.seconds > resumed.seconds  # both calls counted
+    assert json.loads((tmp_path / "resumed" / "pv_report.json").read_text())["total_seconds"] == resumed.total_seconds
+    assert reference.total_seconds == reference.seconds
     assert resumed.steps == reference.steps
     assert resumed.evaluations == reference.evaluations
     assert resumed.final == reference.final and resumed.best_step == reference.best_step

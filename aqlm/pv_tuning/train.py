@@ -56,7 +56,8 @@ class PVReport:
     ``evaluations`` one per evaluation (``step``, held-out ``perplexity`` and ``kl``), step 0
     being the student before training; ``final`` is the evaluation of the saved checkpoint (the
     best evaluated state with ``keep_best``, its parameters cast to the saved dtype); ``seconds``
-    is the wall time of the call that finished the run.
+    is the wall time of the call that finished the run, ``total_seconds`` that of the whole run over
+    its resumed calls (up to the last checkpoint of each interrupted call).
     """
 
     out_dir: Path
@@ -66,6 +67,7 @@ class PVReport:
     best_step: int
     final: dict
     seconds: float
+    total_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,6 +98,7 @@ class PVReport:
             "best_step": self.best_step,
             "final": self.final,
             "seconds": self.seconds,
+            "total_seconds": self.total_seconds,
             **self.extra,
         }
 
@@ -244,6 +247,7 @@ class _Trainer:
         self.steps: list[dict] = []
         self.evaluations: list[dict] = []
         self.best: Optional[dict] = None
+        self.earlier_seconds = 0.0  # wall time of the calls before a resume
 
     def train_step(self) -> float:
         """Forward/backward over this rank's microbatches of the next step; returns the mean KL per token.
@@ -305,9 +309,11 @@ class _Trainer:
             self.best = {"metric": metric, "step": self.step, "state": _snapshot(self.entries, self.non_quantized)}
         return record
 
-    def checkpoint_state(self, fingerprint: dict) -> dict:
+    def checkpoint_state(self, fingerprint: dict, seconds: float) -> dict:
+        """Everything a resumed run needs; ``seconds``: wall time of the run so far, over all its calls."""
         return {
             "fingerprint": fingerprint,
+            "seconds": seconds,
             "step": self.step,
             "steps": self.steps,
             "evaluations": self.evaluations,
@@ -324,6 +330,7 @@ class _Trainer:
         self.steps = list(state["steps"])
         self.evaluations = list(state["evaluations"])
         self.best = state["best"]
+        self.earlier_seconds = state.get("seconds", 0.0)
         torch.set_rng_state(state["torch_rng"])
 
 
@@ -467,6 +474,10 @@ def pv_tune(
         set_checkpointing(student, True)
     trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist)
 
+    def elapsed() -> float:
+        """Wall time of the whole run: earlier calls (when resumed) and this one."""
+        return trainer.earlier_seconds + time.perf_counter() - started
+
     state = dist.on_main(lambda: _read_checkpoint(checkpoint_path) if resume else None)
     if state is not None:
         if state["fingerprint"] != fingerprint:
@@ -507,13 +518,13 @@ def pv_tune(
                 )
             if config.save_every and trainer.step % config.save_every == 0:
                 if dist.is_main:
-                    atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+                    atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
         if not updating and trainer.step > saved_step and dist.is_main:
-            atomic_save(trainer.checkpoint_state(fingerprint), checkpoint_path)
+            atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
     finally:
@@ -529,6 +540,7 @@ def pv_tune(
     student.requires_grad_(False)
     restore_quantized(student, entries, save_dtype)
     final = trainer.evaluate_windows(eval_windows)
+    this_call = time.perf_counter() - started
     report = PVReport(
         out_dir=out_dir,
         config=config.to_dict(),
@@ -536,7 +548,8 @@ def pv_tune(
         evaluations=trainer.evaluations,
         best_step=best_step,
         final={"step": best_step, "perplexity": final.perplexity, "kl": final.kl},
-        seconds=time.perf_counter() - started,
+        seconds=this_call,
+        total_seconds=trainer.earlier_seconds + this_call,
         extra={
             "seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype),
             "processes": dist.world_size,
