@@ -9,7 +9,10 @@ given with ``--sdist``), built with CMake for this CPU, and the tools are left i
     export AQLM_LLAMACPP_BIN=<printed directory>
     python scripts/reproduce_table.py --rows llamacpp-Q4_1 llamacpp-IQ2_XS ...
 
-The build takes about 10 minutes on 2 cores. A finished build is reused.
+The same directory holds ``libllama.so``: llama-cpp-python can use it instead of compiling its own
+(``CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install llama-cpp-python==VERSION``, then
+``export LLAMA_CPP_LIB_PATH=<printed directory>``). The build takes 10-20 minutes on 2 cores; a
+finished build is reused.
 """
 from __future__ import annotations
 
@@ -26,6 +29,20 @@ from aqlm.paths import cache_dir
 
 PACKAGE = "llama-cpp-python"
 TOOLS = ("llama-quantize", "llama-imatrix")
+# GGML's options for the x86 SIMD extensions, by the /proc/cpuinfo flag that allows each. GGML_NATIVE
+# (-march=native) is not used: on a Xeon with AMX its build died of SIGILL in llama-imatrix and
+# crashed llama-cpp-python here; the explicit list leaves AMX out.
+SIMD_OPTIONS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+                "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+                "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def simd_options() -> list[str]:
+    """``-DGGML_...=ON/OFF`` for each x86 extension this CPU has or lacks (from /proc/cpuinfo)."""
+    from aqlm.kernel_choice import cpuinfo_field
+
+    flags = set((cpuinfo_field("flags") or "").split())
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in SIMD_OPTIONS.items()]
 
 
 def installed_version() -> str:
@@ -63,11 +80,11 @@ def build(sdist: Path, work: Path, jobs: int) -> Path:
     if vendored is None:
         raise SystemExit(f"error: {sdist} holds no vendor/llama.cpp tree")
     build_dir = work / "build"
-    options = ["-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+    options = ["-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_TYPE=Release", *simd_options(), "-DLLAMA_CURL=OFF",
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
     subprocess.run(["cmake", "-S", str(vendored), "-B", str(build_dir), *options], check=True)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(jobs)], check=True)
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", *TOOLS, "llama", "-j", str(jobs)], check=True)
     return build_dir / "bin"
 
 
