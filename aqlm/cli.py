@@ -7,13 +7,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .argtypes import OneLineErrorParser, int_at_least, scheme_type
 from .format import AqlmScheme
-from .launch import launch_workers
+from .launch import check_nproc, launch_workers
 from .paths import data_file
 from .quantize import FinetuneConfig, LayerConfig, QuantizeConfig, quantize_model
 from .quantize.presets import add_preset_argument
@@ -167,26 +167,8 @@ def _add_quantize(subparsers) -> None:
     parser.set_defaults(run=_run_quantize)
 
 
-def check_nproc(nproc: Optional[int], environ: Mapping[str, str]) -> int:
-    """The number of processes ``--nproc`` asks for (1 when not given).
-
-    Raises:
-        ValueError: ``nproc`` < 1, or ``--nproc`` inside a run already started by torchrun.
-    """
-    if nproc is None:
-        return 1
-    if nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {nproc}")
-    if "WORLD_SIZE" in environ:
-        raise ValueError(
-            f"--nproc {nproc} given inside a distributed launch (WORLD_SIZE={environ['WORLD_SIZE']}): "
-            "under torchrun, set the processes with torchrun's --nproc-per-node and drop --nproc"
-        )
-    return nproc
-
-
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .quantize.distributed import init_from_environment
+    from .distributed import process_group
 
     nproc = check_nproc(args.nproc, os.environ)
     config = quantize_config_from_args(args)
@@ -195,13 +177,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _resolve_model(args.model)
-    world = init_from_environment(torch.device("cpu"))  # quantize_model keeps the model on the CPU
-    try:
+    with process_group(torch.device("cpu")) as world:  # quantize_model keeps the model on the CPU
         report = quantize_model(model_dir, args.dataset, args.out, config, resume=args.resume,
                                 progress=not args.no_progress, overwrite=args.overwrite, world=world)
-    finally:
-        if world.size > 1:
-            torch.distributed.destroy_process_group()
     if world.is_main:
         print(f"saved {report.out_dir}")
     return 0

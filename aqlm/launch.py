@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 
 def without_nproc(argv: Sequence[str]) -> list[str]:
@@ -18,6 +18,24 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
         elif not item.startswith("--nproc="):
             kept.append(item)
     return kept
+
+
+def check_nproc(nproc: Optional[int], environ: Mapping[str, str]) -> int:
+    """The number of processes ``--nproc`` asks for (1 when not given).
+
+    Raises:
+        ValueError: ``nproc`` < 1, or ``--nproc`` inside a run already started by torchrun.
+    """
+    if nproc is None:
+        return 1
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if "WORLD_SIZE" in environ:
+        raise ValueError(
+            f"--nproc {nproc} given inside a distributed launch (WORLD_SIZE={environ['WORLD_SIZE']}): "
+            "under torchrun, set the processes with torchrun's --nproc-per-node and drop --nproc"
+        )
+    return nproc
 
 
 def launch_workers(nproc: int, argv: Sequence[str]) -> int:

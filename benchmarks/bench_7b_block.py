@@ -54,7 +54,7 @@ from aqlm.argtypes import OneLineErrorParser, int_at_least, scheme_type
 from aqlm.calibration import capture_block_inputs, find_linears, get_blocks
 from aqlm.cli import add_quantize_arguments, quantize_config_from_args
 from aqlm.kernel_choice import cpuinfo_field
-from aqlm.quantize.distributed import World
+from aqlm.distributed import World
 from aqlm.quantize.model import ProgressStore, QuantizeConfig, _PARAM_DTYPES, _quantize_block
 from aqlm.quantize.phases import PHASES, PhaseTimer
 

@@ -15,10 +15,10 @@ from aqlm import QuantizedLinear, save_quantized
 from aqlm.calibration import find_linears, get_blocks
 from aqlm.cli import main
 from aqlm.format import AqlmScheme
-from aqlm.pv_tuning import PVConfig, pv_tune
+from aqlm.distributed import World, environment_world_size
 from aqlm.launch import without_nproc
-from aqlm.pv_tuning.distributed import Distributed, check_batch_split
-from aqlm.pv_tuning.train import CHECKPOINT_DIR, REPORT_FILE
+from aqlm.pv_tuning import PVConfig, pv_tune
+from aqlm.pv_tuning.train import CHECKPOINT_DIR, REPORT_FILE, check_batch_split
 from aqlm.quantize.layer import LayerConfig, init_quantized_weight
 from random_models import tiny_llama
 
@@ -135,6 +135,22 @@ def test_nproc_is_removed_from_the_command_line_of_the_processes():
 
 
 def test_shares_cover_the_windows_once():
-    shares = [list(range(10))[Distributed(rank, 3).share(10)] for rank in range(3)]
+    shares = [list(range(10))[World(rank, 3).share(10)] for rank in range(3)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    assert Distributed().share(5) == slice(0, 5) and Distributed().is_main and not Distributed().active
+    assert World().share(5) == slice(0, 5) and World().is_main and not World().active
+
+
+def test_world_size_from_the_environment():
+    assert environment_world_size({}) == 1 and environment_world_size({"WORLD_SIZE": "3"}) == 3
+    for bad in ("two", "0", "-1"):
+        with pytest.raises(ValueError, match=f"WORLD_SIZE must be a positive integer, got '{bad}'"):
+            environment_world_size({"WORLD_SIZE": bad})
+
+
+def test_finetune_nproc_under_torchrun_is_refused(model_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["finetune", "--base", str(model_dirs["dense"]), "--quantized", str(model_dirs["aqlm"]),
+            "--dataset", str(model_dirs["tokens"]), "--out", str(tmp_path / "out"), "--nproc", "2", *CLI_SETTINGS]
+    assert main(argv) == 2
+    assert "--nproc 2 given inside a distributed launch (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

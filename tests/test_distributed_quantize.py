@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqlm.cli import build_parser, check_nproc, main, quantize_config_from_args
+from aqlm.cli import build_parser, main, quantize_config_from_args
+from aqlm.launch import check_nproc
 from aqlm.quantize import quantize_model
-from aqlm.quantize.distributed import World, assign_owners, tree_nodes, tree_sum
+from aqlm.distributed import World
+from aqlm.quantize.distributed import assign_owners, tree_nodes, tree_sum
 
 from test_quantize_model import tiny_model_dir, token_file
 

@@ -6,7 +6,7 @@ Example::
         --steps 200 --batch-size 8 --seqlen 512 --eval-dataset test.txt
 
 Data-parallel over several processes: ``--nproc N`` (one machine), or ``torchrun`` for several
-machines (see :mod:`aqlm.pv_tuning.distributed`)::
+machines (see :mod:`aqlm.pv_tuning.train`)::
 
     python -m aqlm finetune --nproc 4 --threads 4 ...
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m aqlm finetune ...
@@ -20,9 +20,8 @@ import argparse
 import sys
 
 from ..argtypes import int_at_least
-from ..launch import launch_workers
+from ..launch import check_nproc, launch_workers
 from .config import SAVE_DTYPES, SELECT_BY, PVConfig
-from .distributed import Distributed, check_batch_split, environment_world_size, init_from_environment
 
 _DEFAULTS = PVConfig()
 
@@ -140,66 +139,65 @@ def config_from_args(args: argparse.Namespace) -> PVConfig:
     )
 
 
-def launch(args: argparse.Namespace) -> int:
-    """Run this ``finetune`` command in ``args.nproc`` processes with ``torch.distributed.run --standalone``.
-
-    Returns 0, or the launcher's non-zero exit status after a one-line message when a process failed.
+def launch(args: argparse.Namespace, nproc: int) -> int:
+    """Run this ``finetune`` command in ``nproc`` processes with ``torch.distributed.run --standalone``.
 
     Returns 0, or 1 after a one-line message when a process failed.
-        ValueError: under ``torchrun`` already, without the command line, or a batch that does not split.
+
+    Raises:
+        ValueError: without the command line, or a batch that does not split into the processes.
     """
     from ..hf import check_model_kind
+    from .train import check_batch_split
 
-    if environment_world_size() > 1:
-        raise ValueError("--nproc starts its own processes: leave it out when running under torchrun")
     argv = getattr(args, "command_line", None)
     if argv is None:
         raise ValueError("--nproc re-runs the command line: use it with `python -m aqlm finetune`")
     config = config_from_args(args)
-    check_batch_split(config.batch_size, config.microbatch_size, args.nproc)
+    check_batch_split(config.batch_size, config.microbatch_size, nproc)
     check_model_kind(args.base, "dense", "dense model")
     check_model_kind(args.quantized, "aqlm", "quantized model")
-    return launch_workers(args.nproc, argv)
+    return launch_workers(nproc, argv)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``finetune``; returns the exit status (1 when training diverged).
 
-    With ``--nproc`` it launches the processes (:func:`launch`); under ``torchrun`` each process
+    With ``--nproc`` above 1 it launches the processes (:func:`launch`); under ``torchrun`` each process
     joins the process group and trains its share. Bad input raises FileNotFoundError,
     FileExistsError or ValueError with a message naming the problem.
     """
-    import torch
-    import torch.distributed
+    import os
 
+    import torch
+
+    from ..distributed import process_group
     from .train import pv_tune
 
-    if args.nproc is not None:
-        return launch(args)
+    nproc = check_nproc(args.nproc, os.environ)
+    if nproc > 1:
+        return launch(args, nproc)
     config = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    joined = init_from_environment()
-    main = Distributed.current().is_main
-    try:
-        report = pv_tune(
-            args.base,
-            args.quantized,
-            args.dataset,
-            args.out,
-            config,
-            eval_dataset=args.eval_dataset,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=args.progress,
-        )
-    except FloatingPointError as error:
-        if main:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
+    with process_group(torch.device("cpu")) as world:
+        main = world.is_main
+        try:
+            report = pv_tune(
+                args.base,
+                args.quantized,
+                args.dataset,
+                args.out,
+                config,
+                eval_dataset=args.eval_dataset,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=args.progress,
+            )
+        except FloatingPointError as error:
+            if main:
+                print(f"error: {error}", file=sys.stderr)
+            return 1
     if main:
         print(report.summary())
         print(f"checkpoint: {report.out_dir}")

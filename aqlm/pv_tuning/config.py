@@ -33,7 +33,7 @@ class PVConfig:
     Schedule:
         num_steps: optimizer steps.
         batch_size: windows per optimizer step (the loss is the mean over all their tokens); under
-            ``torchrun`` the processes share them equally (see :mod:`aqlm.pv_tuning.distributed`).
+            ``torchrun`` the processes share them equally (see :mod:`aqlm.pv_tuning.train`).
         microbatch_size: windows per forward/backward pass; gradients are accumulated.
 
     What is trained:

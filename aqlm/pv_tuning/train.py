@@ -4,6 +4,20 @@
 :class:`~aqlm.pv_tuning.optim.PVOptimizer` on the KL divergence to the teacher
 (:mod:`aqlm.pv_tuning.loss`), evaluates it periodically on held-out windows, keeps the best
 state, writes resumable checkpoints, and saves the result as a Hugging Face AQLM checkpoint.
+
+Data-parallel over ``torch.distributed`` processes (``torchrun``, ``--nproc``): every process holds
+the whole teacher and student and the same calibration windows and step schedule. A step's global
+batch of ``batch_size`` windows is cut into one contiguous share per process; each runs
+forward/backward on its share, scaling its loss by the number of tokens of the *global* batch, so
+the sum of the processes' gradients (:meth:`aqlm.distributed.World.sum_gradients`) is the gradient of
+the single-process loss. Every process then holds the same gradients, bit for bit (a collective's
+result is the same on every rank), and runs the same deterministic P step (Adam/LAMB) and V step
+(re-encoding with the same seeded generator) on the same state, so codes, codebooks and scales stay
+identical without being sent around; an exact digest checks that after every step. Evaluation
+windows are split across the processes and their sums all-reduced. Only rank 0 writes files;
+decisions that depend on files are made on rank 0 and broadcast, so processes on other machines
+need no shared file system for them. The trainer runs on the CPU (the V step's beam search is C
+code on CPU tensors), so the process group uses gloo.
 """
 from __future__ import annotations
 
@@ -21,11 +35,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import Dataset, prepare_windows
+from ..distributed import World
 from ..fileio import atomic_save, atomic_write_text, check_output_dir, file_sha256, model_identity, tokens_sha256
 from ..hf import check_model_kind, load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
 from .config import PVConfig
-from .distributed import Distributed, check_batch_split
 from .loss import (
     Evaluation,
     autocast_context,
@@ -229,12 +243,28 @@ def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -
     return order[:needed].view(num_steps, batch_size)
 
 
-class _Trainer:
-    """State and steps of one run on one rank (see :func:`pv_tune` and :mod:`aqlm.pv_tuning.distributed`)."""
+def check_batch_split(batch_size: int, microbatch_size: int, world_size: int) -> int:
+    """The windows per process and step; raises ValueError unless ``batch_size`` divides into whole microbatches per process.
 
-    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist):
-        self.dist: Distributed = dist
-        self.local_batch = check_batch_split(config.batch_size, config.microbatch_size, dist.world_size)
+    A single process keeps the last, smaller microbatch of a batch that ``microbatch_size`` does not divide.
+    """
+    if world_size == 1:
+        return batch_size
+    if batch_size % (world_size * microbatch_size):
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the number of processes {world_size} times "
+            f"microbatch_size {microbatch_size} (= {world_size * microbatch_size}): each process takes an equal "
+            "share of every batch in whole microbatches"
+        )
+    return batch_size // world_size
+
+
+class _Trainer:
+    """State and steps of one run in one process (see :func:`pv_tune`)."""
+
+    def __init__(self, teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, world):
+        self.world: World = world
+        self.local_batch = check_batch_split(config.batch_size, config.microbatch_size, world.size)
         self.teacher, self.student = teacher, student
         self.entries, self.non_quantized = entries, non_quantized
         self.optimizer: PVOptimizer = optimizer
@@ -258,7 +288,7 @@ class _Trainer:
         config = self.config
         batch = self.windows[self.schedule[self.step]]
         tokens = batch.numel()
-        local = batch[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch]
+        local = batch[self.world.rank * self.local_batch : (self.world.rank + 1) * self.local_batch]
         self.optimizer.zero_grad()
         total = 0.0
         for micro in local.split(config.microbatch_size):
@@ -274,29 +304,29 @@ class _Trainer:
             if not math.isfinite(value):
                 break
             (loss_sum / tokens).backward()
-        (total,) = self.dist.sum_floats([total])
+        (total,) = self.world.sum_floats([total])
         if not math.isfinite(total):
             raise FloatingPointError(
                 f"the loss is {total} at step {self.step + 1}: training diverged or the student produces "
                 "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
             )
-        self.dist.sum_gradients(self.student.parameters())
+        self.world.sum_gradients(self.student.parameters())
         return total / tokens
 
     def evaluate_windows(self, windows: torch.Tensor) -> Evaluation:
         """Evaluate the student on ``windows``, each rank on its share; the same result on every rank."""
         nll, kl = evaluation_sums(
-            self.student, self.teacher, windows[self.dist.share(windows.shape[0])], self.config.eval_batch_size
+            self.student, self.teacher, windows[self.world.share(windows.shape[0])], self.config.eval_batch_size
         )
-        nll, kl = self.dist.sum_floats([nll, kl])
+        nll, kl = self.world.sum_floats([nll, kl])
         return evaluation_from_sums(nll, kl, windows.shape[0], windows.shape[1])
 
     def check_synchronised(self) -> None:
-        """Raise RuntimeError if the ranks' trained state differs (see :meth:`Distributed.check_identical`)."""
+        """Raise RuntimeError if the ranks' trained state differs (see :meth:`aqlm.distributed.World.check_identical`)."""
         tensors = [t for e in self.entries for t in (e.quantized.codes, e.quantized.codebooks, e.quantized.scales)]
         if self.config.update_non_quantized_parameters:
             tensors += list(self.non_quantized.values())
-        self.dist.check_identical(tensors, "codes, codebooks, scales or parameters")
+        self.world.check_identical(tensors, "codes, codebooks, scales or parameters")
 
     def evaluate(self) -> dict:
         result = self.evaluate_windows(self.eval_windows)
@@ -428,7 +458,7 @@ def pv_tune(
     A KeyboardInterrupt between steps writes a checkpoint of the last finished step before it propagates.
 
     Under ``torchrun`` (an initialised ``torch.distributed`` process group) the run is data-parallel
-    (see :mod:`aqlm.pv_tuning.distributed`): every process calls ``pv_tune`` with the same
+    (see this module's description): every process calls ``pv_tune`` with the same
     arguments, each takes an equal share of every batch (``batch_size`` must then be a multiple of
     the number of processes times ``microbatch_size``), the result equals that of one process up
     to float rounding, and only rank 0 logs, shows progress and writes ``out_dir``. Every rank
@@ -436,16 +466,16 @@ def pv_tune(
     """
     started = time.perf_counter()
     config = config or PVConfig()
-    dist = Distributed.current()
-    check_batch_split(config.batch_size, config.microbatch_size, dist.world_size)
-    if not dist.is_main:
+    world = World.current()
+    check_batch_split(config.batch_size, config.microbatch_size, world.size)
+    if not world.is_main:
         progress, log = False, _no_log
     dense_dir, quantized_dir, out_dir = Path(dense_dir), Path(quantized_dir), Path(out_dir)
     check_model_kind(dense_dir, "dense", "dense model")
     check_model_kind(quantized_dir, "aqlm", "quantized model")
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-    dist.on_main(lambda: _prepare_output_dir(out_dir, dense_dir, quantized_dir, resume, overwrite))
+    world.on_main(lambda: _prepare_output_dir(out_dir, dense_dir, quantized_dir, resume, overwrite))
 
     teacher, tokenizer = load_causal_lm(dense_dir, kind="dense", dtype=torch.float32, use_cache=False,
                                         role="dense model")
@@ -472,13 +502,13 @@ def pv_tune(
     student.train()
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
-    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, dist)
+    trainer = _Trainer(teacher, student, entries, non_quantized, optimizer, windows, eval_windows, config, world)
 
     def elapsed() -> float:
         """Wall time of the whole run: earlier calls (when resumed) and this one."""
         return trainer.earlier_seconds + time.perf_counter() - started
 
-    state = dist.on_main(lambda: _read_checkpoint(checkpoint_path) if resume else None)
+    state = world.on_main(lambda: _read_checkpoint(checkpoint_path) if resume else None)
     if state is not None:
         if state["fingerprint"] != fingerprint:
             changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
@@ -488,7 +518,7 @@ def pv_tune(
             )
         trainer.load_checkpoint_state(state)
         log(f"resumed from {checkpoint_path} at step {trainer.step}")
-    if dist.is_main:
+    if world.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not trainer.evaluations or (_eval_due(trainer.step, config) and trainer.evaluations[-1]["step"] != trainer.step):
         record = trainer.evaluate()
@@ -517,13 +547,13 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
-                if dist.is_main:
+                if world.is_main:
                     atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
-        if not updating and trainer.step > saved_step and dist.is_main:
+        if not updating and trainer.step > saved_step and world.is_main:
             atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
@@ -552,12 +582,12 @@ def pv_tune(
         total_seconds=trainer.earlier_seconds + this_call,
         extra={
             "seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype),
-            "processes": dist.world_size,
+            "processes": world.size,
         },
     )
-    if dist.is_main:
+    if world.is_main:
         save_quantized(student, out_dir, tokenizer, storage_dtype=save_dtype)
         atomic_write_text(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    dist.barrier()
+    world.barrier()
     return report

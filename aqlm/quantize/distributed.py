@@ -1,7 +1,7 @@
 """Quantizing one model with several processes (``torchrun``, ``python -m aqlm quantize --nproc N``).
 
-:class:`World` is this process's place in a ``torch.distributed`` run (rank and world size), or a
-single process. Work is split so that the result does not depend on the world size:
+:class:`aqlm.distributed.World` is this process's place in the run. Work is split so that the
+result does not depend on the world size:
 
 * forward passes over the calibration windows are split into contiguous runs of whole batches
   (:meth:`World.batch_ranges`); each batch is computed by exactly one rank, with the same code and
@@ -15,76 +15,14 @@ single process. Work is split so that the result does not depend on the world si
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
-import torch.distributed as dist
 
 from ..calibration import run_block
+from ..distributed import World
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's ``rank`` among ``size`` processes (``size == 1``: no torch.distributed calls)."""
-
-    rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def current(cls) -> "World":
-        """The default torch.distributed process group when it is initialized, else a single process."""
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this is rank 0, the one process that writes files and logs."""
-        return self.rank == 0
-
-    def batch_ranges(self, count: int) -> list[range]:
-        """``count`` items (batches) split into ``size`` contiguous runs, one per rank, sizes differing by at most one."""
-        bounds = [count * rank // self.size for rank in range(self.size + 1)]
-        return [range(bounds[rank], bounds[rank + 1]) for rank in range(self.size)]
-
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
-        if self.size > 1:
-            dist.barrier()
-
-    def broadcast_object(self, value: Any, src: int) -> Any:
-        """``value`` of rank ``src`` (pickled; tensors keep their exact bits), returned on every rank."""
-        if self.size == 1:
-            return value
-        holder = [value if self.rank == src else None]
-        dist.broadcast_object_list(holder, src=src)
-        return holder[0]
-
-    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
-        """Overwrite ``tensor`` (contiguous, the same shape on every rank) with rank ``src``'s values."""
-        if self.size > 1 and tensor.numel():
-            dist.broadcast(tensor, src=src)
-
-
-def init_from_environment(device: torch.device, environ: Optional[Mapping[str, str]] = None) -> World:
-    """Join the ``torchrun`` process group described by ``WORLD_SIZE``/``RANK`` (``MASTER_ADDR``,
-    ``MASTER_PORT``), with the gloo backend on CPU and nccl when ``device`` is CUDA; a single
-    process when ``WORLD_SIZE`` is unset or 1."""
-    environ = os.environ if environ is None else environ
-    size = int(environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={size} asks for {size} processes, but this torch has no torch.distributed")
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return World.current()
 
 
 def tree_nodes(lo: int, hi: int, start: int, stop: int) -> list[tuple[int, int]]:

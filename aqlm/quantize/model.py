@@ -29,7 +29,8 @@ from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_read
 from ..format import AqlmScheme
 from ..hf import load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
-from .distributed import World, assign_owners, run_block_split, tree_nodes, tree_sum
+from ..distributed import World
+from .distributed import assign_owners, run_block_split, tree_nodes, tree_sum
 from .finetune import FinetuneConfig, finetune_block
 from .layer import LayerConfig, quantize_weight
 from .phases import PhaseTimer
