@@ -106,6 +106,9 @@ def test_existing_run_needs_resume_and_same_settings(tmp_path):
     quantize_model(model_dir, tokens, out, config(), progress=False, log=lambda line: None)
     with pytest.raises(FileExistsError, match="--resume"):
         quantize_model(model_dir, tokens, out, config(), progress=False, log=lambda line: None)
+    with pytest.raises(FileExistsError, match="holds a finished run .*nothing to resume"):
+        quantize_model(model_dir, tokens, out, config(), resume=True, progress=False, log=lambda line: None)
+    (out / "quantization_report.json").unlink()  # as if killed just before the report
     with pytest.raises(ValueError, match="other settings"):
         quantize_model(model_dir, tokens, out, config(seed=1), resume=True, progress=False, log=lambda line: None)
 
@@ -135,8 +138,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "model.safetensors").exists(), "killed before the end"
-    finished = sorted(p.name for p in (killed / "aqlm_progress").glob("block_*.json"))
-    assert 2 <= len(finished) < 4
+    restored = [json.loads(p.read_text()) for p in sorted((killed / "aqlm_progress").glob("block_*.json"))]
+    assert 2 <= len(restored) < 4
 
     resumed = subprocess.run(_cli(model_dir, tokens, killed, "--resume"), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
@@ -146,6 +149,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert whole.keys() == again.keys()
     for name in whole:
         assert torch.equal(whole[name], again[name]), f"{name} differs after resume"
+    report = json.loads((killed / "quantization_report.json").read_text())
+    assert report["total_seconds"] == pytest.approx(report["seconds"] + sum(r["seconds"] for r in restored))
+    assert all(r["seconds"] > 0 for r in restored)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):

@@ -38,6 +38,7 @@ from .phases import PhaseTimer
 logger = logging.getLogger(__name__)
 
 PROGRESS_DIR = "aqlm_progress"
+REPORT_FILE = "quantization_report.json"
 _PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -457,6 +458,11 @@ def quantize_model(
     if not world.is_main:
         log, progress = (lambda line: None), False
     else:
+        if resume and not overwrite and (out_dir / REPORT_FILE).exists():
+            raise FileExistsError(
+                f"output directory {out_dir} holds a finished run ({REPORT_FILE}): there is nothing to resume; "
+                "quantize again with --overwrite, or choose an empty directory"
+            )
         check_output_dir(out_dir, {"input": Path(model_dir)}, out_dir / PROGRESS_DIR / "config.json", resume, overwrite)
     model, tokenizer = load_dense_model(model_dir)
     scheme = config.layer.scheme
@@ -486,6 +492,7 @@ def quantize_model(
     if world.size > 1:
         log(f"{world.size} processes share the work; rank 0 writes {out_dir}")
     reports: list[LayerReport] = []
+    earlier_seconds = 0.0  # recorded wall time of the blocks that earlier calls finished
     first_block_seconds: Optional[float] = None
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]
@@ -493,6 +500,7 @@ def quantize_model(
         saved = world.broadcast_object(store.read(index) if world.is_main and store.done(index) else None, src=0)
         if saved is not None:
             record = saved[0]
+            earlier_seconds += record.get("seconds", 0.0)
             restore_block(block, *saved)
             log(f"block {index}: restored from {store.directory}")
         else:
@@ -502,6 +510,7 @@ def quantize_model(
                 block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer, world
             )
             record["phases"] = block_timer.as_dict()
+            record["seconds"] = time.perf_counter() - block_started
             with block_timer.phase("saving"):
                 if world.is_main:
                     store.save(index, block, record)
@@ -552,6 +561,7 @@ def quantize_model(
         "bits_per_weight": report.bits_per_weight,
         "model_bits_per_parameter": report.model_bits_per_parameter,
         "seconds": report.seconds,
+        "total_seconds": report.seconds + earlier_seconds,
         "checkpoint_bytes": report.checkpoint_bytes,
         "phase_seconds": report.phases,
         "phase_cpu_seconds": timer.cpu_dict(),
@@ -559,7 +569,7 @@ def quantize_model(
         "layers": [dataclasses.asdict(layer) for layer in reports],
     }
     if world.is_main:
-        atomic_write_text(out_dir / "quantization_report.json", json.dumps(payload, indent=2))
+        atomic_write_text(out_dir / REPORT_FILE, json.dumps(payload, indent=2))
         store.remove_blocks()
     world.barrier()  # every rank returns once the checkpoint is complete
     log(report.summary())
