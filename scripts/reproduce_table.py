@@ -43,10 +43,15 @@ ROWS = [
     "llamacpp-Q4_1", "llamacpp-Q4_K_M", "llamacpp-Q2_K", "llamacpp-IQ3_XXS", "llamacpp-IQ2_XS",
 ]
 # The table's PV-Tuning budget, the same for every +p and +pv row (PVConfig fields; --pv-config overrides).
+# Each run keeps its step of lowest perplexity on held-out windows of the calibration text.
 PV_BUDGET = {
-    "nsamples": 256, "seqlen": 256, "num_steps": 20, "batch_size": 4, "microbatch_size": 4, "lr": 1e-3,
-    "code_lr": 0.3, "delta_decay": 0.0, "eval_every": 10, "eval_windows": 8, "save_every": 5,
+    "nsamples": 256, "seqlen": 256, "num_steps": 20, "batch_size": 4, "microbatch_size": 4,
+    "code_lr": 0.3, "delta_decay": 0.0, "code_trust_ratio": 1e-2, "eval_every": 10, "eval_windows": 8,
+    "save_every": 5,
 }
+# P-step learning rates tried by every +p row (unless --pv-config sets "lr"); the row takes the one whose
+# run reached the lower held-out perplexity, and its +pv row tunes with that one.
+P_LEARNING_RATES = (1e-3, 3e-4)
 _ROW_PATTERN = re.compile(r"^(fp|(rtn|gptq)-[2-8]|aqlm-[0-9x]+g[0-9]+(x[0-9]+)?(\+pv|\+p)?|llamacpp-[A-Z0-9_]+)$")
 
 
@@ -126,17 +131,55 @@ def _aqlm_row(model_dir: Path, scheme: str, args, work: Path) -> tuple[Path, dic
     return out, _existing_row(out)
 
 
-def _pv_row(name: str, model_dir: Path, quantized: Path, args, work: Path) -> tuple[Path, dict]:
-    """Row ``name`` (``aqlm-SCHEME+pv`` or ``+p``): PV-Tuning or P-only tuning of ``quantized`` with the
-    table's budget, written to ``work/name``; resumable."""
+def _budget_text() -> str:
+    """The tuning budget in words, for results.md."""
+    b = PV_BUDGET
+    return (f"{b['num_steps']} steps of {b['batch_size']} windows of {b['seqlen']} tokens from {b['nsamples']} "
+            f"calibration windows, LAMB, P-step lr chosen from {', '.join(f'{lr:g}' for lr in P_LEARNING_RATES)} "
+            f"by held-out perplexity; V step (+pv): straight-through, code lr {b['code_lr']:g}, trust ratio "
+            f"{b['code_trust_ratio']:g}; the step of lowest held-out perplexity is kept")
+
+
+def _best_perplexity(run: Path) -> float:
+    """The lowest held-out perplexity that the tuning run in ``run`` reached (the step it kept)."""
+    report = json.loads((run / "pv_report.json").read_text())
+    return min(evaluation["perplexity"] for evaluation in report["evaluations"])
+
+
+def _tune(model_dir: Path, quantized: Path, args, out: Path, budget: dict) -> None:
+    """``pv_tune`` into ``out`` with ``budget`` unless it finished there earlier (resumes a stopped run)."""
     from aqlm.pv_tuning import PVConfig, pv_tune
 
-    out = work / name
-    budget = {**PV_BUDGET, **json.loads(args.pv_config), "update_codes": name.endswith("+pv")}
     if not (out / "pv_report.json").is_file():
         pv_tune(model_dir, quantized, args.calibration, out, PVConfig(**budget), resume=(out / "pv_checkpoint").exists())
-    report = json.loads((quantized / "quantization_report.json").read_text())
-    return out, _existing_row(out, report["bits_per_weight"])
+
+
+def _pv_row(name: str, model_dir: Path, quantized: Path, args, work: Path, rows: dict) -> tuple[Path, dict]:
+    """Row ``name`` (``aqlm-SCHEME+p`` or ``+pv``): P-only tuning or PV-Tuning of ``quantized`` with the table's
+    budget. A +p row runs once per P-step learning rate (``work/name/lr-LR``) and keeps the run of lowest
+    held-out perplexity; a +pv row (``work/name``) uses its +p row's learning rate. Every run resumes."""
+    overrides = json.loads(args.pv_config)
+    budget = {**PV_BUDGET, **overrides, "update_codes": name.endswith("+pv")}
+    bits = json.loads((quantized / "quantization_report.json").read_text())["bits_per_weight"]
+    if name.endswith("+pv"):
+        p_row = name[: -len("+pv")] + "+p"
+        if "lr" not in overrides and p_row not in rows:
+            raise LookupError(f"{name} tunes with the learning rate its {p_row} row chose: run {p_row} first")
+        budget.setdefault("lr", rows.get(p_row, {}).get("lr"))
+        _tune(model_dir, quantized, args, work / name, budget)
+        return work / name, {**_existing_row(work / name, bits), "lr": budget["lr"]}
+    rates = [overrides["lr"]] if "lr" in overrides else list(P_LEARNING_RATES)
+    runs = {}
+    for lr in rates:
+        run = work / name / f"lr-{lr:g}"
+        _tune(model_dir, quantized, args, run, {**budget, "lr": lr})
+        runs[lr] = run
+    chosen = min(rates, key=lambda lr: _best_perplexity(runs[lr]))
+    seconds = sum(_existing_row(run, bits)["seconds"] for run in runs.values())
+    tried = ", ".join(f"lr {lr:g}: held-out perplexity {_best_perplexity(run):.2f}" for lr, run in runs.items())
+    print(f"{name}: {tried}; keeps lr {chosen:g}", flush=True)
+    return runs[chosen], {**_existing_row(runs[chosen], bits), "seconds": seconds, "lr": chosen,
+                          "tried": {f"{lr:g}": _best_perplexity(run) for lr, run in runs.items()}}
 
 
 def _llamacpp_row(name: str, args, work: Path, tokenizer) -> dict:
@@ -207,7 +250,8 @@ def write_outputs(out: Path, rows: dict, args) -> None:
         f"from valid.txt. Bits per weight of the quantized linear layers of the transformer blocks, "
         "parameters (codebooks, scales, zero points) counted at 16 bits for AQLM, RTN and GPTQ and as "
         "stored for llama.cpp; size: those layers at that many bits, all other parameters at 16 bits; "
-        "file: the checkpoint on disk. Time: quantization (a tuned row: the tuning alone).",
+        "file: the checkpoint on disk. Time: quantization (a tuned row: the tuning alone, every learning "
+        "rate it tried). Tuned rows: " + _budget_text() + ".",
         "",
         "| row | family | bits/weight | size (MiB) | file (MiB) | perplexity | time (s) |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -217,6 +261,12 @@ def write_outputs(out: Path, rows: dict, args) -> None:
         file_mib = f"{row['file_mib']:.1f}" if "file_mib" in row else "-"
         lines.append(f"| {name} | {family(name)} | {row['bits']:.2f} | {row['size_mib']:.1f} | {file_mib} | "
                      f"{row['perplexity']:.2f} | {row['seconds']:.0f} |")
+    tuned = [name for name in _ordered(rows) if "lr" in rows[name]]
+    if tuned:
+        lines += ["", "P-step learning rate of the tuned rows (held-out perplexity of each one tried):", ""]
+        lines += [f"- {name}: lr {rows[name]['lr']:g}"
+                  + (" (" + ", ".join(f"{lr}: {value:.2f}" for lr, value in rows[name]["tried"].items()) + ")"
+                     if "tried" in rows[name] else " (that of its +p row)") for name in tuned]
     typed = [name for name in _ordered(rows) if "types" in rows[name]]
     if typed:
         lines += ["", "llama.cpp tensor types of the block linears:", ""]
@@ -328,7 +378,11 @@ def main() -> int:
             if not (base_dir / "config.json").exists():
                 print(f"{name}: needs the {base} row first; skipped")
                 continue
-            path, row = _pv_row(name, model_dir, base_dir, args, out / "checkpoints")
+            try:
+                path, row = _pv_row(name, model_dir, base_dir, args, out / "checkpoints", rows)
+            except LookupError as error:
+                print(f"{name}: skipped: {error}")
+                continue
         else:
             path, row = _aqlm_row(model_dir, name.split("-", 1)[1], args, out / "checkpoints")
         if name.startswith("aqlm"):
