@@ -33,7 +33,7 @@ Smoke test (seconds; NOT the 7B shape, labelled so in the output):
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_7b_block.py --scale 0.0625 --nsamples 2 --seqlen 64 --threads 1
 
-Options: --scheme 2x8g8 --nsamples N --seqlen N --threads N --scale S --seed N
+Options: --scheme 2x8g8 --nsamples N --seqlen N --steps-per-epoch N --threads N --scale S --seed N
 """
 from __future__ import annotations
 
@@ -110,6 +110,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scheme", type=scheme_type, default="2x8g8", help="AQLM scheme (default 2x8g8)")
     parser.add_argument("--nsamples", type=int_at_least(1), default=None, help="windows (default: cpu-fast's)")
     parser.add_argument("--seqlen", type=int_at_least(2), default=None, help="tokens per window (default: cpu-fast's)")
+    parser.add_argument("--steps-per-epoch", type=int_at_least(1), default=None,
+                        help="codebook-update steps per round (default: cpu-fast's)")
     parser.add_argument("--threads", type=int_at_least(1), default=len(os.sched_getaffinity(0)),
                         help="torch and C threads (default: the usable CPUs)")
     parser.add_argument("--scale", type=scale_type, default=1.0, help="shrink the block's sizes (smoke tests only)")
@@ -131,9 +133,9 @@ def preset_config(args: argparse.Namespace) -> QuantizeConfig:
     add_quantize_arguments(cli)
     argv = ["unused-model", "--dataset", "unused", "--out", "unused", "--preset", "cpu-fast",
             "--scheme", args.scheme.name, "--threads", str(args.threads), "--seed", str(args.seed)]
-    for option in ("nsamples", "seqlen"):
+    for option in ("nsamples", "seqlen", "steps_per_epoch"):
         if getattr(args, option) is not None:
-            argv += [f"--{option}", str(getattr(args, option))]
+            argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     return quantize_config_from_args(cli.parse_args(argv))
 
 
