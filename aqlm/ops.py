@@ -508,9 +508,9 @@ def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
 def quantized_linear_cpu(
     input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """``quantized_matmul`` on the CPU without the custom-op dispatch and with the per-weight
-    work cached: the eager inference path of :class:`aqlm.QuantizedLinear` (no autograd, no
-    tracing). Same kernels, same results."""
+    """``quantized_matmul`` on the CPU with the per-weight work cached: the eager inference path
+    of :class:`aqlm.QuantizedLinear` (called directly, without the custom-op dispatch, autograd
+    or tracing) and the op's CPU kernel. Same kernels, same results."""
     plan = _cpu_plan(codes, codebooks, scales, bias)
     dtype, in_features = input.dtype, plan.in_features
     if dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != in_features:
@@ -546,7 +546,9 @@ def _quantized_matmul_cpu(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return quantized_matmul_cpu(input, codes, codebooks, scales, bias)
+    # The cached per-weight plan serves the op too (torch.compile passes the layer's own
+    # parameters, so the plan kept on the codes is found again): same kernels, same results.
+    return quantized_linear_cpu(input, codes, codebooks, scales, bias)
 
 
 @quantized_matmul.register_fake

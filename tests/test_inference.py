@@ -270,6 +270,22 @@ def test_eager_path_follows_weight_changes(change, kernel, monkeypatch):
     assert torch.equal(after, expected), f"{change}: the eager path used a stale plan"
 
 
+def test_custom_op_checks_an_unchanged_weight_once(monkeypatch):
+    """The op's CPU kernel (what torch.compile calls) shares the eager path's cached plan: the
+    weight is checked when the plan is built, not again on every call."""
+    import aqlm.ops
+
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8))
+    checks = []
+    check_weight = aqlm.ops.check_weight
+    monkeypatch.setattr(aqlm.ops, "check_weight", lambda *args: checks.append(1) or check_weight(*args))
+    x = torch.randn(2, 64)
+    results = [torch.ops.aqlm.quantized_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+               for _ in range(3)]
+    assert len(checks) == 1, f"the weight was checked {len(checks)} times in 3 calls"
+    assert all(torch.equal(result, results[0]) for result in results)
+
+
 def test_eager_cpu_function_accepts_an_input_that_requires_grad():
     """``ops.quantized_linear_cpu`` computes no gradient, whatever the input and grad mode."""
     layer = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8))
