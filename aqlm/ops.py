@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -469,7 +469,7 @@ class _CpuPlan:
         )
         self.calls = {}
 
-    def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int):
+    def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int) -> Callable[[np.ndarray, np.ndarray], None]:
         """``call(x, out)`` on NumPy views ([tokens, in] and [tokens, out] in ``x_dtype``, bfloat16
         as int16): ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS, arguments bound once."""
         codes_np, codebooks_np, scales_np, bias_np = self.arrays

@@ -96,7 +96,7 @@ def load_line() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
-def compiled(model):
+def compiled(model: nn.Module) -> nn.Module:
     """``model`` with its forward compiled by torch.compile (run it with a static cache)."""
     model.forward = torch.compile(model.forward)
     return model
@@ -116,6 +116,7 @@ def aqlm_models(args, dense, count: int) -> tuple[str, Callable[[], nn.Module]]:
 
 
 def smollm2_rows(args) -> None:
+    """The SmolLM2 table: dense, AQLM (eager, optionally compiled) and llama.cpp rows, interleaved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aqlm.models.real import RealModelUnavailable, smollm2_dir
