@@ -72,25 +72,22 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``input @ W.T + bias``, in the dtype of ``input``."""
+        if type(input) is torch.Tensor and input.is_cpu and not torch.compiler.is_compiling():
+            if not torch.is_grad_enabled() or not self._wants_grad(input):
+                # checks the input's shape and dtype itself, with the same errors as below
+                return ops.quantized_linear_cpu(input, self.codes, self.codebooks, self.scales, self.bias)
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"input must have in_features={self.in_features} as its last dimension, got shape {tuple(input.shape)}"
             )
-        if self._eager_cpu(input):
-            return ops.quantized_linear_cpu(input, self.codes, self.codebooks, self.scales, self.bias)
         return torch.ops.aqlm.quantized_matmul(input, self.codes, self.codebooks, self.scales, self.bias)
 
-    def _eager_cpu(self, input: torch.Tensor) -> bool:
-        """Whether the call may skip the custom op: a plain CPU tensor, no gradient wanted, no
-        tracing (torch.compile and export see the op, with its fake and autograd formulas)."""
-        if type(input) is not torch.Tensor or input.device.type != "cpu" or torch.compiler.is_compiling():
-            return False
-        if torch.is_grad_enabled():
-            tensors = (input, self.codebooks, self.scales, self.bias)
-            return not any(t is not None and t.requires_grad for t in tensors)
-        return True
+    def _wants_grad(self, input: torch.Tensor) -> bool:
+        """Whether autograd needs this call: the eager CPU path skips the custom op only when it
+        does not (torch.compile and export always see the op, with its fake and autograd formulas)."""
+        return any(t is not None and t.requires_grad for t in (input, self.codebooks, self.scales, self.bias))
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight ``[out_features, in_features]`` in the codebooks' dtype."""

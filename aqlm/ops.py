@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -330,18 +330,19 @@ def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
 
     Computed on first use and kept on the codes tensor itself, so it lives and dies with the
     weight; an in-place change of the codes (``codes.copy_``, as ``load_state_dict`` does) bumps
-    ``codes._version`` and makes it be recomputed. Writes that bypass the version counter
-    (through ``codes.data`` or a NumPy view) are not seen: replace the parameter instead.
+    ``codes._version``, and new storage (``codes.data = ...``) moves ``codes.data_ptr()``: either
+    makes it be recomputed. Writes through a NumPy view bypass both and are not seen.
     """
+    stamp = (codes._version, codes.data_ptr())
     cached = getattr(codes, "_aqlm_lutq_packed", None)
-    if cached is not None and cached[0] == codes._version:
+    if cached is not None and cached[0] == stamp:
         return cached[1]
     in_features = codes.shape[1] * codebooks.shape[3]
     size = _C.lutq_packed_size(codes.shape[0], in_features, codebooks.shape[3], codes.shape[2], nbits_of(codebooks))
     packed = torch.empty(size, dtype=torch.uint8)
     codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
     _C.lutq_pack_codes(codes_np, codebooks_np, scales_np, packed.numpy(), param_dtype=_DTYPE_NAMES[codebooks.dtype])
-    codes._aqlm_lutq_packed = (codes._version, packed)
+    codes._aqlm_lutq_packed = (stamp, packed)
     return packed
 
 
@@ -452,9 +453,10 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
 
 class _CpuPlan:
     """What every call on one CPU weight would otherwise re-derive: checked shapes, zero-copy
-    NumPy views, packed codes and the kernel chosen per token count."""
+    NumPy views, packed codes, and per call key (token count, dtype, environment, threads, SIMD
+    level) the kernel chosen and, for the few-token C kernels, a ready call."""
 
-    def __init__(self, stamp, codes, codebooks, scales, bias):
+    def __init__(self, stamp: tuple, codes, codebooks, scales, bias):
         nbits = check_weight(codes, codebooks, scales, bias)
         self.stamp = stamp
         self.nbits = nbits
@@ -465,17 +467,37 @@ class _CpuPlan:
         self.packed = (
             _numpy_view(packed_codes(codes, codebooks, scales)) if lutq_applies(nbits, codebooks.shape[2]) else None
         )
-        self.kernels = {}
+        self.calls = {}
+
+    def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int) -> Callable[[np.ndarray, np.ndarray], None]:
+        """``call(x, out)`` on NumPy views ([tokens, in] and [tokens, out] in ``x_dtype``, bfloat16
+        as int16): ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS, arguments bound once."""
+        codes_np, codebooks_np, scales_np, bias_np = self.arrays
+        options = {"x_dtype": _DTYPE_NAMES[x_dtype], "param_dtype": _DTYPE_NAMES[self.param_dtype],
+                   "num_threads": num_threads}
+        if kernel == "lutq":
+            packed, lutq_matmul = self.packed, _C.lutq_matmul
+            options["group"] = LUTQ_GROUP
+            return lambda x, out: lutq_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
+        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)
 
 
-def _stamp(tensor: Optional[torch.Tensor]):
-    return None if tensor is None else (id(tensor), tensor._version, tensor.data_ptr())
+def _weight_stamp(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
+    """Changes when any weight tensor is replaced (``id``), updated in place (``_version``) or
+    given new storage (``.data = ...``)."""
+    return (
+        codes._version, codes.data_ptr(),
+        id(codebooks), codebooks._version, codebooks.data_ptr(),
+        id(scales), scales._version, scales.data_ptr(),
+        None if bias is None else (id(bias), bias._version, bias.data_ptr()),
+    )
 
 
 def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
     """The plan of this weight, kept on the codes tensor; rebuilt when any of its tensors is
-    replaced or changed in place (``_version``)."""
-    stamp = (codes._version, _stamp(codebooks), _stamp(scales), _stamp(bias))
+    replaced or changed (:func:`_weight_stamp`)."""
+    stamp = _weight_stamp(codes, codebooks, scales, bias)
     plan = getattr(codes, "_aqlm_cpu_plan", None)
     if plan is None or plan.stamp != stamp:
         plan = _CpuPlan(stamp, codes, codebooks, scales, bias)
@@ -486,23 +508,33 @@ def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
 def quantized_linear_cpu(
     input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """``quantized_matmul`` on the CPU without the custom-op dispatch and with the per-weight
-    work cached: the eager inference path of :class:`aqlm.QuantizedLinear` (no autograd, no
-    tracing). Same kernels, same results."""
+    """``quantized_matmul`` on the CPU with the per-weight work cached: the eager inference path
+    of :class:`aqlm.QuantizedLinear` (called directly, without the custom-op dispatch, autograd
+    or tracing) and the op's CPU kernel. Same kernels, same results."""
     plan = _cpu_plan(codes, codebooks, scales, bias)
-    if input.dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != plan.in_features:
+    dtype, in_features = input.dtype, plan.in_features
+    if dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != in_features:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias)  # raises the precise error
-    tokens = input.numel() // plan.in_features
-    key = (tokens, input.dtype, os.environ.get(QUANTIZED_LUT_ENV), os.environ.get(kernel_choice.FORCE_ENV),
-           os.environ.get(kernel_choice.CALIBRATION_ENV), torch.get_num_threads(), _C.simd_default())
-    x = input.reshape(tokens, plan.in_features).contiguous()
-    kernel = plan.kernels.get(key)
-    if kernel is None:
-        kernel = plan.kernels[key] = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
-    if kernel not in FEW_TOKEN_KERNELS:
-        return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=kernel)
-    result = torch.empty(*input.shape[:-1], plan.out_features, dtype=input.dtype)  # not a view: see quantized_matmul_cpu
-    _few_token_matmul(kernel, x, result.view(tokens, plan.out_features), plan.arrays, plan.packed, plan.param_dtype)
+    tokens = input.numel() // in_features
+    environ = os.environ
+    key = (tokens, dtype, environ.get(QUANTIZED_LUT_ENV), environ.get(kernel_choice.FORCE_ENV),
+           environ.get(kernel_choice.CALIBRATION_ENV), torch.get_num_threads(), _C.simd_default())
+    x = input.reshape(tokens, in_features)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.requires_grad:  # under no_grad: NumPy refuses tensors that require grad
+        x = x.detach()
+    call = plan.calls.get(key)
+    if call is None:
+        kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
+        call = plan.calls[key] = plan.few_token_call(kernel, dtype, key[5]) if kernel in FEW_TOKEN_KERNELS else kernel
+    if type(call) is str:
+        return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=call)
+    result = torch.empty(input.shape[:-1] + (plan.out_features,), dtype=dtype)  # not a view: see quantized_matmul_cpu
+    out = result.view(tokens, plan.out_features)
+    if dtype == torch.bfloat16:
+        x, out = x.view(torch.int16), out.view(torch.int16)
+    call(x.numpy(), out.numpy())
     return result
 
 
@@ -514,7 +546,9 @@ def _quantized_matmul_cpu(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return quantized_matmul_cpu(input, codes, codebooks, scales, bias)
+    # The cached per-weight plan serves the op too (torch.compile passes the layer's own
+    # parameters, so the plan kept on the codes is found again): same kernels, same results.
+    return quantized_linear_cpu(input, codes, codebooks, scales, bias)
 
 
 @quantized_matmul.register_fake

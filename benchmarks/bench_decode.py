@@ -2,29 +2,36 @@
 
 Rows (each timed in this process, runs interleaved, median of --repeat):
   * SmolLM2-135M-Instruct dense fp32 and bf16 (the real converted model, aqlm.models.real);
-  * the same model with every decoder linear (210) replaced by an AQLM QuantizedLinear of the
-    same shape -- random codes, codebooks and scales: a *speed-only* stand-in until a real 2x8g8
-    checkpoint is at hand (its text is noise; min_new_tokens keeps every run at --tokens);
-    optionally (--compile) with a static cache and torch.compile;
-  * llama.cpp via llama-cpp-python (the optional `bench` extra) when installed and --gguf given;
+  * the AQLM 2x8g8 SmolLM2: the real checkpoint given with --checkpoint DIR, else the dense model
+    with every decoder linear (210) replaced by an AQLM QuantizedLinear of the same shape with
+    random codes, codebooks and scales (a *speed-only* stand-in: its text is noise);
+    min_new_tokens keeps every run at --tokens;
+  * with --compile, dense fp32 and AQLM again with a static cache and torch.compile;
+  * llama.cpp via llama-cpp-python (the optional `bench` extra), one row per --gguf file (its
+    prompt is evaluated afresh on every run, as ours is);
   * a Llama-2-7B-shaped stack (hidden 4096, MLP 11008, 32 heads, 2 decoder layers, vocab 256):
     bf16 dense vs AQLM 2x8g8 and 1x16g8 (random codes), milliseconds per decoder layer per token,
     extrapolated to 32 layers.
+The CPU's model and vector flags and the load average (before and after) are printed with the tables.
 
-    python benchmarks/bench_decode.py [--threads 2] [--tokens 64] [--repeat 3] [--compile] [--gguf PATH]
+    python benchmarks/bench_decode.py [--threads 2] [--tokens 64] [--repeat 3] [--checkpoint DIR]
+        [--compile] [--gguf PATH [PATH ...]]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 import aqlm
 from aqlm import QuantizedLinear, pack_codes
+from bench_matmul import cpu_flags
 
 PROMPT = "The history of the city of Paris begins"
 
@@ -66,18 +73,50 @@ def generate_seconds(model, input_ids, tokens: int, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def time_rows(rows: dict, input_ids, tokens: int, repeat: int) -> dict:
-    """Median seconds per row; one warm-up each, then runs interleaved across rows."""
-    for model, kwargs in rows.values():
-        generate_seconds(model, input_ids, tokens, **kwargs)
+def generate_row(model, input_ids, tokens: int, **kwargs) -> Callable[[], float]:
+    """A row: one timed greedy generate per call."""
+    return lambda: generate_seconds(model, input_ids, tokens, **kwargs)
+
+
+def time_rows(rows: dict, repeat: int) -> dict:
+    """Median seconds per row (each a function returning the seconds of one run); one warm-up
+    each, then runs interleaved across rows, so that load changes hit every row alike."""
+    for run in rows.values():
+        run()
     times = {name: [] for name in rows}
     for _ in range(repeat):
-        for name, (model, kwargs) in rows.items():
-            times[name].append(generate_seconds(model, input_ids, tokens, **kwargs))
+        for name, run in rows.items():
+            times[name].append(run())
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def load_line() -> str:
+    """The 1/5/15-minute load averages and the core count (other work on the cores skews every row)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``model`` with its forward compiled by torch.compile (run it with a static cache)."""
+    model.forward = torch.compile(model.forward)
+    return model
+
+
+def aqlm_models(args, dense, count: int) -> tuple[str, Callable[[], nn.Module]]:
+    """The AQLM row's label and a factory of fresh copies: the --checkpoint, or random codes."""
+    if args.checkpoint:
+        from aqlm.hf import load_causal_lm
+
+        def load():
+            return load_causal_lm(args.checkpoint, kind="aqlm", use_cache=True)[0]
+
+        layers = sum(isinstance(module, QuantizedLinear) for module in load().modules())
+        return f"AQLM 2x8g8 checkpoint ({layers} linears)", load
+    return f"AQLM 2x8g8 ({count} linears, random codes)", lambda: quantize_decoder_linears(dense, "2x8g8", torch.float16)[0]
+
+
 def smollm2_rows(args) -> None:
+    """The SmolLM2 table: dense, AQLM (eager, optionally compiled) and llama.cpp rows, interleaved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aqlm.models.real import RealModelUnavailable, smollm2_dir
@@ -90,43 +129,61 @@ def smollm2_rows(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     dense = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    quantized, count = quantize_decoder_linears(dense, "2x8g8", torch.float16)
+    count = sum(isinstance(m, nn.Linear) for m in dense.model.layers.modules())
+    aqlm_name, aqlm_model = aqlm_models(args, dense, count)
+    tokens = args.tokens
     rows = {
-        "dense fp32": (dense, {}),
-        "dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), {}),
-        f"AQLM 2x8g8 ({count} linears, random codes) eager": (quantized, {}),
+        "dense fp32": generate_row(dense, input_ids, tokens),
+        "dense bf16": generate_row(copy.deepcopy(dense).to(torch.bfloat16), input_ids, tokens),
+        f"{aqlm_name} eager": generate_row(aqlm_model(), input_ids, tokens),
     }
     if args.compile:
-        compiled, _ = quantize_decoder_linears(dense, "2x8g8", torch.float16)
-        compiled.forward = torch.compile(compiled.forward)
-        rows["AQLM 2x8g8 static cache + torch.compile"] = (compiled, {"cache_implementation": "static"})
-    times = time_rows(rows, input_ids, args.tokens, args.repeat)
-    print(f"SmolLM2-135M-Instruct, prompt of {input_ids.shape[1]} tokens, {args.tokens} greedy tokens "
-          f"(prefill included), {args.threads} threads, median of {args.repeat}")
+        static = {"cache_implementation": "static"}
+        rows["dense fp32 static cache + torch.compile"] = generate_row(compiled(copy.deepcopy(dense)), input_ids, tokens, **static)
+        rows[f"{aqlm_name} static cache + torch.compile"] = generate_row(compiled(aqlm_model()), input_ids, tokens, **static)
+    for path in args.gguf or []:
+        run = llama_cpp_row(path, args.threads, tokens)
+        if run is not None:
+            rows[f"llama.cpp {os.path.basename(path)}"] = run
+    print(f"SmolLM2-135M-Instruct, prompt of {input_ids.shape[1]} tokens, {tokens} greedy tokens "
+          f"(prefill included), {args.threads} threads, median of {args.repeat}; before: {load_line()}")
+    times = time_rows(rows, args.repeat)
     base = times["dense fp32"]
     for name, seconds in times.items():
-        print(f"  {name:<52} {args.tokens / seconds:7.1f} tok/s   {base / seconds:5.2f}x dense fp32")
-    aqlm_row = next(name for name in times if name.startswith("AQLM") and "eager" in name)
-    ratio = base / times[aqlm_row]
+        print(f"  {name:<60} {tokens / seconds:7.1f} tok/s   {base / seconds:5.2f}x dense fp32")
+    ratio = base / times[f"{aqlm_name} eager"]
     print(f"  target: AQLM 2x8g8 >= 2x dense fp32 end to end: {'met' if ratio >= 2 else 'MISSED'} ({ratio:.2f}x)")
-    llama_cpp_row(args, tokenizer)
+    llama = {name: seconds for name, seconds in times.items() if name.startswith("llama.cpp")}
+    if llama:
+        best = min(llama, key=llama.get)
+        fastest_ours = min(seconds for name, seconds in times.items() if name.startswith("AQLM"))
+        print(f"  fastest AQLM row vs {best}: {llama[best] / fastest_ours:.2f}x its tokens/s")
+    print(f"  after: {load_line()}")
 
 
-def llama_cpp_row(args, tokenizer) -> None:
+def llama_cpp_row(path: str, threads: int, tokens: int) -> Optional[Callable[[], float]]:
+    """A row timing llama.cpp greedy decoding of ``path`` (None, with the reason printed, if it cannot run)."""
     try:
         import llama_cpp
-    except ImportError:
-        print("  llama.cpp row skipped: llama-cpp-python is not installed (pip install 'aqlm[bench]')")
-        return
-    if not args.gguf:
-        print("  llama.cpp row skipped: give --gguf PATH (a SmolLM2 GGUF)")
-        return
-    llm = llama_cpp.Llama(model_path=args.gguf, n_threads=args.threads, verbose=False)
-    llm(PROMPT, max_tokens=4, temperature=0.0)
-    start = time.perf_counter()
-    result = llm(PROMPT, max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    seconds = time.perf_counter() - start
-    print(f"  {'llama.cpp ' + args.gguf:<52} {result['usage']['completion_tokens'] / seconds:7.1f} tok/s")
+    except (ImportError, OSError, RuntimeError) as error:  # not installed, or its shared library not found
+        print(f"  llama.cpp row for {path} skipped: llama-cpp-python does not load ({error}); "
+              "pip install 'aqlm[bench]', or set LLAMA_CPP_LIB_PATH to a built llama.cpp")
+        return None
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt = llm.tokenize(PROMPT.encode())
+
+    def run() -> float:
+        """Greedy tokens from llama.cpp's own loop, which stops only when told (no end-of-text
+        stop); reset=True evaluates the prompt afresh, as generate does."""
+        start = time.perf_counter()
+        produced = 0
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            produced += 1
+            if produced == tokens:
+                break
+        return time.perf_counter() - start
+
+    return run
 
 
 def llama7b_rows(args) -> None:
@@ -138,14 +195,15 @@ def llama7b_rows(args) -> None:
     dense = LlamaForCausalLM(config).eval()
     for parameter in dense.parameters():
         parameter.requires_grad_(False)
-    rows = {"bf16 dense": (dense.to(torch.bfloat16), {})}
-    for scheme in ("2x8g8", "1x16g8"):
-        rows[f"AQLM {scheme} (random codes)"] = (quantize_decoder_linears(dense, scheme, torch.bfloat16)[0], {})
     input_ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     tokens = max(8, args.tokens // 4)
-    times = time_rows(rows, input_ids, tokens, args.repeat)
+    rows = {"bf16 dense": generate_row(dense.to(torch.bfloat16), input_ids, tokens)}
+    for scheme in ("2x8g8", "1x16g8"):
+        rows[f"AQLM {scheme} (random codes)"] = generate_row(
+            quantize_decoder_linears(dense, scheme, torch.bfloat16)[0], input_ids, tokens)
+    times = time_rows(rows, args.repeat)
     print(f"\nLlama-2-7B-shaped decoder layers (hidden 4096, MLP 11008, 2 layers), bf16 activations, {tokens} greedy "
-          f"tokens, {args.threads} threads, median of {args.repeat}")
+          f"tokens, {args.threads} threads, median of {args.repeat}; after: {load_line()}")
     per_layer = {name: seconds / tokens / config.num_hidden_layers * 1e3 for name, seconds in times.items()}
     base = per_layer["bf16 dense"]
     for name, ms in per_layer.items():
@@ -161,13 +219,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add the static cache + torch.compile row (slow to compile)")
-    parser.add_argument("--gguf", help="a SmolLM2 GGUF for the llama.cpp row")
+    parser.add_argument("--checkpoint", help="a real AQLM 2x8g8 SmolLM2 checkpoint (Hugging Face directory); "
+                        "without it the AQLM rows use random codes")
+    parser.add_argument("--gguf", nargs="+", action="extend", metavar="PATH",
+                        help="SmolLM2 GGUF files, one llama.cpp row each")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-7b", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"aqlm {aqlm.__version__}, torch {torch.__version__}, SIMD {aqlm._C.simd_default()} "
-          f"(quantized tables: {aqlm._C.lutq_kernel()})\n")
+          f"(quantized tables: {aqlm._C.lutq_kernel()}, exact tables only: {aqlm.ops.exact_lut_requested()})")
+    print(f"CPU: {cpu_flags()}; {load_line()}\n")
     if not args.skip_smollm2:
         smollm2_rows(args)
     if not args.skip_7b:

@@ -22,6 +22,25 @@ ALWAYS_INLINE __m512 load16(aqlm_dtype dtype, const void *base, int64_t index) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+/* Entries [c, c + 64) of one table: four independent FMA chains hide the FMA latency; each
+ * entry still sums its ig products in order from zero, as the 16-wide loop does (same bits). */
+ALWAYS_INLINE void build_t1_64(int64_t ig, int64_t K, const float *restrict xj, const float *restrict columns,
+                               float *restrict out) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < ig; i++) {
+        const __m512 xi = _mm512_set1_ps(xj[i]);
+        const float *row = columns + i * K;
+        s0 = _mm512_fmadd_ps(xi, _mm512_loadu_ps(row), s0);
+        s1 = _mm512_fmadd_ps(xi, _mm512_loadu_ps(row + 16), s1);
+        s2 = _mm512_fmadd_ps(xi, _mm512_loadu_ps(row + 32), s2);
+        s3 = _mm512_fmadd_ps(xi, _mm512_loadu_ps(row + 48), s3);
+    }
+    _mm512_storeu_ps(out, s0);
+    _mm512_storeu_ps(out + 16, s1);
+    _mm512_storeu_ps(out + 32, s2);
+    _mm512_storeu_ps(out + 48, s3);
+}
+
 static void lut_build_t1_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1,
                                 const float *restrict x, const float *restrict cbt, float *restrict lut) {
     const int64_t og = s->og, ig = s->ig, M = s->M, K = s->K;
@@ -34,7 +53,9 @@ static void lut_build_t1_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j
         for (int64_t mr = 0; mr < M * og; mr++) {
             float *out = lut + ((j - j0) * M * og + mr) * K;
             const float *columns = cbt + mr * ig * K;
-            for (int64_t c = 0; c < K; c += 16) {
+            int64_t c = 0;
+            for (; c + 64 <= K; c += 64) build_t1_64(ig, K, xj, columns + c, out + c);
+            for (; c < K; c += 16) {
                 __m512 sum = _mm512_setzero_ps();
                 for (int64_t i = 0; i < ig; i++)
                     sum = _mm512_fmadd_ps(_mm512_set1_ps(xj[i]), _mm512_loadu_ps(columns + i * K + c), sum);

@@ -25,18 +25,18 @@ static void *aligned_buffer(size_t bytes) {
     return aligned_alloc(64, rounded ? rounded : 64);
 }
 
-/* Codebooks in fp32, [M, K, og, ig] (for 8-token tables) or transposed to [M, og, ig, K]. */
+/* Codebooks in fp32, [M, K, og, ig] (for 8-token tables) or transposed to [M, og, ig, K]. Both
+ * walk their output in order (the transposed one reads with a stride instead of writing with one). */
 static void convert_codebooks(const aqlm_block_shape *s, aqlm_dtype dtype, const void *cb,
                               int transposed, float *out) {
+    const int64_t row = s->og * s->ig, count = s->M * s->K * row;
+    if (!transposed) {
+        for (int64_t at = 0; at < count; at++) out[at] = aqlm_load(dtype, cb, at);
+        return;
+    }
     for (int64_t m = 0; m < s->M; m++)
-        for (int64_t c = 0; c < s->K; c++)
-            for (int64_t r = 0; r < s->og; r++)
-                for (int64_t i = 0; i < s->ig; i++) {
-                    const float value = aqlm_load(dtype, cb, ((m * s->K + c) * s->og + r) * s->ig + i);
-                    const int64_t at = transposed ? ((m * s->og + r) * s->ig + i) * s->K + c
-                                                  : ((m * s->K + c) * s->og + r) * s->ig + i;
-                    out[at] = value;
-                }
+        for (int64_t e = 0; e < row; e++)
+            for (int64_t c = 0; c < s->K; c++) *out++ = aqlm_load(dtype, cb, (m * s->K + c) * row + e);
 }
 
 /* Tokens [t0, t0 + tokens) in fp32: one row for T = 1, transposed to [in, 8] zero-padded for T = 8. */

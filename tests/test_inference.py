@@ -240,6 +240,62 @@ def test_chunked_dequantize_path_with_bias_matches_formula(monkeypatch, out_grou
     torch.testing.assert_close(y.double(), reference, rtol=0, atol=tolerance(torch.float32, torch.float32, reference))
 
 
+@pytest.mark.parametrize("kernel", ["lut", "decode", "lutq"])
+@pytest.mark.parametrize("change", ["codes in place", "codes .data", "codebooks in place", "scales replaced",
+                                    "bias in place"])
+def test_eager_path_follows_weight_changes(change, kernel, monkeypatch):
+    """The eager CPU path caches a plan (and, for "lutq", packed codes) per weight; every kind of
+    change to a weight tensor must reach the result, as a fresh layer of the new tensors shows."""
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
+    monkeypatch.setenv("AQLM_CPU_KERNEL", kernel)
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8))
+    other = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8, seed=5))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = layer(x)
+        if change == "codes in place":
+            layer.codes.copy_(other.codes)
+        elif change == "codes .data":
+            layer.codes.data = other.codes.data.clone()
+        elif change == "codebooks in place":
+            layer.codebooks.mul_(2)
+        elif change == "scales replaced":
+            layer.scales = torch.nn.Parameter(other.scales.clone(), requires_grad=False)
+        else:
+            layer.bias.add_(1)
+        after = layer(x)
+        fresh = QuantizedLinear.from_parts(*(t.clone() for t in (layer.codes, layer.codebooks, layer.scales, layer.bias)))
+        expected = fresh(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, expected), f"{change}: the eager path used a stale plan"
+
+
+def test_custom_op_checks_an_unchanged_weight_once(monkeypatch):
+    """The op's CPU kernel (what torch.compile calls) shares the eager path's cached plan: the
+    weight is checked when the plan is built, not again on every call."""
+    import aqlm.ops
+
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8))
+    checks = []
+    check_weight = aqlm.ops.check_weight
+    monkeypatch.setattr(aqlm.ops, "check_weight", lambda *args: checks.append(1) or check_weight(*args))
+    x = torch.randn(2, 64)
+    results = [torch.ops.aqlm.quantized_matmul(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+               for _ in range(3)]
+    assert len(checks) == 1, f"the weight was checked {len(checks)} times in 3 calls"
+    assert all(torch.equal(result, results[0]) for result in results)
+
+
+def test_eager_cpu_function_accepts_an_input_that_requires_grad():
+    """``ops.quantized_linear_cpu`` computes no gradient, whatever the input and grad mode."""
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8))
+    x = torch.randn(2, 64, requires_grad=True)
+    y = aqlm.ops.quantized_linear_cpu(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, quantized_matmul_torch(x.detach(), layer.codes, layer.codebooks, layer.scales,
+                                                         layer.bias), rtol=1e-5, atol=1e-4)
+
+
 def test_quantized_linear_noncontiguous_input_is_handled():
     codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8)
     layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
