@@ -242,8 +242,15 @@ def _ordered(rows: dict) -> list[str]:
     return known + sorted(name for name in rows if name not in ROWS)
 
 
-def write_outputs(out: Path, rows: dict, args) -> None:
-    """results.md and perplexity_vs_bits.png from the finished rows."""
+def load_rows(out: Path) -> dict:
+    """Every finished row saved under ``out/rows`` (by this run or by any other running beside it)."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted((out / "rows").glob("*.json"))}
+
+
+def write_outputs(out: Path, args) -> None:
+    """results.md and perplexity_vs_bits.png from the finished rows on disk (so runs of other rows
+    going on at the same time never drop each other's rows)."""
+    rows = load_rows(out)
     lines = [
         f"Model `{args.model}`; perplexity on WikiText-2 test.txt (word-level tokenized release), first "
         f"{args.eval_windows or 'all'} non-overlapping windows of {args.eval_seqlen} tokens; calibration "
@@ -339,9 +346,7 @@ def main() -> int:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     model_dir = _resolve_model(args.model)
     eval_windows = args.eval_windows or None
-    rows = {}
-    for path in (out / "rows").glob("*.json"):
-        rows[path.stem] = json.loads(path.read_text())
+    rows = load_rows(out)
     windows = None
     for name in args.rows:
         if name in rows:
@@ -393,10 +398,10 @@ def main() -> int:
             row["perplexity"] = evaluate_model(model, tokenizer, args.test, args.eval_seqlen, eval_windows)["perplexity"]
         rows[name] = row
         (out / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2))
-        write_outputs(out, rows, args)
+        write_outputs(out, args)
         print(f"{name}: {row}", flush=True)
         del model
-    write_outputs(out, rows, args)
+    write_outputs(out, args)
     print((out / "results.md").read_text())
     return 0
 

@@ -79,3 +79,17 @@ def test_pv_config_learning_rate_overrides_the_grid(table, fake_tuning, tmp_path
     args = argparse.Namespace(pv_config='{"lr": 0.001}')
     path, row = table._pv_row("aqlm-2x8g8+p", tmp_path, quantized, args, tmp_path / "work", {})
     assert [call[0] for call in calls] == ["work/aqlm-2x8g8+p/lr-0.001"] and row["lr"] == 1e-3
+
+
+def test_results_come_from_every_row_on_disk(table, tmp_path):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "fp.json").write_text(json.dumps({"bits": 16.0, "size_mib": 256.6, "seconds": 0.0, "perplexity": 18.3}))
+    # written by another run of the script, going on beside this one
+    (rows / "aqlm-2x8g8+p.json").write_text(json.dumps(
+        {"bits": 2.15, "size_mib": 81.3, "seconds": 9.0, "perplexity": 33.75, "lr": 1e-3, "tried": {"0.001": 95.7}}))
+    table.write_outputs(tmp_path, argparse.Namespace(model="m", eval_windows=16, eval_seqlen=2048))
+    text = (tmp_path / "results.md").read_text()
+    assert "| fp | dense | 16.00 |" in text and "| aqlm-2x8g8+p | AQLM+P | 2.15 |" in text
+    assert "- aqlm-2x8g8+p: lr 0.001 (0.001: 95.70)" in text
+    assert (tmp_path / "perplexity_vs_bits.png").stat().st_size > 0
