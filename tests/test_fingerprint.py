@@ -40,6 +40,7 @@ def test_quantize_refuses_to_resume_onto_changed_weights(tmp_path):
         seqlen=16,
     )
     quantize_model(tmp_path / "dense", tmp_path / "tokens.pt", tmp_path / "q", config, progress=False, log=lambda line: None)
+    (tmp_path / "q" / "quantization_report.json").unlink()  # as if killed before the end: a run to resume
     save_tiny(tmp_path / "dense", bump=1.0)
     with pytest.raises(ValueError, match=r"cannot resume: .*\(model\)"):
         quantize_model(tmp_path / "dense", tmp_path / "tokens.pt", tmp_path / "q", config, resume=True, progress=False,
