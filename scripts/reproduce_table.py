@@ -35,6 +35,8 @@ from aqlm.cli import _resolve_model, evaluate_model, load_model
 from aqlm.data import calibration_windows, load_tokens
 from aqlm.format import AqlmScheme
 from aqlm.paths import data_dir
+from aqlm.pv_tuning.train import REPORT_FILE as PV_REPORT
+from aqlm.quantize.model import REPORT_FILE as QUANTIZE_REPORT
 
 ROWS = [
     "fp", "rtn-4", "rtn-3", "rtn-2", "gptq-4", "gptq-3", "gptq-2",
@@ -124,7 +126,7 @@ def _aqlm_row(model_dir: Path, scheme: str, args, work: Path) -> tuple[Path, dic
     command += shlex.split(args.aqlm_options)
     if (out / "aqlm_progress").exists():
         command.append("--resume")
-    if not (out / "quantization_report.json").is_file():
+    if not (out / QUANTIZE_REPORT).is_file():
         print("python -m aqlm " + shlex.join(command), flush=True)
         if aqlm_main(command) != 0:
             raise RuntimeError(f"quantization of aqlm-{scheme} failed")
@@ -142,7 +144,7 @@ def _budget_text() -> str:
 
 def _best_perplexity(run: Path) -> float:
     """The lowest held-out perplexity that the tuning run in ``run`` reached (the step it kept)."""
-    report = json.loads((run / "pv_report.json").read_text())
+    report = json.loads((run / PV_REPORT).read_text())
     return min(evaluation["perplexity"] for evaluation in report["evaluations"])
 
 
@@ -150,7 +152,7 @@ def _tune(model_dir: Path, quantized: Path, args, out: Path, budget: dict) -> No
     """``pv_tune`` into ``out`` with ``budget`` unless it finished there earlier (resumes a stopped run)."""
     from aqlm.pv_tuning import PVConfig, pv_tune
 
-    if not (out / "pv_report.json").is_file():
+    if not (out / PV_REPORT).is_file():
         pv_tune(model_dir, quantized, args.calibration, out, PVConfig(**budget), resume=(out / "pv_checkpoint").exists())
 
 
@@ -160,7 +162,7 @@ def _pv_row(name: str, model_dir: Path, quantized: Path, args, work: Path, rows:
     held-out perplexity; a +pv row (``work/name``) uses its +p row's learning rate. Every run resumes."""
     overrides = json.loads(args.pv_config)
     budget = {**PV_BUDGET, **overrides, "update_codes": name.endswith("+pv")}
-    bits = json.loads((quantized / "quantization_report.json").read_text())["bits_per_weight"]
+    bits = json.loads((quantized / QUANTIZE_REPORT).read_text())["bits_per_weight"]
     if name.endswith("+pv"):
         p_row = name[: -len("+pv")] + "+p"
         if "lr" not in overrides and p_row not in rows:
@@ -227,7 +229,7 @@ def _existing_row(path: Path, base_bits: Optional[float] = None) -> dict:
     """A row for a checkpoint made earlier: bits and time from its own report, ``quantization_report.json`` of
     ``python -m aqlm quantize`` or, for a tuned row, ``pv_report.json`` of ``python -m aqlm finetune``
     (its bits are its base's, ``base_bits``: PV-Tuning keeps the scheme)."""
-    report_name = "quantization_report.json" if base_bits is None else "pv_report.json"
+    report_name = QUANTIZE_REPORT if base_bits is None else PV_REPORT
     report_file = path / report_name
     if not report_file.is_file():
         raise FileNotFoundError(f"{path} has no {report_name}: not a checkpoint of that kind made by this package")

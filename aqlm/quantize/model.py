@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from ..calibration import capture_block_inputs, find_linears, get_blocks
 from ..data import calibration_windows, load_tokens
+from ..distributed import World
 from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_readable, model_identity, tokens_sha256
 from ..format import AqlmScheme
 from ..hf import load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
-from ..distributed import World
 from .distributed import assign_owners, run_block_split, tree_nodes, tree_sum
 from .finetune import FinetuneConfig, finetune_block
 from .layer import LayerConfig, quantize_weight
