@@ -30,25 +30,33 @@ DEQUANTIZE_CHUNK_BYTES = 8 << 20
 
 logger = logging.getLogger("aqlm")
 
-# Quantized lookup tables: input groups sharing one table scale per codebook (lutq.h bounds the
-# error by |scale| * sum over chunks of group * table_scale / 2). On real SmolLM2 2x8g8 activations
-# the relative layer-output error was 0.95% with 1 group per scale, 1.6% with 4, 2.8% with 16
-# (AQLM's own quantization error there: 1.8%); 16 is ~30% faster than 1. Decoding that checkpoint
-# token by token, the tables moved perplexity by +1.56% (benchmarks/lut_accuracy.py), so they (and
-# the bf16 dequantization for prefill) are opt-in: AQLM_QUANTIZED_LUT=1. By default every path computes in
-# the activations' dtype with exact fp32 tables.
-LUTQ_GROUP = 1
+# Quantized lookup tables: 15-bit entries (a high-byte and a low-byte int8 table) with one fp32
+# step per LUTQ_GROUP input groups and codebook; lutq.h bounds the error by
+# |scale| * sum over chunks of group * step / 2. On real SmolLM2 2x8g8 activations the relative
+# layer-output error is 0.002-0.05% at 64 groups per step (one int8 table with a step per group,
+# the earlier format: 0.6-1.9%; AQLM's own quantization error there: 1.8%), and 64 groups per step
+# ran faster than 1, 16 or 256 at 4096x4096. They are the default for few tokens;
+# AQLM_QUANTIZED_LUT=0 keeps every path exact (fp32 tables). Dequantizing to bfloat16 for many
+# tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX) rounds the weights to 8 bits of
+# mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1.
+LUTQ_GROUP = 64
 LUTQ_MAX_TOKENS = 16  # fixed rules only; measured choices consider it up to FEW_TOKENS
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
+BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
 CPU_KERNELS = ("lutq", "lut", "decode", "dequantize", "dequantize_bf16")
 FEW_TOKEN_KERNELS = ("lutq", "lut", "decode")  # C kernels over the codes; the others dequantize and call torch
 _CHOOSER = kernel_choice.KernelChooser()
 
 
 def exact_lut_requested() -> bool:
-    """Whether only the exact paths may run (no quantized tables, no bf16): unless ``AQLM_QUANTIZED_LUT=1``."""
-    return os.environ.get(QUANTIZED_LUT_ENV, "0") in ("", "0")
+    """Whether the quantized tables are turned off (``AQLM_QUANTIZED_LUT=0``): exact fp32 tables only."""
+    return os.environ.get(QUANTIZED_LUT_ENV, "1") == "0"
+
+
+def bf16_dequantize_requested() -> bool:
+    """Whether many-token calls may dequantize to bfloat16 (``AQLM_BF16_DEQUANTIZE=1``; off by default)."""
+    return os.environ.get(BF16_DEQUANTIZE_ENV, "0") not in ("", "0")
 
 
 def lutq_applies(nbits: int, out_group_size: int) -> bool:
@@ -63,8 +71,11 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def applicable_cpu_kernels(tokens: int, nbits: int, out_group_size: int, input_dtype: torch.dtype, exact: bool) -> list:
-    """The CPU kernels worth measuring for this many tokens, cheapest to try first."""
+def applicable_cpu_kernels(
+    tokens: int, nbits: int, out_group_size: int, input_dtype: torch.dtype, exact: bool, bf16: bool = False
+) -> list:
+    """The CPU kernels worth measuring for this many tokens, cheapest to try first (``exact``: no
+    quantized tables; ``bf16``: dequantizing to bfloat16 allowed)."""
     kernels = []
     if tokens <= FEW_TOKENS:
         if not exact and lutq_applies(nbits, out_group_size):
@@ -73,7 +84,7 @@ def applicable_cpu_kernels(tokens: int, nbits: int, out_group_size: int, input_d
             kernels.append("lut")
         kernels.append("decode")
     kernels.append("dequantize")
-    if not exact and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
+    if bf16 and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
         kernels.append("dequantize_bf16")
     return kernels
 
@@ -424,8 +435,8 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
     """The kernel for this call: forced (AQLM_CPU_KERNEL), measured (kernel_choice) or by fixed rules."""
     tokens, in_features = x.shape
     num_codebooks, _, out_group_size, in_group_size = codebooks.shape
-    exact = exact_lut_requested()
-    candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact)
+    exact, bf16 = exact_lut_requested(), bf16_dequantize_requested()
+    candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact, bf16)
     forced = kernel_choice.forced_kernel()
     if forced is not None:
         if forced not in CPU_KERNELS:
@@ -440,7 +451,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
         f"{num_codebooks}x{nbits}g{in_group_size}o{out_group_size} "
         f"{kernel_choice.shape_class(out_features)}x{kernel_choice.shape_class(in_features)} t{calibration_tokens} "
         f"x:{_DTYPE_NAMES[x.dtype]} p:{_DTYPE_NAMES[codebooks.dtype]} simd:{_C.simd_default()} "
-        f"threads:{torch.get_num_threads()} {'exact' if exact else 'fast'}"
+        f"threads:{torch.get_num_threads()} {'exact' if exact else 'lutq'}{' bf16' if bf16 else ''}"
     )
 
     def run(kernel: str) -> torch.Tensor:
@@ -517,8 +528,9 @@ def quantized_linear_cpu(
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias)  # raises the precise error
     tokens = input.numel() // in_features
     environ = os.environ
-    key = (tokens, dtype, environ.get(QUANTIZED_LUT_ENV), environ.get(kernel_choice.FORCE_ENV),
-           environ.get(kernel_choice.CALIBRATION_ENV), torch.get_num_threads(), _C.simd_default())
+    threads = torch.get_num_threads()
+    key = (tokens, dtype, environ.get(QUANTIZED_LUT_ENV), environ.get(BF16_DEQUANTIZE_ENV), environ.get(kernel_choice.FORCE_ENV),
+           environ.get(kernel_choice.CALIBRATION_ENV), threads, _C.simd_default())
     x = input.reshape(tokens, in_features)
     if not x.is_contiguous():
         x = x.contiguous()
@@ -527,7 +539,7 @@ def quantized_linear_cpu(
     call = plan.calls.get(key)
     if call is None:
         kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
-        call = plan.calls[key] = plan.few_token_call(kernel, dtype, key[5]) if kernel in FEW_TOKEN_KERNELS else kernel
+        call = plan.calls[key] = plan.few_token_call(kernel, dtype, threads) if kernel in FEW_TOKEN_KERNELS else kernel
     if type(call) is str:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=call)
     result = torch.empty(input.shape[:-1] + (plan.out_features,), dtype=dtype)  # not a view: see quantized_matmul_cpu

@@ -2,7 +2,8 @@
 
 Rows (each timed in this process, runs interleaved, median of --repeat):
   * SmolLM2-135M-Instruct dense fp32 and bf16 (the real converted model, aqlm.models.real);
-  * the AQLM 2x8g8 SmolLM2: the real checkpoint given with --checkpoint DIR, else the dense model
+  * the AQLM 2x8g8 SmolLM2 (default quantized tables, and exact fp32 tables with
+    AQLM_QUANTIZED_LUT=0): the real checkpoint given with --checkpoint DIR, else the dense model
     with every decoder linear (210) replaced by an AQLM QuantizedLinear of the same shape with
     random codes, codebooks and scales (a *speed-only* stand-in: its text is noise);
     min_new_tokens keeps every run at --tokens;
@@ -78,6 +79,24 @@ def generate_row(model, input_ids, tokens: int, **kwargs) -> Callable[[], float]
     return lambda: generate_seconds(model, input_ids, tokens, **kwargs)
 
 
+def with_environment(run: Callable[[], float], **variables: str) -> Callable[[], float]:
+    """The row ``run`` with environment variables set while it runs (the kernel choice reads them per call)."""
+
+    def wrapped() -> float:
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            return run()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    return wrapped
+
+
 def time_rows(rows: dict, repeat: int) -> dict:
     """Median seconds per row (each a function returning the seconds of one run); one warm-up
     each, then runs interleaved across rows, so that load changes hit every row alike."""
@@ -136,6 +155,8 @@ def smollm2_rows(args) -> None:
         "dense fp32": generate_row(dense, input_ids, tokens),
         "dense bf16": generate_row(copy.deepcopy(dense).to(torch.bfloat16), input_ids, tokens),
         f"{aqlm_name} eager": generate_row(aqlm_model(), input_ids, tokens),
+        f"{aqlm_name} eager, exact tables (AQLM_QUANTIZED_LUT=0)": with_environment(
+            generate_row(aqlm_model(), input_ids, tokens), AQLM_QUANTIZED_LUT="0"),
     }
     if args.compile:
         static = {"cache_implementation": "static"}

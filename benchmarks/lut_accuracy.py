@@ -1,5 +1,6 @@
 """Perplexity of an AQLM checkpoint decoded token by token (KV cache), exact fp32 tables against
-the quantized (int8) tables: the decode path that prefill-based perplexity never exercises.
+the default quantized tables (15-bit entries in two int8 tables): the decode path that
+prefill-based perplexity never exercises.
 
     python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2]
 
@@ -54,7 +55,7 @@ def main() -> None:
         print(json.dumps(decode_perplexity(args.checkpoint, args.windows, args.seqlen)))
         return
     results = {}
-    for name, quantized in (("exact fp32 tables", "0"), ("quantized int8 tables", "1")):
+    for name, quantized in (("exact fp32 tables", "0"), ("quantized tables", "1")):
         env = dict(os.environ, AQLM_QUANTIZED_LUT=quantized, AQLM_KERNEL_CALIBRATION="0")
         env.pop("AQLM_CPU_KERNEL", None)
         child = subprocess.run([sys.executable, __file__, args.checkpoint, "--windows", str(args.windows), "--seqlen",

@@ -5,8 +5,9 @@
  * 0). Codebooks of up to 16 codewords (Kx4 schemes) take one shuffle per 32 rows; larger ones
  * take one per 16-entry slice of the table: slice h sees index (code - 16h) + 0x70 with unsigned
  * saturation, whose bit 7 is clear exactly when code lies in [16h, 16h + 16), and the slices'
- * results are OR-ed. Lookups give int8 lanes; pairs of them are sign-extended into even/odd
- * int16 lanes by shifts and summed exactly (lutq.h bounds the sums).
+ * results are OR-ed. Each code is looked up in the high-byte and the low-byte table; the int8
+ * lanes are sign-extended in pairs into even/odd int16 lanes by shifts and summed exactly (lutq.h
+ * bounds the sums).
  * Also used on AVX-512 CPUs without VBMI.
  */
 #include <math.h>
@@ -18,12 +19,28 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* 32 entries of one table in fp32 -> high and low bytes of E (lutq.h), in order. */
+ALWAYS_INLINE void split_entries(const float *restrict row, __m256 inverse, int8_t *restrict high, int8_t *restrict low) {
+    const __m256 radix_inverse = _mm256_set1_ps(1.0f / AQLM_LUTQ_LOW_RADIX);
+    const __m256i radix = _mm256_set1_epi32(AQLM_LUTQ_LOW_RADIX);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i hi[4], lo[4];
+    for (int k = 0; k < 4; k++) {
+        const __m256i entry = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + 8 * k), inverse));
+        hi[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(entry), radix_inverse));
+        lo[k] = _mm256_sub_epi32(entry, _mm256_mullo_epi32(hi[k], radix));
+    }
+    const __m256i hi_bytes = _mm256_packs_epi16(_mm256_packs_epi32(hi[0], hi[1]), _mm256_packs_epi32(hi[2], hi[3]));
+    const __m256i lo_bytes = _mm256_packs_epi16(_mm256_packs_epi32(lo[0], lo[1]), _mm256_packs_epi32(lo[2], lo[3]));
+    _mm256_storeu_si256((__m256i *)high, _mm256_permutevar8x32_epi32(hi_bytes, order));
+    _mm256_storeu_si256((__m256i *)low, _mm256_permutevar8x32_epi32(lo_bytes, order));
+}
+
 /* Quantizes one chunk's fp32 tables exactly as the reference does (K a multiple of 8). */
 static void quantize_chunk_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                int8_t *restrict qtab, float *restrict qscale) {
+                                int8_t *restrict qhi, int8_t *restrict qlo, float *restrict qscale) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t m = 0; m < M; m++) {
         __m256 vmax = _mm256_setzero_ps();
         for (int64_t j = 0; j < groups; j++)
@@ -32,33 +49,31 @@ static void quantize_chunk_avx2(const aqlm_block_shape *s, int64_t groups, const
         float lanes[8], amax = 0.0f;
         _mm256_storeu_ps(lanes, vmax);
         for (int lane = 0; lane < 8; lane++) amax = fmaxf(amax, lanes[lane]);
-        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        qscale[m] = amax / 127.0f;
+        const float inverse = amax > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax : 0.0f;
+        qscale[m] = amax / (float)AQLM_LUTQ_LEVELS;
         const __m256 vinverse = _mm256_set1_ps(inverse);
         for (int64_t j = 0; j < groups; j++) {
             const float *row = work + (j * M + m) * K;
-            int8_t *table = qtab + (j * M + m) * KS;
+            int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
             int64_t c = 0;
-            for (; c + 32 <= K; c += 32) {
-                const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vinverse));
-                const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 8), vinverse));
-                const __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 16), vinverse));
-                const __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 24), vinverse));
-                const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-                _mm256_storeu_si256((__m256i *)(table + c), _mm256_permutevar8x32_epi32(bytes, order));
+            for (; c + 32 <= K; c += 32) split_entries(row + c, vinverse, high + c, low + c);
+            for (; c < K; c++) {
+                const int entry = _mm_cvtss_si32(_mm_set_ss(row[c] * inverse));
+                const int hi = _mm_cvtss_si32(_mm_set_ss((float)entry * (1.0f / AQLM_LUTQ_LOW_RADIX)));
+                high[c] = (int8_t)hi;
+                low[c] = (int8_t)(entry - AQLM_LUTQ_LOW_RADIX * hi);
             }
-            for (; c < K; c++) table[c] = (int8_t)_mm_cvtss_si32(_mm_set_ss(row[c] * inverse));
-            for (; c < KS; c++) table[c] = 0;
+            for (; c < KS; c++) high[c] = low[c] = 0;
         }
     }
 }
 
 void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
-                          float *restrict qscale) {
+                          const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
+                          int8_t *restrict qlo, float *restrict qscale) {
     const int64_t ig = s->ig, M = s->M, K = s->K;
     if (K % 8 != 0) {
-        aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qtab, qscale);
+        aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qhi, qlo, qscale);
         return;
     }
     for (int64_t j = j0; j < j1; j++)
@@ -69,7 +84,7 @@ void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, con
                     value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
                 _mm256_storeu_ps(work + ((j - j0) * M + m) * K + c, value);
             }
-    quantize_chunk_avx2(s, j1 - j0, work, qtab, qscale);
+    quantize_chunk_avx2(s, j1 - j0, work, qhi, qlo, qscale);
 }
 
 /* 32 int8 lookups of idx in the table at `table` (slices 16-entry slices). */
@@ -85,6 +100,12 @@ ALWAYS_INLINE __m256i lookup32(const int slices, __m256i idx, const int8_t *rest
     return result;
 }
 
+/* 254 * high + low of 8 int16 sums each, in int32 (exact: lutq.h). */
+ALWAYS_INLINE __m256i combine(__m128i high, __m128i low) {
+    return _mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvtepi16_epi32(high), _mm256_set1_epi32(AQLM_LUTQ_LOW_RADIX)),
+                            _mm256_cvtepi16_epi32(low));
+}
+
 /* facc position p of a tile (two halves of [16 even rows, 16 odd rows]) -> row. */
 ALWAYS_INLINE int64_t row_of_position(int64_t p) {
     const int64_t half = p / 32, q = p % 32;
@@ -92,8 +113,8 @@ ALWAYS_INLINE int64_t row_of_position(int64_t p) {
 }
 
 ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, int64_t group, int64_t tiles,
-                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                                   const float *restrict qscale, float *restrict acc) {
+                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                   const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group;
     const int nibbles = aqlm_lutq_nibbles(s);
@@ -106,11 +127,11 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
         for (int64_t b = 0; b < chunks; b++) {
             const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
             for (int64_t t = 0; t < n; t++) {
-                const int8_t *tables = qtab + t * G * M * KS;
+                const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
                 for (int64_t m = 0; m < M; m++) {
                     const __m256 scale = _mm256_set1_ps(qscale[(t * chunks + b) * M + m]);
                     for (int half = 0; half < 2; half++) {
-                        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+                        __m256i even_hi = _mm256_setzero_si256(), odd_hi = even_hi, even_lo = even_hi, odd_lo = even_hi;
                         for (int64_t j = j0; j < j1; j++) {
                             const int64_t slot = j * M + m;
                             __m256i idx;
@@ -120,19 +141,21 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                             } else {
                                 idx = _mm256_loadu_si256((const __m256i *)(codes + slot * AQLM_LUTQ_TILE + half * 32));
                             }
-                            const __m256i v = lookup32(slices, idx, tables + slot * KS);
-                            even = _mm256_add_epi16(even, _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8));
-                            odd = _mm256_add_epi16(odd, _mm256_srai_epi16(v, 8));
+                            const __m256i h = lookup32(slices, idx, high + slot * KS), l = lookup32(slices, idx, low + slot * KS);
+                            even_hi = _mm256_add_epi16(even_hi, _mm256_srai_epi16(_mm256_slli_epi16(h, 8), 8));
+                            odd_hi = _mm256_add_epi16(odd_hi, _mm256_srai_epi16(h, 8));
+                            even_lo = _mm256_add_epi16(even_lo, _mm256_srai_epi16(_mm256_slli_epi16(l, 8), 8));
+                            odd_lo = _mm256_add_epi16(odd_lo, _mm256_srai_epi16(l, 8));
                         }
                         float *f = facc[t] + half * 32;
-                        const __m256i parts[4] = {
-                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(even)),
-                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(even, 1)),
-                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(odd)),
-                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(odd, 1)),
+                        const __m256i totals[4] = {
+                            combine(_mm256_castsi256_si128(even_hi), _mm256_castsi256_si128(even_lo)),
+                            combine(_mm256_extracti128_si256(even_hi, 1), _mm256_extracti128_si256(even_lo, 1)),
+                            combine(_mm256_castsi256_si128(odd_hi), _mm256_castsi256_si128(odd_lo)),
+                            combine(_mm256_extracti128_si256(odd_hi, 1), _mm256_extracti128_si256(odd_lo, 1)),
                         };
                         for (int k = 0; k < 4; k++)
-                            _mm256_storeu_ps(f + 8 * k, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(parts[k]), _mm256_loadu_ps(f + 8 * k)));
+                            _mm256_storeu_ps(f + 8 * k, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(totals[k]), _mm256_loadu_ps(f + 8 * k)));
                     }
                 }
             }
@@ -143,14 +166,14 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
 }
 
 static void lutq_accumulate_avx2(const aqlm_block_shape *s, int64_t group, int64_t tiles,
-                                 const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                                 const float *restrict qscale, float *restrict acc) {
+                                 const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                 const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     switch (aqlm_lutq_table_stride(s->K) / 16) {
-    case 1: accumulate_avx2(1, s, group, tiles, packed, n, qtab, qscale, acc); break;
-    case 2: accumulate_avx2(2, s, group, tiles, packed, n, qtab, qscale, acc); break;
-    case 4: accumulate_avx2(4, s, group, tiles, packed, n, qtab, qscale, acc); break;
-    case 8: accumulate_avx2(8, s, group, tiles, packed, n, qtab, qscale, acc); break;
-    default: accumulate_avx2(16, s, group, tiles, packed, n, qtab, qscale, acc); break;
+    case 1: accumulate_avx2(1, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 2: accumulate_avx2(2, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 4: accumulate_avx2(4, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 8: accumulate_avx2(8, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    default: accumulate_avx2(16, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
     }
 }
 
@@ -163,9 +186,9 @@ const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
 #else /* built without AVX2: never chosen */
 
 void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
-                          float *restrict qscale) {
-    aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qtab, qscale);
+                          const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
+                          int8_t *restrict qlo, float *restrict qscale) {
+    aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qhi, qlo, qscale);
 }
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {.name = NULL, .build = aqlm_lutq_build_ref, .accumulate = aqlm_lutq_accumulate_ref};

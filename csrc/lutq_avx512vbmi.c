@@ -3,9 +3,10 @@
  *
  * vpermb looks up 64 bytes in a 64-entry table held in one register, vpermi2b in a 128-entry
  * table held in two; a 256-entry table is two vpermi2b (entries 0-127 and 128-255) blended on
- * the code's top bit. One lookup instruction thus serves 64 output rows. The four registers of a
- * (group, codebook) table are loaded once for TILE_STEP tiles. The int8 results are summed
- * exactly in even/odd int16 lanes (sign-extended by shifts) and scaled to fp32 once per chunk.
+ * the code's top bit. One lookup instruction thus serves 64 output rows. Each code is looked up
+ * in the high-byte and the low-byte table; the eight registers of a (group, codebook) table pair
+ * are loaded once for TILE_STEP tiles. The int8 results are summed exactly in even/odd int16 lanes
+ * (sign-extended by shifts), combined as 254 * high + low in int32 and scaled to fp32 once per chunk.
  * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
  */
 #include "lutq.h"
@@ -38,11 +39,11 @@ ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t 
 
 /* Tables in fp32 (K a multiple of 16), then quantized exactly as the reference does. */
 static void lutq_build_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                              const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
-                              float *restrict qscale) {
+                              const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
+                              int8_t *restrict qlo, float *restrict qscale) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     if (K % 16 != 0) {
-        aqlm_lutq_build_avx2(s, j0, j1, x, cbt, work, qtab, qscale);
+        aqlm_lutq_build_avx2(s, j0, j1, x, cbt, work, qhi, qlo, qscale);
         return;
     }
     const int64_t groups = j1 - j0;
@@ -54,13 +55,17 @@ static void lutq_build_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1,
         for (int64_t j = 0; j < groups; j++)
             for (int64_t c = 0; c < K; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(work + (j * M + m) * K + c)));
         const float amax = _mm512_reduce_max_ps(vmax);
-        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        qscale[m] = amax / 127.0f;
-        const __m512 vinverse = _mm512_set1_ps(inverse);
+        const float inverse = amax > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax : 0.0f;
+        qscale[m] = amax / (float)AQLM_LUTQ_LEVELS;
+        const __m512 vinverse = _mm512_set1_ps(inverse), radix_inverse = _mm512_set1_ps(1.0f / AQLM_LUTQ_LOW_RADIX);
+        const __m512i radix = _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX);
         for (int64_t j = 0; j < groups; j++)
             for (int64_t c = 0; c < K; c += 16) {
-                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(work + (j * M + m) * K + c), vinverse));
-                _mm_storeu_si128((__m128i *)(qtab + (j * M + m) * KS + c), _mm512_cvtepi32_epi8(q));
+                const __m512i entry = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(work + (j * M + m) * K + c), vinverse));
+                const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(entry), radix_inverse));
+                const __m512i lo = _mm512_sub_epi32(entry, _mm512_mullo_epi32(hi, radix));
+                _mm_storeu_si128((__m128i *)(qhi + (j * M + m) * KS + c), _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128((__m128i *)(qlo + (j * M + m) * KS + c), _mm512_cvtepi32_epi8(lo));
             }
     }
 }
@@ -76,17 +81,39 @@ ALWAYS_INLINE __m512i lookup64(const int K, __m512i idx, __m512i a, __m512i b, _
 /* facc position p of a tile ([32 even rows, 32 odd rows]) -> row. */
 ALWAYS_INLINE int64_t row_of_position(int64_t p) { return p < 32 ? 2 * p : 2 * (p - 32) + 1; }
 
-/* facc[u * n * 64 + p] += scale * (even/odd int16 sums of tile u), for NT tiles (f: token t's rows). */
-ALWAYS_INLINE void flush(const int NT, float scale_value, const __m512i *even, const __m512i *odd, float *restrict f,
-                         int64_t n) {
+/* 254 * high + low of 16 int16 sums each, in int32 (exact: lutq.h). */
+ALWAYS_INLINE __m512i combine(__m256i high, __m256i low) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepi16_epi32(high), _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX)),
+                            _mm512_cvtepi16_epi32(low));
+}
+
+/* The int16 sums of one tile: even and odd lanes of the high and low tables. */
+typedef struct {
+    __m512i even_hi, odd_hi, even_lo, odd_lo;
+} tile_sums;
+
+ALWAYS_INLINE void add_lookups(tile_sums *sums, __m512i high, __m512i low) {
+    sums->even_hi = _mm512_add_epi16(sums->even_hi, _mm512_srai_epi16(_mm512_slli_epi16(high, 8), 8));
+    sums->odd_hi = _mm512_add_epi16(sums->odd_hi, _mm512_srai_epi16(high, 8));
+    sums->even_lo = _mm512_add_epi16(sums->even_lo, _mm512_srai_epi16(_mm512_slli_epi16(low, 8), 8));
+    sums->odd_lo = _mm512_add_epi16(sums->odd_lo, _mm512_srai_epi16(low, 8));
+}
+
+ALWAYS_INLINE tile_sums zero_sums(void) {
+    const __m512i zero = _mm512_setzero_si512();
+    return (tile_sums){zero, zero, zero, zero};
+}
+
+/* facc[u * n * 64 + p] += step * (254 * high + low sums of tile u), for NT tiles (f: token t's rows). */
+ALWAYS_INLINE void flush(const int NT, float scale_value, const tile_sums *sums, float *restrict f, int64_t n) {
     const __m512 scale = _mm512_set1_ps(scale_value);
     for (int u = 0; u < NT; u++) {
         float *tile = f + u * n * AQLM_LUTQ_TILE;
         const __m512i parts[4] = {
-            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(even[u])),
-            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(even[u], 1)),
-            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(odd[u])),
-            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(odd[u], 1)),
+            combine(_mm512_castsi512_si256(sums[u].even_hi), _mm512_castsi512_si256(sums[u].even_lo)),
+            combine(_mm512_extracti64x4_epi64(sums[u].even_hi, 1), _mm512_extracti64x4_epi64(sums[u].even_lo, 1)),
+            combine(_mm512_castsi512_si256(sums[u].odd_hi), _mm512_castsi512_si256(sums[u].odd_lo)),
+            combine(_mm512_extracti64x4_epi64(sums[u].odd_hi, 1), _mm512_extracti64x4_epi64(sums[u].odd_lo, 1)),
         };
         for (int k = 0; k < 4; k++)
             _mm512_storeu_ps(tile + 16 * k, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(parts[k]), _mm512_loadu_ps(tile + 16 * k)));
@@ -95,32 +122,30 @@ ALWAYS_INLINE void flush(const int NT, float scale_value, const __m512i *even, c
 
 /* NT (<= TILE_STEP) tiles at once; facc [NT][n][64] in position order. */
 ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group,
-                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                                    const float *restrict qscale, float *restrict facc) {
+                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                    const int8_t *restrict qlo, const float *restrict qscale, float *restrict facc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group, tile_stride = G * M * AQLM_LUTQ_TILE;
     for (int64_t b = 0; b < chunks; b++) {
         const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
         for (int64_t t = 0; t < n; t++) {
-            const int8_t *tables = qtab + t * G * M * KS;
             for (int64_t m = 0; m < M; m++) {
-                __m512i even[TILE_STEP], odd[TILE_STEP];
-                for (int u = 0; u < NT; u++) even[u] = odd[u] = _mm512_setzero_si512();
+                tile_sums sums[TILE_STEP];
+                for (int u = 0; u < NT; u++) sums[u] = zero_sums();
                 for (int64_t j = j0; j < j1; j++) {
-                    const int8_t *table = tables + (j * M + m) * KS;
-                    const __m512i ta = _mm512_loadu_si512(table);
-                    const __m512i tb = K > 64 ? _mm512_loadu_si512(table + 64) : ta;
-                    const __m512i tc = K > 128 ? _mm512_loadu_si512(table + 128) : ta;
-                    const __m512i td = K > 128 ? _mm512_loadu_si512(table + 192) : ta;
+                    const int64_t offset = (t * G * M + j * M + m) * KS;
+                    const int8_t *high = qhi + offset, *low = qlo + offset;
+                    const __m512i ha = _mm512_loadu_si512(high), la = _mm512_loadu_si512(low);
+                    const __m512i hb = K > 64 ? _mm512_loadu_si512(high + 64) : ha, lb = K > 64 ? _mm512_loadu_si512(low + 64) : la;
+                    const __m512i hc = K > 128 ? _mm512_loadu_si512(high + 128) : ha, lc = K > 128 ? _mm512_loadu_si512(low + 128) : la;
+                    const __m512i hd = K > 128 ? _mm512_loadu_si512(high + 192) : ha, ld = K > 128 ? _mm512_loadu_si512(low + 192) : la;
                     const uint8_t *codes = packed + (j * M + m) * AQLM_LUTQ_TILE;
                     for (int u = 0; u < NT; u++) {
                         const __m512i idx = _mm512_loadu_si512(codes + u * tile_stride);
-                        const __m512i v = lookup64(K, idx, ta, tb, tc, td);
-                        even[u] = _mm512_add_epi16(even[u], _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8));
-                        odd[u] = _mm512_add_epi16(odd[u], _mm512_srai_epi16(v, 8));
+                        add_lookups(&sums[u], lookup64(K, idx, ha, hb, hc, hd), lookup64(K, idx, la, lb, lc, ld));
                     }
                 }
-                flush(NT, qscale[(t * chunks + b) * M + m], even, odd, facc + t * AQLM_LUTQ_TILE, n);
+                flush(NT, qscale[(t * chunks + b) * M + m], sums, facc + t * AQLM_LUTQ_TILE, n);
             }
         }
     }
@@ -129,42 +154,40 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
 /* The same for codebooks of <= 16 codewords with two codes per packed byte (M even): the low
  * nibbles are codebook m, the high ones m + 1, each masked to the 4 bits vpermb must see. */
 ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group,
-                                            const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                                            const float *restrict qscale, float *restrict facc) {
+                                            const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                            const int8_t *restrict qlo, const float *restrict qscale,
+                                            float *restrict facc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group, tile_stride = G * M / 2 * AQLM_LUTQ_TILE;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     for (int64_t b = 0; b < chunks; b++) {
         const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
         for (int64_t t = 0; t < n; t++) {
-            const int8_t *tables = qtab + t * G * M * KS;
             for (int64_t m = 0; m < M; m += 2) {
-                __m512i even0[TILE_STEP], odd0[TILE_STEP], even1[TILE_STEP], odd1[TILE_STEP];
-                for (int u = 0; u < NT; u++) even0[u] = odd0[u] = even1[u] = odd1[u] = _mm512_setzero_si512();
+                tile_sums sums0[TILE_STEP], sums1[TILE_STEP];
+                for (int u = 0; u < NT; u++) sums0[u] = sums1[u] = zero_sums();
                 for (int64_t j = j0; j < j1; j++) {
-                    const __m512i ta = _mm512_loadu_si512(tables + (j * M + m) * KS);
-                    const __m512i tb = _mm512_loadu_si512(tables + (j * M + m + 1) * KS);
+                    const int64_t offset = (t * G * M + j * M + m) * KS;
+                    const __m512i h0 = _mm512_loadu_si512(qhi + offset), h1 = _mm512_loadu_si512(qhi + offset + KS);
+                    const __m512i l0 = _mm512_loadu_si512(qlo + offset), l1 = _mm512_loadu_si512(qlo + offset + KS);
                     const uint8_t *codes = packed + (j * M + m) / 2 * AQLM_LUTQ_TILE;
                     for (int u = 0; u < NT; u++) {
                         const __m512i v = _mm512_loadu_si512(codes + u * tile_stride);
-                        const __m512i r0 = _mm512_permutexvar_epi8(_mm512_and_si512(v, low4), ta);
-                        const __m512i r1 = _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), tb);
-                        even0[u] = _mm512_add_epi16(even0[u], _mm512_srai_epi16(_mm512_slli_epi16(r0, 8), 8));
-                        odd0[u] = _mm512_add_epi16(odd0[u], _mm512_srai_epi16(r0, 8));
-                        even1[u] = _mm512_add_epi16(even1[u], _mm512_srai_epi16(_mm512_slli_epi16(r1, 8), 8));
-                        odd1[u] = _mm512_add_epi16(odd1[u], _mm512_srai_epi16(r1, 8));
+                        const __m512i idx0 = _mm512_and_si512(v, low4), idx1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                        add_lookups(&sums0[u], _mm512_permutexvar_epi8(idx0, h0), _mm512_permutexvar_epi8(idx0, l0));
+                        add_lookups(&sums1[u], _mm512_permutexvar_epi8(idx1, h1), _mm512_permutexvar_epi8(idx1, l1));
                     }
                 }
-                flush(NT, qscale[(t * chunks + b) * M + m], even0, odd0, facc + t * AQLM_LUTQ_TILE, n);
-                flush(NT, qscale[(t * chunks + b) * M + m + 1], even1, odd1, facc + t * AQLM_LUTQ_TILE, n);
+                flush(NT, qscale[(t * chunks + b) * M + m], sums0, facc + t * AQLM_LUTQ_TILE, n);
+                flush(NT, qscale[(t * chunks + b) * M + m + 1], sums1, facc + t * AQLM_LUTQ_TILE, n);
             }
         }
     }
 }
 
 ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t tiles,
-                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                                   const float *restrict qscale, float *restrict acc) {
+                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                   const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     const int nibbles = aqlm_lutq_nibbles(s);
     const int64_t tile_stride = (nibbles ? s->in_groups * s->M / 2 : s->in_groups * s->M) * AQLM_LUTQ_TILE;
     float facc[TILE_STEP * AQLM_LUTQ_MAX_TOKENS * AQLM_LUTQ_TILE];
@@ -172,14 +195,14 @@ ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64
         const int64_t count = tiles - tile < TILE_STEP ? tiles - tile : TILE_STEP;
         for (int64_t p = 0; p < count * n * AQLM_LUTQ_TILE; p++) facc[p] = 0.0f;
         const uint8_t *codes = packed + tile * tile_stride;
-        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, codes, n, qtab, qscale, facc);
+        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, codes, n, qhi, qlo, qscale, facc);
         else if (nibbles)
             for (int64_t u = 0; u < count; u++)
-                accumulate_tiles_nibbles(1, s, group, codes + u * tile_stride, n, qtab, qscale, facc + u * n * AQLM_LUTQ_TILE);
-        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, codes, n, qtab, qscale, facc);
+                accumulate_tiles_nibbles(1, s, group, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
+        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, codes, n, qhi, qlo, qscale, facc);
         else
             for (int64_t u = 0; u < count; u++)
-                accumulate_tiles(K, 1, s, group, codes + u * tile_stride, n, qtab, qscale, facc + u * n * AQLM_LUTQ_TILE);
+                accumulate_tiles(K, 1, s, group, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
         for (int64_t u = 0; u < count; u++)
             for (int64_t t = 0; t < n; t++)
                 for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++)
@@ -188,11 +211,11 @@ ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64
 }
 
 static void lutq_accumulate_vbmi(const aqlm_block_shape *s, int64_t group, int64_t tiles,
-                                 const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                                 const float *restrict qscale, float *restrict acc) {
-    if (s->K <= 64) accumulate_vbmi(64, s, group, tiles, packed, n, qtab, qscale, acc);
-    else if (s->K <= 128) accumulate_vbmi(128, s, group, tiles, packed, n, qtab, qscale, acc);
-    else accumulate_vbmi(256, s, group, tiles, packed, n, qtab, qscale, acc);
+                                 const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                 const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
+    if (s->K <= 64) accumulate_vbmi(64, s, group, tiles, packed, n, qhi, qlo, qscale, acc);
+    else if (s->K <= 128) accumulate_vbmi(128, s, group, tiles, packed, n, qhi, qlo, qscale, acc);
+    else accumulate_vbmi(256, s, group, tiles, packed, n, qhi, qlo, qscale, acc);
 }
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {

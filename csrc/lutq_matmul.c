@@ -2,9 +2,10 @@
  * lutq_matmul.c - y = x W^T + b for few tokens by quantized lookup tables (see lutq.h).
  *
  * The exact fp32 gather of lut_matmul.c does one table load per code and stalls on the load
- * ports. Here the tables are int8 with one fp32 scale per chunk of input groups and codebook,
- * small enough to sit in vector registers: one in-register permute looks up 64 (AVX-512 VBMI) or
- * 32 (AVX2) output rows at once, summed exactly in int16 and scaled to fp32 once per chunk.
+ * ports. Here each table is two int8 tables (the high and low bytes of 15-bit entries) with one
+ * fp32 step per chunk of input groups and codebook, small enough to sit in vector registers: one
+ * in-register permute looks up 64 (AVX-512 VBMI) or 32 (AVX2) output rows at once, summed exactly
+ * in int16 and scaled to fp32 once per chunk.
  * Codes must first be repacked (aqlm_lutq_pack_codes) so the rows of a tile lie side by side.
  *
  * Per pass of up to 8 tokens: build every table (parallel over token and chunk), then the
@@ -82,28 +83,29 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     const int64_t blocks = (tiles + AQLM_LUTQ_TILE_BLOCK - 1) / AQLM_LUTQ_TILE_BLOCK;
     const int64_t tile_bytes = (aqlm_lutq_nibbles(&s) ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
     const int64_t T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
-    /* Lookups are ~16 per vector operation, table entries ~8 per FMA. */
-    const double work = (double)T * ((double)out * G * M / 16 + (double)G * M * K * ig / 8);
+    /* Lookups are ~8 per vector operation (two tables), table entries ~8 per FMA. */
+    const double work = (double)T * ((double)out * G * M / 8 + (double)G * M * K * ig / 8);
     const int threads = aqlm_threads_for(num_threads, work);
 
     const size_t cbt_bytes = (size_t)(M * ig * K) * sizeof(float);
     const size_t x_bytes = (size_t)(T * in) * sizeof(float);
     const size_t work_bytes = (size_t)threads * (size_t)(group * M * K) * sizeof(float);
-    const size_t qtab_bytes = (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD;
+    const size_t qtab_bytes = (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD; /* each of qhi, qlo */
     const size_t qscale_bytes = (size_t)(T * chunks * M) * sizeof(float);
     const size_t acc_bytes = (size_t)threads * (size_t)(AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE) * sizeof(float);
     float *cbt = aligned_buffer(cbt_bytes), *x32 = aligned_buffer(x_bytes), *work_all = aligned_buffer(work_bytes);
-    int8_t *qtab = aligned_buffer(qtab_bytes);
+    int8_t *qhi = aligned_buffer(qtab_bytes), *qlo = aligned_buffer(qtab_bytes);
     float *qscale = aligned_buffer(qscale_bytes), *acc_all = aligned_buffer(acc_bytes);
-    if (!cbt || !x32 || !work_all || !qtab || !qscale || !acc_all) {
-        free(cbt), free(x32), free(work_all), free(qtab), free(qscale), free(acc_all);
-        return aqlm_nomem(err, cbt_bytes + x_bytes + work_bytes + qtab_bytes + qscale_bytes + acc_bytes);
+    if (!cbt || !x32 || !work_all || !qhi || !qlo || !qscale || !acc_all) {
+        free(cbt), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
+        return aqlm_nomem(err, cbt_bytes + x_bytes + work_bytes + 2 * qtab_bytes + qscale_bytes + acc_bytes);
     }
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < K; c++)
             for (int64_t i = 0; i < ig; i++)
                 cbt[(m * ig + i) * K + c] = aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i);
-    memset(qtab + T * G * M * KS, 0, AQLM_LUTQ_PAD);
+    memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
+    memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
 
     for (int64_t t0 = 0; t0 < n; t0 += T) {
         const int64_t tokens = n - t0 < T ? n - t0 : T;
@@ -116,14 +118,14 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             for (int64_t item = 0; item < tokens * chunks; item++) {
                 const int64_t t = item / chunks, b = item % chunks;
                 const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
-                kernels->build(&s, j0, j1, x32 + t * in, cbt, work, qtab + (t * G + j0) * M * KS,
-                               qscale + (t * chunks + b) * M);
+                kernels->build(&s, j0, j1, x32 + t * in, cbt, work, qhi + (t * G + j0) * M * KS,
+                               qlo + (t * G + j0) * M * KS, qscale + (t * chunks + b) * M);
             }
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < blocks; block++) {
                 const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
                 const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
-                kernels->accumulate(&s, group, count, packed + tile0 * tile_bytes, tokens, qtab, qscale, acc);
+                kernels->accumulate(&s, group, count, packed + tile0 * tile_bytes, tokens, qhi, qlo, qscale, acc);
                 const int64_t row0 = tile0 * AQLM_LUTQ_TILE;
                 const int64_t row1 = row0 + count * AQLM_LUTQ_TILE < out ? row0 + count * AQLM_LUTQ_TILE : out;
                 for (int64_t row = row0; row < row1; row++) {
@@ -136,6 +138,6 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             }
         }
     }
-    free(cbt), free(x32), free(work_all), free(qtab), free(qscale), free(acc_all);
+    free(cbt), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
     return AQLM_OK;
 }

@@ -8,30 +8,33 @@
 
 #include "lutq.h"
 
-/* Quantizes count fp32 entries per codebook: scale = amax / 127, q = round(T * (127 / amax)). */
+/* Quantizes the chunk's fp32 tables per codebook: step = amax / LEVELS, E = round(T * (LEVELS / amax)),
+ * split into high and low bytes (lutq.h). */
 static void quantize_chunk(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                           int8_t *restrict qtab, float *restrict qscale) {
+                           int8_t *restrict qhi, int8_t *restrict qlo, float *restrict qscale) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     for (int64_t m = 0; m < M; m++) {
         float amax = 0.0f;
         for (int64_t j = 0; j < groups; j++)
             for (int64_t c = 0; c < K; c++) amax = fmaxf(amax, fabsf(work[(j * M + m) * K + c]));
-        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        qscale[m] = amax / 127.0f;
+        const float inverse = amax > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax : 0.0f;
+        qscale[m] = amax / (float)AQLM_LUTQ_LEVELS;
         for (int64_t j = 0; j < groups; j++) {
-            int8_t *table = qtab + (j * M + m) * KS;
+            int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
             for (int64_t c = 0; c < K; c++) {
-                long q = lrintf(work[(j * M + m) * K + c] * inverse);
-                table[c] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+                const long entry = lrintf(work[(j * M + m) * K + c] * inverse);
+                const long hi = lrintf((float)entry * (1.0f / AQLM_LUTQ_LOW_RADIX));
+                high[c] = (int8_t)hi;
+                low[c] = (int8_t)(entry - AQLM_LUTQ_LOW_RADIX * hi);
             }
-            for (int64_t c = K; c < KS; c++) table[c] = 0;
+            for (int64_t c = K; c < KS; c++) high[c] = low[c] = 0;
         }
     }
 }
 
 void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                         const float *restrict cbt, float *restrict work, int8_t *restrict qtab,
-                         float *restrict qscale) {
+                         const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
+                         int8_t *restrict qlo, float *restrict qscale) {
     const int64_t ig = s->ig, M = s->M, K = s->K;
     for (int64_t j = j0; j < j1; j++)
         for (int64_t m = 0; m < M; m++)
@@ -40,12 +43,12 @@ void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, cons
                 for (int64_t i = 0; i < ig; i++) value = fmaf(x[j * ig + i], cbt[(m * ig + i) * K + c], value);
                 work[((j - j0) * M + m) * K + c] = value;
             }
-    quantize_chunk(s, j1 - j0, work, qtab, qscale);
+    quantize_chunk(s, j1 - j0, work, qhi, qlo, qscale);
 }
 
 void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t tiles,
-                              const uint8_t *restrict packed, int64_t n, const int8_t *restrict qtab,
-                              const float *restrict qscale, float *restrict acc) {
+                              const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                              const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group;
     const uint32_t mask = s->code_mask;
@@ -53,19 +56,21 @@ void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t 
     for (int64_t tile = 0; tile < tiles; tile++) {
         const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
         for (int64_t t = 0; t < n; t++) {
-            const int8_t *tables = qtab + t * G * M * KS;
+            const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
             for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
                 float sum = 0.0f;
                 for (int64_t b = 0; b < chunks; b++) {
                     const int64_t j1 = (b + 1) * group < G ? (b + 1) * group : G;
                     for (int64_t m = 0; m < M; m++) {
-                        int32_t total = 0;
+                        int32_t high_total = 0, low_total = 0;
                         for (int64_t j = b * group; j < j1; j++) {
                             const int64_t slot = j * M + m;
                             const uint32_t code = (nibbles ? codes[slot / 2 * AQLM_LUTQ_TILE + lane] >> (4 * (slot % 2))
                                                            : codes[slot * AQLM_LUTQ_TILE + lane]) & mask;
-                            total += tables[(j * M + m) * KS + code];
+                            high_total += high[(j * M + m) * KS + code];
+                            low_total += low[(j * M + m) * KS + code];
                         }
+                        const int32_t total = AQLM_LUTQ_LOW_RADIX * high_total + low_total;
                         sum = fmaf(qscale[(t * chunks + b) * M + m], (float)total, sum);
                     }
                 }

@@ -24,6 +24,7 @@ def measured(tmp_path, monkeypatch):
     monkeypatch.setenv("AQLM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("AQLM_CPU_KERNEL", raising=False)
     monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
+    monkeypatch.setenv("AQLM_BF16_DEQUANTIZE", "1")
     monkeypatch.setattr(ops, "_CHOOSER", kernel_choice.KernelChooser())
     return tmp_path / kernel_choice.CACHE_FILE
 
@@ -88,6 +89,9 @@ def test_forced_kernel_and_exact_mode(measured, monkeypatch):
         layer(x)
     exact = ops.applicable_cpu_kernels(2, 8, 1, torch.float32, exact=True)
     assert "lutq" not in exact and "dequantize_bf16" not in exact
+    assert "dequantize_bf16" not in ops.applicable_cpu_kernels(20, 8, 1, torch.float32, exact=False)  # opt-in
+    with_bf16 = ops.applicable_cpu_kernels(20, 8, 1, torch.float32, exact=False, bf16=True)
+    assert ("dequantize_bf16" in with_bf16) == ops.cpu_has_fast_bf16()
     assert ops.applicable_cpu_kernels(200, 8, 1, torch.float32, exact=False)[0] == "dequantize"
     assert "lutq" not in ops.applicable_cpu_kernels(2, 8, 2, torch.float32, exact=False)  # out_group_size 2
 
