@@ -366,7 +366,7 @@ def quantized_matmul_cpu(
     kernel: Optional[str] = None,
 ) -> torch.Tensor:
     """``input @ W.T + bias`` on the CPU by the named kernel (one of ``CPU_KERNELS``), or by the
-    one ``choose_cpu_kernel`` picks (quantized tables only with ``AQLM_QUANTIZED_LUT=1``)."""
+    one ``choose_cpu_kernel`` picks (quantized tables unless ``AQLM_QUANTIZED_LUT=0``)."""
     nbits = check_weight(codes, codebooks, scales, bias)
     _check_input(input, codes, codebooks)
     out_features = codes.shape[0] * codebooks.shape[2]
@@ -478,13 +478,22 @@ class _CpuPlan:
         self.packed = (
             _numpy_view(packed_codes(codes, codebooks, scales)) if lutq_applies(nbits, codebooks.shape[2]) else None
         )
+        # Few-token kernels read every codebook entry and scale once per call: float32 copies spare
+        # them a float16/bfloat16 conversion per element (same values, so the same bits), except
+        # for codebooks too large to copy cheaply (more than 256 codewords).
+        if nbits <= 8:
+            as_float = [None if t is None else t.detach().float() for t in (codebooks, scales, bias)]
+            self.kernel_arrays = (self.arrays[0], *_weight_arrays(codes, *as_float)[1:])
+            self.kernel_param_dtype = torch.float32
+        else:
+            self.kernel_arrays, self.kernel_param_dtype = self.arrays, self.param_dtype
         self.calls = {}
 
     def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int) -> Callable[[np.ndarray, np.ndarray], None]:
         """``call(x, out)`` on NumPy views ([tokens, in] and [tokens, out] in ``x_dtype``, bfloat16
         as int16): ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS, arguments bound once."""
-        codes_np, codebooks_np, scales_np, bias_np = self.arrays
-        options = {"x_dtype": _DTYPE_NAMES[x_dtype], "param_dtype": _DTYPE_NAMES[self.param_dtype],
+        codes_np, codebooks_np, scales_np, bias_np = self.kernel_arrays
+        options = {"x_dtype": _DTYPE_NAMES[x_dtype], "param_dtype": _DTYPE_NAMES[self.kernel_param_dtype],
                    "num_threads": num_threads}
         if kernel == "lutq":
             packed, lutq_matmul = self.packed, _C.lutq_matmul

@@ -293,6 +293,20 @@ def test_custom_op_checks_an_unchanged_weight_once(monkeypatch):
     assert all(torch.equal(result, results[0]) for result in results)
 
 
+@pytest.mark.parametrize("kernel", ["lut", "decode", "lutq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eager_path_float_copies_give_the_parameter_dtype_bits(kernel, dtype, monkeypatch):
+    """The eager plan hands the few-token kernels float32 copies of small codebooks, scales and bias;
+    the kernels widen 16-bit parameters to float32 anyway, so the bits are those of a call on the
+    parameters themselves."""
+    monkeypatch.setenv("AQLM_CPU_KERNEL", kernel)
+    codes, codebooks, scales, bias = random_layer(96, 64, 2, 8, 1, 8, dtype=dtype, seed=3)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    x = torch.randn(2, 64)
+    expected = aqlm.ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel=kernel)
+    assert torch.equal(layer(x), expected)
+
+
 def test_eager_cpu_function_accepts_an_input_that_requires_grad(monkeypatch):
     """``ops.quantized_linear_cpu`` computes no gradient, whatever the input and grad mode."""
     monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")  # exact tables: the comparison below is to float rounding
