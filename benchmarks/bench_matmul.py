@@ -95,7 +95,9 @@ def run_level(args) -> None:
     bandwidth = read_bandwidth(args.repeat)
     level = aqlm._C.simd_default()
     print(f"SIMD {level} (quantized-table kernels: {aqlm._C.lutq_kernel()}), {args.threads} threads, "
-          f"codebooks {args.param_dtype}, activations float32, AQLM_QUANTIZED_LUT={os.environ.get('AQLM_QUANTIZED_LUT', '0')}")
+          f"codebooks {args.param_dtype}, activations float32, "
+          f"{'exact tables only' if aqlm.ops.exact_lut_requested() else 'quantized tables on'}"
+          f"{', bf16 dequantization on' if aqlm.ops.bf16_dequantize_requested() else ''}")
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; times are medians of {args.repeat} interleaved runs\n")
     header = (f"{'shape':>11} {'scheme':>7} {'batch':>5} {'kernel':>15} | {'aqlm ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} | "
               f"{'vs fp32':>7} {'vs bf16':>7} {'vs best':>7} | {'roofline':>8} | target")

@@ -3,6 +3,7 @@ the default quantized tables (15-bit entries in two int8 tables): the decode pat
 prefill-based perplexity never exercises.
 
     python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2]
+    python benchmarks/lut_accuracy.py CHECKPOINT --layer-tokens 64   (per-linear output errors)
 
 Each setting runs in its own process (the kernel choice reads the environment once per weight).
 """
@@ -40,14 +41,51 @@ def decode_perplexity(checkpoint: str, windows: int, seqlen: int) -> dict:
     return {"perplexity": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - started}
 
 
+def layer_errors(checkpoint: str, tokens: int) -> None:
+    """Per linear, the relative output error ||y_lutq - y_lut|| / ||y_lut|| of the two C kernels
+    on the real inputs of that linear (one prefill of ``tokens`` WikiText-2 test tokens, every token
+    sent through the kernels one at a time, as decoding does)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aqlm import QuantizedLinear, ops
+    from aqlm.data import load_tokens
+    from aqlm.paths import data_file
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ids = load_tokens(data_file("wikitext-2", "test.txt"), tokenizer)[:tokens].view(1, -1)
+    inputs = {}
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    for name, module in linears.items():
+        module.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0].detach().reshape(-1, module.in_features)))
+    with torch.no_grad():
+        model(ids)
+        errors = {}
+        for name, module in linears.items():
+            weight = (module.codes, module.codebooks, module.scales, None)
+            x = inputs[name]
+            exact = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel="lut") for row in x]).double()
+            fast = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel="lutq") for row in x]).double()
+            errors[name] = float((fast - exact).norm() / exact.norm())
+    ranked = sorted(errors.values())
+    print(f"relative layer-output error of the quantized tables over {len(ranked)} linears, {tokens} tokens each: "
+          f"min {100 * ranked[0]:.4f}%, median {100 * ranked[len(ranked) // 2]:.4f}%, max {100 * ranked[-1]:.4f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layer-tokens", type=int, default=0,
+                        help="instead: per-linear output error of the two kernels on this many tokens' real inputs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.layer_tokens:
+        layer_errors(args.checkpoint, args.layer_tokens)
+        return
     if args.child:
         import torch
 
