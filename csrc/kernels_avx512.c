@@ -2,7 +2,7 @@
  * kernels_avx512.c - AVX-512 (F, BW, VL, DQ) versions of the loops that gain from 16-wide
  * vectors: the one-token table build (16 codewords per vector); for in_group_size a multiple
  * of 16, decode-and-dot and dequantize (one vector per group row); the top-1 codeword search of
- * greedy beam search and k-means (four queries x 32 codewords per step) and the gradient update
+ * greedy beam search and k-means (four queries x 32 codewords per step, minimum only) and the gradient update
  * for in_group_size 8. Everything else reuses the AVX2 versions, which run unchanged on AVX-512
  * hardware.
  */
@@ -104,54 +104,79 @@ static void decode_dot_avx512(const aqlm_block_shape *s, int64_t o0, int64_t o1,
 
 /* ---- top-1 scores over codewords ------------------------------------------------------------ */
 
-/* Per-lane running minimum of QB queries over codewords [c0, c1) (a multiple of 32), 32 codewords
- * (two vectors) per step: QB * 2 independent FMA chains, each score accumulated exactly as the
- * reference does (bias, then fma over d = 0, 1, ...). A lane takes a new value only when strictly
- * smaller, so it keeps the first minimum among its codewords. */
-ALWAYS_INLINE void top1_lanes(const int QB, int64_t D, int64_t K, int64_t c0, int64_t c1,
-                              const float *restrict q, const float *restrict ct, const float *restrict bias,
-                              __m512 *restrict best, __m512i *restrict best_index) {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t c = c0; c < c1; c += 32) {
-        __m512 acc[QB][2];
-        const __m512 b0 = _mm512_loadu_ps(bias + c), b1 = _mm512_loadu_ps(bias + c + 16);
-        for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
-        for (int64_t d = 0; d < D; d++) {
-            const __m512 w0 = _mm512_loadu_ps(ct + d * K + c), w1 = _mm512_loadu_ps(ct + d * K + c + 16);
+/* Top-1 search without per-codeword index bookkeeping: each lane keeps only its running minimum
+ * (one vminps per score vector) and, per chunk of TOP1_CHUNK codewords, whether that minimum
+ * strictly dropped in the chunk (then it remembers the chunk). The first codeword holding the
+ * overall minimum lies in the earliest chunk remembered by a lane holding it; that one chunk is
+ * scored again at the end to find the codeword. Every score is accumulated exactly as the
+ * reference does (bias, then fma over d = 0, 1, ...), so the rescan finds the same bits. */
+enum { TOP1_CHUNK = 256 }; /* codewords per chunk, a multiple of 32 */
+
+/* QB queries over codewords [c0, c1) (multiples of 32), 32 codewords (two vectors) per step:
+ * QB * 2 independent FMA chains. Where this range's minimum is strictly below value[t], sets
+ * value[t] to it and chunk[t] to the start of the chunk holding its first occurrence; so across
+ * calls in ascending ranges the earliest range wins ties. A vminps with the new score first keeps
+ * the running minimum when the score is NaN, as the reference's strict < does. */
+ALWAYS_INLINE void top1_chunks(const int QB, int64_t D, int64_t K, int64_t c0, int64_t c1,
+                               const float *restrict q, const float *restrict ct, const float *restrict bias,
+                               float *restrict value, int32_t *restrict chunk) {
+    __m512 best[QB], before[QB];
+    __m512i best_chunk[QB];
+    for (int t = 0; t < QB; t++)
+        best[t] = before[t] = _mm512_set1_ps(INFINITY), best_chunk[t] = _mm512_set1_epi32(-1);
+    for (int64_t c = c0; c < c1; c += TOP1_CHUNK) {
+        const int64_t end = c + TOP1_CHUNK < c1 ? c + TOP1_CHUNK : c1;
+        for (int64_t cc = c; cc < end; cc += 32) {
+            __m512 acc[QB][2];
+            const __m512 b0 = _mm512_loadu_ps(bias + cc), b1 = _mm512_loadu_ps(bias + cc + 16);
+            for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
+            for (int64_t d = 0; d < D; d++) {
+                const __m512 w0 = _mm512_loadu_ps(ct + d * K + cc), w1 = _mm512_loadu_ps(ct + d * K + cc + 16);
+                for (int t = 0; t < QB; t++) {
+                    const __m512 qd = _mm512_set1_ps(q[t * D + d]);
+                    acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
+                }
+            }
             for (int t = 0; t < QB; t++) {
-                const __m512 qd = _mm512_set1_ps(q[t * D + d]);
-                acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
+                best[t] = _mm512_min_ps(acc[t][0], best[t]);
+                best[t] = _mm512_min_ps(acc[t][1], best[t]);
             }
         }
-        const __m512i index0 = _mm512_add_epi32(iota, _mm512_set1_epi32((int)c));
-        const __m512i index1 = _mm512_add_epi32(index0, _mm512_set1_epi32(16));
+        const __m512i here = _mm512_set1_epi32((int)c);
         for (int t = 0; t < QB; t++) {
-            const __mmask16 better0 = _mm512_cmp_ps_mask(acc[t][0], best[t], _CMP_LT_OQ);
-            best[t] = _mm512_mask_mov_ps(best[t], better0, acc[t][0]);
-            best_index[t] = _mm512_mask_mov_epi32(best_index[t], better0, index0);
-            const __mmask16 better1 = _mm512_cmp_ps_mask(acc[t][1], best[t], _CMP_LT_OQ);
-            best[t] = _mm512_mask_mov_ps(best[t], better1, acc[t][1]);
-            best_index[t] = _mm512_mask_mov_epi32(best_index[t], better1, index1);
+            const __mmask16 dropped = _mm512_cmp_ps_mask(best[t], before[t], _CMP_LT_OQ);
+            best_chunk[t] = _mm512_mask_mov_epi32(best_chunk[t], dropped, here);
+            before[t] = best[t];
         }
+    }
+    for (int t = 0; t < QB; t++) {
+        const float smallest = _mm512_reduce_min_ps(best[t]);
+        if (!(smallest < value[t])) continue;
+        const __mmask16 holders = _mm512_cmp_ps_mask(best[t], _mm512_set1_ps(smallest), _CMP_EQ_OQ);
+        value[t] = smallest;
+        chunk[t] = _mm512_mask_reduce_min_epi32(holders, best_chunk[t]);
     }
 }
 
-/* The smallest lane value and, among the lanes holding it, the smallest index (lanes that never
- * took a value hold index -1 and are skipped): the answer of a sequential strict-< scan. */
-ALWAYS_INLINE void top1_reduce(__m512 best, __m512i best_index, float *value, int32_t *index) {
-    const __mmask16 taken = _mm512_cmpge_epi32_mask(best_index, _mm512_setzero_si512());
-    if (!taken) return;
-    const float smallest = _mm512_mask_reduce_min_ps(taken, best);
-    const __mmask16 holders = taken & _mm512_cmp_ps_mask(best, _mm512_set1_ps(smallest), _CMP_EQ_OQ);
-    *value = smallest;
-    *index = _mm512_mask_reduce_min_epi32(holders, best_index);
+/* The first codeword in the chunk starting at c0 whose score is exactly `value`, or -1. */
+static int32_t top1_find(int64_t D, int64_t K, const float *restrict q, const float *restrict ct,
+                         const float *restrict bias, int64_t c0, float value) {
+    const int64_t c1 = c0 + TOP1_CHUNK < K ? c0 + TOP1_CHUNK : K;
+    const __m512 target = _mm512_set1_ps(value);
+    for (int64_t c = c0; c < c1; c += 16) {
+        __m512 acc = _mm512_loadu_ps(bias + c);
+        for (int64_t d = 0; d < D; d++) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(ct + d * K + c), acc);
+        const __mmask16 equal = _mm512_cmp_ps_mask(acc, target, _CMP_EQ_OQ);
+        if (equal) return (int32_t)(c + __builtin_ctz((unsigned)equal));
+    }
+    return -1;
 }
 
 enum { TOP1_BLOCK_FLOATS = 8192 }; /* D x block codewords of ct kept in L1 (32 KiB) across all queries */
 
 /* k = 1 with K a multiple of 32: codewords in blocks that stay in L1, queries four at a time.
- * Each block's winner is merged with a strict <, so earlier blocks win ties, as in one scan. */
+ * indices[row] holds the winning chunk until the end, then the codeword found in it. */
 static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
                                const float *restrict ct, const float *restrict bias, float *restrict values,
                                int32_t *restrict indices) {
@@ -160,33 +185,16 @@ static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const
         return;
     }
     for (int64_t row = 0; row < n; row++) values[row] = INFINITY, indices[row] = -1;
-    int64_t block = TOP1_BLOCK_FLOATS / (D > 0 ? D : 1) / 32 * 32;
-    if (block < 32) block = 32;
+    int64_t block = TOP1_BLOCK_FLOATS / (D > 0 ? D : 1) / TOP1_CHUNK * TOP1_CHUNK;
+    if (block < TOP1_CHUNK) block = TOP1_CHUNK;
     for (int64_t c0 = 0; c0 < K; c0 += block) {
         const int64_t c1 = c0 + block < K ? c0 + block : K;
         int64_t row = 0;
-        for (; row + 4 <= n; row += 4) {
-            __m512 best[4];
-            __m512i best_index[4];
-            for (int t = 0; t < 4; t++) best[t] = _mm512_set1_ps(INFINITY), best_index[t] = _mm512_set1_epi32(-1);
-            top1_lanes(4, D, K, c0, c1, q + row * D, ct, bias, best, best_index);
-            for (int t = 0; t < 4; t++) {
-                float value = INFINITY;
-                int32_t index = -1;
-                top1_reduce(best[t], best_index[t], &value, &index);
-                if (index >= 0) aqlm_topk_insert(1, values + row + t, indices + row + t, value, index);
-            }
-        }
-        for (; row < n; row++) {
-            __m512 best[1] = {_mm512_set1_ps(INFINITY)};
-            __m512i best_index[1] = {_mm512_set1_epi32(-1)};
-            top1_lanes(1, D, K, c0, c1, q + row * D, ct, bias, best, best_index);
-            float value = INFINITY;
-            int32_t index = -1;
-            top1_reduce(best[0], best_index[0], &value, &index);
-            if (index >= 0) aqlm_topk_insert(1, values + row, indices + row, value, index);
-        }
+        for (; row + 4 <= n; row += 4) top1_chunks(4, D, K, c0, c1, q + row * D, ct, bias, values + row, indices + row);
+        for (; row < n; row++) top1_chunks(1, D, K, c0, c1, q + row * D, ct, bias, values + row, indices + row);
     }
+    for (int64_t row = 0; row < n; row++)
+        if (indices[row] >= 0) indices[row] = top1_find(D, K, q + row * D, ct, bias, indices[row], values[row]);
 }
 
 /* ---- gradient update ------------------------------------------------------------------------- */
