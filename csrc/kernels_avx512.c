@@ -2,8 +2,8 @@
  * kernels_avx512.c - AVX-512 (F, BW, VL, DQ) versions of the loops that gain from 16-wide
  * vectors: the one-token table build (16 codewords per vector); for in_group_size a multiple
  * of 16, decode-and-dot and dequantize (one vector per group row); the top-1 codeword search of
- * greedy beam search and k-means (four queries x 32 codewords per step, minimum only) and the gradient update
- * for in_group_size 8. Everything else reuses the AVX2 versions, which run unchanged on AVX-512
+ * greedy beam search and k-means (four queries x 32 codewords per step, minimum only), the gradient
+ * update for in_group_size 8 and the codeword norms of beam search (32 codewords in double). Everything else reuses the AVX2 versions, which run unchanged on AVX-512
  * hardware.
  */
 #include <math.h>
@@ -229,6 +229,44 @@ static void gradient_update_avx512(int64_t n, int64_t ig, int64_t width, const f
     for (; row < n; row++) gradient_update_ig8_rows(1, width, delta + row * 8, h, g_rows + row);
 }
 
+/* ---- codeword norms -------------------------------------------------------------------------- */
+
+/* 32 codewords from c (four vectors of eight doubles): the reference's operations lane by lane
+ * (products rounded, then added, in the order r, i, t), four independent chains. */
+ALWAYS_INLINE void codeword_norms_32(int64_t c, int64_t ct_stride, int64_t og, int64_t ig, const float *restrict ct,
+                                     const float *restrict h, int64_t h_stride, float *restrict out) {
+    __m512d norm[4];
+    for (int u = 0; u < 4; u++) norm[u] = _mm512_setzero_pd();
+    for (int64_t r = 0; r < og; r++) {
+        const float *w = ct + r * ig * ct_stride + c;
+        for (int64_t i = 0; i < ig; i++) {
+            __m512d wi[4];
+            for (int u = 0; u < 4; u++) wi[u] = _mm512_cvtps_pd(_mm256_loadu_ps(w + i * ct_stride + 8 * u));
+            if (h == NULL) {
+                for (int u = 0; u < 4; u++) norm[u] = _mm512_add_pd(norm[u], _mm512_mul_pd(wi[u], wi[u]));
+                continue;
+            }
+            __m512d hw[4];
+            for (int u = 0; u < 4; u++) hw[u] = _mm512_setzero_pd();
+            for (int64_t t = 0; t < ig; t++) {
+                const __m512d ht = _mm512_set1_pd((double)h[i * h_stride + t]);
+                for (int u = 0; u < 4; u++)
+                    hw[u] = _mm512_add_pd(hw[u], _mm512_mul_pd(ht, _mm512_cvtps_pd(_mm256_loadu_ps(w + t * ct_stride + 8 * u))));
+            }
+            for (int u = 0; u < 4; u++) norm[u] = _mm512_add_pd(norm[u], _mm512_mul_pd(wi[u], hw[u]));
+        }
+    }
+    for (int u = 0; u < 4; u++) _mm256_storeu_ps(out + 8 * u, _mm512_cvtpd_ps(norm[u]));
+}
+
+static void codeword_norms_avx512(int64_t c0, int64_t c1, int64_t ct_stride, int64_t og, int64_t ig,
+                                  const float *restrict ct, const float *restrict h, int64_t h_stride,
+                                  float *restrict norms) {
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) codeword_norms_32(c, ct_stride, og, ig, ct, h, h_stride, norms + (c - c0));
+    aqlm_codeword_norms_ref(c, c1, ct_stride, og, ig, ct, h, h_stride, norms + (c - c0));
+}
+
 const aqlm_kernels aqlm_kernels_avx512 = {
     .level = AQLM_SIMD_AVX512,
     .lut_build_t1 = lut_build_t1_avx512,
@@ -239,6 +277,7 @@ const aqlm_kernels aqlm_kernels_avx512 = {
     .dequant_rows = aqlm_dequant_rows_avx2,
     .topk_scores = topk_scores_avx512,
     .gradient_update = gradient_update_avx512,
+    .codeword_norms = codeword_norms_avx512,
 };
 
 #else /* built without AVX-512: a scalar table that aqlm_kernels_for never returns for AVX-512 */
@@ -253,6 +292,7 @@ const aqlm_kernels aqlm_kernels_avx512 = {
     .dequant_rows = aqlm_dequant_rows_ref,
     .topk_scores = aqlm_topk_scores_ref,
     .gradient_update = aqlm_gradient_update_ref,
+    .codeword_norms = aqlm_codeword_norms_ref,
 };
 
 #endif

@@ -72,3 +72,39 @@ def test_gradient_update_ig8_matches_scalar(simd: str) -> None:
             _C.gradient_update(delta, h, g, simd=simd)
             _C.gradient_update(delta, h, g_scalar, simd="scalar")
             np.testing.assert_array_equal(g, g_scalar, err_msg=f"n={n} width={width}")
+
+
+def codeword_norms_numpy(ct: np.ndarray, ig: int, h) -> np.ndarray:
+    """The norms as the kernels promise them: float64, products rounded before each sum, order r, i, t."""
+    D, K = ct.shape
+    w = ct.astype(np.float64)
+    norm = np.zeros(K)
+    for r in range(D // ig):
+        for i in range(ig):
+            wi = w[r * ig + i]
+            if h is None:
+                norm = norm + wi * wi
+                continue
+            hw = np.zeros(K)
+            for t in range(ig):
+                hw = hw + np.float64(h[i, t]) * w[r * ig + t]
+            norm = norm + wi * hw
+    return norm.astype(np.float32)
+
+
+@pytest.mark.parametrize("simd", simd_params())
+@pytest.mark.parametrize("K", (1, 31, 32, 33, 256, 1056))
+def test_codeword_norms_match_scalar(simd: str, K: int) -> None:
+    """Every level against the scalar kernel and the float64 sum it defines, bit for bit, with and
+    without xtx, including the tail of codewords past the last multiple of 32."""
+    rng = np.random.default_rng(K + 5)
+    for og, ig in ((1, 8), (2, 8), (1, 16), (3, 5)):
+        ct = rng.standard_normal((og * ig, K)).astype(np.float32)
+        x = rng.standard_normal((3 * ig, ig)).astype(np.float32)
+        h = (x.T @ x / (3 * ig)).astype(np.float32)
+        for hh in (h, None):
+            norms = _C.codeword_norms(ct, ig, hh, simd=simd)
+            scalar = _C.codeword_norms(ct, ig, hh, simd="scalar")
+            assert norms.shape == (K,) and norms.dtype == np.float32
+            np.testing.assert_array_equal(norms, scalar, err_msg=f"og={og} ig={ig} K={K} h={hh is not None}")
+            np.testing.assert_array_equal(scalar, codeword_norms_numpy(ct, ig, hh))
