@@ -110,7 +110,8 @@ static void decode_dot_avx512(const aqlm_block_shape *s, int64_t o0, int64_t o1,
  * overall minimum lies in the earliest chunk remembered by a lane holding it; that one chunk is
  * scored again at the end to find the codeword. Every score is accumulated exactly as the
  * reference does (bias, then fma over d = 0, 1, ...), so the rescan finds the same bits. */
-enum { TOP1_CHUNK = 256 }; /* codewords per chunk, a multiple of 32 */
+enum { TOP1_CHUNK = 256 };  /* codewords per chunk, a multiple of 32 */
+enum { TOP1_QUERIES = 4 }; /* queries per pass over a block of codewords */
 
 /* QB queries over codewords [c0, c1) (multiples of 32), 32 codewords (two vectors) per step:
  * QB * 2 independent FMA chains. Where this range's minimum is strictly below value[t], sets
@@ -120,14 +121,14 @@ enum { TOP1_CHUNK = 256 }; /* codewords per chunk, a multiple of 32 */
 ALWAYS_INLINE void top1_chunks(const int QB, int64_t D, int64_t K, int64_t c0, int64_t c1,
                                const float *restrict q, const float *restrict ct, const float *restrict bias,
                                float *restrict value, int32_t *restrict chunk) {
-    __m512 best[QB], before[QB];
-    __m512i best_chunk[QB];
+    __m512 best[TOP1_QUERIES], before[TOP1_QUERIES]; /* fixed sizes, not VLAs: kept in registers */
+    __m512i best_chunk[TOP1_QUERIES];
     for (int t = 0; t < QB; t++)
         best[t] = before[t] = _mm512_set1_ps(INFINITY), best_chunk[t] = _mm512_set1_epi32(-1);
     for (int64_t c = c0; c < c1; c += TOP1_CHUNK) {
         const int64_t end = c + TOP1_CHUNK < c1 ? c + TOP1_CHUNK : c1;
         for (int64_t cc = c; cc < end; cc += 32) {
-            __m512 acc[QB][2];
+            __m512 acc[TOP1_QUERIES][2];
             const __m512 b0 = _mm512_loadu_ps(bias + cc), b1 = _mm512_loadu_ps(bias + cc + 16);
             for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
             for (int64_t d = 0; d < D; d++) {
@@ -190,7 +191,7 @@ static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const
     for (int64_t c0 = 0; c0 < K; c0 += block) {
         const int64_t c1 = c0 + block < K ? c0 + block : K;
         int64_t row = 0;
-        for (; row + 4 <= n; row += 4) top1_chunks(4, D, K, c0, c1, q + row * D, ct, bias, values + row, indices + row);
+        for (; row + TOP1_QUERIES <= n; row += TOP1_QUERIES) top1_chunks(TOP1_QUERIES, D, K, c0, c1, q + row * D, ct, bias, values + row, indices + row);
         for (; row < n; row++) top1_chunks(1, D, K, c0, c1, q + row * D, ct, bias, values + row, indices + row);
     }
     for (int64_t row = 0; row < n; row++)
