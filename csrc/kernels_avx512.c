@@ -200,16 +200,18 @@ static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const
 
 /* ---- gradient update ------------------------------------------------------------------------- */
 
-/* g_r -= delta_r H for R rows and in_group_size 8: the R x 8 deltas stay in registers, every
+enum { GRADIENT_ROWS = 3 }; /* rows per pass over H: 3 x 8 deltas, 3 sums and a slice of H fill the registers */
+
+/* g_r -= delta_r H for R <= GRADIENT_ROWS rows and in_group_size 8: the R x 8 deltas stay in registers, every
  * 16-column slice of H is loaded once for the R rows; the tail columns are masked. */
 ALWAYS_INLINE void gradient_update_ig8_rows(const int R, int64_t width, const float *restrict delta,
                                             const float *restrict h, float *const *restrict g_rows) {
-    __m512 d[R][8];
+    __m512 d[GRADIENT_ROWS][8]; /* fixed sizes, not VLAs: kept in registers */
     for (int r = 0; r < R; r++)
         for (int i = 0; i < 8; i++) d[r][i] = _mm512_set1_ps(delta[r * 8 + i]);
     for (int64_t col = 0; col < width; col += 16) {
         const __mmask16 mask = width - col >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (width - col)) - 1u);
-        __m512 acc[R];
+        __m512 acc[GRADIENT_ROWS];
         for (int r = 0; r < R; r++) acc[r] = _mm512_maskz_loadu_ps(mask, g_rows[r] + col);
         for (int i = 0; i < 8; i++) {
             const __m512 hv = _mm512_maskz_loadu_ps(mask, h + i * width + col);
@@ -226,7 +228,8 @@ static void gradient_update_avx512(int64_t n, int64_t ig, int64_t width, const f
         return;
     }
     int64_t row = 0;
-    for (; row + 3 <= n; row += 3) gradient_update_ig8_rows(3, width, delta + row * 8, h, g_rows + row);
+    for (; row + GRADIENT_ROWS <= n; row += GRADIENT_ROWS)
+        gradient_update_ig8_rows(GRADIENT_ROWS, width, delta + row * 8, h, g_rows + row);
     for (; row < n; row++) gradient_update_ig8_rows(1, width, delta + row * 8, h, g_rows + row);
 }
 
