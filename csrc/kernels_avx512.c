@@ -112,6 +112,7 @@ static void decode_dot_avx512(const aqlm_block_shape *s, int64_t o0, int64_t o1,
  * reference does (bias, then fma over d = 0, 1, ...), so the rescan finds the same bits. */
 enum { TOP1_CHUNK = 256 };  /* codewords per chunk, a multiple of 32 */
 enum { TOP1_QUERIES = 4 }; /* queries per pass over a block of codewords */
+enum { TOP1_CHUNKED_MIN_K = 32 * TOP1_CHUNK }; /* from here the one-chunk rescan costs at most 1/32 */
 
 /* QB queries over codewords [c0, c1) (multiples of 32), 32 codewords (two vectors) per step:
  * QB * 2 independent FMA chains. Where this range's minimum is strictly below value[t], sets
@@ -174,10 +175,91 @@ static int32_t top1_find(int64_t D, int64_t K, const float *restrict q, const fl
     return -1;
 }
 
+/* ---- top-1 for small codebooks: per-lane minimum and its index ---------------------------------
+ *
+ * Per-lane running minimum of QB queries over codewords [c0, c1) (a multiple of 32), 32 codewords
+ * (two vectors) per step: QB * 2 independent FMA chains, each score accumulated exactly as the
+ * reference does (bias, then fma over d = 0, 1, ...). A lane takes a new value only when strictly
+ * smaller, so it keeps the first minimum among its codewords. */
+ALWAYS_INLINE void top1_lanes(const int QB, int64_t D, int64_t K, int64_t c0, int64_t c1,
+                              const float *restrict q, const float *restrict ct, const float *restrict bias,
+                              __m512 *restrict best, __m512i *restrict best_index) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t c = c0; c < c1; c += 32) {
+        __m512 acc[TOP1_QUERIES][2]; /* fixed size, not a VLA: kept in registers */
+        const __m512 b0 = _mm512_loadu_ps(bias + c), b1 = _mm512_loadu_ps(bias + c + 16);
+        for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
+        for (int64_t d = 0; d < D; d++) {
+            const __m512 w0 = _mm512_loadu_ps(ct + d * K + c), w1 = _mm512_loadu_ps(ct + d * K + c + 16);
+            for (int t = 0; t < QB; t++) {
+                const __m512 qd = _mm512_set1_ps(q[t * D + d]);
+                acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
+            }
+        }
+        const __m512i index0 = _mm512_add_epi32(iota, _mm512_set1_epi32((int)c));
+        const __m512i index1 = _mm512_add_epi32(index0, _mm512_set1_epi32(16));
+        for (int t = 0; t < QB; t++) {
+            const __mmask16 better0 = _mm512_cmp_ps_mask(acc[t][0], best[t], _CMP_LT_OQ);
+            best[t] = _mm512_mask_mov_ps(best[t], better0, acc[t][0]);
+            best_index[t] = _mm512_mask_mov_epi32(best_index[t], better0, index0);
+            const __mmask16 better1 = _mm512_cmp_ps_mask(acc[t][1], best[t], _CMP_LT_OQ);
+            best[t] = _mm512_mask_mov_ps(best[t], better1, acc[t][1]);
+            best_index[t] = _mm512_mask_mov_epi32(best_index[t], better1, index1);
+        }
+    }
+}
+
+/* The smallest lane value and, among the lanes holding it, the smallest index (lanes that never
+ * took a value hold index -1 and are skipped): the answer of a sequential strict-< scan. */
+ALWAYS_INLINE void top1_reduce(__m512 best, __m512i best_index, float *value, int32_t *index) {
+    const __mmask16 taken = _mm512_cmpge_epi32_mask(best_index, _mm512_setzero_si512());
+    if (!taken) return;
+    const float smallest = _mm512_mask_reduce_min_ps(taken, best);
+    const __mmask16 holders = taken & _mm512_cmp_ps_mask(best, _mm512_set1_ps(smallest), _CMP_EQ_OQ);
+    *value = smallest;
+    *index = _mm512_mask_reduce_min_epi32(holders, best_index);
+}
+
 enum { TOP1_BLOCK_FLOATS = 8192 }; /* D x block codewords of ct kept in L1 (32 KiB) across all queries */
 
-/* k = 1 with K a multiple of 32: codewords in blocks that stay in L1, queries four at a time.
- * indices[row] holds the winning chunk until the end, then the codeword found in it. */
+/* Small codebooks (the rescan of one chunk per query would cost too much there): codewords in
+ * blocks that stay in L1, queries four at a time, each lane tracking its minimum's index. Each
+ * block's winner is merged with a strict <, so earlier blocks win ties, as in one scan. */
+static void top1_indexed(int64_t n, int64_t D, int64_t K, const float *restrict q, const float *restrict ct,
+                         const float *restrict bias, float *restrict values, int32_t *restrict indices) {
+    int64_t block = TOP1_BLOCK_FLOATS / (D > 0 ? D : 1) / 32 * 32;
+    if (block < 32) block = 32;
+    for (int64_t c0 = 0; c0 < K; c0 += block) {
+        const int64_t c1 = c0 + block < K ? c0 + block : K;
+        int64_t row = 0;
+        for (; row + TOP1_QUERIES <= n; row += TOP1_QUERIES) {
+            __m512 best[TOP1_QUERIES];
+            __m512i best_index[TOP1_QUERIES];
+            for (int t = 0; t < TOP1_QUERIES; t++) best[t] = _mm512_set1_ps(INFINITY), best_index[t] = _mm512_set1_epi32(-1);
+            top1_lanes(TOP1_QUERIES, D, K, c0, c1, q + row * D, ct, bias, best, best_index);
+            for (int t = 0; t < TOP1_QUERIES; t++) {
+                float value = INFINITY;
+                int32_t index = -1;
+                top1_reduce(best[t], best_index[t], &value, &index);
+                if (index >= 0) aqlm_topk_insert(1, values + row + t, indices + row + t, value, index);
+            }
+        }
+        for (; row < n; row++) {
+            __m512 best[1] = {_mm512_set1_ps(INFINITY)};
+            __m512i best_index[1] = {_mm512_set1_epi32(-1)};
+            top1_lanes(1, D, K, c0, c1, q + row * D, ct, bias, best, best_index);
+            float value = INFINITY;
+            int32_t index = -1;
+            top1_reduce(best[0], best_index[0], &value, &index);
+            if (index >= 0) aqlm_topk_insert(1, values + row, indices + row, value, index);
+        }
+    }
+}
+
+/* k = 1 with K a multiple of 32. Large codebooks: codewords in blocks that stay in L1, queries
+ * four at a time, lanes tracking chunks; indices[row] holds the winning chunk until the end, then
+ * the codeword found in it. */
 static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const float *restrict q,
                                const float *restrict ct, const float *restrict bias, float *restrict values,
                                int32_t *restrict indices) {
@@ -186,6 +268,10 @@ static void topk_scores_avx512(int64_t n, int64_t D, int64_t K, int64_t k, const
         return;
     }
     for (int64_t row = 0; row < n; row++) values[row] = INFINITY, indices[row] = -1;
+    if (K < TOP1_CHUNKED_MIN_K) {
+        top1_indexed(n, D, K, q, ct, bias, values, indices);
+        return;
+    }
     int64_t block = TOP1_BLOCK_FLOATS / (D > 0 ? D : 1) / TOP1_CHUNK * TOP1_CHUNK;
     if (block < TOP1_CHUNK) block = TOP1_CHUNK;
     for (int64_t c0 = 0; c0 < K; c0 += block) {
