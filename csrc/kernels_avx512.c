@@ -2,9 +2,10 @@
  * kernels_avx512.c - AVX-512 (F, BW, VL, DQ) versions of the loops that gain from 16-wide
  * vectors: the one-token table build (16 codewords per vector); for in_group_size a multiple
  * of 16, decode-and-dot and dequantize (one vector per group row); the top-1 codeword search of
- * greedy beam search and k-means (four queries x 32 codewords per step, minimum only), the gradient
- * update for in_group_size 8 and the codeword norms of beam search (32 codewords in double). Everything else reuses the AVX2 versions, which run unchanged on AVX-512
- * hardware.
+ * greedy beam search and k-means (four queries x 32 codewords per step; from 8192 codewords the
+ * lanes keep only their minimum and the winning chunk is rescanned), the gradient update for
+ * in_group_size 8 and the codeword norms of beam search (32 codewords in double). Everything else
+ * reuses the AVX2 versions, which run unchanged on AVX-512 hardware.
  */
 #include <math.h>
 
