@@ -119,28 +119,23 @@ static void store_code(int code_bits, void *codes, int64_t index, uint32_t code,
     else ((int16_t *)codes)[index] = (int16_t)value;
 }
 
-/* norm_j[c] = sum_r C[m, c, r] H_jj C[m, c, r]^T for every codeword c of codebook m. */
+/* The diagonal block H_jj of xtx (row stride in), or NULL for the identity. */
+static const float *diagonal_block(const beam_problem *p, int64_t j) {
+    return p->xtx != NULL ? p->xtx + j * p->s.ig * p->in + j * p->s.ig : NULL;
+}
+
+/* norm_j = sum_r w_r H_jj w_r^T of one codeword w (og rows of ig): the reference kernel on a
+ * one-codeword "transposed codebook" (stride 1), the same bits as any kernel's table entry. */
+static float codeword_norm(const beam_problem *p, int64_t j, const float *word) {
+    float norm;
+    aqlm_codeword_norms_ref(0, 1, 1, p->s.og, p->s.ig, word, diagonal_block(p, j), p->in, &norm);
+    return norm;
+}
+
+/* norm_j[c] for every codeword c of codebook m (from the transposed codebooks). */
 static void codeword_norms(const beam_problem *p, int64_t j, int64_t m, float *out) {
-    const int64_t og = p->s.og, ig = p->s.ig, D = p->D, in = p->in;
-    const float *words = p->codebooks + m * p->s.K * D;
-    for (int64_t c = 0; c < p->s.K; c++) {
-        const float *word = words + c * D;
-        double norm = 0.0;
-        for (int64_t r = 0; r < og; r++) {
-            const float *w = word + r * ig;
-            for (int64_t i = 0; i < ig; i++) {
-                if (p->xtx == NULL) {
-                    norm += (double)w[i] * w[i];
-                    continue;
-                }
-                const float *h = p->xtx + (j * ig + i) * in + j * ig;
-                double hw = 0.0;
-                for (int64_t t = 0; t < ig; t++) hw += (double)h[t] * w[t];
-                norm += w[i] * hw;
-            }
-        }
-        out[c] = (float)norm;
-    }
+    p->kernels->codeword_norms(0, p->s.K, p->s.K, p->s.og, p->s.ig, p->ct + m * p->D * p->s.K, diagonal_block(p, j),
+                               p->in, out);
 }
 
 /* The query q and constant of one hypothesis (gradient rows `g`, og rows of stride in) for code
@@ -210,8 +205,10 @@ static void search_greedy(const beam_problem *p, beam_workspace *w, int64_t o0, 
                 const float scale = p->scales[o];
                 if (scale == 0.0f || !group_allowed(p, o, j)) continue;
                 const uint32_t old = aqlm_code_at(p->s.code_bits, codes, (o * G + j) * M + m, p->s.code_mask);
-                w->consts[queries] = build_query(p, gradient + o * og * in, j, words + old * D, scale, norms[old],
-                                                 w->queries + queries * D);
+                /* the old codeword's norm, recomputed (same bits as norms[old]): a random read of
+                 * the large norms table costs more than these few products */
+                w->consts[queries] = build_query(p, gradient + o * og * in, j, words + old * D, scale,
+                                                 codeword_norm(p, j, words + old * D), w->queries + queries * D);
                 w->query_owner[queries++] = o;
             }
             p->kernels->topk_scores(queries, D, K, 1, w->queries, p->ct + m * D * K, norms, w->values, w->indices);

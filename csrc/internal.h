@@ -188,6 +188,14 @@ typedef void (*aqlm_topk_scores_fn)(int64_t n, int64_t D, int64_t K, int64_t k, 
 typedef void (*aqlm_gradient_update_fn)(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
                                         const float *restrict h, float *const *restrict g_rows);
 
+/* For codewords c in [c0, c1), with w_c[r, i] = ct[(r * ig + i) * ct_stride + c] (og rows of ig):
+ *   norms[c - c0] = sum_r sum_i w_c[r, i] * (sum_t h[i * h_stride + t] * w_c[r, t])   (h: [ig, ig])
+ * or sum_r sum_i w_c[r, i]^2 when h is NULL; in double, every product rounded before it is added
+ * (no fma), sums in the order r, i, t from zero, then rounded to float. */
+typedef void (*aqlm_codeword_norms_fn)(int64_t c0, int64_t c1, int64_t ct_stride, int64_t og, int64_t ig,
+                                       const float *restrict ct, const float *restrict h, int64_t h_stride,
+                                       float *restrict norms);
+
 typedef struct {
     aqlm_simd level;
     aqlm_lut_build_t1_fn lut_build_t1;
@@ -198,6 +206,7 @@ typedef struct {
     aqlm_dequant_rows_fn dequant_rows;
     aqlm_topk_scores_fn topk_scores;
     aqlm_gradient_update_fn gradient_update;
+    aqlm_codeword_norms_fn codeword_norms;
 } aqlm_kernels;
 
 /* The table for `level`, or for the best level below it that this build has. */
@@ -227,6 +236,9 @@ void aqlm_topk_scores_ref(int64_t n, int64_t D, int64_t K, int64_t k, const floa
                           int32_t *restrict indices);
 void aqlm_gradient_update_ref(int64_t n, int64_t ig, int64_t width, const float *restrict delta,
                               const float *restrict h, float *const *restrict g_rows);
+void aqlm_codeword_norms_ref(int64_t c0, int64_t c1, int64_t ct_stride, int64_t og, int64_t ig,
+                             const float *restrict ct, const float *restrict h, int64_t h_stride,
+                             float *restrict norms);
 
 /* AVX2 versions (kernels_avx2.c), reused by the AVX-512 table where it has no wider version. */
 void aqlm_lut_build_t1_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1,

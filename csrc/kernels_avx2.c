@@ -507,6 +507,7 @@ const aqlm_kernels aqlm_kernels_avx2 = {
     .dequant_rows = aqlm_dequant_rows_avx2,
     .topk_scores = aqlm_topk_scores_avx2,
     .gradient_update = aqlm_gradient_update_avx2,
+    .codeword_norms = aqlm_codeword_norms_ref,
 };
 
 #else /* built without AVX2: a scalar table that aqlm_kernels_for never returns for AVX2 */
@@ -521,6 +522,7 @@ const aqlm_kernels aqlm_kernels_avx2 = {
     .dequant_rows = aqlm_dequant_rows_ref,
     .topk_scores = aqlm_topk_scores_ref,
     .gradient_update = aqlm_gradient_update_ref,
+    .codeword_norms = aqlm_codeword_norms_ref,
 };
 
 #endif

@@ -172,6 +172,28 @@ void aqlm_gradient_update_ref(int64_t n, int64_t ig, int64_t width, const float 
     }
 }
 
+void aqlm_codeword_norms_ref(int64_t c0, int64_t c1, int64_t ct_stride, int64_t og, int64_t ig,
+                             const float *restrict ct, const float *restrict h, int64_t h_stride,
+                             float *restrict norms) {
+    for (int64_t c = c0; c < c1; c++) {
+        double norm = 0.0;
+        for (int64_t r = 0; r < og; r++) {
+            const float *w = ct + r * ig * ct_stride + c; /* w[i * ct_stride] = w_c[r, i] */
+            for (int64_t i = 0; i < ig; i++) {
+                const double wi = w[i * ct_stride];
+                if (h == NULL) {
+                    norm += wi * wi;
+                    continue;
+                }
+                double hw = 0.0;
+                for (int64_t t = 0; t < ig; t++) hw += (double)h[i * h_stride + t] * w[t * ct_stride];
+                norm += wi * hw;
+            }
+        }
+        norms[c - c0] = (float)norm;
+    }
+}
+
 const aqlm_kernels aqlm_kernels_scalar = {
     .level = AQLM_SIMD_SCALAR,
     .lut_build_t1 = aqlm_lut_build_t1_ref,
@@ -182,4 +204,5 @@ const aqlm_kernels aqlm_kernels_scalar = {
     .dequant_rows = aqlm_dequant_rows_ref,
     .topk_scores = aqlm_topk_scores_ref,
     .gradient_update = aqlm_gradient_update_ref,
+    .codeword_norms = aqlm_codeword_norms_ref,
 };

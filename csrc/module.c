@@ -779,6 +779,47 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(codeword_norms_doc,
+"codeword_norms(ct, ig, h=None, *, simd=None)\n"
+"--\n\n"
+"Inner loop, exposed for tests: for each codeword c (column of ct [og * ig, K], rows r * ig + i),\n"
+"sum over r of w_r h w_r^T (h [ig, ig]) or of |w_r|^2 when h is None, summed in float64.\n"
+"Returns norms [K] float32.");
+
+static PyObject *py_codeword_norms(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"ct", "ig", "h", "simd", NULL};
+    PyObject *ct_object, *h_object = Py_None;
+    Py_ssize_t ig;
+    const char *simd_name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On|O$z:codeword_norms", keywords, &ct_object, &ig, &h_object,
+                                     &simd_name))
+        return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
+    PyArrayObject *ct = float_input(ct_object, "ct", AQLM_F32, 2);
+    PyArrayObject *h = NULL;
+    PyObject *result = NULL;
+    if (!ct) goto done;
+    if (h_object != Py_None && !(h = float_input(h_object, "h", AQLM_F32, 2))) goto done;
+    const npy_intp D = PyArray_DIM(ct, 0), K = PyArray_DIM(ct, 1);
+    if (ig < 1 || D % ig != 0 || (h && (PyArray_DIM(h, 0) != ig || PyArray_DIM(h, 1) != ig))) {
+        PyErr_Format(PyExc_ValueError, "need ct [og * ig, K] and h [ig, ig] or None; got ct %zdx%zd, ig=%zd",
+                     (Py_ssize_t)D, (Py_ssize_t)K, ig);
+        goto done;
+    }
+    npy_intp shape[1] = {K};
+    PyArrayObject *norms = (PyArrayObject *)PyArray_SimpleNew(1, shape, NPY_FLOAT32);
+    if (!norms) goto done;
+    const aqlm_kernels *kernels = aqlm_kernels_for(simd);
+    Py_BEGIN_ALLOW_THREADS
+    kernels->codeword_norms(0, K, K, D / ig, ig, PyArray_DATA(ct), h ? PyArray_DATA(h) : NULL, ig, PyArray_DATA(norms));
+    Py_END_ALLOW_THREADS
+    result = (PyObject *)norms;
+done:
+    Py_XDECREF(ct), Py_XDECREF(h);
+    return result;
+}
+
 PyDoc_STRVAR(simd_supported_doc, "simd_supported()\n--\n\nThe best SIMD level this CPU, OS and build support.");
 static PyObject *py_simd_supported(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(aqlm_simd_name(state_of(module)->supported));
@@ -840,6 +881,7 @@ static PyMethodDef methods[] = {
     {"beam_search", (PyCFunction)(void (*)(void))py_beam_search, METH_VARARGS | METH_KEYWORDS, beam_search_doc},
     {"topk_scores", (PyCFunction)(void (*)(void))py_topk_scores, METH_VARARGS | METH_KEYWORDS, topk_scores_doc},
     {"gradient_update", (PyCFunction)(void (*)(void))py_gradient_update, METH_VARARGS | METH_KEYWORDS, gradient_update_doc},
+    {"codeword_norms", (PyCFunction)(void (*)(void))py_codeword_norms, METH_VARARGS | METH_KEYWORDS, codeword_norms_doc},
     {"simd_supported", py_simd_supported, METH_NOARGS, simd_supported_doc},
     {"simd_default", py_simd_default, METH_NOARGS, simd_default_doc},
     {"set_min_parallel_work", py_set_min_parallel_work, METH_O, set_min_parallel_work_doc},
