@@ -40,7 +40,12 @@ logger = logging.getLogger("aqlm")
 # tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX) rounds the weights to 8 bits of
 # mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1.
 LUTQ_GROUP = 64
-LUTQ_MAX_TOKENS = 16  # fixed rules only; measured choices consider it up to FEW_TOKENS
+# Fixed rules only (measured choices consider "lutq" up to FEW_TOKENS): the token counts up to which
+# the quantized tables beat the exact paths, for codebooks of <= 16 codewords (one in-register
+# shuffle on AVX2 and AVX-512) and of more (AVX-512 VBMI only: on AVX2 a 256-entry table takes 16
+# shuffles per table, and its two tables lost to the exact ones even at one token).
+LUTQ_MAX_TOKENS = 16
+LUTQ_MAX_TOKENS_WIDE = 2
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
@@ -95,15 +100,20 @@ def choose_cpu_kernel(
     """"lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
     (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
 
-    Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens at
-    4096x4096 (1 thread, AVX-512 VBMI and AVX2). The exact crossovers were measured on a 2-core
-    Zen 3 at 4096x4096 (benchmarks/bench_matmul.py): per-token lookup tables win for one 8-bit
-    codebook up to 64 tokens, and for a single token generally; decoding codewords (fast for
+    Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens for
+    codebooks of <= 16 codewords (4x4g8 at 4096x4096), and up to 2 tokens for larger ones where
+    the CPU has AVX-512 VBMI (2x8g8 at 4096x4096 and at SmolLM2's 576/1536 shapes; 1-2 threads,
+    benchmarks/bench_matmul.py). The exact crossovers were measured on a 2-core Zen 3 at
+    4096x4096 (benchmarks/bench_matmul.py): per-token lookup tables win for one 8-bit codebook up
+    to 64 tokens, and for a single token generally; decoding codewords (fast for
     groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more so the more
     codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
     """
-    if not exact and tokens <= LUTQ_MAX_TOKENS and lutq_applies(nbits, out_group_size):
-        return "lutq"
+    if not exact and lutq_applies(nbits, out_group_size):
+        if tokens <= LUTQ_MAX_TOKENS and nbits <= 4:
+            return "lutq"
+        if tokens <= LUTQ_MAX_TOKENS_WIDE and _C.lutq_kernel() == "avx512vbmi":
+            return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
     if nbits <= 8:
         if tokens == 1 or (num_codebooks == 1 and tokens <= 64) or (num_codebooks == 2 and tokens < 4):

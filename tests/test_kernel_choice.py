@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from aqlm import QuantizedLinear, kernel_choice, ops, pack_codes
+from aqlm import QuantizedLinear, _C, kernel_choice, ops, pack_codes
 
 
 def layer_and_input(out=96, inp=64, M=2, nbits=8, tokens=3, seed=0):
@@ -129,3 +129,15 @@ def test_eager_path_equals_the_custom_op_and_follows_weight_changes():
     x.requires_grad_(True)
     layer(x).sum().backward()  # gradients go through the custom op's autograd formula
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_fixed_rules_use_quantized_tables_where_they_were_measured_faster():
+    """Kx4 codebooks: up to 16 tokens on any SIMD level; 256 codewords: 1-2 tokens, and only with
+    the AVX-512 VBMI lookups (on AVX2 their 16-shuffle tables lost to the exact ones)."""
+    assert ops.choose_cpu_kernel(16, 4, 4, 1, 8) == "lutq"
+    assert ops.choose_cpu_kernel(17, 4, 4, 1, 8) != "lutq"
+    vbmi = _C.lutq_kernel() == "avx512vbmi"
+    assert (ops.choose_cpu_kernel(1, 2, 8, 1, 8) == "lutq") == vbmi
+    assert (ops.choose_cpu_kernel(2, 2, 8, 1, 8) == "lutq") == vbmi
+    assert ops.choose_cpu_kernel(3, 2, 8, 1, 8) != "lutq"
+    assert ops.choose_cpu_kernel(1, 2, 8, 1, 8, exact=True) == "lut"

@@ -112,9 +112,9 @@ def test_dtypes_match_the_float32_computation(level, x_dtype, param_dtype):
 
 
 def test_quantized_tables_are_the_default_and_exact_tables_an_option(monkeypatch):
-    codes, codebooks, scales, bias = random_weight(200, 96, 2, 8, 8)
+    codes, codebooks, scales, bias = random_weight(200, 96, 2, 4, 8)  # 16 codewords: "lutq" on every SIMD level
     layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
-    x = torch.randn(1, 96)  # one token: the quantized tables ("lutq"), or with them off the fp32 tables ("lut")
+    x = torch.randn(3, 96)  # a few tokens: the quantized tables ("lutq"), or with them off the fp32 tables ("lut")
     quantized = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lutq")
     exact = ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="lut")
     assert not torch.equal(quantized, exact)
