@@ -33,12 +33,12 @@ logger = logging.getLogger("aqlm")
 # Quantized lookup tables: 15-bit entries (a high-byte and a low-byte int8 table) with one fp32
 # step per LUTQ_GROUP input groups and codebook; lutq.h bounds the error by
 # |scale| * sum over chunks of group * step / 2. On the real inputs of SmolLM2 2x8g8's linears the
-# relative output error is median 0.017%, max 0.10% at 64 groups per step (one int8 table with a
-# step per group, the earlier format: median 0.87%, max 3.2%; AQLM's own error there: ~1.8%), and
-# 64 groups per step ran faster than 1, 16 or 256 at 4096x4096 (benchmarks/lut_accuracy.py). They are the default for few tokens;
-# AQLM_QUANTIZED_LUT=0 keeps every path exact (fp32 tables). Dequantizing to bfloat16 for many
-# tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX) rounds the weights to 8 bits of
-# mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1.
+# relative output error is median 0.017%, max 0.10% at 64 groups per step (benchmarks/
+# lut_accuracy.py; one int8 table with a step per group, the earlier format: median 0.87%, max 3.2%;
+# AQLM's own error there: ~1.8%). At 4096x4096, 64 groups per step ran as fast as 256 and faster
+# than 1 or 16. They are the default for few tokens; AQLM_QUANTIZED_LUT=0 keeps every path exact.
+# Dequantizing to bfloat16 for many tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX)
+# rounds the weights to 8 bits of mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1.
 LUTQ_GROUP = 64
 # Fixed rules only (measured choices consider "lutq" up to FEW_TOKENS): the token counts up to which
 # the quantized tables beat the exact paths, for codebooks of <= 16 codewords (one in-register

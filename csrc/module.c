@@ -432,17 +432,18 @@ static PyObject *py_lutq_packed_size(PyObject *module, PyObject *args) {
 }
 
 PyDoc_STRVAR(lutq_matmul_doc,
-"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=16, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
 "--\n\n"
-"out [n, out_features] = x [n, in_features] @ W.T + bias by int8 lookup tables with one fp32\n"
-"scale per `group` input groups and codebook (1 <= group <= 256). packed: from lutq_pack_codes.\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias by lookup tables of 15-bit entries (high\n"
+"and low int8 tables) with one fp32 step per `group` input groups and codebook (1 <= group <= 256).\n"
+"packed: from lutq_pack_codes.\n"
 "codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.");
 
 static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"x", "packed", "codebooks", "scales", "bias", "out", "group", "x_dtype", "param_dtype",
                                "simd", "num_threads", NULL};
     PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out;
-    long long group = 16;
+    long long group = 64;
     const char *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
     int num_threads = omp_get_max_threads();
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Lsszi:lutq_matmul", keywords, &x_object, &packed,
