@@ -42,6 +42,7 @@ enum {
     AQLM_LUTQ_MAX_GROUP = 256,  /* input groups per scale: keeps int16 sums exact */
     AQLM_LUTQ_MAX_TOKENS = 8,   /* tokens per pass (tables of all of them stay in L2) */
     AQLM_LUTQ_PAD = 256,
+    AQLM_LUTQ_SLAB_BYTES = 1 << 19, /* tables (all tokens) the lookups sweep at a time: stay in L2 */
     AQLM_LUTQ_LOW_RADIX = 254,               /* E = 254 * hi + lo */
     AQLM_LUTQ_LEVELS = 254 * 127,            /* |E| <= this */
 };
@@ -59,10 +60,12 @@ typedef void (*aqlm_lutq_build_fn)(const aqlm_block_shape *s, int64_t j0, int64_
                                    float *restrict work, int8_t *restrict qhi, int8_t *restrict qlo,
                                    float *restrict qscale);
 
-/* For `tiles` tiles of packed codes (from the first given) and n <= AQLM_LUTQ_MAX_TOKENS tokens:
- *     acc[(tile * n + t) * 64 + lane] = the sum defined above for row tile * 64 + lane.
+/* For `tiles` tiles of packed codes (from the first given) and n <= AQLM_LUTQ_MAX_TOKENS tokens,
+ * the terms of chunks b0 <= b < b1 (in order) of the sum defined above, added to what acc holds:
+ *     acc[(tile * n + t) * 64 + lane] for row tile * 64 + lane
+ * (so chunks [0, c) then [c, chunks) give the bits of one call over all chunks).
  * qhi, qlo, qscale: the tables and steps of all n tokens (layout above). */
-typedef void (*aqlm_lutq_accumulate_fn)(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+typedef void (*aqlm_lutq_accumulate_fn)(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                                         const uint8_t *restrict packed, int64_t n,
                                         const int8_t *restrict qhi, const int8_t *restrict qlo,
                                         const float *restrict qscale, float *restrict acc);
@@ -79,7 +82,7 @@ const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level);
 void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
                          const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
                          int8_t *restrict qlo, float *restrict qscale);
-void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                               const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                               const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc);
 void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,

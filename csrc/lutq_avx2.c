@@ -112,7 +112,7 @@ ALWAYS_INLINE int64_t row_of_position(int64_t p) {
     return half * 32 + (q < 16 ? 2 * q : 2 * (q - 16) + 1);
 }
 
-ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, int64_t group, int64_t tiles,
+ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                                    const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
@@ -123,8 +123,8 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
     for (int64_t tile = 0; tile < tiles; tile++) {
         const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
         for (int64_t t = 0; t < n; t++)
-            for (int p = 0; p < AQLM_LUTQ_TILE; p++) facc[t][p] = 0.0f;
-        for (int64_t b = 0; b < chunks; b++) {
+            for (int p = 0; p < AQLM_LUTQ_TILE; p++) facc[t][p] = acc[(tile * n + t) * AQLM_LUTQ_TILE + row_of_position(p)];
+        for (int64_t b = b0; b < b1; b++) {
             const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
             for (int64_t t = 0; t < n; t++) {
                 const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
@@ -165,15 +165,15 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
     }
 }
 
-static void lutq_accumulate_avx2(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+static void lutq_accumulate_avx2(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                                  const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                                  const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     switch (aqlm_lutq_table_stride(s->K) / 16) {
-    case 1: accumulate_avx2(1, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    case 2: accumulate_avx2(2, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    case 4: accumulate_avx2(4, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    case 8: accumulate_avx2(8, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    default: accumulate_avx2(16, s, group, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 1: accumulate_avx2(1, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 2: accumulate_avx2(2, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 4: accumulate_avx2(4, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 8: accumulate_avx2(8, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    default: accumulate_avx2(16, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
     }
 }
 

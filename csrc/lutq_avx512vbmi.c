@@ -121,12 +121,12 @@ ALWAYS_INLINE void flush(const int NT, float scale_value, const tile_sums *sums,
 }
 
 /* NT (<= TILE_STEP) tiles at once; facc [NT][n][64] in position order. */
-ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group,
+ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1,
                                     const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                                     const int8_t *restrict qlo, const float *restrict qscale, float *restrict facc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group, tile_stride = G * M * AQLM_LUTQ_TILE;
-    for (int64_t b = 0; b < chunks; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m++) {
@@ -153,14 +153,14 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
 
 /* The same for codebooks of <= 16 codewords with two codes per packed byte (M even): the low
  * nibbles are codebook m, the high ones m + 1, each masked to the 4 bits vpermb must see. */
-ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group,
+ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1,
                                             const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                                             const int8_t *restrict qlo, const float *restrict qscale,
                                             float *restrict facc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int64_t chunks = (G + group - 1) / group, tile_stride = G * M / 2 * AQLM_LUTQ_TILE;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    for (int64_t b = 0; b < chunks; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m += 2) {
@@ -185,7 +185,7 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
     }
 }
 
-ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t tiles,
+ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                                    const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     const int nibbles = aqlm_lutq_nibbles(s);
@@ -193,16 +193,19 @@ ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64
     float facc[TILE_STEP * AQLM_LUTQ_MAX_TOKENS * AQLM_LUTQ_TILE];
     for (int64_t tile = 0; tile < tiles; tile += TILE_STEP) {
         const int64_t count = tiles - tile < TILE_STEP ? tiles - tile : TILE_STEP;
-        for (int64_t p = 0; p < count * n * AQLM_LUTQ_TILE; p++) facc[p] = 0.0f;
+        for (int64_t u = 0; u < count; u++)
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++)
+                    facc[(u * n + t) * AQLM_LUTQ_TILE + p] = acc[((tile + u) * n + t) * AQLM_LUTQ_TILE + row_of_position(p)];
         const uint8_t *codes = packed + tile * tile_stride;
-        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, codes, n, qhi, qlo, qscale, facc);
+        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, b0, b1, codes, n, qhi, qlo, qscale, facc);
         else if (nibbles)
             for (int64_t u = 0; u < count; u++)
-                accumulate_tiles_nibbles(1, s, group, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
-        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, codes, n, qhi, qlo, qscale, facc);
+                accumulate_tiles_nibbles(1, s, group, b0, b1, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
+        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, b0, b1, codes, n, qhi, qlo, qscale, facc);
         else
             for (int64_t u = 0; u < count; u++)
-                accumulate_tiles(K, 1, s, group, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
+                accumulate_tiles(K, 1, s, group, b0, b1, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
         for (int64_t u = 0; u < count; u++)
             for (int64_t t = 0; t < n; t++)
                 for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++)
@@ -210,12 +213,12 @@ ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64
     }
 }
 
-static void lutq_accumulate_vbmi(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+static void lutq_accumulate_vbmi(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                                  const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                                  const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
-    if (s->K <= 64) accumulate_vbmi(64, s, group, tiles, packed, n, qhi, qlo, qscale, acc);
-    else if (s->K <= 128) accumulate_vbmi(128, s, group, tiles, packed, n, qhi, qlo, qscale, acc);
-    else accumulate_vbmi(256, s, group, tiles, packed, n, qhi, qlo, qscale, acc);
+    if (s->K <= 64) accumulate_vbmi(64, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc);
+    else if (s->K <= 128) accumulate_vbmi(128, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc);
+    else accumulate_vbmi(256, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc);
 }
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {

@@ -9,7 +9,8 @@
  * Codes must first be repacked (aqlm_lutq_pack_codes) so the rows of a tile lie side by side.
  *
  * Per pass of up to 8 tokens: build every table (parallel over token and chunk), then the
- * lookups (parallel over tiles of 64 rows), each thread writing its own rows' outputs.
+ * lookups (parallel over tiles of 64 rows) one slab of chunks at a time, summing into each
+ * tile's accumulators, then the outputs of each thread's own rows.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -92,7 +93,11 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     const size_t work_bytes = (size_t)threads * (size_t)(group * M * K) * sizeof(float);
     const size_t qtab_bytes = (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD; /* each of qhi, qlo */
     const size_t qscale_bytes = (size_t)(T * chunks * M) * sizeof(float);
-    const size_t acc_bytes = (size_t)threads * (size_t)(AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE) * sizeof(float);
+    const size_t acc_bytes = (size_t)(blocks * AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE) * sizeof(float);
+    /* Chunks whose tables (high and low, all tokens of a pass) fill a slab: the lookups sweep
+     * one slab over all tiles before the next, so the tables they read stay in cache. */
+    const int64_t chunk_bytes = 2 * T * group * M * KS;
+    const int64_t slab = AQLM_LUTQ_SLAB_BYTES / chunk_bytes > 1 ? AQLM_LUTQ_SLAB_BYTES / chunk_bytes : 1;
     float *cbt = aligned_buffer(cbt_bytes), *x32 = aligned_buffer(x_bytes), *work_all = aligned_buffer(work_bytes);
     int8_t *qhi = aligned_buffer(qtab_bytes), *qlo = aligned_buffer(qtab_bytes);
     float *qscale = aligned_buffer(qscale_bytes), *acc_all = aligned_buffer(acc_bytes);
@@ -113,7 +118,6 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
 #pragma omp parallel num_threads(threads)
         {
             float *work = work_all + (size_t)omp_get_thread_num() * (size_t)(group * M * K);
-            float *acc = acc_all + (size_t)omp_get_thread_num() * (size_t)(AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE);
 #pragma omp for schedule(static)
             for (int64_t item = 0; item < tokens * chunks; item++) {
                 const int64_t t = item / chunks, b = item % chunks;
@@ -121,11 +125,22 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                 kernels->build(&s, j0, j1, x32 + t * in, cbt, work, qhi + (t * G + j0) * M * KS,
                                qlo + (t * G + j0) * M * KS, qscale + (t * chunks + b) * M);
             }
+            for (int64_t b0 = 0; b0 < chunks; b0 += slab) {
+                const int64_t b1 = b0 + slab < chunks ? b0 + slab : chunks;
+#pragma omp for schedule(static)
+                for (int64_t block = 0; block < blocks; block++) {
+                    const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
+                    const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
+                    float *acc = acc_all + block * AQLM_LUTQ_TILE_BLOCK * tokens * AQLM_LUTQ_TILE;
+                    if (b0 == 0) memset(acc, 0, (size_t)(count * tokens * AQLM_LUTQ_TILE) * sizeof(float));
+                    kernels->accumulate(&s, group, b0, b1, count, packed + tile0 * tile_bytes, tokens, qhi, qlo, qscale, acc);
+                }
+            }
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < blocks; block++) {
                 const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
                 const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
-                kernels->accumulate(&s, group, count, packed + tile0 * tile_bytes, tokens, qhi, qlo, qscale, acc);
+                const float *acc = acc_all + block * AQLM_LUTQ_TILE_BLOCK * tokens * AQLM_LUTQ_TILE;
                 const int64_t row0 = tile0 * AQLM_LUTQ_TILE;
                 const int64_t row1 = row0 + count * AQLM_LUTQ_TILE < out ? row0 + count * AQLM_LUTQ_TILE : out;
                 for (int64_t row = row0; row < row1; row++) {

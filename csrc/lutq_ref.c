@@ -46,7 +46,7 @@ void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, cons
     quantize_chunk(s, j1 - j0, work, qhi, qlo, qscale);
 }
 
-void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t tiles,
+void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
                               const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                               const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
@@ -58,8 +58,9 @@ void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t 
         for (int64_t t = 0; t < n; t++) {
             const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
             for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
-                float sum = 0.0f;
-                for (int64_t b = 0; b < chunks; b++) {
+                float *target = acc + (tile * n + t) * AQLM_LUTQ_TILE + lane;
+                float sum = *target;
+                for (int64_t b = b0; b < b1; b++) {
                     const int64_t j1 = (b + 1) * group < G ? (b + 1) * group : G;
                     for (int64_t m = 0; m < M; m++) {
                         int32_t high_total = 0, low_total = 0;
@@ -74,7 +75,7 @@ void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t 
                         sum = fmaf(qscale[(t * chunks + b) * M + m], (float)total, sum);
                     }
                 }
-                acc[(tile * n + t) * AQLM_LUTQ_TILE + lane] = sum;
+                *target = sum;
             }
         }
     }

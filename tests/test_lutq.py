@@ -188,3 +188,18 @@ def test_scales_of_any_shape_give_the_same_result():
     for shape in [(96,), (96, 1), (1, 96), (96, 1, 1, 1)]:
         got = ops.quantized_matmul_cpu(x, codes, codebooks, scales.reshape(shape), bias, kernel="lutq")
         assert torch.equal(got, expected), shape
+
+
+def test_lookups_in_several_slabs_of_tables_give_the_bits_of_one_sweep():
+    """The lookups sweep the tables a slab (512 KiB, lutq.h) at a time: with 8 codebooks of 256
+    codewords, 8 tokens of 2304 inputs take one chunk per slab (18 slabs at 16 groups per step),
+    one token 8 chunks per slab. Each token's outputs must not depend on that split."""
+    codes, codebooks, scales, bias = random_weight(130, 2304, 8, 8, 8, seed=4)
+    x = torch.randn(8, 2304, generator=torch.Generator().manual_seed(4))
+    for level in supported_levels():
+        together = run_lutq(x, codes, codebooks, scales, bias, 16, level, num_threads=2)
+        for t in (0, 5):
+            alone = run_lutq(x[t : t + 1], codes, codebooks, scales, bias, 16, level, num_threads=1)
+            assert torch.equal(together[t : t + 1], alone), f"simd={level} token {t}"
+    error = (together.double() - formula(x, codes, codebooks, scales, bias)).abs()
+    assert (error <= error_bound(x, codes, codebooks, scales, bias, 16)).all()
