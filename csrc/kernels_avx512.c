@@ -113,6 +113,22 @@ static void decode_dot_avx512(const aqlm_block_shape *s, int64_t o0, int64_t o1,
  * reference does (bias, then fma over d = 0, 1, ...), so the rescan finds the same bits. */
 enum { TOP1_CHUNK = 256 };  /* codewords per chunk, a multiple of 32 */
 enum { TOP1_QUERIES = 4 }; /* queries per pass over a block of codewords */
+
+/* Scores of QB queries for the 32 codewords from c (two vectors each): bias, then fma over
+ * d = 0, 1, ... exactly as the reference accumulates; QB * 2 independent FMA chains. */
+ALWAYS_INLINE void score32(const int QB, int64_t D, int64_t K, int64_t c, const float *restrict q,
+                           const float *restrict ct, const float *restrict bias, __m512 acc[][2]) {
+    const __m512 b0 = _mm512_loadu_ps(bias + c), b1 = _mm512_loadu_ps(bias + c + 16);
+    for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
+    for (int64_t d = 0; d < D; d++) {
+        const __m512 w0 = _mm512_loadu_ps(ct + d * K + c), w1 = _mm512_loadu_ps(ct + d * K + c + 16);
+        for (int t = 0; t < QB; t++) {
+            const __m512 qd = _mm512_set1_ps(q[t * D + d]);
+            acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
+        }
+    }
+}
 enum { TOP1_CHUNKED_MIN_K = 32 * TOP1_CHUNK }; /* from here the one-chunk rescan costs at most 1/32 */
 
 /* QB queries over codewords [c0, c1) (multiples of 32), 32 codewords (two vectors) per step:
@@ -131,16 +147,7 @@ ALWAYS_INLINE void top1_chunks(const int QB, int64_t D, int64_t K, int64_t c0, i
         const int64_t end = c + TOP1_CHUNK < c1 ? c + TOP1_CHUNK : c1;
         for (int64_t cc = c; cc < end; cc += 32) {
             __m512 acc[TOP1_QUERIES][2];
-            const __m512 b0 = _mm512_loadu_ps(bias + cc), b1 = _mm512_loadu_ps(bias + cc + 16);
-            for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
-            for (int64_t d = 0; d < D; d++) {
-                const __m512 w0 = _mm512_loadu_ps(ct + d * K + cc), w1 = _mm512_loadu_ps(ct + d * K + cc + 16);
-                for (int t = 0; t < QB; t++) {
-                    const __m512 qd = _mm512_set1_ps(q[t * D + d]);
-                    acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
-                    acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
-                }
-            }
+            score32(QB, D, K, cc, q, ct, bias, acc);
             for (int t = 0; t < QB; t++) {
                 best[t] = _mm512_min_ps(acc[t][0], best[t]);
                 best[t] = _mm512_min_ps(acc[t][1], best[t]);
@@ -188,16 +195,7 @@ ALWAYS_INLINE void top1_lanes(const int QB, int64_t D, int64_t K, int64_t c0, in
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t c = c0; c < c1; c += 32) {
         __m512 acc[TOP1_QUERIES][2]; /* fixed size, not a VLA: kept in registers */
-        const __m512 b0 = _mm512_loadu_ps(bias + c), b1 = _mm512_loadu_ps(bias + c + 16);
-        for (int t = 0; t < QB; t++) acc[t][0] = b0, acc[t][1] = b1;
-        for (int64_t d = 0; d < D; d++) {
-            const __m512 w0 = _mm512_loadu_ps(ct + d * K + c), w1 = _mm512_loadu_ps(ct + d * K + c + 16);
-            for (int t = 0; t < QB; t++) {
-                const __m512 qd = _mm512_set1_ps(q[t * D + d]);
-                acc[t][0] = _mm512_fmadd_ps(qd, w0, acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(qd, w1, acc[t][1]);
-            }
-        }
+        score32(QB, D, K, c, q, ct, bias, acc);
         const __m512i index0 = _mm512_add_epi32(iota, _mm512_set1_epi32((int)c));
         const __m512i index1 = _mm512_add_epi32(index0, _mm512_set1_epi32(16));
         for (int t = 0; t < QB; t++) {
