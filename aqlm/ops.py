@@ -569,6 +569,123 @@ def quantized_linear_cpu(
     return result
 
 
+def bound_linear_cpu(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> Callable[[], None]:
+    """A call with no arguments that writes ``x @ W.T + bias`` into ``out``, for a loop that reuses
+    the same buffers on every step (:mod:`aqlm.decode`): the kernel is chosen now, for ``x``'s
+    token count, dtype, thread count and environment, as :func:`quantized_linear_cpu` would, and
+    the few-token C kernels get their arguments bound once. Same kernels, same results.
+
+    ``x`` ([..., in_features]) and ``out`` ([..., out_features], same leading shape and dtype)
+    must be contiguous CPU tensors that outlive the call; their contents are read and written at
+    each call, never reallocated.
+    """
+    plan = _cpu_plan(codes, codebooks, scales, bias)
+    for name, tensor in (("x", x), ("out", out)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_cpu or not tensor.is_contiguous() or tensor.requires_grad:
+            raise ValueError(f"{name} must be a contiguous CPU tensor that does not require grad")
+    _check_input(x, codes, codebooks)
+    expected = x.shape[:-1] + (plan.out_features,)
+    if out.shape != expected or out.dtype != x.dtype:
+        raise ValueError(f"out must have shape {tuple(expected)} and dtype {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    tokens = x.numel() // plan.in_features
+    x2, out2 = x.view(tokens, plan.in_features), out.view(tokens, plan.out_features)
+    kernel = _pick_cpu_kernel(x2, codes, codebooks, scales, bias, plan.nbits)
+    if kernel not in FEW_TOKEN_KERNELS:
+        return lambda: out2.copy_(quantized_matmul_cpu(x2, codes, codebooks, scales, bias, kernel=kernel))
+    call = plan.few_token_call(kernel, x.dtype, torch.get_num_threads())
+    if x.dtype == torch.bfloat16:
+        x2, out2 = x2.view(torch.int16), out2.view(torch.int16)
+    x_np, out_np = x2.numpy(), out2.numpy()
+    return lambda: call(x_np, out_np)
+
+
+def _step_view(name: str, tensor: torch.Tensor) -> np.ndarray:
+    """The NumPy view of a decoding-step buffer: a contiguous float32 CPU tensor, used in place."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.float32 or not tensor.is_cpu or not tensor.is_contiguous() or tensor.requires_grad:
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor that does not require grad, "
+                         f"got {tensor.dtype} on {tensor.device}")
+    return tensor.detach().numpy()
+
+
+def bound_residual_rms_norm(
+    h: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, eps: float
+) -> Callable[[], None]:
+    """A call with no arguments doing, in place on these buffers, ``h += delta`` (when ``delta``
+    is given) and then ``out = weight * h / sqrt(mean(h**2) + eps)``: a Llama residual add and RMS
+    norm for one token. The buffers (float32, contiguous, the same number of elements) have their
+    sizes checked now and everything, overlaps included, at each call."""
+    h_np, weight_np, out_np = (_step_view(name, t) for name, t in (("h", h), ("weight", weight), ("out", out)))
+    delta_view = None if delta is None else _step_view("delta", delta)
+    for name, array in (("weight", weight_np), ("out", out_np), ("delta", delta_view)):
+        if array is not None and array.size != h_np.size:
+            raise ValueError(f"{name} must have as many elements as h ({h_np.size}), got {array.size}")
+    eps = float(eps)
+    norm = _C.residual_rms_norm
+    return lambda: norm(h_np, delta_view, weight_np, out_np, eps=eps)
+
+
+def bound_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> Callable[[], None]:
+    """A call with no arguments doing ``gate = silu(gate) * up`` in place (float32, contiguous)."""
+    gate_np, up_np = _step_view("gate", gate), _step_view("up", up)
+    if gate_np.size != up_np.size:
+        raise ValueError(f"gate and up must have the same number of elements, got {gate_np.size} and {up_np.size}")
+    silu_mul = _C.silu_mul
+    return lambda: silu_mul(gate_np, up_np)
+
+
+def bound_attend_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+) -> Callable[[int], None]:
+    """``call(position)``: one token's attention at ``position`` over a key/value cache.
+
+    Rotates ``q`` [heads, head_dim] and ``k`` [kv_heads, head_dim] in place by the rotary tables
+    ``cos`` and ``sin`` [capacity, head_dim] (row ``position``: ``x cos + rotate_half(x) sin``,
+    as Llama's ``apply_rotary_pos_emb``), stores ``k`` and ``v`` at row ``position`` of ``keys``
+    and ``values`` [capacity, kv_heads, head_dim], and writes ``softmax(scale q K^T) V`` over rows
+    0..position into ``out`` [heads, head_dim] (grouped-query: head h reads kv head
+    ``h // (heads // kv_heads)``). All float32, contiguous, used in place.
+    """
+    arrays = {name: _step_view(name, t) for name, t in
+              (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("keys", keys), ("values", values), ("out", out))}
+    if cos.dim() != 2 or sin.shape != cos.shape or keys.dim() != 3 or values.shape != keys.shape:
+        raise ValueError(f"need cos and sin [capacity, head_dim] and keys and values [capacity, kv_heads, head_dim], "
+                         f"got {tuple(cos.shape)}, {tuple(sin.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    capacity, head_dim = cos.shape
+    if keys.shape[0] != capacity or keys.shape[2] != head_dim:
+        raise ValueError(f"keys must have shape [{capacity}, kv_heads, {head_dim}], got {tuple(keys.shape)}")
+    kv_heads = keys.shape[1]
+    heads = q.numel() // head_dim
+    scores = np.empty(capacity, dtype=np.float32)
+    attend = _C.attend_one
+    q_np, k_np, v_np, cos_np, sin_np, keys_np, values_np, out_np = arrays.values()
+    scale = float(scale)
+
+    def call(position: int) -> None:
+        attend(q_np, k_np, v_np, cos_np, sin_np, keys_np, values_np, scores, out_np, heads=heads, kv_heads=kv_heads,
+               position=position, scale=scale)
+
+    return call
+
+
 @quantized_matmul.register_kernel("cpu")
 def _quantized_matmul_cpu(
     input: torch.Tensor,

@@ -181,6 +181,25 @@ aqlm_status aqlm_beam_search(const aqlm_format *f, const float *xtx, const float
                              const aqlm_beam_params *params, aqlm_simd simd, int num_threads,
                              aqlm_interrupt_fn interrupt, void *interrupt_context, aqlm_error *err);
 
+/* ---- one decoding step of a Llama-family layer (decode_step.c) ---------------------------- */
+
+/* With delta: h += delta first. Then out = weight * (h / sqrt(mean(h^2) + eps)). Arrays of n floats. */
+aqlm_status aqlm_residual_rms_norm(int64_t n, float *h, const float *delta, const float *weight, float eps, float *out,
+                                   aqlm_error *err);
+/* gate = silu(gate) * up, n floats. */
+aqlm_status aqlm_silu_mul(int64_t n, float *gate, const float *up, aqlm_error *err);
+/* Attention of one token at `position` over a key/value cache (D = head_dim):
+ *   q [heads, D], k and v [kv_heads, D]: the token's projections; q and k are rotated in place by
+ *     the rotary tables cos and sin [capacity, D] at row `position` (x cos + rotate_half(x) sin);
+ *   keys and values [capacity, kv_heads, D]: rows 0..position-1 hold earlier tokens; the rotated
+ *     k and v are stored at row `position`;
+ *   scores: work space of capacity floats;
+ *   out [heads, D] = softmax(scale q K^T) V over rows 0..position, head h reading kv head
+ *     h / (heads / kv_heads). */
+aqlm_status aqlm_attend_one(int64_t heads, int64_t kv_heads, int64_t D, int64_t capacity, int64_t position, float *q,
+                            float *k, const float *v, const float *cos, const float *sin, float scale, float *keys,
+                            float *values, float *scores, float *out, aqlm_error *err);
+
 #ifdef __cplusplus
 }
 #endif

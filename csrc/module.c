@@ -821,6 +821,157 @@ done:
     return result;
 }
 
+/* ---- one decoding step (decode_step.c) ------------------------------------------------------ */
+
+typedef struct {
+    const char *name;
+    float *data;
+    npy_intp size;
+    int writeable;
+} step_array;
+
+/* A float32, C-contiguous array of exactly `size` elements (any shape), used in place: never
+ * copied, so the kernel's writes land in the caller's array. */
+static int step_array_parse(PyObject *object, step_array *a) {
+    if (!PyArray_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", a->name, Py_TYPE(object)->tp_name);
+        return -1;
+    }
+    PyArrayObject *array = (PyArrayObject *)object;
+    if (PyArray_TYPE(array) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float32, got %s", a->name, PyArray_DESCR(array)->typeobj->tp_name);
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(array) || (a->writeable && !PyArray_ISWRITEABLE(array))) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous%s", a->name, a->writeable ? " and writeable" : "");
+        return -1;
+    }
+    if (PyArray_SIZE(array) != a->size) {
+        PyErr_Format(PyExc_ValueError, "%s must have %zd elements, got %zd", a->name, (Py_ssize_t)a->size,
+                     (Py_ssize_t)PyArray_SIZE(array));
+        return -1;
+    }
+    a->data = PyArray_DATA(array);
+    return 0;
+}
+
+/* Rejects any written array that shares bytes with another array of the call. */
+static int step_arrays_disjoint(const step_array *arrays, int count) {
+    for (int i = 0; i < count; i++)
+        for (int j = 0; j < count; j++) {
+            if (i == j || !arrays[i].writeable || !arrays[i].data || !arrays[j].data) continue;
+            const char *a0 = (const char *)arrays[i].data, *a1 = a0 + arrays[i].size * sizeof(float);
+            const char *b0 = (const char *)arrays[j].data, *b1 = b0 + arrays[j].size * sizeof(float);
+            if (a0 < b1 && b0 < a1) {
+                PyErr_Format(PyExc_ValueError, "%s must not overlap %s in memory", arrays[i].name, arrays[j].name);
+                return -1;
+            }
+        }
+    return 0;
+}
+
+PyDoc_STRVAR(residual_rms_norm_doc,
+"residual_rms_norm(h, delta, weight, out, *, eps)\n--\n\n"
+"With delta (not None): h += delta, in place. Then out = weight * h / sqrt(mean(h**2) + eps).\n"
+"All float32, C-contiguous, with the same number of elements.");
+static PyObject *py_residual_rms_norm(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"h", "delta", "weight", "out", "eps", NULL};
+    PyObject *h_object, *delta_object, *weight_object, *out_object;
+    float eps;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO$f:residual_rms_norm", keywords, &h_object, &delta_object,
+                                     &weight_object, &out_object, &eps))
+        return NULL;
+    if (!PyArray_Check(h_object)) {
+        PyErr_Format(PyExc_TypeError, "h must be a numpy.ndarray, got %s", Py_TYPE(h_object)->tp_name);
+        return NULL;
+    }
+    const npy_intp n = PyArray_SIZE((PyArrayObject *)h_object);
+    step_array arrays[] = {{"h", NULL, n, 1}, {"delta", NULL, n, 0}, {"weight", NULL, n, 0}, {"out", NULL, n, 1}};
+    if (step_array_parse(h_object, &arrays[0]) < 0 ||
+        (delta_object != Py_None && step_array_parse(delta_object, &arrays[1]) < 0) ||
+        step_array_parse(weight_object, &arrays[2]) < 0 || step_array_parse(out_object, &arrays[3]) < 0 ||
+        step_arrays_disjoint(arrays, 4) < 0)
+        return NULL;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_residual_rms_norm(n, arrays[0].data, arrays[1].data, arrays[2].data, eps, arrays[3].data, &err);
+    Py_END_ALLOW_THREADS
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(silu_mul_doc,
+"silu_mul(gate, up)\n--\n\ngate = silu(gate) * up, in place; float32, C-contiguous, the same number of elements.");
+static PyObject *py_silu_mul(PyObject *module, PyObject *args) {
+    PyObject *gate_object, *up_object;
+    if (!PyArg_ParseTuple(args, "OO:silu_mul", &gate_object, &up_object)) return NULL;
+    if (!PyArray_Check(gate_object)) {
+        PyErr_Format(PyExc_TypeError, "gate must be a numpy.ndarray, got %s", Py_TYPE(gate_object)->tp_name);
+        return NULL;
+    }
+    const npy_intp n = PyArray_SIZE((PyArrayObject *)gate_object);
+    step_array arrays[] = {{"gate", NULL, n, 1}, {"up", NULL, n, 0}};
+    if (step_array_parse(gate_object, &arrays[0]) < 0 || step_array_parse(up_object, &arrays[1]) < 0 ||
+        step_arrays_disjoint(arrays, 2) < 0)
+        return NULL;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_silu_mul(n, arrays[0].data, arrays[1].data, &err);
+    Py_END_ALLOW_THREADS
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(attend_one_doc,
+"attend_one(q, k, v, cos, sin, keys, values, scores, out, *, heads, kv_heads, position, scale)\n--\n\n"
+"One token's attention at `position` (see aqlm_attend_one in aqlm.h): rotates q [heads, D] and\n"
+"k [kv_heads, D] in place, stores k and v at row `position` of keys and values [capacity, kv_heads, D],\n"
+"and writes softmax(scale q K^T) V over rows 0..position into out [heads, D]. cos and sin: [capacity, D];\n"
+"scores: capacity floats of work space. All float32 and C-contiguous.");
+static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"q", "k", "v", "cos", "sin", "keys", "values", "scores", "out", "heads", "kv_heads",
+                               "position", "scale", NULL};
+    PyObject *objects[9];
+    long long heads, kv_heads, position;
+    float scale;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO$LLLf:attend_one", keywords, &objects[0], &objects[1],
+                                     &objects[2], &objects[3], &objects[4], &objects[5], &objects[6], &objects[7],
+                                     &objects[8], &heads, &kv_heads, &position, &scale))
+        return NULL;
+    if (!PyArray_Check(objects[3]) || PyArray_NDIM((PyArrayObject *)objects[3]) != 2) {
+        PyErr_SetString(PyExc_ValueError, "cos must be a 2-D numpy.ndarray [capacity, head_dim]");
+        return NULL;
+    }
+    const npy_intp capacity = PyArray_DIM((PyArrayObject *)objects[3], 0), D = PyArray_DIM((PyArrayObject *)objects[3], 1);
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
+        PyErr_Format(PyExc_ValueError, "heads (%lld) must be a positive multiple of kv_heads (%lld)", heads, kv_heads);
+        return NULL;
+    }
+    if (position < 0 || position >= capacity) {
+        PyErr_Format(PyExc_ValueError, "position %lld is outside the cache of %zd positions", position, (Py_ssize_t)capacity);
+        return NULL;
+    }
+    step_array arrays[] = {
+        {"q", NULL, heads * D, 1},         {"k", NULL, kv_heads * D, 1},   {"v", NULL, kv_heads * D, 0},
+        {"cos", NULL, capacity * D, 0},    {"sin", NULL, capacity * D, 0}, {"keys", NULL, capacity * kv_heads * D, 1},
+        {"values", NULL, capacity * kv_heads * D, 1}, {"scores", NULL, capacity, 1}, {"out", NULL, heads * D, 1},
+    };
+    for (int i = 0; i < 9; i++)
+        if (step_array_parse(objects[i], &arrays[i]) < 0) return NULL;
+    if (step_arrays_disjoint(arrays, 9) < 0) return NULL;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_attend_one(heads, kv_heads, D, capacity, position, arrays[0].data, arrays[1].data, arrays[2].data,
+                             arrays[3].data, arrays[4].data, scale, arrays[5].data, arrays[6].data, arrays[7].data,
+                             arrays[8].data, &err);
+    Py_END_ALLOW_THREADS
+    if (status != AQLM_OK) return raise_status(status, &err);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(simd_supported_doc, "simd_supported()\n--\n\nThe best SIMD level this CPU, OS and build support.");
 static PyObject *py_simd_supported(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(aqlm_simd_name(state_of(module)->supported));
@@ -883,6 +1034,9 @@ static PyMethodDef methods[] = {
     {"topk_scores", (PyCFunction)(void (*)(void))py_topk_scores, METH_VARARGS | METH_KEYWORDS, topk_scores_doc},
     {"gradient_update", (PyCFunction)(void (*)(void))py_gradient_update, METH_VARARGS | METH_KEYWORDS, gradient_update_doc},
     {"codeword_norms", (PyCFunction)(void (*)(void))py_codeword_norms, METH_VARARGS | METH_KEYWORDS, codeword_norms_doc},
+    {"residual_rms_norm", (PyCFunction)(void (*)(void))py_residual_rms_norm, METH_VARARGS | METH_KEYWORDS, residual_rms_norm_doc},
+    {"silu_mul", py_silu_mul, METH_VARARGS, silu_mul_doc},
+    {"attend_one", (PyCFunction)(void (*)(void))py_attend_one, METH_VARARGS | METH_KEYWORDS, attend_one_doc},
     {"simd_supported", py_simd_supported, METH_NOARGS, simd_supported_doc},
     {"simd_default", py_simd_default, METH_NOARGS, simd_default_doc},
     {"set_min_parallel_work", py_set_min_parallel_work, METH_O, set_min_parallel_work_doc},

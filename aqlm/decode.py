@@ -1,0 +1,263 @@
+"""A lean greedy decoding loop for Llama-family models on the CPU: ``LlamaDecoder``.
+
+Transformers' ``generate`` spends most of a SmolLM2 token outside the matrix products: cache
+objects, masks, hooks and some forty small torch calls per decoder layer. This loop runs the same
+model (its own parameters, no copies of the linear weights) with everything a token needs made
+once: a key/value cache of ``max_length`` positions, one set of activation buffers, the rotary
+tables, and every :class:`aqlm.QuantizedLinear` bound to its C kernel with those buffers
+(:func:`aqlm.ops.bound_linear_cpu`). A decoding step is then 11 C calls per layer (7 matrix
+products, 2 residual-and-norm steps, one attention step, one SiLU gate), and one matrix-vector product for the LM head.
+
+The prompt goes through the layers' own forward in one pass; each new token through the bound
+kernels. Logits match the model's own forward to float32 rounding (tested).
+
+Supported: ``model_type`` "llama", "mistral" (without a sliding window shorter than
+``max_length``) and "qwen2", with SiLU-gated MLPs, any rotary variant the model's own rotary
+embedding computes, grouped-query attention, and attention biases. The linears may be
+``QuantizedLinear`` or any module that maps float32 to float32 activations (dense ``nn.Linear``
+included, so the same loop times a dense model).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .inference import QuantizedLinear
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LM_HEAD_MODES = ("exact", "bf16")
+
+
+def _bind(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+    """A call writing ``module(x)`` into ``out``: the bound C kernel for a CPU QuantizedLinear,
+    ``F.linear`` into ``out`` for a float32 ``nn.Linear``, else the module's own forward."""
+    if isinstance(module, QuantizedLinear) and module.codes.is_cpu:
+        return ops.bound_linear_cpu(x, out, module.codes, module.codebooks, module.scales, module.bias)
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        weight = module.weight.detach().t()
+        if module.bias is None:
+            return lambda: torch.mm(x, weight, out=out)
+        bias = module.bias.detach()
+        return lambda: torch.addmm(bias, x, weight, out=out)
+    return lambda: out.copy_(module(x))
+
+
+def _norm_weight(module: nn.Module, name: str) -> tuple[torch.Tensor, float]:
+    """The float32 weight and epsilon of a Llama-family RMSNorm (its class name ends in RMSNorm)."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
+        raise ValueError(f"LlamaDecoder needs RMSNorm layers with a weight and variance_epsilon, got {name}: {type(module).__name__}")
+    return weight.detach().float().contiguous(), eps
+
+
+class LlamaDecoder:
+    """Greedy decoding of a Llama-family causal LM with preallocated buffers and bound kernels.
+
+    Args:
+        model: a Hugging Face ``LlamaForCausalLM`` (or Mistral, Qwen2) on the CPU, as loaded by
+            ``AutoModelForCausalLM.from_pretrained`` (AQLM or dense).
+        max_length: positions in the key/value cache (prompt plus new tokens).
+        lm_head: "exact" uses the model's LM head as it is; "bf16" keeps a bfloat16 copy of its
+            weight (half the bytes read per token; logits change by bfloat16 rounding).
+
+    The kernels are chosen when the decoder is built, for the thread count and ``AQLM_*``
+    environment of that moment. The decoder holds references to the model's parameters: do not
+    change them while it is in use.
+
+    Raises:
+        ValueError: the model is not a supported architecture, not on the CPU, or an argument is
+            out of range.
+    """
+
+    def __init__(self, model: nn.Module, max_length: int = 2048, lm_head: str = "exact"):
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if lm_head not in LM_HEAD_MODES:
+            raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, got {lm_head!r}")
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"LlamaDecoder supports model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        if getattr(config, "hidden_act", None) != "silu":
+            raise ValueError(f"LlamaDecoder needs hidden_act='silu', got {getattr(config, 'hidden_act', None)!r}")
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if window is not None and window < max_length:
+            raise ValueError(f"the model attends over a sliding window of {window} positions, shorter than "
+                             f"max_length={max_length}: LlamaDecoder attends over every position")
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_cpu:
+                raise ValueError(f"LlamaDecoder runs on the CPU, but {name} is on {tensor.device}")
+        self.model, self.max_length = model, max_length
+        inner = model.model
+        self.hidden = config.hidden_size
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
+        self.layers = list(inner.layers)
+        self.embedding = inner.embed_tokens.weight
+        self.final_norm = inner.norm
+        self.vocab = self.embedding.shape[0]
+
+        positions = torch.arange(max_length)[None]
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        if self.cos.shape != (max_length, self.head_dim):
+            raise ValueError(f"the model's rotary embedding gave tables of shape {tuple(self.cos.shape)}, "
+                             f"expected [{max_length}, {self.head_dim}]")
+
+        head = model.lm_head
+        self.head_weight = head.weight.detach().to(torch.bfloat16) if lm_head == "bf16" else None
+        self.lm_head = head
+
+        D, H, KV = self.head_dim, self.heads, self.kv_heads
+        self.keys = [torch.zeros(max_length, KV, D) for _ in self.layers]
+        self.values = [torch.zeros(max_length, KV, D) for _ in self.layers]
+        self.length = 0
+
+        # One set of step buffers, shared by every layer (they run one after the other). Each
+        # layer's input norm also adds the previous layer's MLP output to the residual stream h.
+        intermediate = self.layers[0].mlp.gate_proj.out_features
+        self.h, self.x, self.final_x = torch.zeros(1, self.hidden), torch.zeros(1, self.hidden), torch.zeros(1, self.hidden)
+        self.q, self.k, self.v = torch.zeros(1, H * D), torch.zeros(1, KV * D), torch.zeros(1, KV * D)
+        self.attended = torch.zeros(1, H * D)
+        self.attn_out = torch.zeros(1, self.hidden)
+        self.gate, self.up = torch.zeros(1, intermediate), torch.zeros(1, intermediate)
+        self.mlp_out = torch.zeros(1, self.hidden)
+        self.steps = []
+        for index, layer in enumerate(self.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            input_weight, input_eps = _norm_weight(layer.input_layernorm, f"layers.{index}.input_layernorm")
+            post_weight, post_eps = _norm_weight(layer.post_attention_layernorm, f"layers.{index}.post_attention_layernorm")
+            self.steps.append(
+                (
+                    ops.bound_residual_rms_norm(self.h, None if index == 0 else self.mlp_out, input_weight, self.x, input_eps),
+                    _bind(attention.q_proj, self.x, self.q),
+                    _bind(attention.k_proj, self.x, self.k),
+                    _bind(attention.v_proj, self.x, self.v),
+                    ops.bound_attend_one(self.q, self.k, self.v, self.cos, self.sin, self.keys[index], self.values[index],
+                                         self.attended, attention.scaling),
+                    _bind(attention.o_proj, self.attended, self.attn_out),
+                    ops.bound_residual_rms_norm(self.h, self.attn_out, post_weight, self.x, post_eps),
+                    _bind(mlp.gate_proj, self.x, self.gate),
+                    _bind(mlp.up_proj, self.x, self.up),
+                    ops.bound_silu_mul(self.gate, self.up),
+                    _bind(mlp.down_proj, self.gate, self.mlp_out),
+                )
+            )
+        final_weight, final_eps = _norm_weight(self.final_norm, "norm")
+        self.final_step = ops.bound_residual_rms_norm(self.h, self.mlp_out, final_weight, self.final_x, final_eps)
+
+    def reset(self) -> None:
+        """Forget every position (the cache is reused, not reallocated)."""
+        self.length = 0
+
+    def _rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotary embedding of x [tokens, heads, head_dim] at positions start, start + 1, ..."""
+        tokens = x.shape[0]
+        cos, sin = self.cos[start : start + tokens, None], self.sin[start : start + tokens, None]
+        half = self.head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def _attend(self, layer: int, q: torch.Tensor, start: int, tokens: int) -> torch.Tensor:
+        """Attention of q [tokens, heads, head_dim] over the cache up to start + tokens (causal)."""
+        end = start + tokens
+        keys = self.keys[layer][:end].transpose(0, 1)[None]
+        values = self.values[layer][:end].transpose(0, 1)[None]
+        mask = None
+        if tokens > 1:
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        scale = self.layers[layer].self_attn.scaling
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=True)[0].transpose(0, 1)
+
+    def _check_room(self, tokens: int) -> None:
+        if self.length + tokens > self.max_length:
+            raise ValueError(f"{self.length} cached positions plus {tokens} new tokens exceed max_length={self.max_length}")
+
+    @torch.no_grad()
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run ``ids`` [tokens] through every layer's own modules; the final hidden states [tokens, hidden]."""
+        start, tokens = self.length, ids.shape[0]
+        D, H, KV = self.head_dim, self.heads, self.kv_heads
+        h = self.embedding[ids].float()
+        for index, layer in enumerate(self.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            x = layer.input_layernorm(h)
+            q = self._rotate(attention.q_proj(x).view(tokens, H, D), start)
+            self.keys[index][start : start + tokens] = self._rotate(attention.k_proj(x).view(tokens, KV, D), start)
+            self.values[index][start : start + tokens] = attention.v_proj(x).view(tokens, KV, D)
+            attended = self._attend(index, q, start, tokens).reshape(tokens, H * D)
+            h = h + attention.o_proj(attended)
+            x = layer.post_attention_layernorm(h)
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        self.length += tokens
+        return self.final_norm(h)
+
+    @torch.no_grad()
+    def _step(self, token: int) -> torch.Tensor:
+        """One new token through the bound kernels; its final normed hidden state [1, hidden]."""
+        position = self.length
+        self.h.copy_(self.embedding[token])
+        for input_norm, q_proj, k_proj, v_proj, attend, o_proj, post_norm, gate_proj, up_proj, silu_mul, down_proj in self.steps:
+            input_norm()
+            q_proj(), k_proj(), v_proj()
+            attend(position)
+            o_proj()
+            post_norm()
+            gate_proj(), up_proj()
+            silu_mul()
+            down_proj()
+        self.final_step()
+        self.length += 1
+        return self.final_x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [tokens, vocab] of final hidden states [tokens, hidden]."""
+        if self.head_weight is not None:
+            return F.linear(hidden.to(torch.bfloat16), self.head_weight).float()
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, one_by_one: bool = False) -> torch.Tensor:
+        """Logits [tokens, vocab] of every position of ``input_ids`` ([tokens] or [1, tokens]),
+        from an empty cache: in one prompt pass, or token by token through the decoding step."""
+        ids = self._check_ids(input_ids)
+        self.reset()
+        self._check_room(ids.shape[0])
+        if one_by_one:
+            return torch.cat([self._logits(self._step(int(token))) for token in ids])
+        return self._logits(self._prefill(ids))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: Optional[int] = None) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` ([tokens] or [1, tokens]) from an empty cache: the
+        prompt and up to ``max_new_tokens`` new tokens, as ``[1, tokens + new]`` (stops after
+        ``eos_token_id`` when given)."""
+        ids = self._check_ids(input_ids)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        self.reset()
+        self._check_room(ids.shape[0] + max(max_new_tokens - 1, 0))
+        new: list[int] = []
+        if max_new_tokens > 0:
+            token = int(self._logits(self._prefill(ids)[-1:]).argmax())
+            new.append(token)
+            while len(new) < max_new_tokens and token != eos_token_id:
+                token = int(self._logits(self._step(token)).argmax())
+                new.append(token)
+        return torch.cat((ids, torch.tensor(new, dtype=ids.dtype)))[None]
+
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
+        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must have shape [tokens] or [1, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+        return input_ids.long()

@@ -1,0 +1,211 @@
+"""aqlm.decode.LlamaDecoder and the C decoding-step kernels, against Transformers and torch formulas."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from aqlm import AqlmScheme, QuantizedLinear, ops
+from aqlm.calibration import find_linears, get_blocks
+from aqlm.decode import LlamaDecoder
+from aqlm.quantize.layer import LayerConfig, init_quantized_weight
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    options = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    options.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**options)).eval()
+
+
+def quantize_linears(model, scheme: str = "2x8g8") -> None:
+    """Every block linear -> QuantizedLinear from k-means codebooks (no calibration needed here)."""
+    config = LayerConfig(scheme=AqlmScheme.parse(scheme), init_max_iter=3)
+    for block in get_blocks(model):
+        for name, linear in find_linears(block).items():
+            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), config)
+            bias = None if linear.bias is None else linear.bias.detach()
+            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales, bias))
+
+
+IDS = torch.tensor([3, 17, 42, 5, 88, 61, 9, 30, 2, 77])
+
+
+def reference_logits(model, ids):
+    with torch.no_grad():
+        return model(ids[None]).logits[0].float()
+
+
+def greedy(model, ids, tokens):
+    """Transformers' greedy tokens, with no end-of-text token (which min_new_tokens would mask)."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
+                              max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
+
+
+# ---- the C step kernels -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_residual_rms_norm_matches_llama_formula(with_delta):
+    generator = torch.Generator().manual_seed(0)
+    h, delta, weight = (torch.randn(1, 72, generator=generator) for _ in range(3))
+    out = torch.empty(1, 72)
+    expected_h = h + delta if with_delta else h.clone()
+    expected = weight * (expected_h * torch.rsqrt(expected_h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    ops.bound_residual_rms_norm(h, delta if with_delta else None, weight, out, 1e-5)()
+    torch.testing.assert_close(h, expected_h, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_matches_formula():
+    generator = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(200, generator=generator) * 4, torch.randn(200, generator=generator)
+    expected = F.silu(gate) * up
+    ops.bound_silu_mul(gate, up)()
+    torch.testing.assert_close(gate, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_attend_one_matches_rotary_and_grouped_attention():
+    """Token by token through the cache, each output equals Transformers' rotary embedding and
+    causal grouped-query attention over the whole sequence."""
+    heads, kv_heads, D, capacity, length = 6, 2, 16, 12, 9
+    generator = torch.Generator().manual_seed(2)
+    qs = torch.randn(length, heads, D, generator=generator)
+    ks = torch.randn(length, kv_heads, D, generator=generator)
+    vs = torch.randn(length, kv_heads, D, generator=generator)
+    angles = torch.arange(capacity)[:, None] * torch.rand(D // 2, generator=generator)[None]
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    scale = D**-0.5
+    q, k, v, out = torch.empty(heads, D), torch.empty(kv_heads, D), torch.empty(kv_heads, D), torch.empty(heads, D)
+    keys, values = torch.zeros(capacity, kv_heads, D), torch.zeros(capacity, kv_heads, D)
+    attend = ops.bound_attend_one(q, k, v, cos, sin, keys, values, out, scale)
+    rq, rk = apply_rotary_pos_emb(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], cos[None, :length], sin[None, :length])
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    expected = F.scaled_dot_product_attention(rq, repeat_kv(rk, heads // kv_heads), repeat_kv(vs.transpose(0, 1)[None], heads // kv_heads),
+                                              attn_mask=mask, scale=scale)[0].transpose(0, 1)
+    for position in range(length):
+        q.copy_(qs[position]), k.copy_(ks[position]), v.copy_(vs[position])
+        attend(position)
+        torch.testing.assert_close(out, expected[position], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys[:length], rk[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values[:length], vs, rtol=0, atol=0)
+
+
+def test_step_kernels_reject_bad_buffers_with_named_errors():
+    h, weight, out = torch.zeros(8), torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="out must have as many elements as h"):
+        ops.bound_residual_rms_norm(h, None, weight, torch.zeros(7), 1e-5)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        ops.bound_residual_rms_norm(h.double(), None, weight, out, 1e-5)
+    with pytest.raises(ValueError, match="h must not overlap out"):
+        ops.bound_residual_rms_norm(h, None, weight, h, 1e-5)()
+    with pytest.raises(ValueError, match="same number of elements"):
+        ops.bound_silu_mul(torch.zeros(4), torch.zeros(5))
+    q, k, v, o = torch.zeros(4, 8), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(4, 8)
+    table, cache = torch.zeros(3, 8), torch.zeros(3, 2, 8)
+    attend = ops.bound_attend_one(q, k, v, table, table.clone(), cache, cache.clone(), o, 0.5)
+    with pytest.raises(ValueError, match="position 3 is outside the cache of 3 positions"):
+        attend(3)
+    with pytest.raises(ValueError, match="keys must have shape"):
+        ops.bound_attend_one(q, k, v, table, table.clone(), torch.zeros(3, 2, 4), torch.zeros(3, 2, 4), o, 0.5)
+    with pytest.raises(ValueError, match="q must not overlap out"):
+        ops.bound_attend_one(q, k, v, table, table.clone(), cache, cache.clone(), q, 0.5)(0)
+
+
+def test_bound_linear_matches_the_eager_path():
+    model = tiny_llama()
+    quantize_linears(model)
+    layer = model.model.layers[0].mlp.down_proj
+    x, out = torch.randn(1, layer.in_features), torch.empty(1, layer.out_features)
+    ops.bound_linear_cpu(x, out, layer.codes, layer.codebooks, layer.scales, layer.bias)()
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.bound_linear_cpu(x, torch.empty(1, 3), layer.codes, layer.codebooks, layer.scales, layer.bias)
+
+
+# ---- the decoder --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "aqlm"])
+def test_decoder_logits_match_transformers(kind, monkeypatch):
+    """Exact fp32 tables: the prompt pass and the token-by-token step give the model's logits."""
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+    model = tiny_llama()
+    if kind == "aqlm":
+        quantize_linears(model)
+    expected = reference_logits(model, IDS)
+    decoder = LlamaDecoder(model, max_length=32)
+    torch.testing.assert_close(decoder.logits(IDS), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoder.logits(IDS, one_by_one=True), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_with_quantized_tables_stays_within_their_error(monkeypatch):
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
+    model = tiny_llama()
+    quantize_linears(model)
+    expected = reference_logits(model, IDS)
+    got = LlamaDecoder(model, max_length=32).logits(IDS, one_by_one=True)
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"head_dim": 8, "num_key_value_heads": 4}],
+    ids=["plain", "bias-tied", "head_dim"],
+)
+def test_decoder_generates_what_transformers_generates(overrides, monkeypatch):
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+    model = tiny_llama(seed=3, **overrides)
+    quantize_linears(model)
+    expected = greedy(model, IDS, 12)
+    assert torch.equal(LlamaDecoder(model, max_length=32).generate(IDS, 12), expected)
+    assert torch.equal(LlamaDecoder(model, max_length=32).generate(IDS[None], 12), expected)
+
+
+def test_decoder_runs_qwen2_with_its_biases(monkeypatch):
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+    torch.manual_seed(4)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    quantize_linears(model)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    decoder = LlamaDecoder(model, max_length=32)
+    torch.testing.assert_close(decoder.logits(IDS, one_by_one=True), reference_logits(model, IDS), rtol=1e-4, atol=1e-4)
+    assert torch.equal(decoder.generate(IDS, 8), greedy(model, IDS, 8))
+
+
+def test_decoder_bf16_head_is_close_and_generate_stops_at_eos():
+    model = tiny_llama(seed=5)
+    expected = reference_logits(model, IDS)
+    decoder = LlamaDecoder(model, max_length=32, lm_head="bf16")
+    got = decoder.logits(IDS)
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    first = int(LlamaDecoder(model, max_length=32).generate(IDS, 1)[0, -1])
+    out = LlamaDecoder(model, max_length=32).generate(IDS, 10, eos_token_id=first)
+    assert out.shape == (1, len(IDS) + 1) and int(out[0, -1]) == first
+
+
+def test_decoder_rejects_what_it_cannot_run():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        LlamaDecoder(model, max_length=0)
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        LlamaDecoder(model, lm_head="int4")
+    with pytest.raises(ValueError, match="supports model_type"):
+        LlamaDecoder(torch.nn.Linear(2, 2))
+    decoder = LlamaDecoder(model, max_length=12)
+    with pytest.raises(ValueError, match="exceed max_length=12"):
+        decoder.generate(IDS, 5)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 96\)"):
+        decoder.generate(torch.tensor([1, 96]), 1)
+    with pytest.raises(ValueError, match="shape \\[tokens\\] or \\[1, tokens\\]"):
+        decoder.generate(torch.zeros(2, 3, dtype=torch.long), 1)
+    with pytest.raises(TypeError, match="int64 or int32"):
+        decoder.generate(IDS.float(), 1)
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
+        decoder.generate(IDS, -1)
+    assert torch.equal(decoder.generate(IDS, 0), IDS[None])
