@@ -245,6 +245,70 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate ---------------------------------------------------------------------------------
+
+
+def _add_generate(subparsers) -> None:
+    from .decode import LM_HEAD_MODES
+
+    parser = subparsers.add_parser(
+        "generate", help="greedy text from a model (dense or AQLM) by the lean CPU loop aqlm.decode.LlamaDecoder"
+    )
+    parser.add_argument("model", help="model directory (dense or AQLM) or a bundled model name")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue (needs the model's tokenizer)")
+    prompt.add_argument("--prompt-ids", type=_token_ids, help="comma-separated token ids to continue (any model)")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    parser.add_argument("--lm-head", choices=LM_HEAD_MODES, default="exact",
+                        help="LM head weights: as stored (exact) or a bfloat16 copy (half the bytes per token)")
+    parser.add_argument("--transformers", action="store_true",
+                        help="use Transformers' generate instead (any architecture; slower on the CPU)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None)
+    parser.set_defaults(run=_run_generate)
+
+
+def _token_ids(text: str) -> list[int]:
+    """``--prompt-ids``: comma-separated non-negative integers."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .decode import LlamaDecoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(_resolve_model(args.model))
+    if args.prompt_ids is not None:
+        ids = torch.tensor([args.prompt_ids])
+    elif tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded: give --prompt-ids")
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    eos = model.generation_config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    if args.transformers:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+    else:
+        decoder = LlamaDecoder(model, max_length=ids.shape[1] + args.max_new_tokens, lm_head=args.lm_head)
+        started = time.perf_counter()
+        out = decoder.generate(ids, args.max_new_tokens, eos_token_id=eos)
+    seconds = time.perf_counter() - started
+    new = out.shape[1] - ids.shape[1]
+    print(",".join(map(str, out[0].tolist())) if tokenizer is None else tokenizer.decode(out[0], skip_special_tokens=True))
+    print(f"{new} new tokens after a {ids.shape[1]}-token prompt in {seconds:.2f} s: {new / seconds:.1f} tokens/s "
+          f"({'Transformers generate' if args.transformers else 'aqlm.decode.LlamaDecoder'}, "
+          f"{torch.get_num_threads()} threads)", file=sys.stderr)
+    return 0
+
+
 # ---- demo: the main job on the bundled defaults ------------------------------------------------
 
 
@@ -370,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(subparsers)
     _add_finetune(subparsers)
     _add_eval(subparsers)
+    _add_generate(subparsers)
     _add_demo(subparsers)
     return parser
 

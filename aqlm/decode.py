@@ -19,7 +19,7 @@ included, so the same loop times a dense model).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -233,20 +233,23 @@ class LlamaDecoder:
         return self._logits(self._prefill(ids))
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: Optional[int] = None) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: Optional[int | Sequence[int]] = None
+    ) -> torch.Tensor:
         """Greedy continuation of ``input_ids`` ([tokens] or [1, tokens]) from an empty cache: the
         prompt and up to ``max_new_tokens`` new tokens, as ``[1, tokens + new]`` (stops after
-        ``eos_token_id`` when given)."""
+        ``eos_token_id``, or any of several, when given)."""
         ids = self._check_ids(input_ids)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         self.reset()
         self._check_room(ids.shape[0] + max(max_new_tokens - 1, 0))
         new: list[int] = []
         if max_new_tokens > 0:
             token = int(self._logits(self._prefill(ids)[-1:]).argmax())
             new.append(token)
-            while len(new) < max_new_tokens and token != eos_token_id:
+            while len(new) < max_new_tokens and token not in stop:
                 token = int(self._logits(self._step(token)).argmax())
                 new.append(token)
         return torch.cat((ids, torch.tensor(new, dtype=ids.dtype)))[None]

@@ -7,6 +7,8 @@ Rows (each timed in this process, runs interleaved, median of --repeat):
     with every decoder linear (210) replaced by an AQLM QuantizedLinear of the same shape with
     random codes, codebooks and scales (a *speed-only* stand-in: its text is noise);
     min_new_tokens keeps every run at --tokens;
+  * dense fp32 and AQLM through aqlm.decode.LlamaDecoder, our lean loop (bound C kernels,
+    preallocated cache), AQLM also with a bfloat16 copy of the LM head;
   * with --compile, dense fp32 and AQLM again with a static cache and torch.compile;
   * llama.cpp via llama-cpp-python (the optional `bench` extra), one row per --gguf file (its
     prompt is evaluated afresh on every run, as ours is);
@@ -77,6 +79,22 @@ def generate_seconds(model, input_ids, tokens: int, **kwargs) -> float:
 def generate_row(model, input_ids, tokens: int, **kwargs) -> Callable[[], float]:
     """A row: one timed greedy generate per call."""
     return lambda: generate_seconds(model, input_ids, tokens, **kwargs)
+
+
+def decoder_row(model, input_ids, tokens: int, lm_head: str = "exact") -> Callable[[], float]:
+    """A row: one timed greedy generate of exactly `tokens` tokens by aqlm.decode.LlamaDecoder
+    (built once, outside the timing, as a user keeps it between prompts)."""
+    from aqlm.decode import LlamaDecoder
+
+    decoder = LlamaDecoder(model, max_length=input_ids.shape[1] + tokens, lm_head=lm_head)
+
+    def run() -> float:
+        start = time.perf_counter()
+        out = decoder.generate(input_ids, tokens)
+        assert out.shape[1] == input_ids.shape[1] + tokens
+        return time.perf_counter() - start
+
+    return run
 
 
 def with_environment(run: Callable[[], float], **variables: str) -> Callable[[], float]:
@@ -158,6 +176,10 @@ def smollm2_rows(args) -> None:
         f"{aqlm_name} eager, exact tables (AQLM_QUANTIZED_LUT=0)": with_environment(
             generate_row(aqlm_model(), input_ids, tokens), AQLM_QUANTIZED_LUT="0"),
     }
+    loop = "aqlm.decode.LlamaDecoder"
+    rows[f"dense fp32, {loop}"] = decoder_row(dense, input_ids, tokens)
+    rows[f"{aqlm_name}, {loop}"] = decoder_row(aqlm_model(), input_ids, tokens)
+    rows[f"{aqlm_name}, {loop}, bf16 head"] = decoder_row(aqlm_model(), input_ids, tokens, lm_head="bf16")
     if args.compile:
         static = {"cache_implementation": "static"}
         rows["dense fp32 static cache + torch.compile"] = generate_row(compiled(copy.deepcopy(dense)), input_ids, tokens, **static)
@@ -179,6 +201,9 @@ def smollm2_rows(args) -> None:
         aqlm_compiled = times[f"{aqlm_name} static cache + torch.compile"]
         print(f"  compiled against compiled: {dense_compiled / aqlm_compiled:.2f}x; fastest AQLM row against the "
               f"fastest dense row: {min(base, dense_compiled, times['dense bf16']) / min(times[f'{aqlm_name} eager'], aqlm_compiled):.2f}x")
+    ours = times[f"{aqlm_name}, {loop}"]
+    print(f"  {loop}: AQLM {base / ours:.2f}x dense fp32 through generate, "
+          f"{times[f'dense fp32, {loop}'] / ours:.2f}x dense fp32 in the same loop")
     llama = {name: seconds for name, seconds in times.items() if name.startswith("llama.cpp")}
     if llama:
         best = min(llama, key=llama.get)

@@ -209,3 +209,28 @@ def test_decoder_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
         decoder.generate(IDS, -1)
     assert torch.equal(decoder.generate(IDS, 0), IDS[None])
+
+
+# ---- python -m aqlm generate ------------------------------------------------------------------
+
+
+def test_generate_command_prints_what_transformers_generates(capsys):
+    from aqlm.cli import main
+
+    argv = ["generate", "stories260k", "--prompt-ids", "1,403,407,261", "--max-new-tokens", "16", "--threads", "1"]
+    assert main(argv) == 0
+    ours = capsys.readouterr()
+    assert main(argv + ["--transformers"]) == 0
+    theirs = capsys.readouterr()
+    assert ours.out == theirs.out and ours.out.startswith("1,403,407,261,") and len(ours.out.split(",")) == 20
+    assert "tokens/s (aqlm.decode.LlamaDecoder, 1 threads)" in ours.err
+
+
+def test_generate_command_needs_a_tokenizer(tmp_path, capsys):
+    from aqlm.cli import main
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    assert main(["generate", str(tmp_path / "model"), "--prompt", "hi"]) == 2
+    assert "has no tokenizer, so a text prompt cannot be encoded: give --prompt-ids" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "model"), "--prompt-ids", "1,96"]) == 2
+    assert "input_ids must lie in [0, 96)" in capsys.readouterr().err
