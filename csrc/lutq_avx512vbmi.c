@@ -9,6 +9,8 @@
  * (sign-extended by shifts), combined as 254 * high + low in int32 and scaled to fp32 once per chunk.
  * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
  */
+#include <math.h>
+
 #include "lutq.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX2__)
@@ -19,12 +21,16 @@
 enum { TILE_STEP = AQLM_LUTQ_TILE_BLOCK }; /* tiles sharing each table load */
 
 /* fp32 tables of groups [j0, j1): V independent FMA chains of 16 codewords each hide the FMA
- * latency; each chain adds x[i] * codeword[i] in order i = 0, 1, ... like the reference. */
+ * latency; each chain adds x[i] * codeword[i] in order i = 0, 1, ... like the reference. The
+ * largest |entry| of each codebook is gathered on the way (amax[m], which the caller zeroes), so
+ * the tables are not read again to find it. */
 ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1,
-                                const float *restrict x, const float *restrict cbt, float *restrict work) {
+                                const float *restrict x, const float *restrict cbt, float *restrict work,
+                                float *restrict amax) {
     const int64_t ig = s->ig, M = s->M, K = s->K;
     for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++)
+        for (int64_t m = 0; m < M; m++) {
+            __m512 largest = _mm512_setzero_ps();
             for (int64_t c0 = 0; c0 < K; c0 += 16 * V) {
                 __m512 value[16];
                 for (int v = 0; v < V; v++) value[v] = _mm512_setzero_ps();
@@ -33,8 +39,23 @@ ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t 
                     const float *column = cbt + (m * ig + i) * K + c0;
                     for (int v = 0; v < V; v++) value[v] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(column + 16 * v), value[v]);
                 }
-                for (int v = 0; v < V; v++) _mm512_storeu_ps(work + ((j - j0) * M + m) * K + c0 + 16 * v, value[v]);
+                __m512 magnitude[16];
+                for (int v = 0; v < V; v++) {
+                    _mm512_storeu_ps(work + ((j - j0) * M + m) * K + c0 + 16 * v, value[v]);
+                    magnitude[v] = _mm512_abs_ps(value[v]);
+                }
+                for (int width = V / 2; width >= 1; width /= 2) /* a tree: no chain of dependent maxima */
+                    for (int v = 0; v < width; v++) magnitude[v] = _mm512_max_ps(magnitude[v], magnitude[v + width]);
+                largest = _mm512_max_ps(largest, magnitude[0]);
             }
+            amax[m] = fmaxf(amax[m], _mm512_reduce_max_ps(largest));
+        }
+}
+
+/* The low bytes of the int32 lanes of a, b, c, d, in that order (values already in int8 range). */
+ALWAYS_INLINE __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_epi32(order, _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)));
 }
 
 /* Tables in fp32 (K a multiple of 16), then quantized exactly as the reference does. */
@@ -47,26 +68,37 @@ static void lutq_build_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1,
         return;
     }
     const int64_t groups = j1 - j0;
-    if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, work);
-    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, work);
-    else build_tables(1, s, j0, j1, x, cbt, work);
+    float *amax = qscale; /* the largest |entry| per codebook until the steps are known */
+    for (int64_t m = 0; m < M; m++) amax[m] = 0.0f;
+    if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, work, amax);
+    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, work, amax);
+    else build_tables(1, s, j0, j1, x, cbt, work, amax);
     for (int64_t m = 0; m < M; m++) {
-        __m512 vmax = _mm512_setzero_ps();
-        for (int64_t j = 0; j < groups; j++)
-            for (int64_t c = 0; c < K; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(work + (j * M + m) * K + c)));
-        const float amax = _mm512_reduce_max_ps(vmax);
-        const float inverse = amax > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax : 0.0f;
-        qscale[m] = amax / (float)AQLM_LUTQ_LEVELS;
+        const float largest = amax[m];
+        const float inverse = largest > 0.0f ? (float)AQLM_LUTQ_LEVELS / largest : 0.0f;
+        qscale[m] = largest / (float)AQLM_LUTQ_LEVELS;
         const __m512 vinverse = _mm512_set1_ps(inverse), radix_inverse = _mm512_set1_ps(1.0f / AQLM_LUTQ_LOW_RADIX);
         const __m512i radix = _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX);
-        for (int64_t j = 0; j < groups; j++)
-            for (int64_t c = 0; c < K; c += 16) {
-                const __m512i entry = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(work + (j * M + m) * K + c), vinverse));
-                const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(entry), radix_inverse));
-                const __m512i lo = _mm512_sub_epi32(entry, _mm512_mullo_epi32(hi, radix));
-                _mm_storeu_si128((__m128i *)(qhi + (j * M + m) * KS + c), _mm512_cvtepi32_epi8(hi));
-                _mm_storeu_si128((__m128i *)(qlo + (j * M + m) * KS + c), _mm512_cvtepi32_epi8(lo));
+        for (int64_t j = 0; j < groups; j++) {
+            const float *row = work + (j * M + m) * K;
+            int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
+            for (int64_t c = 0; c < K; c += 16 * (K % 64 == 0 ? 4 : 1)) {
+                __m512i hi[4], lo[4];
+                const int parts = K % 64 == 0 ? 4 : 1;
+                for (int q = 0; q < parts; q++) {
+                    const __m512i entry = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c + 16 * q), vinverse));
+                    hi[q] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(entry), radix_inverse));
+                    lo[q] = _mm512_sub_epi32(entry, _mm512_mullo_epi32(hi[q], radix));
+                }
+                if (parts == 4) {
+                    _mm512_storeu_si512(high + c, pack_bytes(hi[0], hi[1], hi[2], hi[3]));
+                    _mm512_storeu_si512(low + c, pack_bytes(lo[0], lo[1], lo[2], lo[3]));
+                } else {
+                    _mm_storeu_si128((__m128i *)(high + c), _mm512_cvtepi32_epi8(hi[0]));
+                    _mm_storeu_si128((__m128i *)(low + c), _mm512_cvtepi32_epi8(lo[0]));
+                }
             }
+        }
     }
 }
 
