@@ -43,7 +43,16 @@ def _bind(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Callable[[],
             return lambda: torch.mm(x, weight, out=out)
         bias = module.bias.detach()
         return lambda: torch.addmm(bias, x, weight, out=out)
-    return lambda: out.copy_(module(x))
+    return lambda: out.copy_(_apply(module, x))
+
+
+def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for float32 activations x, whatever the module's parameter dtype: a dense
+    layer of another float dtype gets x in its dtype, and the result comes back in float32."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dtype != x.dtype:
+        return module(x.to(weight.dtype)).float()
+    return module(x)
 
 
 def _norm_weight(module: nn.Module, name: str) -> tuple[torch.Tensor, float]:
@@ -186,16 +195,16 @@ class LlamaDecoder:
         h = self.embedding[ids].float()
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
-            x = layer.input_layernorm(h)
-            q = self._rotate(attention.q_proj(x).view(tokens, H, D), start)
-            self.keys[index][start : start + tokens] = self._rotate(attention.k_proj(x).view(tokens, KV, D), start)
-            self.values[index][start : start + tokens] = attention.v_proj(x).view(tokens, KV, D)
+            x = layer.input_layernorm(h).float()
+            q = self._rotate(_apply(attention.q_proj, x).view(tokens, H, D), start)
+            self.keys[index][start : start + tokens] = self._rotate(_apply(attention.k_proj, x).view(tokens, KV, D), start)
+            self.values[index][start : start + tokens] = _apply(attention.v_proj, x).view(tokens, KV, D)
             attended = self._attend(index, q, start, tokens).reshape(tokens, H * D)
-            h = h + attention.o_proj(attended)
-            x = layer.post_attention_layernorm(h)
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = h + _apply(attention.o_proj, attended)
+            x = layer.post_attention_layernorm(h).float()
+            h = h + _apply(mlp.down_proj, F.silu(_apply(mlp.gate_proj, x)) * _apply(mlp.up_proj, x))
         self.length += tokens
-        return self.final_norm(h)
+        return self.final_norm(h).float()
 
     @torch.no_grad()
     def _step(self, token: int) -> torch.Tensor:
@@ -219,7 +228,7 @@ class LlamaDecoder:
         """float32 logits [tokens, vocab] of final hidden states [tokens, hidden]."""
         if self.head_weight is not None:
             return F.linear(hidden.to(torch.bfloat16), self.head_weight).float()
-        return self.lm_head(hidden).float()
+        return _apply(self.lm_head, hidden).float()
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, one_by_one: bool = False) -> torch.Tensor:

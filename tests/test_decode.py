@@ -178,6 +178,21 @@ def test_decoder_runs_qwen2_with_its_biases(monkeypatch):
     assert torch.equal(decoder.generate(IDS, 8), greedy(model, IDS, 8))
 
 
+@pytest.mark.parametrize("kind", ["dense", "aqlm"])
+def test_decoder_runs_a_bfloat16_model_in_float32(kind):
+    """Parameters in bfloat16 (as from_pretrained(dtype=torch.bfloat16) gives): the decoder computes
+    in float32 and stays within bfloat16 rounding of the model's own bfloat16 forward."""
+    model = tiny_llama(seed=6)
+    if kind == "aqlm":
+        quantize_linears(model)
+    expected = reference_logits(model, IDS)
+    model.to(torch.bfloat16)
+    decoder = LlamaDecoder(model, max_length=32)
+    for got in (decoder.logits(IDS), decoder.logits(IDS, one_by_one=True)):
+        assert got.dtype == torch.float32
+        assert (got - expected).abs().max() <= 5e-2 * expected.abs().max()
+
+
 def test_decoder_bf16_head_is_close_and_generate_stops_at_eos():
     model = tiny_llama(seed=5)
     expected = reference_logits(model, IDS)
