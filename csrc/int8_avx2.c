@@ -64,6 +64,7 @@ static void int8_rows_avx2(int64_t o0, int64_t o1, int64_t n, int64_t in, int64_
     float dots[ROWS * TOKENS];
     for (int64_t o = o0; o < o1; o += ROWS) {
         const int rows = o1 - o < ROWS ? (int)(o1 - o) : ROWS;
+        aqlm_int8_prefetch_ahead(q, in, o, rows, o1);
         for (int64_t t0 = 0; t0 < n; t0 += TOKENS) {
             const int tokens = n - t0 < TOKENS ? (int)(n - t0) : TOKENS;
             dot_block_any(rows, tokens, in, x + t0 * in, q + o * in, dots);

@@ -9,7 +9,6 @@
 #include "int8.h"
 
 enum {
-    INT8_ROW_BLOCK = 64,          /* weight rows per parallel work item */
     INT8_PASS_X_BYTES = 1 << 18,  /* tokens per pass: their activations stay in L2 */
     INT8_MIN_PASS_TOKENS = 8,
 };
@@ -38,14 +37,17 @@ aqlm_status aqlm_int8_matmul(int64_t n, int64_t in, int64_t out, const float *x,
     const aqlm_int8_kernels *kernels = aqlm_int8_kernels_for(simd);
     const int64_t fitting = INT8_PASS_X_BYTES / (in * (int64_t)sizeof(float));
     const int64_t pass = fitting > INT8_MIN_PASS_TOKENS ? fitting : INT8_MIN_PASS_TOKENS;
-    const int64_t blocks = (out + INT8_ROW_BLOCK - 1) / INT8_ROW_BLOCK;
     const int threads = aqlm_threads_for(num_threads, (double)n * (double)out * (double)in);
+    /* One contiguous range of rows per thread: a thread streams its part of the weight front to
+     * back, prefetching ahead across the whole range. */
 #pragma omp parallel num_threads(threads)
-    for (int64_t t0 = 0; t0 < n; t0 += pass) {
-        const int64_t tokens = n - t0 < pass ? n - t0 : pass;
-#pragma omp for schedule(static)
-        for (int64_t block = 0; block < blocks; block++) {
-            const int64_t o0 = block * INT8_ROW_BLOCK, o1 = o0 + INT8_ROW_BLOCK < out ? o0 + INT8_ROW_BLOCK : out;
+    {
+        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+        const int64_t share = out / parts, extra = out % parts;
+        const int64_t o0 = part * share + (part < extra ? part : extra);
+        const int64_t o1 = o0 + share + (part < extra);
+        for (int64_t t0 = 0; t0 < n && o0 < o1; t0 += pass) {
+            const int64_t tokens = n - t0 < pass ? n - t0 : pass;
             kernels->rows(o0, o1, tokens, in, out, x + t0 * in, w, scales, bias, y + t0 * out);
         }
     }
