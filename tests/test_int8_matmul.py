@@ -5,6 +5,10 @@ within the worst-case fp32 summation error (Higham): a sum of k terms in any ord
 most gamma_k * sum |term|, gamma_k = k u / (1 - k u), u = 2**-24; the scale multiply and the bias
 add are two more roundings. Levels, torch's formula and each other then agree within twice that.
 """
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +198,48 @@ def test_c_entry_points_check_every_argument():
         _C.int8_quantize_rows(weight, np.empty((3, 4), np.uint8), np.empty(3, np.float32))
     with pytest.raises(ValueError, match=r"scales must have shape \(3,\)"):
         _C.int8_quantize_rows(weight, np.empty((3, 4), np.int8), np.empty(4, np.float32))
+
+
+RAW_C_API_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys
+    import numpy as np
+
+    class Error(ctypes.Structure):
+        _fields_ = [("message", ctypes.c_char * 512)]
+
+    core = ctypes.CDLL(sys.argv[1])
+    pointer = lambda array: array.ctypes.data_as(ctypes.c_void_p)
+    i64 = ctypes.c_int64
+    x, y = np.ones((2, 8), np.float32), np.zeros((2, 4), np.float32)
+    w, scales = np.ones((4, 8), np.int8), np.ones(4, np.float32)
+    calls = {
+        "null weight": (i64(2), i64(8), i64(4), pointer(x), None, pointer(scales), None, pointer(y), 0, 1),
+        "null y": (i64(2), i64(8), i64(4), pointer(x), pointer(w), pointer(scales), None, None, 0, 1),
+        "zero in": (i64(2), i64(0), i64(4), pointer(x), pointer(w), pointer(scales), None, pointer(y), 0, 1),
+        "bad simd": (i64(2), i64(8), i64(4), pointer(x), pointer(w), pointer(scales), None, pointer(y), 9, 1),
+        "overflow": (i64(2), i64(2**62), i64(4), pointer(x), pointer(w), pointer(scales), None, pointer(y), 0, 1),
+    }
+    for name, args in calls.items():
+        error = Error()
+        print(name, core.aqlm_int8_matmul(*args, ctypes.byref(error)), error.message.decode())
+    error = Error()
+    status = core.aqlm_int8_quantize_rows(i64(4), i64(8), None, pointer(w), pointer(scales), 1, ctypes.byref(error))
+    print("quantize null weight", status, error.message.decode())
+    """
+)
+
+
+def test_raw_c_api_rejects_null_pointers_and_bad_sizes_with_a_status():
+    """A child process makes the calls, so a crash fails this test instead of the test run."""
+    child = subprocess.run([sys.executable, "-c", RAW_C_API_SCRIPT, _C.__file__], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    lines = child.stdout.splitlines()
+    assert lines == [
+        "null weight 1 weight and scales must not be NULL",
+        "null y 1 x and y must not be NULL",
+        "zero in 1 in_features and out_features must be >= 1, got in=0, out=4",
+        "bad simd 1 unknown SIMD level 9",
+        f"overflow 1 sizes too large: n=2, in={2**62}, out=4 overflow an index",
+        "quantize null weight 1 weight, q and scales must not be NULL",
+    ]
