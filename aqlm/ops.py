@@ -4,6 +4,8 @@ CPU tensors go zero-copy to the C core (``.numpy()`` views; bfloat16 as int16 bi
 Every other device runs the pure-torch formula of :mod:`aqlm.format`, which gives the same
 numbers. Both ops have fake implementations (``torch.compile``) and autograd formulas: gradients
 flow to the input, the codebooks, the scales and the bias (codes are integers and get none).
+Plain wrappers (no autograd) serve the weight-only int8 LM head (``int8_quantize_rows``,
+``int8_linear``) and the quantizer's k-means and beam search.
 """
 from __future__ import annotations
 
@@ -732,6 +734,81 @@ def _matmul_backward(ctx, grad_output):
 
 
 quantized_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# ---- weight-only int8 rows (the LM head) -----------------------------------------------------
+
+
+def int8_quantize_rows(weight: torch.Tensor, *, num_threads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of ``weight`` [out, in] (float32, CPU), in C.
+
+    Returns (q [out, in] int8, scales [out] float32) with scale = max |row| / 127 and
+    q = row / scale rounded to nearest even, clamped to [-127, 127]; so |weight - q * scale| <=
+    scale / 2 elementwise. An all-zero row gets scale 0 and q 0. NaN/Inf raise ValueError.
+    """
+    _check_cpu_float32("weight", weight, 2)
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    _C.int8_quantize_rows(weight.detach().contiguous().numpy(), q.numpy(), scales.numpy(),
+                          num_threads=num_threads or torch.get_num_threads())
+    return q, scales
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ (qweight.float() * scales[:, None]).T + bias`` with the int8 weight read as is, in C.
+
+    x [..., in] float32; qweight [out, in] int8 and scales [out] float32 (from
+    :func:`int8_quantize_rows`); bias [out] float32 or None; all on the CPU. The weight is read
+    once per call for few tokens (the decode case; for many tokens a dense GEMM is faster). Sums
+    are in float32 in the order of the SIMD level in use. With ``out`` (float32, contiguous, shape
+    [..., out], not overlapping the inputs) the result is written there and ``out`` is returned:
+    no allocation per call. No gradients flow through this function. Uses torch's thread count.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x.dtype}")
+    if x.dim() < 1 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor of shape [..., in_features], got shape {tuple(x.shape)} on {x.device}")
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8:
+        raise TypeError(f"qweight must be an int8 torch.Tensor, got {getattr(qweight, 'dtype', type(qweight).__name__)}")
+    if qweight.dim() != 2 or qweight.device.type != "cpu" or not qweight.is_contiguous():
+        raise ValueError(f"qweight must be a contiguous CPU tensor [out_features, in_features], got shape "
+                         f"{tuple(qweight.shape)} on {qweight.device}")
+    out_features, in_features = qweight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features={in_features} as its last dimension, got shape {tuple(x.shape)}")
+    _check_cpu_float32("scales", scales, 1)
+    if scales.shape[0] != out_features:
+        raise ValueError(f"scales must have shape ({out_features},), got {tuple(scales.shape)}")
+    if bias is not None:
+        _check_cpu_float32("bias", bias, 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    shape = (*x.shape[:-1], out_features)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    else:
+        _check_cpu_float32("out", out, len(shape))
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    _C.int8_matmul(
+        x.detach().reshape(-1, in_features).contiguous().numpy(),
+        qweight.detach().numpy(),
+        scales.detach().numpy(),
+        None if bias is None else bias.detach().numpy(),
+        out.detach().view(-1, out_features).numpy(),
+        num_threads=torch.get_num_threads(),
+    )
+    return out
 
 
 # ---- quantizer kernels: k-means and beam search ----------------------------------------------

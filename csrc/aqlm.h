@@ -125,6 +125,25 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
 /* The quantized-table kernels a call at `level` uses here: "scalar", "avx2" or "avx512vbmi". */
 const char *aqlm_lutq_kernel_name(aqlm_simd level);
 
+/* ---- int8 weights -------------------------------------------------------------------------- */
+
+/* Weight-only int8: W [out, in] ~ scales[o] * w[o, i] with w int8 [out, in] and one fp32 scale per
+ * row. y [n, out] = x [n, in] @ W^T + bias (bias [out] or NULL), all fp32:
+ *     y[t, o] = scales[o] * sum_i x[t, i] * w[o, i] + bias[o]
+ * summed in fp32 in an order that depends on the SIMD level (results agree to fp32 summation
+ * error, not bit for bit; any thread count gives the same bits at one level). Rows are split over
+ * threads; each weight row is converted once per pass of up to several tokens. No allocation. */
+aqlm_status aqlm_int8_matmul(int64_t n, int64_t in, int64_t out, const float *x, const int8_t *w,
+                             const float *scales, const float *bias, float *y, aqlm_simd simd,
+                             int num_threads, aqlm_error *err);
+
+/* Symmetric per-row quantization of w [out, in] (fp32): scales[o] = max_i |w[o, i]| / 127 and
+ * q[o, i] = w[o, i] / scales[o] rounded to nearest even, clamped to [-127, 127] (an all-zero row
+ * gets scale 0 and q 0), so |w - scales * q| <= scales / 2 up to fp32 rounding. NaN/Inf in w:
+ * AQLM_ERR_NUMERIC. */
+aqlm_status aqlm_int8_quantize_rows(int64_t out, int64_t in, const float *w, int8_t *q, float *scales,
+                                    int num_threads, aqlm_error *err);
+
 /* ---- k-means ------------------------------------------------------------------------------- */
 
 typedef enum { AQLM_KMEANS_INIT_RANDOM = 0, AQLM_KMEANS_INIT_PLUSPLUS = 1 } aqlm_kmeans_init;

@@ -6,6 +6,7 @@
  */
 #include <ctype.h>
 
+#include "int8.h"
 #include "lutq.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -86,3 +87,9 @@ const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level) {
 }
 
 const char *aqlm_lutq_kernel_name(aqlm_simd level) { return aqlm_lutq_kernels_for(level)->name; }
+
+const aqlm_int8_kernels *aqlm_int8_kernels_for(aqlm_simd level) {
+    if (level >= AQLM_SIMD_AVX512 && aqlm_int8_kernels_avx512.level == AQLM_SIMD_AVX512) return &aqlm_int8_kernels_avx512;
+    if (level >= AQLM_SIMD_AVX2 && aqlm_int8_kernels_avx2.level == AQLM_SIMD_AVX2) return &aqlm_int8_kernels_avx2;
+    return &aqlm_int8_kernels_scalar;
+}

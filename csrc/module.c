@@ -547,6 +547,145 @@ static PyArrayObject *inout_array(PyObject *object, const char *name, int type_a
     return array;
 }
 
+/* An int8 weight [out, in]: int8, 2-D, C-contiguous; never copied or converted. */
+static PyArrayObject *int8_weight_input(PyObject *object) {
+    if (!PyArray_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "weight must be a numpy.ndarray, got %s", Py_TYPE(object)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *weight = (PyArrayObject *)object;
+    if (PyArray_TYPE(weight) != NPY_INT8) {
+        PyErr_Format(PyExc_TypeError, "weight must have dtype int8, got %s", PyArray_DESCR(weight)->typeobj->tp_name);
+        return NULL;
+    }
+    if (PyArray_NDIM(weight) != 2) {
+        PyErr_Format(PyExc_ValueError, "weight must have 2 dimensions [out_features, in_features], got %d",
+                     PyArray_NDIM(weight));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(weight)) {
+        PyErr_SetString(PyExc_ValueError, "weight must be C-contiguous");
+        return NULL;
+    }
+    Py_INCREF(weight);
+    return weight;
+}
+
+/* A 1-D float32 vector of `size` values (copied only if strided). */
+static PyArrayObject *float32_vector_input(PyObject *object, const char *name, npy_intp size) {
+    PyArrayObject *vector = float_input(object, name, AQLM_F32, 1);
+    if (vector && PyArray_DIM(vector, 0) != size) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%zd,) (out_features), got (%zd,)", name, (Py_ssize_t)size,
+                     (Py_ssize_t)PyArray_DIM(vector, 0));
+        Py_DECREF(vector);
+        return NULL;
+    }
+    return vector;
+}
+
+PyDoc_STRVAR(int8_matmul_doc,
+"int8_matmul(x, weight, scales, bias, out, *, simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = scales * (x [n, in_features] @ weight.T) + bias for an int8 weight\n"
+"[out_features, in_features] with one float32 scale per row (scales [out_features]). x, scales,\n"
+"bias (or None) and out are float32; out must not overlap the inputs.");
+
+static PyObject *py_int8_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"x", "weight", "scales", "bias", "out", "simd", "num_threads", NULL};
+    PyObject *x_object, *weight_object, *scales_object, *bias_object, *out;
+    const char *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$zi:int8_matmul", keywords, &x_object, &weight_object,
+                                     &scales_object, &bias_object, &out, &simd_name, &num_threads))
+        return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0 || check_threads(num_threads) < 0) return NULL;
+    PyArrayObject *x = float_input(x_object, "x", AQLM_F32, 2);
+    PyArrayObject *weight = x ? int8_weight_input(weight_object) : NULL;
+    PyArrayObject *scales = NULL, *bias = NULL;
+    PyObject *result = NULL;
+    if (!weight) goto done;
+    const npy_intp n = PyArray_DIM(x, 0), in = PyArray_DIM(x, 1), out_features = PyArray_DIM(weight, 0);
+    if (PyArray_DIM(weight, 1) != in) {
+        PyErr_Format(PyExc_ValueError, "weight must have shape (out_features, %zd) to match x [n, %zd], got (%zd, %zd)",
+                     (Py_ssize_t)in, (Py_ssize_t)in, (Py_ssize_t)out_features, (Py_ssize_t)PyArray_DIM(weight, 1));
+        goto done;
+    }
+    if (!(scales = float32_vector_input(scales_object, "scales", out_features))) goto done;
+    if (bias_object != Py_None && !(bias = float32_vector_input(bias_object, "bias", out_features))) goto done;
+    if (check_output(out, "out", AQLM_F32, n, out_features) < 0 || check_no_overlap(out, "out", x, "x") < 0 ||
+        check_no_overlap(out, "out", weight, "weight") < 0 || check_no_overlap(out, "out", scales, "scales") < 0 ||
+        check_no_overlap(out, "out", bias, "bias") < 0)
+        goto done;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_int8_matmul(n, in, out_features, PyArray_DATA(x), PyArray_DATA(weight), PyArray_DATA(scales),
+                              bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
+    Py_END_ALLOW_THREADS
+    if (status != AQLM_OK) {
+        raise_status(status, &err);
+        goto done;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    Py_XDECREF(x), Py_XDECREF(weight), Py_XDECREF(scales), Py_XDECREF(bias);
+    return result;
+}
+
+PyDoc_STRVAR(int8_quantize_rows_doc,
+"int8_quantize_rows(weight, q, scales, *, num_threads=None)\n"
+"--\n\n"
+"Symmetric per-row int8 quantization of weight [out_features, in_features] float32 into q (int8,\n"
+"same shape) and scales [out_features] float32: scale = max |row| / 127, q = row / scale rounded\n"
+"to nearest even and clamped to [-127, 127]; all-zero rows get scale 0. NaN/Inf raise ValueError.");
+
+static PyObject *py_int8_quantize_rows(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"weight", "q", "scales", "num_threads", NULL};
+    PyObject *weight_object, *q_object, *scales_object;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$i:int8_quantize_rows", keywords, &weight_object, &q_object,
+                                     &scales_object, &num_threads))
+        return NULL;
+    if (check_threads(num_threads) < 0) return NULL;
+    PyArrayObject *weight = float_input(weight_object, "weight", AQLM_F32, 2);
+    PyArrayObject *q = weight ? inout_array(q_object, "q", NPY_INT8, NPY_INT8, 2) : NULL;
+    PyArrayObject *scales = q ? inout_array(scales_object, "scales", NPY_FLOAT32, NPY_FLOAT32, 1) : NULL;
+    PyObject *result = NULL;
+    if (!scales) goto done;
+    const npy_intp out_features = PyArray_DIM(weight, 0), in = PyArray_DIM(weight, 1);
+    if (PyArray_DIM(q, 0) != out_features || PyArray_DIM(q, 1) != in) {
+        PyErr_Format(PyExc_ValueError, "q must have the weight's shape (%zd, %zd), got (%zd, %zd)", (Py_ssize_t)out_features,
+                     (Py_ssize_t)in, (Py_ssize_t)PyArray_DIM(q, 0), (Py_ssize_t)PyArray_DIM(q, 1));
+        goto done;
+    }
+    if (PyArray_DIM(scales, 0) != out_features) {
+        PyErr_Format(PyExc_ValueError, "scales must have shape (%zd,) (out_features), got (%zd,)", (Py_ssize_t)out_features,
+                     (Py_ssize_t)PyArray_DIM(scales, 0));
+        goto done;
+    }
+    if (check_no_overlap((PyObject *)q, "q", weight, "weight") < 0 ||
+        check_no_overlap((PyObject *)scales, "scales", weight, "weight") < 0 ||
+        check_no_overlap((PyObject *)scales, "scales", q, "q") < 0)
+        goto done;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_int8_quantize_rows(out_features, in, PyArray_DATA(weight), PyArray_DATA(q), PyArray_DATA(scales),
+                                     num_threads, &err);
+    Py_END_ALLOW_THREADS
+    if (status != AQLM_OK) {
+        raise_status(status, &err);
+        goto done;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    Py_XDECREF(weight), Py_XDECREF(q), Py_XDECREF(scales);
+    return result;
+}
+
 PyDoc_STRVAR(kmeans_doc,
 "kmeans(x, k, *, max_iter=25, tolerance=1e-4, max_points_per_centroid=256, init='random', seed=0, simd=None, num_threads=None)\n"
 "--\n\n"
@@ -1029,6 +1168,8 @@ static PyMethodDef methods[] = {
     {"lutq_packed_size", py_lutq_packed_size, METH_VARARGS, lutq_packed_size_doc},
     {"lutq_matmul", (PyCFunction)(void (*)(void))py_lutq_matmul, METH_VARARGS | METH_KEYWORDS, lutq_matmul_doc},
     {"lutq_kernel", (PyCFunction)(void (*)(void))py_lutq_kernel, METH_VARARGS | METH_KEYWORDS, lutq_kernel_doc},
+    {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},
+    {"int8_quantize_rows", (PyCFunction)(void (*)(void))py_int8_quantize_rows, METH_VARARGS | METH_KEYWORDS, int8_quantize_rows_doc},
     {"kmeans", (PyCFunction)(void (*)(void))py_kmeans, METH_VARARGS | METH_KEYWORDS, kmeans_doc},
     {"beam_search", (PyCFunction)(void (*)(void))py_beam_search, METH_VARARGS | METH_KEYWORDS, beam_search_doc},
     {"topk_scores", (PyCFunction)(void (*)(void))py_topk_scores, METH_VARARGS | METH_KEYWORDS, topk_scores_doc},

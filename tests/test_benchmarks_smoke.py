@@ -1,5 +1,6 @@
 """benchmarks/bench_7b_block.py end to end at a tiny scale (seconds): it runs the product's block
-quantization and prints its phase table and estimates, labelled as not the 7B shape."""
+quantization and prints its phase table and estimates, labelled as not the 7B shape; and
+benchmarks/bench_lm_head.py with two repeats at one thread."""
 import os
 import subprocess
 import sys
@@ -20,3 +21,12 @@ def test_bench_7b_block_tiny_scale():
     assert "NOT the 7B shape" in out
     assert "ASSUMPTION, not a measurement" in out
     assert "estimate / target" in out
+
+
+def test_bench_lm_head_prints_every_supported_level_against_fp32():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_lm_head.py"), "--threads", "1", "--repeat", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("cpu:", "threads=1", "torch fp32", "torch bf16", "int8 scalar", "x fp32"):
+        assert label in result.stdout
