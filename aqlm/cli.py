@@ -260,7 +260,8 @@ def _add_generate(subparsers) -> None:
     prompt.add_argument("--prompt-ids", type=_token_ids, help="comma-separated token ids to continue (any model)")
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     parser.add_argument("--lm-head", choices=LM_HEAD_MODES, default="exact",
-                        help="LM head weights: as stored (exact) or a bfloat16 copy (half the bytes per token)")
+                        help="LM head weights: as stored (exact), a bfloat16 copy (half the bytes per token) or "
+                             "int8 rows with a float32 scale each (a quarter of float32's bytes)")
     parser.add_argument("--transformers", action="store_true",
                         help="use Transformers' generate instead (any architecture; slower on the CPU)")
     parser.add_argument("--threads", type=int_at_least(1), default=None)
@@ -281,6 +282,8 @@ def _token_ids(text: str) -> list[int]:
 def _run_generate(args: argparse.Namespace) -> int:
     from .decode import LlamaDecoder
 
+    if args.transformers and args.lm_head != "exact":
+        raise ValueError(f"--lm-head {args.lm_head} applies to aqlm.decode.LlamaDecoder, not to --transformers")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(_resolve_model(args.model))

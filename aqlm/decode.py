@@ -29,7 +29,7 @@ from . import ops
 from .inference import QuantizedLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-LM_HEAD_MODES = ("exact", "bf16")
+LM_HEAD_MODES = ("exact", "bf16", "int8")
 
 
 def _bind(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
@@ -71,7 +71,9 @@ class LlamaDecoder:
             ``AutoModelForCausalLM.from_pretrained`` (AQLM or dense).
         max_length: positions in the key/value cache (prompt plus new tokens).
         lm_head: "exact" uses the model's LM head as it is; "bf16" keeps a bfloat16 copy of its
-            weight (half the bytes read per token; logits change by bfloat16 rounding).
+            weight (half the bytes read per token; logits change by bfloat16 rounding); "int8"
+            keeps it as int8 rows with one float32 scale each (:func:`aqlm.ops.int8_linear`: a
+            quarter of float32's bytes; each weight moves by at most half its row's step).
 
     The kernels are chosen when the decoder is built, for the thread count and ``AQLM_*``
     environment of that moment. The decoder holds references to the model's parameters: do not
@@ -119,8 +121,11 @@ class LlamaDecoder:
                              f"expected [{max_length}, {self.head_dim}]")
 
         head = model.lm_head
+        if lm_head != "exact" and (not isinstance(head, nn.Linear) or head.bias is not None):
+            raise ValueError(f"lm_head={lm_head!r} needs an nn.Linear LM head without bias, got {type(head).__name__}")
+        self.lm_head, self.head_mode = head, lm_head
         self.head_weight = head.weight.detach().to(torch.bfloat16) if lm_head == "bf16" else None
-        self.lm_head = head
+        self.head_int8 = ops.int8_quantize_rows(head.weight.detach().float()) if lm_head == "int8" else None
 
         D, H, KV = self.head_dim, self.heads, self.kv_heads
         self.keys = [torch.zeros(max_length, KV, D) for _ in self.layers]
@@ -226,8 +231,10 @@ class LlamaDecoder:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [tokens, vocab] of final hidden states [tokens, hidden]."""
-        if self.head_weight is not None:
+        if self.head_mode == "bf16":
             return F.linear(hidden.to(torch.bfloat16), self.head_weight).float()
+        if self.head_mode == "int8":
+            return ops.int8_linear(hidden, *self.head_int8)
         return _apply(self.lm_head, hidden).float()
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ Rows (each timed in this process, runs interleaved, median of --repeat):
     random codes, codebooks and scales (a *speed-only* stand-in: its text is noise);
     min_new_tokens keeps every run at --tokens;
   * dense fp32 and AQLM through aqlm.decode.LlamaDecoder, our lean loop (bound C kernels,
-    preallocated cache), AQLM also with a bfloat16 copy of the LM head;
+    preallocated cache), AQLM also with a bfloat16 copy and an int8 copy of the LM head;
   * with --compile, dense fp32 and AQLM again with a static cache and torch.compile;
   * llama.cpp via llama-cpp-python (the optional `bench` extra), one row per --gguf file (its
     prompt is evaluated afresh on every run, as ours is);
@@ -180,6 +180,7 @@ def smollm2_rows(args) -> None:
     rows[f"dense fp32, {loop}"] = decoder_row(dense, input_ids, tokens)
     rows[f"{aqlm_name}, {loop}"] = decoder_row(aqlm_model(), input_ids, tokens)
     rows[f"{aqlm_name}, {loop}, bf16 head"] = decoder_row(aqlm_model(), input_ids, tokens, lm_head="bf16")
+    rows[f"{aqlm_name}, {loop}, int8 head"] = decoder_row(aqlm_model(), input_ids, tokens, lm_head="int8")
     if args.compile:
         static = {"cache_implementation": "static"}
         rows["dense fp32 static cache + torch.compile"] = generate_row(compiled(copy.deepcopy(dense)), input_ids, tokens, **static)

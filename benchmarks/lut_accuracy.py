@@ -4,6 +4,8 @@ prefill-based perplexity never exercises.
 
     python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2]
     python benchmarks/lut_accuracy.py CHECKPOINT --layer-tokens 64   (per-linear output errors)
+    python benchmarks/lut_accuracy.py CHECKPOINT --lm-heads exact,bf16,int8   (aqlm.decode.LlamaDecoder's
+        step, default tables, one perplexity per LM-head mode)
 
 Each setting runs in its own process (the kernel choice reads the environment once per weight).
 """
@@ -39,6 +41,34 @@ def decode_perplexity(checkpoint: str, windows: int, seqlen: int) -> dict:
                 total -= float(torch.log_softmax(logits, -1)[window[position + 1]])
                 count += 1
     return {"perplexity": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - started}
+
+
+def decoder_perplexities(checkpoint: str, windows: int, seqlen: int, heads: list[str]) -> None:
+    """Token-by-token perplexity through aqlm.decode.LlamaDecoder's step, once per LM-head mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aqlm.data import evaluation_windows, load_tokens
+    from aqlm.decode import LlamaDecoder
+    from aqlm.paths import data_file
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    selected = evaluation_windows(load_tokens(data_file("wikitext-2", "test.txt"), tokenizer), seqlen)[:windows]
+    results = {}
+    for head in heads:
+        decoder, total, count, started = LlamaDecoder(model, max_length=seqlen, lm_head=head), 0.0, 0, time.perf_counter()
+        for window in selected:
+            logits = decoder.logits(window[:-1], one_by_one=True)
+            total -= float(torch.log_softmax(logits, -1).gather(1, window[1:, None]).sum())
+            count += window.numel() - 1
+        results[head] = math.exp(total / count)
+        print(f"LlamaDecoder, {head} LM head: perplexity {results[head]:.4f} over {count} tokens decoded one at a time, "
+              f"{count / (time.perf_counter() - started):.1f} tok/s")
+    first = heads[0]
+    for head in heads[1:]:
+        print(f"relative change of the {head} head against the {first} head: "
+              f"{100 * (results[head] - results[first]) / results[first]:+.3f}%")
 
 
 def layer_errors(checkpoint: str, tokens: int) -> None:
@@ -81,8 +111,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layer-tokens", type=int, default=0,
                         help="instead: per-linear output error of the two kernels on this many tokens' real inputs")
+    parser.add_argument("--lm-heads", default=None,
+                        help="instead: comma-separated LM-head modes of aqlm.decode.LlamaDecoder (exact, bf16, int8)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lm_heads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        decoder_perplexities(args.checkpoint, args.windows, args.seqlen, args.lm_heads.split(","))
+        return
     if args.layer_tokens:
         layer_errors(args.checkpoint, args.layer_tokens)
         return

@@ -193,12 +193,17 @@ def test_decoder_runs_a_bfloat16_model_in_float32(kind):
         assert (got - expected).abs().max() <= 5e-2 * expected.abs().max()
 
 
-def test_decoder_bf16_head_is_close_and_generate_stops_at_eos():
+@pytest.mark.parametrize("lm_head", ["bf16", "int8"])
+def test_decoder_smaller_heads_are_close_and_generate_stops_at_eos(lm_head):
     model = tiny_llama(seed=5)
     expected = reference_logits(model, IDS)
-    decoder = LlamaDecoder(model, max_length=32, lm_head="bf16")
+    decoder = LlamaDecoder(model, max_length=32, lm_head=lm_head)
     got = decoder.logits(IDS)
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    if lm_head == "int8":  # exactly the int8 rows: the hidden states are the exact decoder's
+        q, scales = decoder.head_int8
+        hidden = LlamaDecoder(model, max_length=32)._prefill(IDS)
+        torch.testing.assert_close(got, hidden @ (q.float() * scales[:, None]).T, rtol=1e-5, atol=1e-5)
     first = int(LlamaDecoder(model, max_length=32).generate(IDS, 1)[0, -1])
     out = LlamaDecoder(model, max_length=32).generate(IDS, 10, eos_token_id=first)
     assert out.shape == (1, len(IDS) + 1) and int(out[0, -1]) == first
@@ -210,6 +215,10 @@ def test_decoder_rejects_what_it_cannot_run():
         LlamaDecoder(model, max_length=0)
     with pytest.raises(ValueError, match="lm_head must be one of"):
         LlamaDecoder(model, lm_head="int4")
+    biased = tiny_llama()
+    biased.lm_head = torch.nn.Linear(64, 96)
+    with pytest.raises(ValueError, match="needs an nn.Linear LM head without bias"):
+        LlamaDecoder(biased, lm_head="int8")
     with pytest.raises(ValueError, match="supports model_type"):
         LlamaDecoder(torch.nn.Linear(2, 2))
     decoder = LlamaDecoder(model, max_length=12)
@@ -249,3 +258,5 @@ def test_generate_command_needs_a_tokenizer(tmp_path, capsys):
     assert "has no tokenizer, so a text prompt cannot be encoded: give --prompt-ids" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "model"), "--prompt-ids", "1,96"]) == 2
     assert "input_ids must lie in [0, 96)" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "model"), "--prompt-ids", "1,2", "--transformers", "--lm-head", "int8"]) == 2
+    assert "--lm-head int8 applies to aqlm.decode.LlamaDecoder, not to --transformers" in capsys.readouterr().err
