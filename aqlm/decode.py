@@ -34,7 +34,7 @@ LM_HEAD_MODES = ("exact", "bf16", "int8")
 
 def _bind(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
     """A call writing ``module(x)`` into ``out``: the bound C kernel for a CPU QuantizedLinear,
-    ``F.linear`` into ``out`` for a float32 ``nn.Linear``, else the module's own forward."""
+    ``torch.mm``/``addmm`` into ``out`` for a float32 ``nn.Linear``, else the module's own forward."""
     if isinstance(module, QuantizedLinear) and module.codes.is_cpu:
         return ops.bound_linear_cpu(x, out, module.codes, module.codebooks, module.scales, module.bias)
     if type(module) is nn.Linear and module.weight.dtype == torch.float32:
@@ -76,7 +76,8 @@ class LlamaDecoder:
             quarter of float32's bytes; each weight moves by at most half its row's step).
 
     The kernels are chosen when the decoder is built, for the thread count and ``AQLM_*``
-    environment of that moment. The decoder holds references to the model's parameters: do not
+    environment of that moment. The key/value cache takes 2 x layers x max_length x kv_heads x
+    head_dim float32 values (SmolLM2-135M at 2048 positions: 94 MB). The decoder holds references to the model's parameters: do not
     change them while it is in use.
 
     Raises:
@@ -99,6 +100,10 @@ class LlamaDecoder:
         if window is not None and window < max_length:
             raise ValueError(f"the model attends over a sliding window of {window} positions, shorter than "
                              f"max_length={max_length}: LlamaDecoder attends over every position")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+            raise ValueError("LlamaDecoder precomputes the rotary tables once, which dynamic rope scaling does not "
+                             "allow (it rescales with the sequence length): use Transformers' generate")
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if not tensor.is_cpu:
                 raise ValueError(f"LlamaDecoder runs on the CPU, but {name} is on {tensor.device}")
@@ -134,7 +139,7 @@ class LlamaDecoder:
 
         # One set of step buffers, shared by every layer (they run one after the other). Each
         # layer's input norm also adds the previous layer's MLP output to the residual stream h.
-        intermediate = self.layers[0].mlp.gate_proj.out_features
+        intermediate = config.intermediate_size
         self.h, self.x, self.final_x = torch.zeros(1, self.hidden), torch.zeros(1, self.hidden), torch.zeros(1, self.hidden)
         self.q, self.k, self.v = torch.zeros(1, H * D), torch.zeros(1, KV * D), torch.zeros(1, KV * D)
         self.attended = torch.zeros(1, H * D)

@@ -166,6 +166,18 @@ def test_decoder_generates_what_transformers_generates(overrides, monkeypatch):
     assert torch.equal(LlamaDecoder(model, max_length=32).generate(IDS[None], 12), expected)
 
 
+def test_decoder_follows_scaled_rotary_tables_and_refuses_dynamic_ones():
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = tiny_llama(seed=7, rope_parameters=llama3)
+    ids = torch.arange(1, 40)
+    torch.testing.assert_close(LlamaDecoder(model, max_length=48).logits(ids, one_by_one=True), reference_logits(model, ids),
+                               rtol=1e-5, atol=1e-5)
+    dynamic = tiny_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="dynamic rope scaling"):
+        LlamaDecoder(dynamic)
+
+
 def test_decoder_runs_qwen2_with_its_biases(monkeypatch):
     monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
     torch.manual_seed(4)
