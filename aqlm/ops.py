@@ -56,6 +56,11 @@ FEW_TOKEN_KERNELS = ("lutq", "lut", "decode")  # C kernels over the codes; the o
 _CHOOSER = kernel_choice.KernelChooser()
 
 
+def simd_supported() -> str:
+    """The best SIMD level this CPU, its OS and this build support: "scalar", "avx2" or "avx512"."""
+    return _C.simd_supported()
+
+
 def exact_lut_requested() -> bool:
     """Whether the quantized tables are turned off (``AQLM_QUANTIZED_LUT=0``): exact fp32 tables only."""
     return os.environ.get(QUANTIZED_LUT_ENV, "1") == "0"
@@ -760,6 +765,7 @@ def int8_linear(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    simd: Optional[str] = None,
 ) -> torch.Tensor:
     """``x @ (qweight.float() * scales[:, None]).T + bias`` with the int8 weight read as is, in C.
 
@@ -768,7 +774,8 @@ def int8_linear(
     once per call for few tokens (the decode case; for many tokens a dense GEMM is faster). Sums
     are in float32 in the order of the SIMD level in use. With ``out`` (float32, contiguous, shape
     [..., out], not overlapping the inputs) the result is written there and ``out`` is returned:
-    no allocation per call. No gradients flow through this function. Uses torch's thread count.
+    no allocation per call. No gradients flow through this function. Uses torch's thread count,
+    and the SIMD level ``simd`` ("scalar", "avx2", "avx512"; None: the default level).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -806,6 +813,7 @@ def int8_linear(
         scales.detach().numpy(),
         None if bias is None else bias.detach().numpy(),
         out.detach().view(-1, out_features).numpy(),
+        simd=simd,
         num_threads=torch.get_num_threads(),
     )
     return out

@@ -1,7 +1,7 @@
 """The tied LM head of SmolLM2 (49152 x 576) at decode: torch fp32 and bf16 vs our int8 rows.
 
 At each thread count: the median time of ``F.linear`` in float32 and in bfloat16 and of
-``aqlm.ops``' int8 kernel (``_C.int8_matmul``, weight int8 [out, in] + one fp32 scale per row) at
+``aqlm.ops``' int8 kernel (``ops.int8_linear``, weight int8 [out, in] + one fp32 scale per row) at
 every SIMD level this CPU supports, calls interleaved in one run; ratios are fp32 time / time
 (higher is faster), and GB/s counts the weight bytes each call must read. On a shared machine
 compare the ratios, not the times.
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aqlm import _C, ops
+from aqlm import ops
 from bench_matmul import cpu_flags, measure_interleaved
 
 OUT_FEATURES, IN_FEATURES = 49152, 576  # SmolLM2's vocabulary x hidden size
@@ -36,9 +35,8 @@ def main() -> None:
     qweight, scales = ops.int8_quantize_rows(weight)
     x = torch.randn(args.tokens, IN_FEATURES, generator=generator)
     x_bf16 = x.bfloat16()
-    x_np, q_np, scales_np = x.numpy(), qweight.numpy(), scales.numpy()
-    y_np = np.empty((args.tokens, OUT_FEATURES), np.float32)
-    levels = [level for level in LEVELS if LEVELS.index(level) <= LEVELS.index(_C.simd_supported())]
+    y = torch.empty(args.tokens, OUT_FEATURES)
+    levels = [level for level in LEVELS if LEVELS.index(level) <= LEVELS.index(ops.simd_supported())]
     weight_bytes = {"torch fp32": weight.nbytes, "torch bf16": weight_bf16.nbytes}
     weight_bytes.update({f"int8 {level}": qweight.nbytes + scales.nbytes for level in levels})
 
@@ -48,8 +46,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         calls = {"torch fp32": lambda: F.linear(x, weight), "torch bf16": lambda: F.linear(x_bf16, weight_bf16)}
         for level in levels:
-            calls[f"int8 {level}"] = (lambda level=level: _C.int8_matmul(
-                x_np, q_np, scales_np, None, y_np, simd=level, num_threads=threads))
+            calls[f"int8 {level}"] = lambda level=level: ops.int8_linear(x, qweight, scales, out=y, simd=level)
         times = measure_interleaved(calls, args.repeat)
         fp32 = times["torch fp32"]
         print(f"\nthreads={threads}")
