@@ -504,6 +504,13 @@ class _CpuPlan:
             self.kernel_param_dtype = torch.float32
         else:
             self.kernel_arrays, self.kernel_param_dtype = self.arrays, self.param_dtype
+        # The quantized-table kernel reads the codebooks transposed ([M, in_group_size, K]):
+        # transposed once here rather than at every call (same values, so the same bits).
+        self.codebooks_t = None
+        if self.packed is not None and nbits <= 8:
+            float_codebooks = self.kernel_arrays[1]
+            M, K, _, ig = float_codebooks.shape
+            self.codebooks_t = np.ascontiguousarray(float_codebooks.reshape(M, K, ig).transpose(0, 2, 1))
         self.calls = {}
 
     def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int) -> Callable[[np.ndarray, np.ndarray], None]:
@@ -514,7 +521,7 @@ class _CpuPlan:
                    "num_threads": num_threads}
         if kernel == "lutq":
             packed, lutq_matmul = self.packed, _C.lutq_matmul
-            options["group"] = LUTQ_GROUP
+            options.update(group=LUTQ_GROUP, codebooks_t=self.codebooks_t)
             return lambda x, out: lutq_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
         c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
         return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)

@@ -115,13 +115,16 @@ aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_d
  * nbits <= 8 and out_group_size 1, and the codes repacked once by aqlm_lutq_pack_codes into
  * aqlm_lutq_packed_size(f) bytes. For each output, |y - exact| <= |scale| * sum over chunks b and
  * codebooks m of |b| * s[b, m] / 2 (plus float rounding), s[b, m] = max |exact table entry| over
- * the chunk / (254 * 127). 1 <= group <= 256. */
+ * the chunk / (254 * 127). 1 <= group <= 256. codebooks_t: the codebooks once transposed to
+ * float32 [M, ig, K] (aqlm_lutq_transpose_codebooks), or NULL to transpose them at each call. */
 size_t aqlm_lutq_packed_size(const aqlm_format *f);
+aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                                          float *codebooks_t, aqlm_error *err);
 aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_t *packed, aqlm_error *err);
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
-                             const void *codebooks, const void *scales, const void *bias, void *y,
-                             aqlm_simd simd, int num_threads, aqlm_error *err);
+                             const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
+                             void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
 /* The quantized-table kernels a call at `level` uses here: "scalar", "avx2" or "avx512vbmi". */
 const char *aqlm_lutq_kernel_name(aqlm_simd level);
 

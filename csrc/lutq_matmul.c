@@ -62,10 +62,23 @@ aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_
     return AQLM_OK;
 }
 
+aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                                          float *codebooks_t, aqlm_error *err) {
+    aqlm_status status = check_lutq_format(f, err);
+    if (status != AQLM_OK) return status;
+    AQLM_CHECK(err, codebooks != NULL && codebooks_t != NULL, "codebooks and codebooks_t must not be NULL");
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    for (int64_t m = 0; m < s.M; m++)
+        for (int64_t c = 0; c < s.K; c++)
+            for (int64_t i = 0; i < s.ig; i++)
+                codebooks_t[(m * s.ig + i) * s.K + c] = aqlm_load(param_dtype, codebooks, (m * s.K + c) * s.ig + i);
+    return AQLM_OK;
+}
+
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
-                             const void *codebooks, const void *scales, const void *bias, void *y,
-                             aqlm_simd simd, int num_threads, aqlm_error *err) {
+                             const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
+                             void *y, aqlm_simd simd, int num_threads, aqlm_error *err) {
     aqlm_status status = check_lutq_format(f, err);
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, group >= 1 && group <= AQLM_LUTQ_MAX_GROUP,
@@ -88,7 +101,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     const double work = (double)T * ((double)out * G * M / 8 + (double)G * M * K * ig / 8);
     const int threads = aqlm_threads_for(num_threads, work);
 
-    const size_t cbt_bytes = (size_t)(M * ig * K) * sizeof(float);
+    const size_t cbt_bytes = codebooks_t ? 0 : (size_t)(M * ig * K) * sizeof(float);
     const size_t x_bytes = (size_t)(T * in) * sizeof(float);
     const size_t work_bytes = (size_t)threads * (size_t)(group * M * K) * sizeof(float);
     const size_t qtab_bytes = (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD; /* each of qhi, qlo */
@@ -98,17 +111,15 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
      * one slab over all tiles before the next, so the tables they read stay in cache. */
     const int64_t chunk_bytes = 2 * T * group * M * KS;
     const int64_t slab = AQLM_LUTQ_SLAB_BYTES / chunk_bytes > 1 ? AQLM_LUTQ_SLAB_BYTES / chunk_bytes : 1;
-    float *cbt = aligned_buffer(cbt_bytes), *x32 = aligned_buffer(x_bytes), *work_all = aligned_buffer(work_bytes);
+    float *cbt_own = aligned_buffer(cbt_bytes), *x32 = aligned_buffer(x_bytes), *work_all = aligned_buffer(work_bytes);
     int8_t *qhi = aligned_buffer(qtab_bytes), *qlo = aligned_buffer(qtab_bytes);
     float *qscale = aligned_buffer(qscale_bytes), *acc_all = aligned_buffer(acc_bytes);
-    if (!cbt || !x32 || !work_all || !qhi || !qlo || !qscale || !acc_all) {
-        free(cbt), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
+    if (!cbt_own || !x32 || !work_all || !qhi || !qlo || !qscale || !acc_all) {
+        free(cbt_own), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
         return aqlm_nomem(err, cbt_bytes + x_bytes + work_bytes + 2 * qtab_bytes + qscale_bytes + acc_bytes);
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < K; c++)
-            for (int64_t i = 0; i < ig; i++)
-                cbt[(m * ig + i) * K + c] = aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i);
+    if (!codebooks_t) aqlm_lutq_transpose_codebooks(f, param_dtype, codebooks, cbt_own, err); /* f checked above */
+    const float *cbt = codebooks_t ? codebooks_t : cbt_own;
     memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
 
@@ -153,6 +164,6 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             }
         }
     }
-    free(cbt), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
+    free(cbt_own), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
     return AQLM_OK;
 }

@@ -431,24 +431,39 @@ static PyObject *py_lutq_packed_size(PyObject *module, PyObject *args) {
     return PyLong_FromSize_t(aqlm_lutq_packed_size(&format));
 }
 
+/* codebooks_t: float32, C-contiguous, [M, in_group_size, K] for codebooks [M, K, 1, in_group_size]. */
+static int check_codebooks_t(PyObject *object, const npy_intp *cb) {
+    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) || PyArray_NDIM((PyArrayObject *)object) != 3 ||
+        PyArray_DIM((PyArrayObject *)object, 0) != cb[0] || PyArray_DIM((PyArrayObject *)object, 1) != cb[3] ||
+        PyArray_DIM((PyArrayObject *)object, 2) != cb[1]) {
+        PyErr_Format(PyExc_ValueError, "codebooks_t must be a C-contiguous float32 array of shape (%zd, %zd, %zd)",
+                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[3], (Py_ssize_t)cb[1]);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(lutq_matmul_doc,
-"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, codebooks_t=None)\n"
 "--\n\n"
 "out [n, out_features] = x [n, in_features] @ W.T + bias by lookup tables of 15-bit entries (high\n"
 "and low int8 tables) with one fp32 step per `group` input groups and codebook (1 <= group <= 256).\n"
 "packed: from lutq_pack_codes.\n"
-"codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.");
+"codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.\n"
+"codebooks_t: the codebooks transposed once to float32 [M, in_group_size, K] (same values), or None to\n"
+"transpose them at each call.");
 
 static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"x", "packed", "codebooks", "scales", "bias", "out", "group", "x_dtype", "param_dtype",
-                               "simd", "num_threads", NULL};
-    PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out;
+                               "simd", "num_threads", "codebooks_t", NULL};
+    PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out, *codebooks_t = Py_None;
     long long group = 64;
     const char *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
     int num_threads = omp_get_max_threads();
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Lsszi:lutq_matmul", keywords, &x_object, &packed,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$LssziO:lutq_matmul", keywords, &x_object, &packed,
                                      &codebooks_object, &scales_object, &bias_object, &out, &group, &x_dtype_name,
-                                     &param_dtype_name, &simd_name, &num_threads))
+                                     &param_dtype_name, &simd_name, &num_threads, &codebooks_t))
         return NULL;
     aqlm_dtype x_dtype, param_dtype;
     aqlm_simd simd;
@@ -482,16 +497,20 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
         raise_status(AQLM_ERR_ARGUMENT, &err);
         goto done;
     }
+    if (codebooks_t != Py_None && check_codebooks_t(codebooks_t, cb) < 0) goto done;
     if (check_packed(packed, &format, 0) < 0 || check_output(out, "out", x_dtype, n, out_features) < 0 ||
         check_no_overlap(out, "out", x, "x") < 0 || check_no_overlap(out, "out", (PyArrayObject *)packed, "packed") < 0 ||
+        (codebooks_t != Py_None && check_no_overlap(out, "out", (PyArrayObject *)codebooks_t, "codebooks_t") < 0) ||
         check_no_overlap(out, "out", codebooks, "codebooks") < 0 || check_no_overlap(out, "out", scales, "scales") < 0 ||
         check_no_overlap(out, "out", bias, "bias") < 0)
         goto done;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
     status = aqlm_lutq_matmul(&format, group, n, x_dtype, PyArray_DATA(x), PyArray_DATA((PyArrayObject *)packed),
-                              param_dtype, PyArray_DATA(codebooks), PyArray_DATA(scales),
-                              bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
+                              param_dtype, PyArray_DATA(codebooks),
+                              codebooks_t != Py_None ? PyArray_DATA((PyArrayObject *)codebooks_t) : NULL,
+                              PyArray_DATA(scales), bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out),
+                              simd, num_threads, &err);
     Py_END_ALLOW_THREADS
     if (status != AQLM_OK) {
         raise_status(status, &err);

@@ -203,3 +203,21 @@ def test_lookups_in_several_slabs_of_tables_give_the_bits_of_one_sweep():
             assert torch.equal(together[t : t + 1], alone), f"simd={level} token {t}"
     error = (together.double() - formula(x, codes, codebooks, scales, bias)).abs()
     assert (error <= error_bound(x, codes, codebooks, scales, bias, 16)).all()
+
+
+@pytest.mark.parametrize("level", simd_params())
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_codebooks_transposed_once_give_the_same_bits(level, dtype):
+    """codebooks_t (the codebooks transposed once to float32 [M, ig, K], as the eager plan keeps
+    them) gives the bits of the per-call transposition; a wrong layout is refused by name."""
+    codes, codebooks, scales, bias = random_weight(200, 96, 2, 8, 8, dtype=DTYPES[dtype], seed=4)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5))
+    expected = run_lutq(x, codes, codebooks, scales, bias, 64, level)
+    packed = ops.packed_codes(codes, codebooks, scales)
+    transposed = codebooks.float()[:, :, 0, :].transpose(1, 2).contiguous()
+    out = torch.empty(3, 200)
+    args = (x.numpy(), packed.numpy(), np_view(codebooks), np_view(scales), np_view(bias))
+    _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, simd=level, codebooks_t=transposed.numpy())
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"codebooks_t must be a C-contiguous float32 array of shape \(2, 8, 256\)"):
+        _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, codebooks_t=transposed.transpose(1, 2).numpy())
