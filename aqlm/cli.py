@@ -109,6 +109,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     layer.add_argument("--lr", type=float, default=1e-4)
     layer.add_argument("--codebook-update", choices=["adam", "lstsq"], default="adam",
                        help="adam (upstream) or lstsq (exact least squares by conjugate gradients)")
+    layer.add_argument("--lstsq-tolerance", type=float, default=None,
+                       help="lstsq: end a round's solve at the first step that lowers the relative error by less "
+                       "than this fraction of it (default: all --steps-per-epoch steps)")
     layer.add_argument("--init-max-iter", type=int_at_least(1), default=100, help="k-means iterations")
     layer.add_argument("--init-max-points-per-centroid", type=int_at_least(0), default=256,
                        help="k-means trains on at most this many points per centroid (0: all points)")
@@ -142,6 +145,7 @@ def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         steps_per_epoch=args.steps_per_epoch,
         lr=args.lr,
         codebook_update=args.codebook_update,
+        lstsq_tolerance=args.lstsq_tolerance,
         init_max_iter=args.init_max_iter,
         init_max_points_per_centroid=args.init_max_points_per_centroid or None,
         seed=args.seed,
