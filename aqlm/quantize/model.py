@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -297,6 +298,77 @@ def _share_partial(partial: Optional[_Partial], names: list[str], world: World, 
     return shared, rows
 
 
+class ForwardReplay:
+    """Outputs of a block's submodules recorded in one :func:`collect_xtx` pass and replayed in the
+    next pass over the same windows, so that consecutive groups' passes do not recompute them.
+
+    A pass records the output of every submodule whose forward finishes before the first call of
+    a linear of the group being collected (called once up to then). Between that pass and the
+    next, only this group's linears change (they are quantized), and with groups in execution
+    order (:func:`input_groups`) nothing that finished before their first call depends on them:
+    the next pass computes the same bits for those modules, so it takes their recorded outputs
+    instead (the outermost ones; a later call of a replayed module runs it). For a Llama block,
+    the o_proj pass replays q/k/v, and the down_proj pass the whole attention and both norms.
+    Outputs are kept per pass number, one pass deep: each rank records only its own passes.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.recorded: dict[int, dict[str, Any]] = {}
+
+    @contextmanager
+    def pass_of(self, number: int, names: list[str]) -> Iterator[None]:
+        """Replay what the previous pass ``number`` recorded, and record this one, whose group is ``names``."""
+        replayed = self.recorded.pop(number, {})
+        outermost = [name for name in replayed if not any(name.startswith(other + ".") for other in replayed)]
+        calls: dict[str, int] = {}
+        outputs: dict[str, Any] = {}
+        frozen = [False]  # set at the group's first linear call
+
+        def count(name):
+            def hook(module, args):
+                calls[name] = calls.get(name, 0) + 1
+            return hook
+
+        def record(name):
+            def hook(module, args, output):
+                if not frozen[0] and calls.get(name) == 1:
+                    outputs[name] = output
+            return hook
+
+        def freeze(module, args):
+            frozen[0] = True
+
+        def replayer(module: nn.Module, output: Any) -> Callable:
+            compute, used = module.forward, [False]
+
+            def forward(*args, **kwargs):
+                if used[0]:
+                    return compute(*args, **kwargs)
+                used[0] = True
+                return output
+            return forward
+
+        handles, overridden = [], []
+        try:
+            for name, module in self.block.named_modules():
+                if name:
+                    handles.append(module.register_forward_pre_hook(count(name)))
+                    handles.append(module.register_forward_hook(record(name)))
+            handles += [self.block.get_submodule(name).register_forward_pre_hook(freeze) for name in names]
+            for name in outermost:
+                module = self.block.get_submodule(name)
+                module.forward = replayer(module, replayed[name])
+                overridden.append(module)
+            yield
+            self.recorded[number] = outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in overridden:
+                del module.forward
+
+
 def collect_xtx(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -304,6 +376,7 @@ def collect_xtx(
     names: list[str],
     batch_size: int,
     world: Optional[World] = None,
+    replay: Optional[ForwardReplay] = None,
 ) -> dict[str, torch.Tensor]:
     """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``.
 
@@ -316,7 +389,10 @@ def collect_xtx(
     Linears fed the same input tensor (q/k/v, gate/up) share one product per forward pass and,
     when they shared it on every pass, one result tensor; the values are those of a separate
     product per linear. Each pass stops as soon as the last of the named linears has its input,
-    so the rest of the block (all of it after q/k/v, say) is not computed.
+    so the rest of the block (all of it after q/k/v, say) is not computed. With ``replay`` (one
+    :class:`ForwardReplay` for the consecutive groups of one block, true-sequential), each pass
+    also takes from the previous group's pass the outputs that cannot have changed: the same
+    values, less computation.
     """
     world = world or World()
     current: dict[str, Any] = {}  # this pass's products and rows, and [input, product, rows] of the latest product
@@ -342,10 +418,11 @@ def collect_xtx(
     def one_pass(number: int) -> _Partial:
         seen.clear()
         current["partial"] = ({}, {})
-        try:
-            block(inputs[number * batch_size : (number + 1) * batch_size], **block_kwargs)
-        except _InputsCollected:
-            pass
+        with replay.pass_of(number, names) if replay is not None else nullcontext():
+            try:
+                block(inputs[number * batch_size : (number + 1) * batch_size], **block_kwargs)
+            except _InputsCollected:
+                pass
         current.pop("last", None)
         if len(seen) != len(names):
             missing = sorted(set(names) - seen)
@@ -608,9 +685,10 @@ def _quantize_block(
     scheme = config.layer.scheme
     layers = []
     names = [name for group in groups for name in group]
+    replay = ForwardReplay(block)
     for group in groups:
         with timer.phase("xtx"):
-            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world)
+            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world, replay)
         linears = [block.get_submodule(name) for name in group]
         owners = assign_owners([linear.weight.numel() for linear in linears], world.size)
         results = {
