@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..inference import QuantizedLinear
-from ..ops import codebook_gradient, codeword_rows, scale_rows, unscaled_weight
+from ..ops import CodewordSums, scale_rows, unscaled_weight
 
 
 @dataclass
@@ -52,18 +52,18 @@ class _DenseWeight(torch.autograd.Function):
     scales: one dequantization forward (kept for the scales' gradient), none backward."""
 
     @staticmethod
-    def forward(ctx, codebooks: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor):
+    def forward(ctx, codebooks: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, sums: CodewordSums):
         unscaled = unscaled_weight(codes, codebooks)
-        ctx.save_for_backward(rows, scales, unscaled)
-        ctx.codebooks_shape, ctx.codebooks_dtype = codebooks.shape, codebooks.dtype
+        ctx.save_for_backward(scales, unscaled)
+        ctx.sums, ctx.codebooks_dtype = sums, codebooks.dtype
         return scale_rows(unscaled, scales)
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
-        rows, scales, unscaled = ctx.saved_tensors
+        scales, unscaled = ctx.saved_tensors
         grad_codebooks = grad_scales = None
         if ctx.needs_input_grad[0]:
-            grad_codebooks = codebook_gradient(grad_weight, rows, scales, ctx.codebooks_shape).to(ctx.codebooks_dtype)
+            grad_codebooks = ctx.sums(grad_weight, scales).to(ctx.codebooks_dtype)
         if ctx.needs_input_grad[1]:
             groups = scales.numel()
             products = grad_weight.float().reshape(groups, -1) * unscaled.reshape(groups, -1)
@@ -79,11 +79,11 @@ class _TrainingLinear(nn.Module):
     def __init__(self, layer: QuantizedLinear):
         super().__init__()
         self.codebooks, self.codes, self.scales, self.bias = layer.codebooks, layer.codes, layer.scales, layer.bias
-        self.rows = codeword_rows(layer.codes, layer.codebook_size)  # codes never change here
+        self.sums = CodewordSums(layer.codes, layer.codebooks.shape)  # codes never change here
         self.layer = [layer]  # the original, put back by _dense_training (a list: not a submodule)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = _DenseWeight.apply(self.codebooks, self.scales, self.codes, self.rows)
+        weight = _DenseWeight.apply(self.codebooks, self.scales, self.codes, self.sums)
         return F.linear(input, weight.to(input.dtype), self.bias)
 
 

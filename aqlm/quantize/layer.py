@@ -15,7 +15,7 @@ import torch
 
 from ..format import AqlmScheme, dequantize_reference, pack_codes
 from ..ops import (
-    beam_search, codebook_gradient, codeword_rows, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients,
+    CodewordSums, beam_search, codeword_rows, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients,
 )
 from .phases import PhaseTimer, maybe_phase
 
@@ -248,12 +248,10 @@ def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: L
     alpha * r.z (exact for a quadratic), and the error at the start is
     (||W||_H^2 - b.x - r.x) / ||W||_H^2 for the right-hand side b and the residual r = b - A x.
     """
-    rows = codeword_rows(codes, codebooks.shape[1])  # once for every product of the solve
+    rows = codeword_rows(codes, codebooks.shape[1])
     shape = codebooks.shape
     num_codebooks, codebook_size, out_group_size, in_group_size = shape
-
-    def gradient(grad_weight: torch.Tensor) -> torch.Tensor:
-        return codebook_gradient(grad_weight, rows, scales, shape)
+    gradient = CodewordSums(codes, shape, scales)  # once for every product of the solve (scales fixed)
 
     def apply(direction: torch.Tensor) -> torch.Tensor:
         return gradient(dequantize(codes, direction, scales.detach()).float() @ objective.xtx)
