@@ -122,6 +122,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--finetune-batch-size", type=int_at_least(1), default=1)
     tune.add_argument("--finetune-adam-beta1", type=float, default=0.9)
     tune.add_argument("--finetune-adam-beta2", type=float, default=0.95)
+    tune.add_argument("--finetune-dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="bfloat16: matrix products of the training steps in bfloat16 (fast with AMX/AVX-512 BF16)")
     parser.add_argument("--param-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="storage dtype of codebooks and scales")
     parser.add_argument("--seed", type=int, default=0)
@@ -158,6 +160,7 @@ def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         beta1=args.finetune_adam_beta1,
         beta2=args.finetune_adam_beta2,
         batch_size=args.finetune_batch_size,
+        dtype=args.finetune_dtype,
     )
     return QuantizeConfig(
         layer=layer, finetune=finetune, nsamples=args.nsamples, val_size=args.val_size, seqlen=args.seqlen,

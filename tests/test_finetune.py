@@ -3,6 +3,7 @@ per step): the gradients are those of the layer's own autograd formula, and the 
 modules and state-dict names."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -76,3 +77,35 @@ def test_finetune_block_lowers_the_loss_with_the_dense_path() -> None:
     assert block[0] is layer and not layer.codebooks.requires_grad
     after = float(((layer(inputs) - targets) ** 2).mean().detach())
     assert after < before and len(stats["train_loss"]) == 3
+
+
+def test_bfloat16_finetuning_multiplies_in_bfloat16_and_keeps_float32_parameters() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            dense = all(not isinstance(a, torch.Tensor) or a.layout == torch.strided for a in args)
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and dense:  # not the codeword sums
+                self.dtypes.append(out.dtype)
+            return out
+
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(4, 6, 32, generator=generator)
+    targets = torch.randn(4, 6, 16, generator=generator)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        layer = _layer(AqlmScheme(2, 4, 8, 1), seed=5, bias=True)
+        with ProductDtypes() as products:
+            stats = finetune_block(nn.Sequential(layer), inputs, targets, {}, FinetuneConfig(max_epochs=1, lr=1e-3, dtype=dtype),
+                                   seed=0, progress=False)
+        assert set(products.dtypes) == {getattr(torch, dtype)}, dtype
+        assert layer.codebooks.dtype == layer.scales.dtype == torch.float32
+        losses[dtype] = stats["train_loss"][0]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+    with pytest.raises(ValueError, match="finetune dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        FinetuneConfig(dtype="float16")
