@@ -144,3 +144,16 @@ def test_forward_replay_gives_the_same_bits_with_fewer_products():
     assert replayed[2][1] == plain[2][1] - 3 * passes
     assert replayed[3][1] == plain[3][1] - 4 * passes
     assert all(not hasattr(module, "__dict__") or "forward" not in module.__dict__ for module in replay_block.modules())
+
+
+def test_nonfinite_activations_are_reported_with_the_linear_they_enter():
+    import pytest
+
+    block, inputs, kwargs = block_and_inputs()
+    broken = inputs.clone()
+    broken[1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration activations entering self_attn\.q_proj contain NaN or Inf"):
+        collect_xtx(block, broken, kwargs, ["self_attn.q_proj", "self_attn.k_proj"], batch_size=1)
+    broken[1, 3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"calibration activations entering mlp\.down_proj contain NaN or Inf"):
+        collect_xtx(block, broken, kwargs, ["mlp.down_proj"], batch_size=2)

@@ -402,9 +402,7 @@ def collect_xtx(
         def hook(module, args):
             last = current.get("last")
             if last is None or last[0] is not args[0]:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # NaN/Inf: checked on the sums
                 last = current["last"] = (args[0], (x.T @ x).double(), x.shape[0])
             _, product, rows = last
             products, counts = current["partial"]
@@ -448,6 +446,8 @@ def collect_xtx(
     for name in names:
         key = (id(sums[name]), counts[name])
         if key not in results:
+            if not torch.isfinite(sums[name]).all():  # a NaN or Inf in any pass's inputs reaches the sum
+                raise ValueError(f"calibration activations entering {name} contain NaN or Inf (or overflow X^T X)")
             results[key] = (sums[name] / counts[name]).float()
     return {name: results[(id(sums[name]), counts[name])] for name in names}
 
