@@ -99,6 +99,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument("--val-size", type=int_at_least(0), default=0,
                              help="held-out windows for fine-tuning early stopping")
     calibration.add_argument("--seqlen", type=int_at_least(2), default=2048, help="capped at the model's context length")
+    calibration.add_argument("--forward-dtype", choices=["float32", "bfloat16"], default="float32",
+                             help="bfloat16: the blocks' forward passes under bfloat16 autocast (fast with AMX/AVX-512 BF16)")
     calibration.add_argument("--no-true-sequential", action="store_true",
                              help="collect every linear's statistics once per block (faster, as upstream's default)")
     layer = parser.add_argument_group("layer optimisation")
@@ -165,6 +167,7 @@ def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     return QuantizeConfig(
         layer=layer, finetune=finetune, nsamples=args.nsamples, val_size=args.val_size, seqlen=args.seqlen,
         seed=args.seed, true_sequential=not args.no_true_sequential, param_dtype=args.param_dtype,
+        forward_dtype=args.forward_dtype,
     )
 
 

@@ -157,3 +157,24 @@ def test_nonfinite_activations_are_reported_with_the_linear_they_enter():
     broken[1, 3, 5] = float("inf")
     with pytest.raises(ValueError, match=r"calibration activations entering mlp\.down_proj contain NaN or Inf"):
         collect_xtx(block, broken, kwargs, ["mlp.down_proj"], batch_size=2)
+
+
+def test_bfloat16_forward_passes_keep_float32_products():
+    """QuantizeConfig(forward_dtype="bfloat16") runs the passes in bfloat16; X^T X is still the
+    float32 product of the (bfloat16-valued) activations, not a bfloat16 one."""
+    from aqlm.quantize.model import QuantizeConfig
+
+    block, inputs, kwargs = block_and_inputs()
+    seen = []
+    handle = block.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with QuantizeConfig(forward_dtype="bfloat16").forward_precision(inputs.device):
+            got = collect_xtx(block, inputs, kwargs, ["mlp.down_proj"], batch_size=2)["mlp.down_proj"]
+    finally:
+        handle.remove()
+    assert {x.dtype for x in seen} == {torch.bfloat16}
+    x = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+    torch.testing.assert_close(got, (x.T @ x / x.shape[0]).float(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        plain = collect_xtx(block, inputs, kwargs, ["mlp.down_proj"], batch_size=2)["mlp.down_proj"]
+    assert not torch.equal(plain, got)

@@ -60,6 +60,10 @@ class QuantizeConfig:
             (embeddings, norms, output head), "float16" as in upstream checkpoints. The saved model is
             still built in float32 by ``from_pretrained``.
         batch_size: windows per forward pass when collecting statistics.
+        forward_dtype: "float32", or "bfloat16" to run the blocks' forward passes (dense targets,
+            X^T X collection, output checks and the next blocks' inputs) under bfloat16 autocast;
+            X^T X products and all parameters stay float32. Much faster on CPUs with AMX or
+            AVX-512 BF16, slower on CPUs without bfloat16 instructions.
     """
 
     layer: LayerConfig = field(default_factory=LayerConfig)
@@ -71,12 +75,19 @@ class QuantizeConfig:
     true_sequential: bool = True
     param_dtype: str = "float16"
     batch_size: int = 1
+    forward_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.nsamples < 1 or self.val_size < 0 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("need nsamples >= 1, val_size >= 0, seqlen >= 2 and batch_size >= 1")
+        if self.forward_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"forward_dtype must be 'float32' or 'bfloat16', got {self.forward_dtype!r}")
         if self.param_dtype not in _PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {sorted(_PARAM_DTYPES)}, got {self.param_dtype!r}")
+
+    def forward_precision(self, device: torch.device) -> torch.autocast:
+        """The autocast context of the block forward passes (disabled for float32)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.forward_dtype == "bfloat16")
 
     def to_dict(self) -> dict:
         """Plain-JSON form, used to check that a resumed run continues the same job."""
@@ -403,7 +414,8 @@ def collect_xtx(
             last = current.get("last")
             if last is None or last[0] is not args[0]:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # NaN/Inf: checked on the sums
-                last = current["last"] = (args[0], (x.T @ x).double(), x.shape[0])
+                with torch.autocast(x.device.type, enabled=False):  # float32 products under bfloat16 passes
+                    last = current["last"] = (args[0], (x.T @ x).double(), x.shape[0])
             _, product, rows = last
             products, counts = current["partial"]
             products[name] = product if name not in products else products[name] + product
@@ -602,12 +614,13 @@ def quantize_model(
                 )
         reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
         with timer.phase("calibration"):
-            if outputs is None:
-                run_block_split(block, inputs, block_kwargs, config.batch_size, world, out=inputs)
-            else:
-                inputs = outputs
-            if val_inputs is not None:
-                run_block_split(block, val_inputs, block_kwargs, config.batch_size, world, out=val_inputs)
+            with config.forward_precision(inputs.device):
+                if outputs is None:
+                    run_block_split(block, inputs, block_kwargs, config.batch_size, world, out=inputs)
+                else:
+                    inputs = outputs
+                if val_inputs is not None:
+                    run_block_split(block, val_inputs, block_kwargs, config.batch_size, world, out=val_inputs)
 
     with timer.phase("saving"):
         if world.is_main:
@@ -673,7 +686,7 @@ def _quantize_block(
     input group are shared out between ranks (see :mod:`aqlm.quantize.distributed`).
     """
     started = time.perf_counter()
-    with timer.phase("calibration"):
+    with timer.phase("calibration"), config.forward_precision(inputs.device):
         targets = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
         val_targets = None
         if val_inputs is not None:
@@ -687,7 +700,7 @@ def _quantize_block(
     names = [name for group in groups for name in group]
     replay = ForwardReplay(block)
     for group in groups:
-        with timer.phase("xtx"):
+        with timer.phase("xtx"), config.forward_precision(inputs.device):
             xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world, replay)
         linears = [block.get_submodule(name) for name in group]
         owners = assign_owners([linear.weight.numel() for linear in linears], world.size)
@@ -732,7 +745,8 @@ def _quantize_block(
                 if parameter is not None:
                     setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
     with timer.phase("output_check"), torch.no_grad():
-        outputs = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
+        with config.forward_precision(inputs.device):
+            outputs = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
         output_error = float(((outputs - targets) ** 2).mean() / (targets**2).mean())
     log(f"block {index}: relative output error {output_error:.4f} after fine-tuning, {time.perf_counter() - started:.1f} s")
     return {"layers": layers, "finetune": losses, "output_error": output_error}, outputs
