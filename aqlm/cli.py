@@ -99,6 +99,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument("--val-size", type=int_at_least(0), default=0,
                              help="held-out windows for fine-tuning early stopping")
     calibration.add_argument("--seqlen", type=int_at_least(2), default=2048, help="capped at the model's context length")
+    calibration.add_argument("--forward-dtype", choices=["float32", "bfloat16"], default="float32",
+                             help="bfloat16: the blocks' forward passes under bfloat16 autocast (fast with AMX/AVX-512 BF16)")
     calibration.add_argument("--no-true-sequential", action="store_true",
                              help="collect every linear's statistics once per block (faster, as upstream's default)")
     layer = parser.add_argument_group("layer optimisation")
@@ -109,6 +111,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     layer.add_argument("--lr", type=float, default=1e-4)
     layer.add_argument("--codebook-update", choices=["adam", "lstsq"], default="adam",
                        help="adam (upstream) or lstsq (exact least squares by conjugate gradients)")
+    layer.add_argument("--lstsq-tolerance", type=float, default=None,
+                       help="lstsq: end a round's solve at the first step that lowers the relative error by less "
+                       "than this fraction of it (default: all --steps-per-epoch steps)")
     layer.add_argument("--init-max-iter", type=int_at_least(1), default=100, help="k-means iterations")
     layer.add_argument("--init-max-points-per-centroid", type=int_at_least(0), default=256,
                        help="k-means trains on at most this many points per centroid (0: all points)")
@@ -119,6 +124,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--finetune-batch-size", type=int_at_least(1), default=1)
     tune.add_argument("--finetune-adam-beta1", type=float, default=0.9)
     tune.add_argument("--finetune-adam-beta2", type=float, default=0.95)
+    tune.add_argument("--finetune-dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="bfloat16: matrix products of the training steps in bfloat16 (fast with AMX/AVX-512 BF16)")
     parser.add_argument("--param-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                         help="storage dtype of codebooks and scales")
     parser.add_argument("--seed", type=int, default=0)
@@ -142,6 +149,7 @@ def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         steps_per_epoch=args.steps_per_epoch,
         lr=args.lr,
         codebook_update=args.codebook_update,
+        lstsq_tolerance=args.lstsq_tolerance,
         init_max_iter=args.init_max_iter,
         init_max_points_per_centroid=args.init_max_points_per_centroid or None,
         seed=args.seed,
@@ -154,10 +162,12 @@ def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         beta1=args.finetune_adam_beta1,
         beta2=args.finetune_adam_beta2,
         batch_size=args.finetune_batch_size,
+        dtype=args.finetune_dtype,
     )
     return QuantizeConfig(
         layer=layer, finetune=finetune, nsamples=args.nsamples, val_size=args.val_size, seqlen=args.seqlen,
         seed=args.seed, true_sequential=not args.no_true_sequential, param_dtype=args.param_dtype,
+        forward_dtype=args.forward_dtype,
     )
 
 

@@ -60,3 +60,22 @@ def test_codebook_gradient_from_precomputed_rows_equals_weight_gradients_and_aut
         leaf = codebooks.clone().requires_grad_(True)
         (reference,) = torch.autograd.grad((dequantize_reference(codes, leaf, scales) * grad_weight).sum(), leaf)
         torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_codeword_sums_equal_codebook_gradient_with_fixed_or_given_scales():
+    """CodewordSums (one sparse product per call; the least-squares solve and block fine-tuning)
+    gives codebook_gradient's values, the scales fixed when built or passed per call."""
+    import pytest
+
+    generator = torch.Generator().manual_seed(4)
+    for num_codebooks, nbits, og, ig in ((2, 8, 1, 8), (1, 4, 2, 4), (3, 6, 1, 4)):
+        codes = pack_codes(torch.randint(0, 2**nbits, (12, 10, num_codebooks), generator=generator), nbits)
+        shape = torch.Size((num_codebooks, 2**nbits, og, ig))
+        scales = torch.rand(12, 1, 1, 1, generator=generator) + 0.5
+        grad_weight = torch.randn(12 * og, 10 * ig, generator=generator)
+        expected = ops.codebook_gradient(grad_weight, ops.codeword_rows(codes, 2**nbits), scales, shape)
+        torch.testing.assert_close(ops.CodewordSums(codes, shape, scales)(grad_weight), expected, rtol=1e-5, atol=1e-5)
+        sums = ops.CodewordSums(codes, shape)
+        torch.testing.assert_close(sums(grad_weight, scales), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="pass scales to CodewordSums either when building it or when calling it"):
+            sums(grad_weight)

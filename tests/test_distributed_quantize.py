@@ -72,6 +72,16 @@ def test_two_processes_write_the_checkpoint_of_one(single, tmp_path):
     assert_same_checkpoint(one, tmp_path / "two")
 
 
+def test_two_processes_match_one_with_cpu_fasts_bfloat16_and_early_ending_options(single, tmp_path):
+    """bfloat16 forward passes and fine-tuning, and the least-squares tolerance, keep the identity."""
+    model_dir, tokens, _ = single
+    extra = ("--forward-dtype", "bfloat16", "--finetune-dtype", "bfloat16", "--lstsq-tolerance", "3e-4")
+    assert in_process(main, arguments(model_dir, tokens, tmp_path / "one", *extra)) == 0
+    result = run_cli(*arguments(model_dir, tokens, tmp_path / "two", *extra, "--nproc", "2"))
+    assert result.returncode == 0, result.stderr
+    assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
 def test_two_processes_resume_a_killed_run(single, tmp_path):
     model_dir, tokens, one = single
     out = tmp_path / "resumed"

@@ -49,13 +49,15 @@ def test_preset_sets_only_the_options_left_at_their_defaults(order):
     assert config.nsamples == 64 and config.seqlen == 512
     assert config.layer.max_epochs == 4 and config.layer.steps_per_epoch == 20
     assert config.layer.codebook_update == "lstsq" and config.layer.init_max_iter == 25
-    assert config.finetune.max_epochs == 1
+    assert config.layer.lstsq_tolerance == 3e-4
+    assert config.finetune.max_epochs == 1 and config.finetune.dtype == "bfloat16" and config.forward_dtype == "bfloat16"
     assert config.layer.scheme == AqlmScheme.parse("2x8g8")
 
 
 def test_without_preset_the_upstream_defaults_stay():
     config = quantize_config_from_args(parse())
     assert config.nsamples == 128 and config.layer.max_epochs == 1000 and config.layer.codebook_update == "adam"
+    assert config.layer.lstsq_tolerance is None and config.finetune.dtype == config.forward_dtype == "float32"
     assert config.layer.init_max_points_per_centroid == 256
     assert quantize_config_from_args(parse("--init-max-points-per-centroid", "0")).layer.init_max_points_per_centroid is None
 

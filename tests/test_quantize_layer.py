@@ -128,3 +128,92 @@ def test_bad_inputs_raise_clear_errors() -> None:
         quantize_weight(weight[:63], xtx, config(SCHEMES[2]))
     with pytest.raises(ValueError, match="codebook_update must be 'adam' or 'lstsq'"):
         config(SCHEMES[1], codebook_update="sgd")
+
+
+
+def _unit_weights(codes, codebooks_shape, scales) -> torch.Tensor:
+    """[codebook entries, out * in] float64: row i is the dense weight of codebooks e_i (the linear map D)."""
+    from aqlm.ops import dequantize
+
+    size = int(torch.tensor(codebooks_shape).prod())
+    units = torch.eye(size).view(size, *codebooks_shape)
+    return torch.stack([dequantize(codes, unit, scales).double().flatten() for unit in units])
+
+
+def _normal_equations(codes, codebooks_shape, scales, weight, xtx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, b) of min over codebooks C of tr((W - D(C)) H (W - D(C))^T): A = D^T H D, b = D^T W H (float64)."""
+    units = _unit_weights(codes, codebooks_shape, scales)
+    out_features, in_features = weight.shape
+    projected = (units.view(-1, out_features, in_features) @ xtx.double()).view(units.shape[0], -1)
+    return units @ projected.T, units @ (weight.double() @ xtx.double()).flatten()
+
+
+@pytest.mark.parametrize("scheme", [AqlmScheme(2, 3, 4, 1), AqlmScheme(2, 4, 2, 2)], ids=lambda scheme: scheme.name)
+def test_codeword_preconditioner_inverts_the_own_group_blocks(scheme: AqlmScheme) -> None:
+    """Each codeword's block is the sum over the groups it codes of scale^2 * (that group's diagonal
+    block of XTX), for each of its rows: the normal matrix's diagonal block when no output group
+    uses the codeword twice."""
+    from aqlm.format import unpack_codes
+    from aqlm.ops import codeword_rows
+    from aqlm.quantize.layer import codeword_preconditioner, init_quantized_weight
+
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(8, 16, generator=generator)
+    activations = torch.randn(64, 16, generator=generator)
+    xtx = activations.T @ activations / 64
+    codes, codebooks, scales = init_quantized_weight(weight, config(scheme, init_max_iter=3))
+    scales = scales * (1.0 + torch.rand(scales.shape, generator=generator))
+    og, ig, size = scheme.out_group_size, scheme.in_group_size, scheme.codebook_size
+    inverse = codeword_preconditioner(codeword_rows(codes, size), scales, xtx, codebooks.shape)
+    unpacked = unpack_codes(codes, scheme.nbits_per_codebook)
+    expected = torch.zeros(scheme.num_codebooks * size, ig, ig, dtype=torch.float64)
+    for o, g, m in torch.cartesian_prod(*(torch.arange(n) for n in unpacked.shape)).tolist():
+        block = xtx[g * ig : (g + 1) * ig, g * ig : (g + 1) * ig].double()
+        expected[m * size + int(unpacked[o, g, m])] += float(scales.view(-1)[o]) ** 2 * block
+    normal, _ = _normal_equations(codes, codebooks.shape, scales, weight, xtx)
+    exact = 0
+    for codeword in range(scheme.num_codebooks * size):
+        rows = [o for o, g in torch.nonzero(unpacked[..., codeword // size] == codeword % size).tolist()]
+        if not rows:
+            torch.testing.assert_close(inverse[codeword].double(), torch.eye(ig, dtype=torch.float64))
+            continue
+        torch.testing.assert_close(inverse[codeword].double() @ expected[codeword], torch.eye(ig, dtype=torch.float64),
+                                   atol=1e-4, rtol=1e-4)
+        if len(set(rows)) == len(rows):
+            span = slice(codeword * og * ig, (codeword + 1) * og * ig)
+            own = torch.kron(torch.eye(og, dtype=torch.float64), expected[codeword])
+            torch.testing.assert_close(normal[span, span], own, atol=1e-5, rtol=1e-5)
+            exact += 1
+    assert exact > 0
+
+
+def test_lstsq_reaches_the_exact_minimum_and_its_tolerance_ends_solves_early(monkeypatch) -> None:
+    import aqlm.quantize.layer as layer_module
+    from aqlm.quantize.layer import LayerObjective, _lstsq_update, init_quantized_weight
+
+    scheme = AqlmScheme(2, 3, 8, 1)
+    weight, _, xtx = synthetic_layer(seed=6)
+    objective = LayerObjective(weight, xtx, scheme.out_group_size)
+    codes, codebooks, scales = init_quantized_weight(objective.weight, config(scheme))
+    normal, rhs = _normal_equations(codes, codebooks.shape, scales, objective.weight, xtx)
+    exact = torch.linalg.lstsq(normal, rhs.unsqueeze(1)).solution.view(codebooks.shape).float()
+    products = []
+    original = layer_module.dequantize
+
+    def counted(*args):
+        products.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(layer_module, "dequantize", counted)
+    errors, steps = {}, {}
+    for tolerance in (None, 1e-2):
+        products.clear()
+        solved = codebooks.clone()
+        layer_config = config(scheme, codebook_update="lstsq", steps_per_epoch=100, lstsq_tolerance=tolerance)
+        _lstsq_update(objective, codes, solved, scales.clone(), layer_config)
+        errors[tolerance], steps[tolerance] = objective.relative_error(codes, solved, scales), len(products)
+    assert errors[None] == pytest.approx(objective.relative_error(codes, exact, scales), rel=1e-4)
+    assert 3 < steps[1e-2] < steps[None] <= 100
+    assert errors[None] < errors[1e-2] <= errors[None] * 1.02
+    with pytest.raises(ValueError, match=r"lstsq_tolerance must be in \[0, 1\) or None, got 1.5"):
+        config(scheme, lstsq_tolerance=1.5)

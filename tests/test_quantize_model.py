@@ -123,14 +123,19 @@ def _cli(model_dir, tokens, out, *extra):
     ]
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("precision", [(), ("--forward-dtype", "bfloat16", "--finetune-dtype", "bfloat16")],
+                         ids=["float32", "bfloat16"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, precision):
+    """Also with bfloat16 forward passes: a resumed run recomputes the restored blocks' outputs the same way."""
     model_dir, tokens = tiny_model_dir(tmp_path, layers=4, seed=1), token_file(tmp_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    reference = subprocess.run(_cli(model_dir, tokens, tmp_path / "whole"), capture_output=True, text=True, env=env)
+    reference = subprocess.run(_cli(model_dir, tokens, tmp_path / "whole", *precision), capture_output=True, text=True,
+                               env=env)
     assert reference.returncode == 0, reference.stderr
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(model_dir, tokens, killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen(_cli(model_dir, tokens, killed, *precision), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env)
     deadline = time.monotonic() + 300
     while not (killed / "aqlm_progress" / "block_0001.json").exists():
         assert process.poll() is None, process.stderr.read().decode()
@@ -142,7 +147,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     restored = [json.loads(p.read_text()) for p in sorted((killed / "aqlm_progress").glob("block_*.json"))]
     assert 2 <= len(restored) < 4
 
-    resumed = subprocess.run(_cli(model_dir, tokens, killed, "--resume"), capture_output=True, text=True, env=env)
+    resumed = subprocess.run(_cli(model_dir, tokens, killed, *precision, "--resume"), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "restored" in resumed.stdout + resumed.stderr
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))

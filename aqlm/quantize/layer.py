@@ -15,7 +15,7 @@ import torch
 
 from ..format import AqlmScheme, dequantize_reference, pack_codes
 from ..ops import (
-    beam_search, codebook_gradient, codeword_rows, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients,
+    CodewordSums, beam_search, codeword_rows, dequantize, kmeans, scale_rows, unscaled_weight, weight_gradients,
 )
 from .phases import PhaseTimer, maybe_phase
 
@@ -36,6 +36,9 @@ class LayerConfig:
         lr: Adam learning rate for codebooks and scales.
         codebook_update: "adam" (upstream: Adam, betas (0, 0.95), amsgrad) or "lstsq" (exact
             minimum over codebooks by conjugate gradients, then closed-form scales).
+        lstsq_tolerance: "lstsq" only: end a round's conjugate-gradient solve at the first step
+            that lowers the relative error by less than this fraction of it (None: always run
+            ``steps_per_epoch`` steps).
         init_max_iter: k-means iterations for the initial codebooks.
         init_max_points_per_centroid: train k-means on a seeded sample of at most this many points
             per centroid, as faiss does (None: all points; upstream trains on all).
@@ -50,6 +53,7 @@ class LayerConfig:
     steps_per_epoch: int = 100
     lr: float = 1e-4
     codebook_update: str = "adam"
+    lstsq_tolerance: Optional[float] = None
     init_max_iter: int = 100
     init_max_points_per_centroid: Optional[int] = 256
     seed: int = 0
@@ -68,6 +72,8 @@ class LayerConfig:
             raise ValueError(f"codebook_update must be 'adam' or 'lstsq', got {self.codebook_update!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lstsq_tolerance is not None and not 0 <= self.lstsq_tolerance < 1:
+            raise ValueError(f"lstsq_tolerance must be in [0, 1) or None, got {self.lstsq_tolerance}")
 
     def to_dict(self) -> dict:
         """Plain-JSON form (for progress files and logs)."""
@@ -202,35 +208,84 @@ def _adam_update(objective: LayerObjective, codes, codebooks, scales, config: La
         optimizer.step()
 
 
-def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig) -> None:
-    """Exact minimum over codebooks for fixed codes and scales (conjugate gradients on the normal
-    equations, each product one dequantize and one multiplication by H), then the closed-form
-    optimal scale of every output group for the new codebooks."""
-    rows = codeword_rows(codes, codebooks.shape[1])  # once for every product of the solve
+def codeword_preconditioner(
+    rows: torch.Tensor, scales: torch.Tensor, xtx: torch.Tensor, codebooks_shape: torch.Size
+) -> torch.Tensor:
+    """Inverses [M * K, ig, ig] of approximate diagonal blocks of the least-squares normal matrix.
 
-    def gradient(grad_weight: torch.Tensor) -> torch.Tensor:
-        return codebook_gradient(grad_weight, rows, scales, codebooks.shape)
+    For fixed codes and scales, the block of codeword (m, k) is approximated by the sum over the
+    groups (o, g) coded with it of scale_o^2 * H_gg (H_gg: the ig x ig diagonal block of XTX for
+    input group g), the same for each of its out_group_size rows; the exact block also has the
+    terms scale_o^2 * H_gg' of two groups g != g' of one output group sharing the codeword. Unused
+    codewords get the identity, and a tiny ridge (relative to the trace) keeps singular blocks
+    invertible, so the preconditioner is positive definite.
+    """
+    num_codebooks, codebook_size, _, in_group_size = codebooks_shape
+    num_out_groups = scales.numel()
+    num_in_groups = rows.shape[1] // num_out_groups
+    diagonal = xtx.view(num_in_groups, in_group_size, num_in_groups, in_group_size).diagonal(dim1=0, dim2=2)
+    diagonal = diagonal.permute(2, 0, 1).reshape(num_in_groups, in_group_size * in_group_size).double()
+    squares = scales.detach().double().reshape(num_out_groups, 1).square().expand(-1, num_in_groups).reshape(-1)
+    in_group = torch.arange(num_in_groups).repeat(num_out_groups)
+    weights = torch.zeros(num_codebooks * codebook_size * num_in_groups, dtype=torch.float64)
+    for m in range(num_codebooks):
+        weights.index_add_(0, rows[m] * num_in_groups + in_group, squares)
+    blocks = (weights.view(-1, num_in_groups) @ diagonal).view(-1, in_group_size, in_group_size)
+    trace = blocks.diagonal(dim1=1, dim2=2).sum(dim=1).view(-1, 1, 1)
+    eye = torch.eye(in_group_size, dtype=torch.float64)
+    blocks = blocks + (1e-6 * trace / in_group_size) * eye + (trace <= 0) * eye
+    return torch.linalg.inv(blocks).float()
+
+
+def _lstsq_update(objective: LayerObjective, codes, codebooks, scales, config: LayerConfig) -> None:
+    """Minimum over codebooks for fixed codes and scales (conjugate gradients on the normal
+    equations, preconditioned by the inverse diagonal blocks of :func:`codeword_preconditioner`;
+    each product one dequantize and one multiplication by H), then the closed-form optimal scale
+    of every output group for the new codebooks.
+
+    At most ``steps_per_epoch`` steps; with ``lstsq_tolerance``, the solve ends at the first step
+    that lowers the relative error by less than that fraction of it. A step's decrease is
+    alpha * r.z (exact for a quadratic), and the error at the start is
+    (||W||_H^2 - b.x - r.x) / ||W||_H^2 for the right-hand side b and the residual r = b - A x.
+    """
+    rows = codeword_rows(codes, codebooks.shape[1])
+    shape = codebooks.shape
+    num_codebooks, codebook_size, out_group_size, in_group_size = shape
+    gradient = CodewordSums(codes, shape, scales)  # once for every product of the solve (scales fixed)
 
     def apply(direction: torch.Tensor) -> torch.Tensor:
         return gradient(dequantize(codes, direction, scales.detach()).float() @ objective.xtx)
 
     with torch.no_grad():
+        inverse = codeword_preconditioner(rows, scales, objective.xtx, shape)
+
+        def precondition(residual: torch.Tensor) -> torch.Tensor:
+            blocks = residual.view(num_codebooks * codebook_size, out_group_size, in_group_size)
+            return (blocks @ inverse).view(shape)
+
         x = codebooks.detach().clone()
         rhs = gradient(objective.weight @ objective.xtx)
         r = rhs - apply(x)
-        p = r.clone()
-        rr = float((r * r).sum())
-        start = rr
+        z = precondition(r)
+        p = z.clone()
+        rz = float((r * z).sum())
+        start = rz
+        error = (objective.reference - float((rhs * x).sum()) - float((r * x).sum())) / objective.reference
         for _ in range(max(config.steps_per_epoch, 1)):
-            if rr <= 1e-12 * start or rr == 0.0:
+            if rz <= 1e-12 * start or rz <= 0.0:
                 break
             ap = apply(p)
-            alpha = rr / max(float((p * ap).sum()), 1e-30)
+            alpha = rz / max(float((p * ap).sum()), 1e-30)
             x += alpha * p
             r -= alpha * ap
-            rr_next = float((r * r).sum())
-            p = r + (rr_next / rr) * p
-            rr = rr_next
+            decrease = alpha * rz / objective.reference
+            error -= decrease
+            z = precondition(r)
+            rz_next = float((r * z).sum())
+            p = z + (rz_next / rz) * p
+            rz = rz_next
+            if config.lstsq_tolerance is not None and decrease < config.lstsq_tolerance * error:
+                break
         codebooks.copy_(x)
         og = objective.out_group_size
         unscaled = dequantize(codes, codebooks, torch.ones_like(scales)).float()

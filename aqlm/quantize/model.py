@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -59,6 +60,10 @@ class QuantizeConfig:
             (embeddings, norms, output head), "float16" as in upstream checkpoints. The saved model is
             still built in float32 by ``from_pretrained``.
         batch_size: windows per forward pass when collecting statistics.
+        forward_dtype: "float32", or "bfloat16" to run the blocks' forward passes (dense targets,
+            X^T X collection, output checks and the next blocks' inputs) under bfloat16 autocast;
+            X^T X products and all parameters stay float32. Much faster on CPUs with AMX or
+            AVX-512 BF16, slower on CPUs without bfloat16 instructions.
     """
 
     layer: LayerConfig = field(default_factory=LayerConfig)
@@ -70,12 +75,19 @@ class QuantizeConfig:
     true_sequential: bool = True
     param_dtype: str = "float16"
     batch_size: int = 1
+    forward_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.nsamples < 1 or self.val_size < 0 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("need nsamples >= 1, val_size >= 0, seqlen >= 2 and batch_size >= 1")
+        if self.forward_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"forward_dtype must be 'float32' or 'bfloat16', got {self.forward_dtype!r}")
         if self.param_dtype not in _PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {sorted(_PARAM_DTYPES)}, got {self.param_dtype!r}")
+
+    def forward_precision(self, device: torch.device) -> torch.autocast:
+        """The autocast context of the block forward passes (disabled for float32)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.forward_dtype == "bfloat16")
 
     def to_dict(self) -> dict:
         """Plain-JSON form, used to check that a resumed run continues the same job."""
@@ -297,6 +309,77 @@ def _share_partial(partial: Optional[_Partial], names: list[str], world: World, 
     return shared, rows
 
 
+class ForwardReplay:
+    """Outputs of a block's submodules recorded in one :func:`collect_xtx` pass and replayed in the
+    next pass over the same windows, so that consecutive groups' passes do not recompute them.
+
+    A pass records the output of every submodule whose forward finishes before the first call of
+    a linear of the group being collected (called once up to then). Between that pass and the
+    next, only this group's linears change (they are quantized), and with groups in execution
+    order (:func:`input_groups`) nothing that finished before their first call depends on them:
+    the next pass computes the same bits for those modules, so it takes their recorded outputs
+    instead (the outermost ones; a later call of a replayed module runs it). For a Llama block,
+    the o_proj pass replays q/k/v, and the down_proj pass the whole attention and both norms.
+    Outputs are kept per pass number, one pass deep: each rank records only its own passes.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.recorded: dict[int, dict[str, Any]] = {}
+
+    @contextmanager
+    def pass_of(self, number: int, names: list[str]) -> Iterator[None]:
+        """Replay what the previous pass ``number`` recorded, and record this one, whose group is ``names``."""
+        replayed = self.recorded.pop(number, {})
+        outermost = [name for name in replayed if not any(name.startswith(other + ".") for other in replayed)]
+        calls: dict[str, int] = {}
+        outputs: dict[str, Any] = {}
+        frozen = [False]  # set at the group's first linear call
+
+        def count(name):
+            def hook(module, args):
+                calls[name] = calls.get(name, 0) + 1
+            return hook
+
+        def record(name):
+            def hook(module, args, output):
+                if not frozen[0] and calls.get(name) == 1:
+                    outputs[name] = output
+            return hook
+
+        def freeze(module, args):
+            frozen[0] = True
+
+        def replayer(module: nn.Module, output: Any) -> Callable:
+            compute, used = module.forward, [False]
+
+            def forward(*args, **kwargs):
+                if used[0]:
+                    return compute(*args, **kwargs)
+                used[0] = True
+                return output
+            return forward
+
+        handles, overridden = [], []
+        try:
+            for name, module in self.block.named_modules():
+                if name:
+                    handles.append(module.register_forward_pre_hook(count(name)))
+                    handles.append(module.register_forward_hook(record(name)))
+            handles += [self.block.get_submodule(name).register_forward_pre_hook(freeze) for name in names]
+            for name in outermost:
+                module = self.block.get_submodule(name)
+                module.forward = replayer(module, replayed[name])
+                overridden.append(module)
+            yield
+            self.recorded[number] = outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in overridden:
+                del module.forward
+
+
 def collect_xtx(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -304,6 +387,7 @@ def collect_xtx(
     names: list[str],
     batch_size: int,
     world: Optional[World] = None,
+    replay: Optional[ForwardReplay] = None,
 ) -> dict[str, torch.Tensor]:
     """XTX / n_tokens (accumulated in float64) of the inputs of the named linears of ``block``.
 
@@ -316,7 +400,10 @@ def collect_xtx(
     Linears fed the same input tensor (q/k/v, gate/up) share one product per forward pass and,
     when they shared it on every pass, one result tensor; the values are those of a separate
     product per linear. Each pass stops as soon as the last of the named linears has its input,
-    so the rest of the block (all of it after q/k/v, say) is not computed.
+    so the rest of the block (all of it after q/k/v, say) is not computed. With ``replay`` (one
+    :class:`ForwardReplay` for the consecutive groups of one block, true-sequential), each pass
+    also takes from the previous group's pass the outputs that cannot have changed: the same
+    values, less computation.
     """
     world = world or World()
     current: dict[str, Any] = {}  # this pass's products and rows, and [input, product, rows] of the latest product
@@ -326,10 +413,9 @@ def collect_xtx(
         def hook(module, args):
             last = current.get("last")
             if last is None or last[0] is not args[0]:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"calibration activations entering {name} contain NaN or Inf")
-                last = current["last"] = (args[0], (x.T @ x).double(), x.shape[0])
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # NaN/Inf: checked on the sums
+                with torch.autocast(x.device.type, enabled=False):  # float32 products under bfloat16 passes
+                    last = current["last"] = (args[0], (x.T @ x).double(), x.shape[0])
             _, product, rows = last
             products, counts = current["partial"]
             products[name] = product if name not in products else products[name] + product
@@ -342,10 +428,11 @@ def collect_xtx(
     def one_pass(number: int) -> _Partial:
         seen.clear()
         current["partial"] = ({}, {})
-        try:
-            block(inputs[number * batch_size : (number + 1) * batch_size], **block_kwargs)
-        except _InputsCollected:
-            pass
+        with replay.pass_of(number, names) if replay is not None else nullcontext():
+            try:
+                block(inputs[number * batch_size : (number + 1) * batch_size], **block_kwargs)
+            except _InputsCollected:
+                pass
         current.pop("last", None)
         if len(seen) != len(names):
             missing = sorted(set(names) - seen)
@@ -371,6 +458,8 @@ def collect_xtx(
     for name in names:
         key = (id(sums[name]), counts[name])
         if key not in results:
+            if not torch.isfinite(sums[name]).all():  # a NaN or Inf in any pass's inputs reaches the sum
+                raise ValueError(f"calibration activations entering {name} contain NaN or Inf (or overflow X^T X)")
             results[key] = (sums[name] / counts[name]).float()
     return {name: results[(id(sums[name]), counts[name])] for name in names}
 
@@ -525,12 +614,13 @@ def quantize_model(
                 )
         reports += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in record["layers"]]
         with timer.phase("calibration"):
-            if outputs is None:
-                run_block_split(block, inputs, block_kwargs, config.batch_size, world, out=inputs)
-            else:
-                inputs = outputs
-            if val_inputs is not None:
-                run_block_split(block, val_inputs, block_kwargs, config.batch_size, world, out=val_inputs)
+            with config.forward_precision(inputs.device):
+                if outputs is None:
+                    run_block_split(block, inputs, block_kwargs, config.batch_size, world, out=inputs)
+                else:
+                    inputs = outputs
+                if val_inputs is not None:
+                    run_block_split(block, val_inputs, block_kwargs, config.batch_size, world, out=val_inputs)
 
     with timer.phase("saving"):
         if world.is_main:
@@ -596,7 +686,7 @@ def _quantize_block(
     input group are shared out between ranks (see :mod:`aqlm.quantize.distributed`).
     """
     started = time.perf_counter()
-    with timer.phase("calibration"):
+    with timer.phase("calibration"), config.forward_precision(inputs.device):
         targets = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
         val_targets = None
         if val_inputs is not None:
@@ -608,9 +698,10 @@ def _quantize_block(
     scheme = config.layer.scheme
     layers = []
     names = [name for group in groups for name in group]
+    replay = ForwardReplay(block)
     for group in groups:
-        with timer.phase("xtx"):
-            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world)
+        with timer.phase("xtx"), config.forward_precision(inputs.device):
+            xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world, replay)
         linears = [block.get_submodule(name) for name in group]
         owners = assign_owners([linear.weight.numel() for linear in linears], world.size)
         results = {
@@ -654,7 +745,8 @@ def _quantize_block(
                 if parameter is not None:
                     setattr(module, name, nn.Parameter(parameter.detach().to(param_dtype), requires_grad=False))
     with timer.phase("output_check"), torch.no_grad():
-        outputs = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
+        with config.forward_precision(inputs.device):
+            outputs = run_block_split(block, inputs, block_kwargs, config.batch_size, world)
         output_error = float(((outputs - targets) ** 2).mean() / (targets**2).mean())
     log(f"block {index}: relative output error {output_error:.4f} after fine-tuning, {time.perf_counter() - started:.1f} s")
     return {"layers": layers, "finetune": losses, "output_error": output_error}, outputs
