@@ -50,8 +50,24 @@ def test_preset_sets_only_the_options_left_at_their_defaults(order):
     assert config.layer.max_epochs == 4 and config.layer.steps_per_epoch == 20
     assert config.layer.codebook_update == "lstsq" and config.layer.init_max_iter == 25
     assert config.layer.lstsq_tolerance == 3e-4
-    assert config.finetune.max_epochs == 1 and config.finetune.dtype == "bfloat16" and config.forward_dtype == "bfloat16"
+    fast = "bfloat16" if ops.cpu_has_fast_bf16() else "float32"
+    assert config.finetune.max_epochs == 1 and config.finetune.dtype == fast and config.forward_dtype == fast
     assert config.layer.scheme == AqlmScheme.parse("2x8g8")
+
+
+def test_preset_uses_bfloat16_products_only_where_the_cpu_has_them(monkeypatch):
+    import importlib
+
+    from aqlm.quantize import presets
+
+    try:
+        for fast, expected in ((True, "bfloat16"), (False, "float32")):
+            monkeypatch.setattr(ops, "cpu_has_fast_bf16", lambda fast=fast: fast)
+            reloaded = importlib.reload(presets)
+            assert reloaded.PRESETS["cpu-fast"]["forward_dtype"] == reloaded.PRESETS["cpu-fast"]["finetune_dtype"] == expected
+    finally:
+        monkeypatch.undo()
+        importlib.reload(presets)
 
 
 def test_without_preset_the_upstream_defaults_stay():

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import argparse
 
+from ..ops import cpu_has_fast_bf16
+
+# bfloat16 products pay only where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX);
+# elsewhere torch emulates them and float32 is faster. Processes of one distributed run must
+# agree: on machines of different kinds, give --forward-dtype and --finetune-dtype explicitly.
+FAST_PRODUCT_DTYPE = "bfloat16" if cpu_has_fast_bf16() else "float32"
+
 PRESETS: dict[str, dict[str, object]] = {
     # The README's SmolLM2 settings for 2 CPU cores: 32 windows of 512 tokens, 4 rounds of
     # least-squares codebook updates (at most 20 preconditioned conjugate-gradient steps, ending
     # once a step gains less than 0.03% of the error) and beam search, one fine-tuning epoch,
-    # bfloat16 products (AMX) in fine-tuning and the blocks' forward passes (X^T X and every
-    # parameter float32), and k-means as faiss runs it (25 iterations on at most 256 points per
+    # bfloat16 products in fine-tuning and the blocks' forward passes where the CPU has them
+    # (X^T X and every parameter float32), and k-means as faiss runs it (25 iterations on at most 256 points per
     # centroid).
     "cpu-fast": {
         "nsamples": 32,
@@ -24,8 +31,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "init_max_iter": 25,
         "init_max_points_per_centroid": 256,
         "finetune_max_epochs": 1,
-        "finetune_dtype": "bfloat16",
-        "forward_dtype": "bfloat16",
+        "finetune_dtype": FAST_PRODUCT_DTYPE,
+        "forward_dtype": FAST_PRODUCT_DTYPE,
     },
 }
 
