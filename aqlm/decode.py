@@ -107,7 +107,7 @@ class LlamaDecoder:
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if not tensor.is_cpu:
                 raise ValueError(f"LlamaDecoder runs on the CPU, but {name} is on {tensor.device}")
-        self.model, self.max_length = model, max_length
+        self.max_length = max_length
         inner = model.model
         self.hidden = config.hidden_size
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads

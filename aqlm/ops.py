@@ -664,9 +664,7 @@ def bound_linear_cpu(
     if kernel not in FEW_TOKEN_KERNELS:
         return lambda: out2.copy_(quantized_matmul_cpu(x2, codes, codebooks, scales, bias, kernel=kernel))
     call = plan.few_token_call(kernel, x.dtype, torch.get_num_threads())
-    if x.dtype == torch.bfloat16:
-        x2, out2 = x2.view(torch.int16), out2.view(torch.int16)
-    x_np, out_np = x2.numpy(), out2.numpy()
+    x_np, out_np = _numpy_view(x2), _numpy_view(out2)
     return lambda: call(x_np, out_np)
 
 

@@ -1107,10 +1107,6 @@ static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwarg
         PyErr_Format(PyExc_ValueError, "heads (%lld) must be a positive multiple of kv_heads (%lld)", heads, kv_heads);
         return NULL;
     }
-    if (position < 0 || position >= capacity) {
-        PyErr_Format(PyExc_ValueError, "position %lld is outside the cache of %zd positions", position, (Py_ssize_t)capacity);
-        return NULL;
-    }
     step_array arrays[] = {
         {"q", NULL, heads * D, 1},         {"k", NULL, kv_heads * D, 1},   {"v", NULL, kv_heads * D, 0},
         {"cos", NULL, capacity * D, 0},    {"sin", NULL, capacity * D, 0}, {"keys", NULL, capacity * kv_heads * D, 1},

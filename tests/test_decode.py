@@ -123,6 +123,10 @@ def test_bound_linear_matches_the_eager_path():
     ops.bound_linear_cpu(x, out, layer.codes, layer.codebooks, layer.scales, layer.bias)()
     with torch.no_grad():
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    x16, out16 = x.bfloat16(), torch.empty(1, layer.out_features, dtype=torch.bfloat16)
+    ops.bound_linear_cpu(x16, out16, layer.codes, layer.codebooks, layer.scales, layer.bias)()
+    with torch.no_grad():
+        torch.testing.assert_close(out16, layer(x16), rtol=0, atol=0)
     with pytest.raises(ValueError, match="out must have shape"):
         ops.bound_linear_cpu(x, torch.empty(1, 3), layer.codes, layer.codebooks, layer.scales, layer.bias)
 
