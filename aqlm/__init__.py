@@ -25,6 +25,7 @@ from . import ops
 from .format import AqlmScheme, dequantize_reference, pack_codes, unpack_codes
 from .hf import install_transformers_compat, quantization_config, save_quantized
 from .inference import QuantizedLinear
+from .int8_head import Int8Linear, quantize_lm_head
 
 try:
     __version__ = _metadata.version("aqlm")
@@ -35,11 +36,13 @@ install_transformers_compat()
 
 __all__ = [
     "AqlmScheme",
+    "Int8Linear",
     "QuantizedLinear",
     "dequantize_reference",
     "ops",
     "pack_codes",
     "quantization_config",
+    "quantize_lm_head",
     "save_quantized",
     "unpack_codes",
 ]

@@ -271,7 +271,8 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     parser.add_argument("--lm-head", choices=LM_HEAD_MODES, default="exact",
                         help="LM head weights: as stored (exact), a bfloat16 copy (half the bytes per token) or "
-                             "int8 rows with a float32 scale each (a quarter of float32's bytes)")
+                             "int8 rows with a float32 scale each (a quarter of float32's bytes; also with "
+                             "--transformers, by aqlm.quantize_lm_head)")
     parser.add_argument("--transformers", action="store_true",
                         help="use Transformers' generate instead (any architecture; slower on the CPU)")
     parser.add_argument("--threads", type=int_at_least(1), default=None)
@@ -291,9 +292,10 @@ def _token_ids(text: str) -> list[int]:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from .decode import LlamaDecoder
+    from .int8_head import quantize_lm_head
 
-    if args.transformers and args.lm_head != "exact":
-        raise ValueError(f"--lm-head {args.lm_head} applies to aqlm.decode.LlamaDecoder, not to --transformers")
+    if args.transformers and args.lm_head == "bf16":
+        raise ValueError("--lm-head bf16 applies to aqlm.decode.LlamaDecoder; with --transformers use exact or int8")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(_resolve_model(args.model))
@@ -304,6 +306,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     eos = model.generation_config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
+    if args.transformers and args.lm_head == "int8":
+        quantize_lm_head(model)
     if not args.transformers:  # built (kernels chosen, cache allocated) outside the timing
         decoder = LlamaDecoder(model, max_length=ids.shape[1] + args.max_new_tokens, lm_head=args.lm_head)
     started = time.perf_counter()

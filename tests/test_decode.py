@@ -274,5 +274,17 @@ def test_generate_command_needs_a_tokenizer(tmp_path, capsys):
     assert "has no tokenizer, so a text prompt cannot be encoded: give --prompt-ids" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "model"), "--prompt-ids", "1,96"]) == 2
     assert "input_ids must lie in [0, 96)" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "model"), "--prompt-ids", "1,2", "--transformers", "--lm-head", "int8"]) == 2
-    assert "--lm-head int8 applies to aqlm.decode.LlamaDecoder, not to --transformers" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "model"), "--prompt-ids", "1,2", "--transformers", "--lm-head", "bf16"]) == 2
+    assert "--lm-head bf16 applies to aqlm.decode.LlamaDecoder; with --transformers use exact or int8" in capsys.readouterr().err
+
+
+def test_generate_command_int8_head_through_transformers_matches_the_decoder(capsys):
+    """--lm-head int8 --transformers (aqlm.quantize_lm_head) reads the same int8 rows as LlamaDecoder's int8 head."""
+    from aqlm.cli import main
+
+    argv = ["generate", "stories260k", "--prompt-ids", "1,403,407,261", "--max-new-tokens", "16", "--threads", "1",
+            "--lm-head", "int8"]
+    assert main(argv) == 0
+    ours = capsys.readouterr()
+    assert main(argv + ["--transformers"]) == 0
+    assert capsys.readouterr().out == ours.out
