@@ -48,41 +48,95 @@ static aqlm_status sample_indices(int64_t n, int64_t count, uint64_t *rng, int64
     return AQLM_OK;
 }
 
+/* Points per k-means++ work item; a multiple of PLUSPLUS_LANES. */
+enum { PLUSPLUS_CHUNK = 4096, PLUSPLUS_LANES = 8 };
+
+/* Folds the squared distances of points [i0, i1) (at most PLUSPLUS_CHUNK) to `centroid` into
+ * nearest[] (the minimum so far; `first` overwrites) and returns their sum. Coordinates come
+ * coordinate-major (xt[t * n + i]) so that every loop below runs over consecutive points and the
+ * compiler vectorises it; distances are float32. The sum runs in PLUSPLUS_LANES fixed lanes
+ * combined in a fixed order, so it depends only on i0 and i1, never on the thread computing it. */
+static double fold_distances(int64_t n, int64_t d, int64_t i0, int64_t i1, const float *restrict xt,
+                             const float *restrict centroid, float *restrict nearest, int first) {
+    float distance[PLUSPLUS_CHUNK];
+    const int64_t count = i1 - i0;
+    for (int64_t i = 0; i < count; i++) distance[i] = 0.0f;
+    for (int64_t t = 0; t < d; t++) {
+        const float *restrict row = xt + t * n + i0;
+        const float c = centroid[t];
+        for (int64_t i = 0; i < count; i++) {
+            const float diff = row[i] - c;
+            distance[i] += diff * diff;
+        }
+    }
+    float *restrict folded = nearest + i0;
+    if (first)
+        for (int64_t i = 0; i < count; i++) folded[i] = distance[i];
+    else
+        for (int64_t i = 0; i < count; i++) folded[i] = distance[i] < folded[i] ? distance[i] : folded[i];
+    float lanes[PLUSPLUS_LANES] = {0};
+    int64_t i = 0;
+    for (; i + PLUSPLUS_LANES <= count; i += PLUSPLUS_LANES)
+        for (int l = 0; l < PLUSPLUS_LANES; l++) lanes[l] += folded[i + l];
+    for (; i < count; i++) lanes[i % PLUSPLUS_LANES] += folded[i];
+    double total = 0.0;
+    for (int l = 0; l < PLUSPLUS_LANES; l++) total += lanes[l];
+    return total;
+}
+
 /* k-means++ seeding: each next centroid drawn with probability proportional to the squared
- * distance to the nearest centroid chosen so far. */
+ * distance to the nearest centroid chosen so far. The distances are folded chunk by chunk in
+ * parallel (fold_distances); the draw walks the chunk sums in order, then the points of the
+ * chunk it falls in, so the centroids depend only on the seed, not on the thread count. */
 static aqlm_status init_plusplus(int64_t n, int64_t d, int64_t k, const float *x, uint64_t *rng,
-                                 float *centroids, aqlm_error *err) {
-    double *nearest = malloc((size_t)n * sizeof *nearest);
-    if (nearest == NULL) return aqlm_nomem(err, (size_t)n * sizeof *nearest);
+                                 float *centroids, int num_threads, aqlm_error *err) {
+    const int64_t chunks = (n + PLUSPLUS_CHUNK - 1) / PLUSPLUS_CHUNK;
+    float *xt = malloc((size_t)(n * d) * sizeof *xt);
+    float *nearest = malloc((size_t)n * sizeof *nearest);
+    double *chunk_sums = malloc((size_t)chunks * sizeof *chunk_sums);
+    if (xt == NULL || nearest == NULL || chunk_sums == NULL) {
+        free(xt), free(nearest), free(chunk_sums);
+        return aqlm_nomem(err, (size_t)(n * (d + 1)) * sizeof(float) + (size_t)chunks * sizeof(double));
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t t = 0; t < d; t++) xt[t * n + i] = x[i * d + t];
+    const int threads = aqlm_threads_for(num_threads, (double)n * d);
     int64_t chosen = (int64_t)aqlm_random_below(rng, (uint64_t)n);
     for (int64_t c = 0; c < k; c++) {
         memcpy(centroids + c * d, x + chosen * d, (size_t)d * sizeof(float));
-        double total = 0.0;
-        for (int64_t i = 0; i < n; i++) {
-            double distance = 0.0;
-            for (int64_t t = 0; t < d; t++) {
-                const double diff = (double)x[i * d + t] - centroids[c * d + t];
-                distance += diff * diff;
-            }
-            nearest[i] = c == 0 || distance < nearest[i] ? distance : nearest[i];
-            total += nearest[i];
-        }
         if (c + 1 == k) break;
+        const float *centroid = centroids + c * d;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            const int64_t i0 = chunk * PLUSPLUS_CHUNK, i1 = i0 + PLUSPLUS_CHUNK < n ? i0 + PLUSPLUS_CHUNK : n;
+            chunk_sums[chunk] = fold_distances(n, d, i0, i1, xt, centroid, nearest, c == 0);
+        }
+        double total = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; chunk++) total += chunk_sums[chunk];
         if (!(total > 0.0)) { /* all points coincide with chosen centroids: take any */
             chosen = (int64_t)aqlm_random_below(rng, (uint64_t)n);
             continue;
         }
         double target = (double)(aqlm_random_next(rng) >> 11) * 0x1.0p-53 * total;
-        chosen = n - 1;
-        for (int64_t i = 0; i < n; i++) {
+        int64_t chunk = 0;
+        while (chunk + 1 < chunks && target >= chunk_sums[chunk]) target -= chunk_sums[chunk++];
+        const int64_t i0 = chunk * PLUSPLUS_CHUNK, i1 = i0 + PLUSPLUS_CHUNK < n ? i0 + PLUSPLUS_CHUNK : n;
+        chosen = -1;
+        int64_t last = -1; /* the chunk's last point with weight, should rounding leave target >= 0 */
+        for (int64_t i = i0; i < i1; i++) {
+            if (!(nearest[i] > 0.0f)) continue;
+            last = i;
             target -= nearest[i];
             if (target < 0.0) {
                 chosen = i;
                 break;
             }
         }
+        if (chosen < 0) chosen = last;
+        for (int64_t i = n - 1; chosen < 0 && i >= 0; i--) /* a chunk without weight: any point with some */
+            if (nearest[i] > 0.0f) chosen = i;
     }
-    free(nearest);
+    free(xt), free(nearest), free(chunk_sums);
     return AQLM_OK;
 }
 
@@ -240,7 +294,7 @@ aqlm_status aqlm_kmeans(int64_t n, int64_t d, int64_t k, const float *x, const a
         for (int64_t i = 0; i < m; i++) memcpy(train + i * d, x + picked[i] * d, (size_t)d * sizeof(float));
     }
     if (params->init == AQLM_KMEANS_INIT_PLUSPLUS) {
-        status = init_plusplus(m, d, k, train, &rng, centroids, err);
+        status = init_plusplus(m, d, k, train, &rng, centroids, num_threads, err);
     } else {
         status = sample_indices(m, k, &rng, picked, err);
         for (int64_t c = 0; status == AQLM_OK && c < k; c++)

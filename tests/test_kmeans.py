@@ -283,3 +283,23 @@ def test_kmeanspp_is_not_worse_than_random_on_clustered_data() -> None:
             after_lloyd[init].append(_C.kmeans(x, 16, max_iter=5, init=init, seed=seed, num_threads=1)[2])
     assert np.mean(after_init["kmeans++"]) < 0.7 * np.mean(after_init["random"])
     assert np.mean(after_lloyd["kmeans++"]) <= np.mean(after_lloyd["random"])
+
+
+def test_kmeanspp_draws_over_many_chunks_the_same_on_any_thread_count(always_parallel: int) -> None:
+    """k-means++ folds distances in chunks of 4096 points, in parallel, and draws by walking the
+    chunk sums: on 3 chunks and a tail, the seeding must not depend on the thread count, must take
+    distinct points, and must spread over every chunk (clusters laid out chunk by chunk) as well
+    as it does on one chunk's worth of the same data."""
+    rng = np.random.default_rng(17)
+    centres = rng.standard_normal((48, 8)).astype(np.float32) * 10
+    labels = np.repeat(np.arange(48), (3 * 4096 + 37) // 48 + 1)[: 3 * 4096 + 37]  # clusters in point order
+    x = (centres[labels] + 0.05 * rng.standard_normal((len(labels), 8))).astype(np.float32)
+    seeded = [_C.kmeans(x, 48, max_iter=0, max_points_per_centroid=0, init="kmeans++", seed=seed, num_threads=threads)
+              for seed in range(4) for threads in (1, always_parallel)]
+    for one, many in zip(seeded[::2], seeded[1::2]):
+        np.testing.assert_array_equal(one[0], many[0])
+        assert one[2] == many[2]
+    for centroids, _, _ in seeded[::2]:
+        assert len({tuple(row) for row in centroids.tolist()}) == 48
+        hit = {int(labels[np.flatnonzero((x == row).all(axis=1))[0]]) for row in centroids}
+        assert len(hit) >= 44, f"k-means++ found only {len(hit)} of 48 well-separated clusters"
