@@ -138,10 +138,16 @@ static void fill_split(int64_t G, int64_t group, group_split *split) {
     split->first[(G + group - 1) / group] = split->piece0[P];
 }
 
-/* The threads for one pass: every thread pulls 1/P of the codes, so a team pays off on layers far
- * smaller than the other kernels' threshold (aqlm_threads_for); never more threads than groups. */
+/* With the input groups split, a team pays off on far smaller layers than the other kernels
+ * need: at one token on 2 cores (2x8g8), 2 threads break even near 9k units of `work` below
+ * (64x128: 2.5 -> 2.8 us, 128x128: 3.7 -> 3.4 us, 256x128: 6.2 -> 4.6 us) where the process-wide
+ * threshold is 262144. So lutq's work counts LUTQ_WORK_WEIGHT-fold against that threshold (262144
+ * / 24 = 10923 by default; aqlm_set_min_parallel_work(0) still forces teams). */
+enum { LUTQ_WORK_WEIGHT = 24 };
+
+/* Threads for a call: never more than there are input groups (each thread takes at least one). */
 static int lutq_threads(int num_threads, double work, int64_t G) {
-    const int threads = aqlm_threads_for(num_threads, work);
+    const int threads = aqlm_threads_for(num_threads, work * LUTQ_WORK_WEIGHT);
     return threads < G ? threads : (int)G;
 }
 
@@ -216,10 +222,13 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                     for (int64_t b = g0 / group; b * group < g1; b++) {
                         const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
                         const int whole = chunk_is_whole(b, group, G, g0, g1);
-                        float *amax = amax_all + ((split.piece0[p] + b - g0 / group) * T + t) * M;
+                        /* the maxima gather on p's own stack: the pieces' slots of all threads share
+                         * cache lines, which every group's update would bounce between cores */
+                        float amax[AQLM_LUTQ_MAX_CODEBOOKS];
                         float *tables = whole ? scratch : kept;
                         for (int64_t m = 0; m < M; m++) amax[m] = 0.0f;
                         kernels->tables(&s, from, to, x32 + t * in, cbt, tables, amax);
+                        memcpy(amax_all + ((split.piece0[p] + b - g0 / group) * T + t) * M, amax, (size_t)M * sizeof(float));
                         if (whole) {
                             kernels->quantize(&s, to - from, tables, amax, qhi + (t * G + from) * M * KS, qlo + (t * G + from) * M * KS);
                             for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = amax[m] / (float)AQLM_LUTQ_LEVELS;
