@@ -6,7 +6,8 @@
  * the code's top bit. One lookup instruction thus serves 64 output rows. Each code is looked up
  * in the high-byte and the low-byte table; the eight registers of a (group, codebook) table pair
  * are loaded once for TILE_STEP tiles. The int8 results are summed exactly in even/odd int16 lanes
- * (sign-extended by shifts), combined as 254 * high + low in int32 and scaled to fp32 once per chunk.
+ * (sign-extended by shifts) and combined as 254 * high + low in int32: one exact partial sum per
+ * piece of a chunk, codebook and row (lutq.h), which the driver's final pass scales to fp32.
  * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
  */
 #include <math.h>
