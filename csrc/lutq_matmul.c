@@ -82,7 +82,8 @@ aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param
     return AQLM_OK;
 }
 
-/* Thread p's input groups [first, last) of G split between P threads as evenly as can be. */
+/* The first of thread p's input groups when G groups are split between P threads as evenly as
+ * can be (p = P gives G). */
 static int64_t range_start(int64_t G, int P, int p) { return G * p / P; }
 
 /* Whether chunk b's groups all lie in [g0, g1) (then its max needs no other thread). */
@@ -139,8 +140,9 @@ static void fill_split(int64_t G, int64_t group, group_split *split) {
 }
 
 /* With the input groups split, a team pays off on far smaller layers than the other kernels
- * need: at one token on 2 cores (2x8g8), 2 threads break even near 9k units of `work` below
- * (64x128: 2.5 -> 2.8 us, 128x128: 3.7 -> 3.4 us, 256x128: 6.2 -> 4.6 us) where the process-wide
+ * need: at one token on 2 cores (2x8g8, medians of 3 runs, 1 -> 2 threads forced) 2 threads
+ * break even near 9k units of `work` below: 128x128 (8.7k) 4.8 -> 5.0 us, 256x128 (9.2k) 5.3 ->
+ * 5.4-5.7 us, 64x256 (16.9k) 6.8 -> 6.1 us, 256x256 (18.4k) 8.1 -> 6.9 us, where the process-wide
  * threshold is 262144. So lutq's work counts LUTQ_WORK_WEIGHT-fold against that threshold (262144
  * / 24 = 10923 by default; aqlm_set_min_parallel_work(0) still forces teams). */
 enum { LUTQ_WORK_WEIGHT = 24 };
