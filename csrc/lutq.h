@@ -20,6 +20,23 @@
  * the same integers and the same fp32 operations in the same order, so every SIMD level gives the
  * scalar reference's bits.
  *
+ * Threads split the input groups ("split-K"): thread p of P takes groups [G p / P, G (p + 1) / P)
+ * for every output row, so each pulls its share of every row's codes. A chunk may straddle two
+ * (or more) threads' ranges; the part of chunk b in one thread's range is a "piece", and pieces
+ * are numbered in order of thread then chunk, which is also the order of chunk (ranges are
+ * contiguous and increasing), so the pieces of chunk b are pieces [first[b], first[b + 1]).
+ * A piece's step needs the max over the whole chunk: each thread builds its fp32 tables and the
+ * max |entry| of each of its pieces; after a barrier a straddled chunk's max is the max of its
+ * pieces' (the same float: max does not depend on order) and every table is quantized to the
+ * same integers as one thread would. Each thread then writes, for its pieces k and every row,
+ * the exact int32 partial
+ *     partials[((k * n + t) * M + m) * stride + o] = 254 * Hi + Lo over the groups of piece k
+ * (stride = tiles * 64 rows; rows past out hold sums of code 0 and are never stored), and after
+ * a second barrier the rows are split between threads: I[t, b, m, o] is the (exact) sum of its
+ * pieces' partials, and acc and y follow as above. Results do not depend on the thread count.
+ * In nibble mode (below) M is even, so every range starts at an even slot and never splits a
+ * packed byte.
+ *
  * Codes are repacked once per weight (out_group_size 1 only) for lane-parallel lookups: tiles
  * of 64 consecutive output rows, and within a tile, per input group j and codebook m, the 64
  * rows' codes side by side:
@@ -38,11 +55,13 @@
 
 enum {
     AQLM_LUTQ_TILE = 64,        /* output rows per packed tile */
-    AQLM_LUTQ_TILE_BLOCK = 4,   /* tiles per parallel work item (and per accumulate call) */
+    AQLM_LUTQ_TILE_STEP = 4,    /* tiles sharing each table load in the SIMD lookups */
     AQLM_LUTQ_MAX_GROUP = 256,  /* input groups per scale: keeps int16 sums exact */
+    AQLM_LUTQ_MAX_CODEBOOKS = 256, /* as aqlm_format_check allows */
     AQLM_LUTQ_MAX_TOKENS = 8,   /* tokens per pass (tables of all of them stay in L2) */
     AQLM_LUTQ_PAD = 256,
-    AQLM_LUTQ_SLAB_BYTES = 1 << 19, /* tables (all tokens) the lookups sweep at a time: stay in L2 */
+    AQLM_LUTQ_SLAB_BYTES = 1 << 19, /* one thread's tables (all tokens) swept at a time: stay in L2 */
+    AQLM_LUTQ_ROW_BLOCK = 16,  /* rows of the final sums: a unit of the threads' row split */
     AQLM_LUTQ_LOW_RADIX = 254,               /* E = 254 * hi + lo */
     AQLM_LUTQ_LEVELS = 254 * 127,            /* |E| <= this */
 };
@@ -52,42 +71,61 @@ static inline int64_t aqlm_lutq_table_stride(int64_t K) { return K < 16 ? 16 : K
 /* Whether two codes share each packed byte (K <= 16 and M even). */
 static inline int aqlm_lutq_nibbles(const aqlm_block_shape *s) { return s->K <= 16 && s->M % 2 == 0; }
 
-/* Tables of one token for input groups [j0, j1) (one chunk): fills qhi and qlo (the tables of
- * group j0 onward, layout above), qscale[m] for m < M. x: the token [in] fp32; cbt: the
- * codebooks transposed to [M, ig, K] fp32; work: (j1 - j0) * M * K floats. */
-typedef void (*aqlm_lutq_build_fn)(const aqlm_block_shape *s, int64_t j0, int64_t j1,
-                                   const float *restrict x, const float *restrict cbt,
-                                   float *restrict work, int8_t *restrict qhi, int8_t *restrict qlo,
-                                   float *restrict qscale);
+/* fp32 tables of one token for input groups [j0, j1) (x: the token [in] fp32; cbt: the
+ * codebooks transposed to [M, ig, K] fp32) into work[((j - j0) * M + m) * K + c], and
+ * amax[m] = max(amax[m], max over those groups and c of |table entry|) for m < M. */
+typedef void (*aqlm_lutq_tables_fn)(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                                    const float *restrict cbt, float *restrict work, float *restrict amax);
 
-/* For `tiles` tiles of packed codes (from the first given) and n <= AQLM_LUTQ_MAX_TOKENS tokens,
- * the terms of chunks b0 <= b < b1 (in order) of the sum defined above, added to what acc holds:
- *     acc[(tile * n + t) * 64 + lane] for row tile * 64 + lane
- * (so chunks [0, c) then [c, chunks) give the bits of one call over all chunks).
- * qhi, qlo, qscale: the tables and steps of all n tokens (layout above). */
-typedef void (*aqlm_lutq_accumulate_fn)(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
-                                        const uint8_t *restrict packed, int64_t n,
-                                        const int8_t *restrict qhi, const int8_t *restrict qlo,
-                                        const float *restrict qscale, float *restrict acc);
+/* The fp32 tables of `groups` consecutive groups (work, as tables writes them) quantized with
+ * the chunk maxima amax[m] (lutq.h formula) into qhi and qlo (the tables of the first group). */
+typedef void (*aqlm_lutq_quantize_fn)(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                      const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+
+/* For `tiles` tiles of packed codes (from the first given), n <= AQLM_LUTQ_MAX_TOKENS tokens and
+ * input groups [j0, j1): for every chunk b meeting [j0, j1) (piece k = b - j0 / group), writes
+ *     partials[((k * n + t) * M + m) * stride + tile * 64 + lane] = 254 * Hi + Lo
+ * summed over the groups of b within [j0, j1) (layout above; qhi, qlo: the tables of all n tokens). */
+typedef void (*aqlm_lutq_accumulate_fn)(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
+                                        const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                        const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride);
+
+/* For rows [row0, row1) (multiples of 16) and n tokens: acc[t * stride + o] = the fma chain of
+ * the layout comment over chunks b < chunks and codebooks m < M, I summed over pieces
+ * [first[b], first[b + 1]) of partials; qscale[(t * chunks + b) * M + m] the steps. */
+typedef void (*aqlm_lutq_finish_fn)(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                                    const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                                    const float *restrict qscale, float *restrict acc);
 
 typedef struct {
     const char *name; /* "scalar", "avx2", "avx512vbmi" */
-    aqlm_lutq_build_fn build;
+    aqlm_lutq_tables_fn tables;
+    aqlm_lutq_quantize_fn quantize;
     aqlm_lutq_accumulate_fn accumulate;
+    aqlm_lutq_finish_fn finish;
 } aqlm_lutq_kernels;
 
 /* The fastest table this CPU and build support at or below `level` (cpu.c). */
 const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level);
 
-void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                         const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
-                         int8_t *restrict qlo, float *restrict qscale);
-void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
+/* The scalar reference (lutq_ref.c), and the AVX2 versions the AVX-512 file falls back to. */
+void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                          const float *restrict cbt, float *restrict work, float *restrict amax);
+void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                            const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                               const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                              const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc);
-void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
-                          int8_t *restrict qlo, float *restrict qscale);
+                              const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride);
+void aqlm_lutq_finish_ref(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                          const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                          const float *restrict qscale, float *restrict acc);
+void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                           const float *restrict cbt, float *restrict work, float *restrict amax);
+void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                           const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                           const float *restrict qscale, float *restrict acc);
 
 extern const aqlm_lutq_kernels aqlm_lutq_kernels_scalar;
 extern const aqlm_lutq_kernels aqlm_lutq_kernels_avx2;       /* name NULL when built without AVX2 */

@@ -36,21 +36,41 @@ ALWAYS_INLINE void split_entries(const float *restrict row, __m256 inverse, int8
     _mm256_storeu_si256((__m256i *)low, _mm256_permutevar8x32_epi32(lo_bytes, order));
 }
 
-/* Quantizes one chunk's fp32 tables exactly as the reference does (K a multiple of 8). */
-static void quantize_chunk_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                int8_t *restrict qhi, int8_t *restrict qlo, float *restrict qscale) {
-    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+/* fp32 tables (K a multiple of 8) and their per-codebook max |entry|, as the reference. */
+void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                           const float *restrict cbt, float *restrict work, float *restrict amax) {
+    const int64_t ig = s->ig, M = s->M, K = s->K;
+    if (K % 8 != 0) {
+        aqlm_lutq_tables_ref(s, j0, j1, x, cbt, work, amax);
+        return;
+    }
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++) {
+            __m256 vmax = _mm256_setzero_ps();
+            for (int64_t c = 0; c < K; c += 8) {
+                __m256 value = _mm256_setzero_ps();
+                for (int64_t i = 0; i < ig; i++)
+                    value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
+                _mm256_storeu_ps(work + ((j - j0) * M + m) * K + c, value);
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, value));
+            }
+            float lanes[8];
+            _mm256_storeu_ps(lanes, vmax);
+            for (int lane = 0; lane < 8; lane++) amax[m] = fmaxf(amax[m], lanes[lane]);
+        }
+}
+
+/* Quantizes fp32 tables exactly as the reference does (K a multiple of 8). */
+void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
+    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    if (K % 8 != 0) {
+        aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
+        return;
+    }
     for (int64_t m = 0; m < M; m++) {
-        __m256 vmax = _mm256_setzero_ps();
-        for (int64_t j = 0; j < groups; j++)
-            for (int64_t c = 0; c < K; c += 8)
-                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(work + (j * M + m) * K + c)));
-        float lanes[8], amax = 0.0f;
-        _mm256_storeu_ps(lanes, vmax);
-        for (int lane = 0; lane < 8; lane++) amax = fmaxf(amax, lanes[lane]);
-        const float inverse = amax > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax : 0.0f;
-        qscale[m] = amax / (float)AQLM_LUTQ_LEVELS;
+        const float inverse = amax[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax[m] : 0.0f;
         const __m256 vinverse = _mm256_set1_ps(inverse);
         for (int64_t j = 0; j < groups; j++) {
             const float *row = work + (j * M + m) * K;
@@ -66,25 +86,6 @@ static void quantize_chunk_avx2(const aqlm_block_shape *s, int64_t groups, const
             for (; c < KS; c++) high[c] = low[c] = 0;
         }
     }
-}
-
-void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
-                          int8_t *restrict qlo, float *restrict qscale) {
-    const int64_t ig = s->ig, M = s->M, K = s->K;
-    if (K % 8 != 0) {
-        aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qhi, qlo, qscale);
-        return;
-    }
-    for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t c = 0; c < K; c += 8) {
-                __m256 value = _mm256_setzero_ps();
-                for (int64_t i = 0; i < ig; i++)
-                    value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
-                _mm256_storeu_ps(work + ((j - j0) * M + m) * K + c, value);
-            }
-    quantize_chunk_avx2(s, j1 - j0, work, qhi, qlo, qscale);
 }
 
 /* 32 int8 lookups of idx in the table at `table` (slices 16-entry slices). */
@@ -106,33 +107,32 @@ ALWAYS_INLINE __m256i combine(__m128i high, __m128i low) {
                             _mm256_cvtepi16_epi32(low));
 }
 
-/* facc position p of a tile (two halves of [16 even rows, 16 odd rows]) -> row. */
-ALWAYS_INLINE int64_t row_of_position(int64_t p) {
-    const int64_t half = p / 32, q = p % 32;
-    return half * 32 + (q < 16 ? 2 * q : 2 * (q - 16) + 1);
+/* The 16 int32 sums of rows 0..15 of a half tile from its even rows (0, 2, .., 14) and odd rows
+ * (1, 3, .., 15), stored in row order at out. */
+ALWAYS_INLINE void store_rows(__m256i even, __m256i odd, int32_t *restrict out) {
+    const __m256i a = _mm256_unpacklo_epi32(even, odd), b = _mm256_unpackhi_epi32(even, odd); /* per 128-bit lane */
+    _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
-                                   const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                                   const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
+ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1,
+                                   int64_t tiles, const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
+                                   const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
-    const int64_t chunks = (G + group - 1) / group;
     const int nibbles = aqlm_lutq_nibbles(s);
     const __m256i low4 = _mm256_set1_epi8(0x0f);
-    float facc[AQLM_LUTQ_MAX_TOKENS][AQLM_LUTQ_TILE];
     for (int64_t tile = 0; tile < tiles; tile++) {
         const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
-        for (int64_t t = 0; t < n; t++)
-            for (int p = 0; p < AQLM_LUTQ_TILE; p++) facc[t][p] = acc[(tile * n + t) * AQLM_LUTQ_TILE + row_of_position(p)];
-        for (int64_t b = b0; b < b1; b++) {
-            const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+        for (int64_t b = j0 / group; b * group < j1; b++) {
+            const int64_t piece = b - j0 / group;
+            const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
             for (int64_t t = 0; t < n; t++) {
                 const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
                 for (int64_t m = 0; m < M; m++) {
-                    const __m256 scale = _mm256_set1_ps(qscale[(t * chunks + b) * M + m]);
+                    int32_t *out = partials + ((piece * n + t) * M + m) * stride + tile * AQLM_LUTQ_TILE;
                     for (int half = 0; half < 2; half++) {
                         __m256i even_hi = _mm256_setzero_si256(), odd_hi = even_hi, even_lo = even_hi, odd_lo = even_hi;
-                        for (int64_t j = j0; j < j1; j++) {
+                        for (int64_t j = from; j < to; j++) {
                             const int64_t slot = j * M + m;
                             __m256i idx;
                             if (nibbles) { /* two codes per byte: slot m even in the low nibble, m + 1 in the high */
@@ -147,50 +147,79 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                             even_lo = _mm256_add_epi16(even_lo, _mm256_srai_epi16(_mm256_slli_epi16(l, 8), 8));
                             odd_lo = _mm256_add_epi16(odd_lo, _mm256_srai_epi16(l, 8));
                         }
-                        float *f = facc[t] + half * 32;
-                        const __m256i totals[4] = {
-                            combine(_mm256_castsi256_si128(even_hi), _mm256_castsi256_si128(even_lo)),
-                            combine(_mm256_extracti128_si256(even_hi, 1), _mm256_extracti128_si256(even_lo, 1)),
-                            combine(_mm256_castsi256_si128(odd_hi), _mm256_castsi256_si128(odd_lo)),
-                            combine(_mm256_extracti128_si256(odd_hi, 1), _mm256_extracti128_si256(odd_lo, 1)),
-                        };
-                        for (int k = 0; k < 4; k++)
-                            _mm256_storeu_ps(f + 8 * k, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(totals[k]), _mm256_loadu_ps(f + 8 * k)));
+                        /* int16 lane w of even (odd) holds row 2w (2w + 1) of the half */
+                        int32_t *rows = out + half * 32;
+                        store_rows(combine(_mm256_castsi256_si128(even_hi), _mm256_castsi256_si128(even_lo)),
+                                   combine(_mm256_castsi256_si128(odd_hi), _mm256_castsi256_si128(odd_lo)), rows);
+                        store_rows(combine(_mm256_extracti128_si256(even_hi, 1), _mm256_extracti128_si256(even_lo, 1)),
+                                   combine(_mm256_extracti128_si256(odd_hi, 1), _mm256_extracti128_si256(odd_lo, 1)), rows + 16);
                     }
                 }
             }
         }
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++) acc[(tile * n + t) * AQLM_LUTQ_TILE + row_of_position(p)] = facc[t][p];
     }
 }
 
-static void lutq_accumulate_avx2(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
+static void lutq_accumulate_avx2(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                                  const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                                 const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
+                                 const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride) {
     switch (aqlm_lutq_table_stride(s->K) / 16) {
-    case 1: accumulate_avx2(1, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    case 2: accumulate_avx2(2, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    case 4: accumulate_avx2(4, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    case 8: accumulate_avx2(8, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
-    default: accumulate_avx2(16, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc); break;
+    case 1: accumulate_avx2(1, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride); break;
+    case 2: accumulate_avx2(2, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride); break;
+    case 4: accumulate_avx2(4, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride); break;
+    case 8: accumulate_avx2(8, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride); break;
+    default: accumulate_avx2(16, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride); break;
     }
+}
+
+/* The reference's fma chain, 8 rows at a time (the FMA rounds once, as fmaf does). */
+void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                           const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                           const float *restrict qscale, float *restrict acc) {
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t row = row0; row < row1; row += 8) {
+            __m256 sum = _mm256_setzero_ps();
+            for (int64_t b = 0; b < chunks; b++)
+                for (int64_t m = 0; m < M; m++) {
+                    __m256i total = _mm256_setzero_si256();
+                    for (int64_t k = first[b]; k < first[b + 1]; k++)
+                        total = _mm256_add_epi32(total, _mm256_loadu_si256((const __m256i *)(partials + ((k * n + t) * M + m) * stride + row)));
+                    sum = _mm256_fmadd_ps(_mm256_set1_ps(qscale[(t * chunks + b) * M + m]), _mm256_cvtepi32_ps(total), sum);
+                }
+            _mm256_storeu_ps(acc + t * stride + row, sum);
+        }
 }
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
     .name = "avx2",
-    .build = aqlm_lutq_build_avx2,
+    .tables = aqlm_lutq_tables_avx2,
+    .quantize = aqlm_lutq_quantize_avx2,
     .accumulate = lutq_accumulate_avx2,
+    .finish = aqlm_lutq_finish_avx2,
 };
 
 #else /* built without AVX2: never chosen */
 
-void aqlm_lutq_build_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
-                          int8_t *restrict qlo, float *restrict qscale) {
-    aqlm_lutq_build_ref(s, j0, j1, x, cbt, work, qhi, qlo, qscale);
+void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                           const float *restrict cbt, float *restrict work, float *restrict amax) {
+    aqlm_lutq_tables_ref(s, j0, j1, x, cbt, work, amax);
 }
 
-const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {.name = NULL, .build = aqlm_lutq_build_ref, .accumulate = aqlm_lutq_accumulate_ref};
+void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
+    aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
+}
+
+void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                           const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                           const float *restrict qscale, float *restrict acc) {
+    aqlm_lutq_finish_ref(M, chunks, first, n, partials, stride, row0, row1, qscale, acc);
+}
+
+const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {.name = NULL,
+                                                  .tables = aqlm_lutq_tables_ref,
+                                                  .quantize = aqlm_lutq_quantize_ref,
+                                                  .accumulate = aqlm_lutq_accumulate_ref,
+                                                  .finish = aqlm_lutq_finish_ref};
 
 #endif

@@ -6,7 +6,8 @@
  * the code's top bit. One lookup instruction thus serves 64 output rows. Each code is looked up
  * in the high-byte and the low-byte table; the eight registers of a (group, codebook) table pair
  * are loaded once for TILE_STEP tiles. The int8 results are summed exactly in even/odd int16 lanes
- * (sign-extended by shifts), combined as 254 * high + low in int32 and scaled to fp32 once per chunk.
+ * (sign-extended by shifts) and combined as 254 * high + low in int32: one exact partial sum per
+ * piece of a chunk, codebook and row (lutq.h), which the driver's final pass scales to fp32.
  * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
  */
 #include <math.h>
@@ -18,12 +19,12 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-enum { TILE_STEP = AQLM_LUTQ_TILE_BLOCK }; /* tiles sharing each table load */
+enum { TILE_STEP = AQLM_LUTQ_TILE_STEP }; /* tiles sharing each table load */
 
 /* fp32 tables of groups [j0, j1): V independent FMA chains of 16 codewords each hide the FMA
  * latency; each chain adds x[i] * codeword[i] in order i = 0, 1, ... like the reference. The
- * largest |entry| of each codebook is gathered on the way (amax[m], which the caller zeroes), so
- * the tables are not read again to find it. */
+ * largest |entry| of each codebook is gathered on the way (into amax[m]), so the tables are not
+ * read again to find it. */
 ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1,
                                 const float *restrict x, const float *restrict cbt, float *restrict work,
                                 float *restrict amax) {
@@ -58,25 +59,27 @@ ALWAYS_INLINE __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
     return _mm512_permutexvar_epi32(order, _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)));
 }
 
-/* Tables in fp32 (K a multiple of 16), then quantized exactly as the reference does. */
-static void lutq_build_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                              const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
-                              int8_t *restrict qlo, float *restrict qscale) {
-    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
-    if (K % 16 != 0) {
-        aqlm_lutq_build_avx2(s, j0, j1, x, cbt, work, qhi, qlo, qscale);
-        return;
-    }
-    const int64_t groups = j1 - j0;
-    float *amax = qscale; /* the largest |entry| per codebook until the steps are known */
-    for (int64_t m = 0; m < M; m++) amax[m] = 0.0f;
-    if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, work, amax);
+/* fp32 tables (K a multiple of 16) and their per-codebook max |entry|. */
+static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                               const float *restrict cbt, float *restrict work, float *restrict amax) {
+    const int64_t K = s->K;
+    if (K % 16 != 0) aqlm_lutq_tables_avx2(s, j0, j1, x, cbt, work, amax);
+    else if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, work, amax);
     else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, work, amax);
     else build_tables(1, s, j0, j1, x, cbt, work, amax);
+}
+
+/* Quantized exactly as the reference does (K a multiple of 16). */
+static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                 const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
+    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    if (K % 16 != 0) {
+        aqlm_lutq_quantize_avx2(s, groups, work, amax, qhi, qlo);
+        return;
+    }
     for (int64_t m = 0; m < M; m++) {
         const float largest = amax[m];
         const float inverse = largest > 0.0f ? (float)AQLM_LUTQ_LEVELS / largest : 0.0f;
-        qscale[m] = largest / (float)AQLM_LUTQ_LEVELS;
         const __m512 vinverse = _mm512_set1_ps(inverse), radix_inverse = _mm512_set1_ps(1.0f / AQLM_LUTQ_LOW_RADIX);
         const __m512i radix = _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX);
         for (int64_t j = 0; j < groups; j++) {
@@ -110,16 +113,14 @@ ALWAYS_INLINE __m512i lookup64(const int K, __m512i idx, __m512i a, __m512i b, _
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), low, high);
 }
 
-/* facc position p of a tile ([32 even rows, 32 odd rows]) -> row. */
-ALWAYS_INLINE int64_t row_of_position(int64_t p) { return p < 32 ? 2 * p : 2 * (p - 32) + 1; }
-
 /* 254 * high + low of 16 int16 sums each, in int32 (exact: lutq.h). */
 ALWAYS_INLINE __m512i combine(__m256i high, __m256i low) {
     return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepi16_epi32(high), _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX)),
                             _mm512_cvtepi16_epi32(low));
 }
 
-/* The int16 sums of one tile: even and odd lanes of the high and low tables. */
+/* The int16 sums of one tile: even and odd lanes of the high and low tables (int16 lane w of
+ * "even" holds row 2w of the tile, of "odd" row 2w + 1). */
 typedef struct {
     __m512i even_hi, odd_hi, even_lo, odd_lo;
 } tile_sums;
@@ -136,35 +137,38 @@ ALWAYS_INLINE tile_sums zero_sums(void) {
     return (tile_sums){zero, zero, zero, zero};
 }
 
-/* facc[u * n * 64 + p] += step * (254 * high + low sums of tile u), for NT tiles (f: token t's rows). */
-ALWAYS_INLINE void flush(const int NT, float scale_value, const tile_sums *sums, float *restrict f, int64_t n) {
-    const __m512 scale = _mm512_set1_ps(scale_value);
+/* out[u * 64 + row] = 254 * high + low of tile u's sums, in row order, for NT tiles. */
+ALWAYS_INLINE void store_sums(const int NT, const tile_sums *sums, int32_t *restrict out) {
+    /* rows 2i, 2i + 1 from even[i], odd[i]: first 8 lane pairs, then the next 8 */
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for (int u = 0; u < NT; u++) {
-        float *tile = f + u * n * AQLM_LUTQ_TILE;
-        const __m512i parts[4] = {
-            combine(_mm512_castsi512_si256(sums[u].even_hi), _mm512_castsi512_si256(sums[u].even_lo)),
-            combine(_mm512_extracti64x4_epi64(sums[u].even_hi, 1), _mm512_extracti64x4_epi64(sums[u].even_lo, 1)),
-            combine(_mm512_castsi512_si256(sums[u].odd_hi), _mm512_castsi512_si256(sums[u].odd_lo)),
-            combine(_mm512_extracti64x4_epi64(sums[u].odd_hi, 1), _mm512_extracti64x4_epi64(sums[u].odd_lo, 1)),
-        };
-        for (int k = 0; k < 4; k++)
-            _mm512_storeu_ps(tile + 16 * k, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(parts[k]), _mm512_loadu_ps(tile + 16 * k)));
+        const __m512i even0 = combine(_mm512_castsi512_si256(sums[u].even_hi), _mm512_castsi512_si256(sums[u].even_lo));
+        const __m512i even1 = combine(_mm512_extracti64x4_epi64(sums[u].even_hi, 1), _mm512_extracti64x4_epi64(sums[u].even_lo, 1));
+        const __m512i odd0 = combine(_mm512_castsi512_si256(sums[u].odd_hi), _mm512_castsi512_si256(sums[u].odd_lo));
+        const __m512i odd1 = combine(_mm512_extracti64x4_epi64(sums[u].odd_hi, 1), _mm512_extracti64x4_epi64(sums[u].odd_lo, 1));
+        int32_t *rows = out + u * AQLM_LUTQ_TILE;
+        _mm512_storeu_si512(rows, _mm512_permutex2var_epi32(even0, first, odd0));
+        _mm512_storeu_si512(rows + 16, _mm512_permutex2var_epi32(even0, second, odd0));
+        _mm512_storeu_si512(rows + 32, _mm512_permutex2var_epi32(even1, first, odd1));
+        _mm512_storeu_si512(rows + 48, _mm512_permutex2var_epi32(even1, second, odd1));
     }
 }
 
-/* NT (<= TILE_STEP) tiles at once; facc [NT][n][64] in position order. */
-ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1,
+/* NT (<= TILE_STEP) tiles at once; out: the partials of the first tile (layout in lutq.h). */
+ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1,
                                     const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                                    const int8_t *restrict qlo, const float *restrict qscale, float *restrict facc) {
+                                    const int8_t *restrict qlo, int32_t *restrict out, int64_t stride) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
-    const int64_t chunks = (G + group - 1) / group, tile_stride = G * M * AQLM_LUTQ_TILE;
-    for (int64_t b = b0; b < b1; b++) {
-        const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+    const int64_t tile_stride = G * M * AQLM_LUTQ_TILE;
+    for (int64_t b = j0 / group; b * group < j1; b++) {
+        const int64_t piece = b - j0 / group;
+        const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m++) {
                 tile_sums sums[TILE_STEP];
                 for (int u = 0; u < NT; u++) sums[u] = zero_sums();
-                for (int64_t j = j0; j < j1; j++) {
+                for (int64_t j = from; j < to; j++) {
                     const int64_t offset = (t * G * M + j * M + m) * KS;
                     const int8_t *high = qhi + offset, *low = qlo + offset;
                     const __m512i ha = _mm512_loadu_si512(high), la = _mm512_loadu_si512(low);
@@ -177,7 +181,7 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
                         add_lookups(&sums[u], lookup64(K, idx, ha, hb, hc, hd), lookup64(K, idx, la, lb, lc, ld));
                     }
                 }
-                flush(NT, qscale[(t * chunks + b) * M + m], sums, facc + t * AQLM_LUTQ_TILE, n);
+                store_sums(NT, sums, out + ((piece * n + t) * M + m) * stride);
             }
         }
     }
@@ -185,20 +189,20 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
 
 /* The same for codebooks of <= 16 codewords with two codes per packed byte (M even): the low
  * nibbles are codebook m, the high ones m + 1, each masked to the 4 bits vpermb must see. */
-ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1,
+ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1,
                                             const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                                            const int8_t *restrict qlo, const float *restrict qscale,
-                                            float *restrict facc) {
+                                            const int8_t *restrict qlo, int32_t *restrict out, int64_t stride) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
-    const int64_t chunks = (G + group - 1) / group, tile_stride = G * M / 2 * AQLM_LUTQ_TILE;
+    const int64_t tile_stride = G * M / 2 * AQLM_LUTQ_TILE;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    for (int64_t b = b0; b < b1; b++) {
-        const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
+    for (int64_t b = j0 / group; b * group < j1; b++) {
+        const int64_t piece = b - j0 / group;
+        const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m += 2) {
                 tile_sums sums0[TILE_STEP], sums1[TILE_STEP];
                 for (int u = 0; u < NT; u++) sums0[u] = sums1[u] = zero_sums();
-                for (int64_t j = j0; j < j1; j++) {
+                for (int64_t j = from; j < to; j++) {
                     const int64_t offset = (t * G * M + j * M + m) * KS;
                     const __m512i h0 = _mm512_loadu_si512(qhi + offset), h1 = _mm512_loadu_si512(qhi + offset + KS);
                     const __m512i l0 = _mm512_loadu_si512(qlo + offset), l1 = _mm512_loadu_si512(qlo + offset + KS);
@@ -210,57 +214,73 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
                         add_lookups(&sums1[u], _mm512_permutexvar_epi8(idx1, h1), _mm512_permutexvar_epi8(idx1, l1));
                     }
                 }
-                flush(NT, qscale[(t * chunks + b) * M + m], sums0, facc + t * AQLM_LUTQ_TILE, n);
-                flush(NT, qscale[(t * chunks + b) * M + m + 1], sums1, facc + t * AQLM_LUTQ_TILE, n);
+                store_sums(NT, sums0, out + ((piece * n + t) * M + m) * stride);
+                store_sums(NT, sums1, out + ((piece * n + t) * M + m + 1) * stride);
             }
         }
     }
 }
 
-ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
+ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                                    const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                                   const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
+                                   const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride) {
     const int nibbles = aqlm_lutq_nibbles(s);
     const int64_t tile_stride = (nibbles ? s->in_groups * s->M / 2 : s->in_groups * s->M) * AQLM_LUTQ_TILE;
-    float facc[TILE_STEP * AQLM_LUTQ_MAX_TOKENS * AQLM_LUTQ_TILE];
     for (int64_t tile = 0; tile < tiles; tile += TILE_STEP) {
         const int64_t count = tiles - tile < TILE_STEP ? tiles - tile : TILE_STEP;
-        for (int64_t u = 0; u < count; u++)
-            for (int64_t t = 0; t < n; t++)
-                for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++)
-                    facc[(u * n + t) * AQLM_LUTQ_TILE + p] = acc[((tile + u) * n + t) * AQLM_LUTQ_TILE + row_of_position(p)];
         const uint8_t *codes = packed + tile * tile_stride;
-        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, b0, b1, codes, n, qhi, qlo, qscale, facc);
+        int32_t *out = partials + tile * AQLM_LUTQ_TILE;
+        if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
         else if (nibbles)
             for (int64_t u = 0; u < count; u++)
-                accumulate_tiles_nibbles(1, s, group, b0, b1, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
-        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, b0, b1, codes, n, qhi, qlo, qscale, facc);
+                accumulate_tiles_nibbles(1, s, group, j0, j1, codes + u * tile_stride, n, qhi, qlo, out + u * AQLM_LUTQ_TILE, stride);
+        else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
         else
             for (int64_t u = 0; u < count; u++)
-                accumulate_tiles(K, 1, s, group, b0, b1, codes + u * tile_stride, n, qhi, qlo, qscale, facc + u * n * AQLM_LUTQ_TILE);
-        for (int64_t u = 0; u < count; u++)
-            for (int64_t t = 0; t < n; t++)
-                for (int64_t p = 0; p < AQLM_LUTQ_TILE; p++)
-                    acc[((tile + u) * n + t) * AQLM_LUTQ_TILE + row_of_position(p)] = facc[(u * n + t) * AQLM_LUTQ_TILE + p];
+                accumulate_tiles(K, 1, s, group, j0, j1, codes + u * tile_stride, n, qhi, qlo, out + u * AQLM_LUTQ_TILE, stride);
     }
 }
 
-static void lutq_accumulate_vbmi(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
+static void lutq_accumulate_vbmi(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                                  const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                                 const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
-    if (s->K <= 64) accumulate_vbmi(64, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc);
-    else if (s->K <= 128) accumulate_vbmi(128, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc);
-    else accumulate_vbmi(256, s, group, b0, b1, tiles, packed, n, qhi, qlo, qscale, acc);
+                                 const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride) {
+    if (s->K <= 64) accumulate_vbmi(64, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride);
+    else if (s->K <= 128) accumulate_vbmi(128, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride);
+    else accumulate_vbmi(256, s, group, j0, j1, tiles, packed, n, qhi, qlo, partials, stride);
+}
+
+/* The reference's fma chain, 16 rows at a time (the FMA rounds once, as fmaf does). */
+static void lutq_finish_avx512(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                               const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                               const float *restrict qscale, float *restrict acc) {
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t row = row0; row < row1; row += 16) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t b = 0; b < chunks; b++)
+                for (int64_t m = 0; m < M; m++) {
+                    __m512i total = _mm512_setzero_si512();
+                    for (int64_t k = first[b]; k < first[b + 1]; k++)
+                        total = _mm512_add_epi32(total, _mm512_loadu_si512(partials + ((k * n + t) * M + m) * stride + row));
+                    sum = _mm512_fmadd_ps(_mm512_set1_ps(qscale[(t * chunks + b) * M + m]), _mm512_cvtepi32_ps(total), sum);
+                }
+            _mm512_storeu_ps(acc + t * stride + row, sum);
+        }
 }
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {
     .name = "avx512vbmi",
-    .build = lutq_build_avx512,
+    .tables = lutq_tables_avx512,
+    .quantize = lutq_quantize_avx512,
     .accumulate = lutq_accumulate_vbmi,
+    .finish = lutq_finish_avx512,
 };
 
 #else /* built without VBMI: never chosen */
 
-const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {.name = NULL, .build = aqlm_lutq_build_ref, .accumulate = aqlm_lutq_accumulate_ref};
+const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {.name = NULL,
+                                                        .tables = aqlm_lutq_tables_ref,
+                                                        .quantize = aqlm_lutq_quantize_ref,
+                                                        .accumulate = aqlm_lutq_accumulate_ref,
+                                                        .finish = aqlm_lutq_finish_ref};
 
 #endif

@@ -8,18 +8,25 @@
  * in int16 and scaled to fp32 once per chunk.
  * Codes must first be repacked (aqlm_lutq_pack_codes) so the rows of a tile lie side by side.
  *
- * Per pass of up to 8 tokens: build every table (parallel over token and chunk), then the
- * lookups (parallel over tiles of 64 rows) one slab of chunks at a time, summing into each
- * tile's accumulators, then the outputs of each thread's own rows.
+ * Per pass of up to 8 tokens the threads split the input groups (lutq.h): each builds the fp32
+ * tables of its groups, quantizes them once the maxima of the chunks it shares are known (first
+ * barrier), and looks them up for every output row, one slab of chunks at a time, into exact
+ * int32 partial sums; after the second barrier each thread adds up the partials of its share of
+ * the rows and scales them. So every thread pulls only its share of each row's codes, and even
+ * a layer of a few hundred rows keeps every thread busy.
  */
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "lutq.h"
 
-static void *aligned_buffer(size_t bytes) {
-    const size_t rounded = (bytes + 63) / 64 * 64;
-    return aligned_alloc(64, rounded ? rounded : 64);
+/* The next `bytes` of one allocation, from *offset, 64-byte aligned (one aligned_alloc per call). */
+static size_t carve(size_t *offset, size_t bytes) {
+    const size_t at = *offset;
+    *offset += (bytes + 63) / 64 * 64;
+    return at;
 }
 
 static aqlm_status check_lutq_format(const aqlm_format *f, aqlm_error *err) {
@@ -75,6 +82,77 @@ aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param
     return AQLM_OK;
 }
 
+/* The first of thread p's input groups when G groups are split between P threads as evenly as
+ * can be (p = P gives G). */
+static int64_t range_start(int64_t G, int P, int p) { return G * p / P; }
+
+/* Whether chunk b's groups all lie in [g0, g1) (then its max needs no other thread). */
+static int chunk_is_whole(int64_t b, int64_t group, int64_t G, int64_t g0, int64_t g1) {
+    const int64_t end = (b + 1) * group < G ? (b + 1) * group : G;
+    return b * group >= g0 && end <= g1;
+}
+
+/* Groups of [g0, g1) in chunks that also have groups outside: their fp32 tables wait for the
+ * other threads' maxima. */
+static int64_t straddled_groups(int64_t g0, int64_t g1, int64_t group, int64_t G) {
+    int64_t count = 0;
+    for (int64_t b = g0 / group; b * group < g1; b++) {
+        if (chunk_is_whole(b, group, G, g0, g1)) continue;
+        const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
+        count += to - from;
+    }
+    return count;
+}
+
+/* How the input groups are split (lutq.h): thread p takes groups [bounds[p], bounds[p + 1]) and
+ * pieces [piece0[p], piece0[p + 1]); chunk b has pieces [first[b], first[b + 1]); kept0[p] counts
+ * the straddled groups of the threads before p (their fp32 tables per token, kept to the barrier). */
+typedef struct {
+    int threads;
+    int64_t *bounds, *piece0, *first, *kept0; /* [threads + 1], [threads + 1], [chunks + 1], [threads + 1] */
+} group_split;
+
+/* Pieces and straddled groups of all threads, to size the buffers. */
+static void count_split(int64_t G, int64_t group, int P, int64_t *pieces, int64_t *straddled) {
+    *pieces = *straddled = 0;
+    for (int p = 0; p < P; p++) {
+        const int64_t g0 = range_start(G, P, p), g1 = range_start(G, P, p + 1);
+        *pieces += (g1 - 1) / group - g0 / group + 1;
+        *straddled += straddled_groups(g0, g1, group, G);
+    }
+}
+
+static void fill_split(int64_t G, int64_t group, group_split *split) {
+    const int P = split->threads;
+    split->piece0[0] = split->kept0[0] = 0;
+    for (int p = 0; p < P; p++) {
+        const int64_t g0 = range_start(G, P, p), g1 = range_start(G, P, p + 1);
+        split->bounds[p] = g0;
+        split->piece0[p + 1] = split->piece0[p] + (g1 - 1) / group - g0 / group + 1;
+        split->kept0[p + 1] = split->kept0[p] + straddled_groups(g0, g1, group, G);
+        /* pieces are numbered by thread then chunk, which is chunk order: a chunk's first piece is
+         * the one of the first thread whose range meets it */
+        for (int64_t b = g0 / group; b * group < g1; b++)
+            if (b * group >= g0) split->first[b] = split->piece0[p] + b - g0 / group;
+    }
+    split->bounds[P] = G;
+    split->first[(G + group - 1) / group] = split->piece0[P];
+}
+
+/* With the input groups split, a team pays off on far smaller layers than the other kernels
+ * need: at one token on 2 cores (2x8g8, medians of 3 runs, 1 -> 2 threads forced) 2 threads
+ * break even near 9k units of `work` below: 128x128 (8.7k) 4.8 -> 5.0 us, 256x128 (9.2k) 5.3 ->
+ * 5.4-5.7 us, 64x256 (16.9k) 6.8 -> 6.1 us, 256x256 (18.4k) 8.1 -> 6.9 us, where the process-wide
+ * threshold is 262144. So lutq's work counts LUTQ_WORK_WEIGHT-fold against that threshold (262144
+ * / 24 = 10923 by default; aqlm_set_min_parallel_work(0) still forces teams). */
+enum { LUTQ_WORK_WEIGHT = 24 };
+
+/* Threads for a call: never more than there are input groups (each thread takes at least one). */
+static int lutq_threads(int num_threads, double work, int64_t G) {
+    const int threads = aqlm_threads_for(num_threads, work * LUTQ_WORK_WEIGHT);
+    return threads < G ? threads : (int)G;
+}
+
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
                              const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
@@ -93,77 +171,118 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     const aqlm_lutq_kernels *kernels = aqlm_lutq_kernels_for(simd);
     const int64_t in = f->in_features, out = f->out_features, ig = s.ig, M = s.M, K = s.K, G = s.in_groups;
     const int64_t KS = aqlm_lutq_table_stride(K), chunks = (G + group - 1) / group;
-    const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
-    const int64_t blocks = (tiles + AQLM_LUTQ_TILE_BLOCK - 1) / AQLM_LUTQ_TILE_BLOCK;
-    const int64_t tile_bytes = (aqlm_lutq_nibbles(&s) ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
+    const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE, stride = tiles * AQLM_LUTQ_TILE;
     const int64_t T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
     /* Lookups are ~8 per vector operation (two tables), table entries ~8 per FMA. */
     const double work = (double)T * ((double)out * G * M / 8 + (double)G * M * K * ig / 8);
-    const int threads = aqlm_threads_for(num_threads, work);
+    const int P = lutq_threads(num_threads, work, G);
+    int64_t pieces, straddled;
+    count_split(G, group, P, &pieces, &straddled);
 
-    const size_t cbt_bytes = codebooks_t ? 0 : (size_t)(M * ig * K) * sizeof(float);
-    const size_t x_bytes = (size_t)(T * in) * sizeof(float);
-    const size_t work_bytes = (size_t)threads * (size_t)(group * M * K) * sizeof(float);
-    const size_t qtab_bytes = (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD; /* each of qhi, qlo */
-    const size_t qscale_bytes = (size_t)(T * chunks * M) * sizeof(float);
-    const size_t acc_bytes = (size_t)(blocks * AQLM_LUTQ_TILE_BLOCK * T * AQLM_LUTQ_TILE) * sizeof(float);
-    /* Chunks whose tables (high and low, all tokens of a pass) fill a slab: the lookups sweep
-     * one slab over all tiles before the next, so the tables they read stay in cache. */
-    const int64_t chunk_bytes = 2 * T * group * M * KS;
-    const int64_t slab = AQLM_LUTQ_SLAB_BYTES / chunk_bytes > 1 ? AQLM_LUTQ_SLAB_BYTES / chunk_bytes : 1;
-    float *cbt_own = aligned_buffer(cbt_bytes), *x32 = aligned_buffer(x_bytes), *work_all = aligned_buffer(work_bytes);
-    int8_t *qhi = aligned_buffer(qtab_bytes), *qlo = aligned_buffer(qtab_bytes);
-    float *qscale = aligned_buffer(qscale_bytes), *acc_all = aligned_buffer(acc_bytes);
-    if (!cbt_own || !x32 || !work_all || !qhi || !qlo || !qscale || !acc_all) {
-        free(cbt_own), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
-        return aqlm_nomem(err, cbt_bytes + x_bytes + work_bytes + 2 * qtab_bytes + qscale_bytes + acc_bytes);
-    }
-    if (!codebooks_t) aqlm_lutq_transpose_codebooks(f, param_dtype, codebooks, cbt_own, err); /* f checked above */
-    const float *cbt = codebooks_t ? codebooks_t : cbt_own;
+    size_t bytes = 0;
+    const size_t at_cbt = carve(&bytes, codebooks_t ? 0 : (size_t)(M * ig * K) * sizeof(float));
+    const size_t at_x = carve(&bytes, (size_t)(T * in) * sizeof(float));
+    const size_t at_qhi = carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
+    const size_t at_qlo = carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
+    const size_t at_qscale = carve(&bytes, (size_t)(T * chunks * M) * sizeof(float));
+    const size_t at_amax = carve(&bytes, (size_t)(pieces * T * M) * sizeof(float));
+    const size_t at_scratch = carve(&bytes, (size_t)P * (size_t)(group * M * K) * sizeof(float));
+    const size_t at_kept = carve(&bytes, (size_t)(straddled * T * M * K) * sizeof(float));
+    const size_t at_partials = carve(&bytes, (size_t)(pieces * T * M * stride) * sizeof(int32_t));
+    const size_t at_acc = carve(&bytes, (size_t)(T * stride) * sizeof(float));
+    const size_t at_split = carve(&bytes, (size_t)(3 * (P + 1) + chunks + 1) * sizeof(int64_t));
+    char *base = aligned_alloc(64, bytes);
+    if (!base) return aqlm_nomem(err, bytes);
+    float *x32 = (float *)(base + at_x), *qscale = (float *)(base + at_qscale), *amax_all = (float *)(base + at_amax);
+    float *scratch_all = (float *)(base + at_scratch), *kept_all = (float *)(base + at_kept), *acc = (float *)(base + at_acc);
+    int8_t *qhi = (int8_t *)(base + at_qhi), *qlo = (int8_t *)(base + at_qlo);
+    int32_t *partials = (int32_t *)(base + at_partials);
+    int64_t *split_arrays = (int64_t *)(base + at_split);
+    group_split split = {.threads = P, .bounds = split_arrays, .piece0 = split_arrays + (P + 1),
+                               .kept0 = split_arrays + 2 * (P + 1), .first = split_arrays + 3 * (P + 1)};
+    fill_split(G, group, &split);
+    if (!codebooks_t) aqlm_lutq_transpose_codebooks(f, param_dtype, codebooks, (float *)(base + at_cbt), err); /* f checked above */
+    const float *cbt = codebooks_t ? codebooks_t : (const float *)(base + at_cbt);
     memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
+    /* A chunk's fp32 tables (all tokens, high and low) per slab of lookups. */
+    const int64_t group_bytes = 2 * T * M * KS;
 
     for (int64_t t0 = 0; t0 < n; t0 += T) {
         const int64_t tokens = n - t0 < T ? n - t0 : T;
         for (int64_t index = 0; index < tokens * in; index++) x32[index] = aqlm_load(x_dtype, x, t0 * in + index);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(P)
         {
-            float *work = work_all + (size_t)omp_get_thread_num() * (size_t)(group * M * K);
-#pragma omp for schedule(static)
-            for (int64_t item = 0; item < tokens * chunks; item++) {
-                const int64_t t = item / chunks, b = item % chunks;
-                const int64_t j0 = b * group, j1 = j0 + group < G ? j0 + group : G;
-                kernels->build(&s, j0, j1, x32 + t * in, cbt, work, qhi + (t * G + j0) * M * KS,
-                               qlo + (t * G + j0) * M * KS, qscale + (t * chunks + b) * M);
+            /* The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): each member then
+             * plays several of the P parts, the same work in the same places. */
+            const int member = omp_get_thread_num(), team = omp_get_num_threads();
+            for (int p = member; p < P; p += team) { /* 1: fp32 tables and their maxima; whole chunks quantized */
+                const int64_t g0 = split.bounds[p], g1 = split.bounds[p + 1];
+                float *scratch = scratch_all + (size_t)p * (size_t)(group * M * K);
+                float *kept = kept_all + split.kept0[p] * T * M * K;
+                for (int64_t t = 0; t < tokens; t++)
+                    for (int64_t b = g0 / group; b * group < g1; b++) {
+                        const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
+                        const int whole = chunk_is_whole(b, group, G, g0, g1);
+                        /* the maxima gather on p's own stack: the pieces' slots of all threads share
+                         * cache lines, which every group's update would bounce between cores */
+                        float amax[AQLM_LUTQ_MAX_CODEBOOKS];
+                        float *tables = whole ? scratch : kept;
+                        for (int64_t m = 0; m < M; m++) amax[m] = 0.0f;
+                        kernels->tables(&s, from, to, x32 + t * in, cbt, tables, amax);
+                        memcpy(amax_all + ((split.piece0[p] + b - g0 / group) * T + t) * M, amax, (size_t)M * sizeof(float));
+                        if (whole) {
+                            kernels->quantize(&s, to - from, tables, amax, qhi + (t * G + from) * M * KS, qlo + (t * G + from) * M * KS);
+                            for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = amax[m] / (float)AQLM_LUTQ_LEVELS;
+                        } else {
+                            kept += (to - from) * M * K;
+                        }
+                    }
             }
-            for (int64_t b0 = 0; b0 < chunks; b0 += slab) {
-                const int64_t b1 = b0 + slab < chunks ? b0 + slab : chunks;
-#pragma omp for schedule(static)
-                for (int64_t block = 0; block < blocks; block++) {
-                    const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
-                    const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
-                    float *acc = acc_all + block * AQLM_LUTQ_TILE_BLOCK * tokens * AQLM_LUTQ_TILE;
-                    if (b0 == 0) memset(acc, 0, (size_t)(count * tokens * AQLM_LUTQ_TILE) * sizeof(float));
-                    kernels->accumulate(&s, group, b0, b1, count, packed + tile0 * tile_bytes, tokens, qhi, qlo, qscale, acc);
+#pragma omp barrier
+            for (int p = member; p < P; p += team) { /* 2: straddled chunks quantized, then all of p's lookups */
+                const int64_t g0 = split.bounds[p], g1 = split.bounds[p + 1];
+                const float *kept = kept_all + split.kept0[p] * T * M * K;
+                for (int64_t t = 0; t < tokens; t++)
+                    for (int64_t b = g0 / group; b * group < g1; b++) {
+                        if (chunk_is_whole(b, group, G, g0, g1)) continue;
+                        const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
+                        float amax[AQLM_LUTQ_MAX_CODEBOOKS];
+                        for (int64_t m = 0; m < M; m++) {
+                            amax[m] = 0.0f;
+                            for (int64_t k = split.first[b]; k < split.first[b + 1]; k++)
+                                amax[m] = fmaxf(amax[m], amax_all[(k * T + t) * M + m]);
+                        }
+                        kernels->quantize(&s, to - from, kept, amax, qhi + (t * G + from) * M * KS, qlo + (t * G + from) * M * KS);
+                        kept += (to - from) * M * K;
+                        if (b * group >= g0) /* one writer per step: the thread holding the chunk's start */
+                            for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = amax[m] / (float)AQLM_LUTQ_LEVELS;
+                    }
+                /* Slabs of chunks whose tables stay in L2 while every tile's codes stream past. */
+                for (int64_t b0 = g0 / group; b0 * group < g1;) {
+                    int64_t b1 = b0 + 1, slab_bytes = group * group_bytes;
+                    while (b1 * group < g1 && slab_bytes + group * group_bytes <= AQLM_LUTQ_SLAB_BYTES) b1++, slab_bytes += group * group_bytes;
+                    const int64_t from = b0 * group > g0 ? b0 * group : g0, to = b1 * group < g1 ? b1 * group : g1;
+                    int32_t *target = partials + (split.piece0[p] + b0 - g0 / group) * tokens * M * stride;
+                    kernels->accumulate(&s, group, from, to, tiles, packed, tokens, qhi, qlo, target, stride);
+                    b0 = b1;
                 }
             }
-#pragma omp for schedule(static)
-            for (int64_t block = 0; block < blocks; block++) {
-                const int64_t tile0 = block * AQLM_LUTQ_TILE_BLOCK;
-                const int64_t count = tiles - tile0 < AQLM_LUTQ_TILE_BLOCK ? tiles - tile0 : AQLM_LUTQ_TILE_BLOCK;
-                const float *acc = acc_all + block * AQLM_LUTQ_TILE_BLOCK * tokens * AQLM_LUTQ_TILE;
-                const int64_t row0 = tile0 * AQLM_LUTQ_TILE;
-                const int64_t row1 = row0 + count * AQLM_LUTQ_TILE < out ? row0 + count * AQLM_LUTQ_TILE : out;
-                for (int64_t row = row0; row < row1; row++) {
-                    const int64_t tile = (row - row0) / AQLM_LUTQ_TILE, lane = (row - row0) % AQLM_LUTQ_TILE;
+#pragma omp barrier
+            for (int p = member; p < P; p += team) { /* 3: the rows of p's share summed, scaled and stored */
+                const int64_t units = stride / AQLM_LUTQ_ROW_BLOCK;
+                const int64_t row0 = units * p / P * AQLM_LUTQ_ROW_BLOCK, row1 = units * (p + 1) / P * AQLM_LUTQ_ROW_BLOCK;
+                if (row0 == row1) continue;
+                kernels->finish(M, chunks, split.first, tokens, partials, stride, row0, row1, qscale, acc);
+                for (int64_t row = row0; row < row1 && row < out; row++) {
                     const float scale = aqlm_load(param_dtype, scales, row);
                     const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
                     for (int64_t t = 0; t < tokens; t++)
-                        aqlm_store(x_dtype, y, (t0 + t) * out + row, acc[(tile * tokens + t) * AQLM_LUTQ_TILE + lane] * scale + shift);
+                        aqlm_store(x_dtype, y, (t0 + t) * out + row, acc[t * stride + row] * scale + shift);
                 }
             }
         }
     }
-    free(cbt_own), free(x32), free(work_all), free(qhi), free(qlo), free(qscale), free(acc_all);
+    free(base);
     return AQLM_OK;
 }

@@ -8,17 +8,26 @@
 
 #include "lutq.h"
 
-/* Quantizes the chunk's fp32 tables per codebook: step = amax / LEVELS, E = round(T * (LEVELS / amax)),
- * split into high and low bytes (lutq.h). */
-static void quantize_chunk(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                           int8_t *restrict qhi, int8_t *restrict qlo, float *restrict qscale) {
+void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                          const float *restrict cbt, float *restrict work, float *restrict amax) {
+    const int64_t ig = s->ig, M = s->M, K = s->K;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t c = 0; c < K; c++) {
+                float value = 0.0f;
+                for (int64_t i = 0; i < ig; i++) value = fmaf(x[j * ig + i], cbt[(m * ig + i) * K + c], value);
+                work[((j - j0) * M + m) * K + c] = value;
+                amax[m] = fmaxf(amax[m], fabsf(value));
+            }
+}
+
+/* step = amax / LEVELS (the caller's), E = round(T * (LEVELS / amax)), split into high and low
+ * bytes (lutq.h). */
+void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                            const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     for (int64_t m = 0; m < M; m++) {
-        float amax = 0.0f;
-        for (int64_t j = 0; j < groups; j++)
-            for (int64_t c = 0; c < K; c++) amax = fmaxf(amax, fabsf(work[(j * M + m) * K + c]));
-        const float inverse = amax > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax : 0.0f;
-        qscale[m] = amax / (float)AQLM_LUTQ_LEVELS;
+        const float inverse = amax[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax[m] : 0.0f;
         for (int64_t j = 0; j < groups; j++) {
             int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
             for (int64_t c = 0; c < K; c++) {
@@ -32,57 +41,57 @@ static void quantize_chunk(const aqlm_block_shape *s, int64_t groups, const floa
     }
 }
 
-void aqlm_lutq_build_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                         const float *restrict cbt, float *restrict work, int8_t *restrict qhi,
-                         int8_t *restrict qlo, float *restrict qscale) {
-    const int64_t ig = s->ig, M = s->M, K = s->K;
-    for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t c = 0; c < K; c++) {
-                float value = 0.0f;
-                for (int64_t i = 0; i < ig; i++) value = fmaf(x[j * ig + i], cbt[(m * ig + i) * K + c], value);
-                work[((j - j0) * M + m) * K + c] = value;
-            }
-    quantize_chunk(s, j1 - j0, work, qhi, qlo, qscale);
-}
-
-void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t b0, int64_t b1, int64_t tiles,
+void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                               const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
-                              const int8_t *restrict qlo, const float *restrict qscale, float *restrict acc) {
+                              const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride) {
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
-    const int64_t chunks = (G + group - 1) / group;
     const uint32_t mask = s->code_mask;
     const int nibbles = aqlm_lutq_nibbles(s);
     for (int64_t tile = 0; tile < tiles; tile++) {
         const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
-        for (int64_t t = 0; t < n; t++) {
-            const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
-            for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
-                float *target = acc + (tile * n + t) * AQLM_LUTQ_TILE + lane;
-                float sum = *target;
-                for (int64_t b = b0; b < b1; b++) {
-                    const int64_t j1 = (b + 1) * group < G ? (b + 1) * group : G;
-                    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = j0 / group; b * group < j1; b++) {
+            const int64_t piece = b - j0 / group;
+            const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
+            for (int64_t t = 0; t < n; t++) {
+                const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t lane = 0; lane < AQLM_LUTQ_TILE; lane++) {
                         int32_t high_total = 0, low_total = 0;
-                        for (int64_t j = b * group; j < j1; j++) {
+                        for (int64_t j = from; j < to; j++) {
                             const int64_t slot = j * M + m;
                             const uint32_t code = (nibbles ? codes[slot / 2 * AQLM_LUTQ_TILE + lane] >> (4 * (slot % 2))
                                                            : codes[slot * AQLM_LUTQ_TILE + lane]) & mask;
                             high_total += high[(j * M + m) * KS + code];
                             low_total += low[(j * M + m) * KS + code];
                         }
-                        const int32_t total = AQLM_LUTQ_LOW_RADIX * high_total + low_total;
-                        sum = fmaf(qscale[(t * chunks + b) * M + m], (float)total, sum);
+                        partials[((piece * n + t) * M + m) * stride + tile * AQLM_LUTQ_TILE + lane] =
+                            AQLM_LUTQ_LOW_RADIX * high_total + low_total;
                     }
-                }
-                *target = sum;
             }
         }
     }
 }
 
+void aqlm_lutq_finish_ref(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
+                          const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
+                          const float *restrict qscale, float *restrict acc) {
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t row = row0; row < row1; row++) {
+            float sum = 0.0f;
+            for (int64_t b = 0; b < chunks; b++)
+                for (int64_t m = 0; m < M; m++) {
+                    int32_t total = 0; /* exact: the pieces of a chunk add up to |I| < 2**24 */
+                    for (int64_t k = first[b]; k < first[b + 1]; k++) total += partials[((k * n + t) * M + m) * stride + row];
+                    sum = fmaf(qscale[(t * chunks + b) * M + m], (float)total, sum);
+                }
+            acc[t * stride + row] = sum;
+        }
+}
+
 const aqlm_lutq_kernels aqlm_lutq_kernels_scalar = {
     .name = "scalar",
-    .build = aqlm_lutq_build_ref,
+    .tables = aqlm_lutq_tables_ref,
+    .quantize = aqlm_lutq_quantize_ref,
     .accumulate = aqlm_lutq_accumulate_ref,
+    .finish = aqlm_lutq_finish_ref,
 };

@@ -10,6 +10,7 @@ import torch
 
 from aqlm import QuantizedLinear, _C, dequantize_reference, pack_codes
 from aqlm import ops
+from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -27,6 +28,12 @@ CONFIGS = [
     (40, 60, 8, 8, 4),
     (257, 32, 6, 4, 8),
     (20, 24, 1, 1, 3),
+    # threads split the input groups (split-K, csrc/lutq.h): 72 groups split inside a chunk of 64,
+    # fewer rows than one tile, nibble-packed codes split at odd groups
+    (48, 576, 2, 8, 8),
+    (192, 576, 2, 8, 8),
+    (17, 200, 2, 4, 8),
+    (5, 56, 6, 4, 8),
 ]
 
 
@@ -85,13 +92,15 @@ def formula(x, codes, codebooks, scales, bias):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 17])
-def test_every_level_gives_the_scalar_bits_and_stays_within_the_bound(config, tokens):
+def test_every_level_gives_the_scalar_bits_and_stays_within_the_bound(config, tokens, always_parallel):
+    """Threads split the input groups, so 1 to 4 threads put the splits at many places within
+    the chunks of 1, 5, 16 and 64 groups (also more threads than cores: the same bits)."""
     codes, codebooks, scales, bias = random_weight(*config, seed=tokens)
     x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(tokens))
-    for group in (1, 5, 16):
+    for group in (1, 5, 16, 64):
         reference = run_lutq(x, codes, codebooks, scales, bias, group, "scalar", num_threads=1)
         for level in supported_levels():
-            for threads in (1, 2):
+            for threads in (1, 2, 3, 4):
                 got = run_lutq(x, codes, codebooks, scales, bias, group, level, num_threads=threads)
                 assert torch.equal(got, reference), f"simd={level} threads={threads} group={group}"
         error = (reference.double() - formula(x, codes, codebooks, scales, bias)).abs()
