@@ -16,10 +16,21 @@ Supported: ``model_type`` "llama", "mistral" (without a sliding window shorter t
 embedding computes, grouped-query attention, and attention biases. The linears may be
 ``QuantizedLinear`` or any module that maps float32 to float32 activations (dense ``nn.Linear``
 included, so the same loop times a dense model).
+
+Shared cores: several threads pay only while each keeps its core. With another process busy on
+one of 2 cores, every one of a token's parallel regions waits for the thread that lost its core,
+and SmolLM2 2x8g8 fell from 100 tok/s (2 threads, quiet) to 18-24 tok/s, below the 56 tok/s of one
+thread. So a decoder built for several threads also binds a one-thread copy of its step, and
+``generate`` now and then times a few tokens on the other thread count and keeps the faster
+(:class:`_ThreadChoice`). The kernels give the same bits on any thread count, so the tokens do not
+depend on the choice.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +41,70 @@ from .inference import QuantizedLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LM_HEAD_MODES = ("exact", "bf16", "int8")
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's (and so the bound kernels') thread count set to ``count`` inside, restored after."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class _ThreadChoice:
+    """Which thread count the next decoded token runs on: ``threads`` or 1, whichever decoded
+    faster when last compared.
+
+    Tokens go in rounds. A round opens with ``probe`` tokens on the current count and ``probe``
+    on the other; the other becomes current if its median token time is below ``margin`` times
+    the current one's, and its probe stops early at a token slower than ``give_up`` times the
+    current median. The round then runs on the current count; rounds double in length (up to
+    ``longest`` tokens) while the choice holds and restart at ``shortest`` when it changes, so a
+    quiet machine pays about one slower token in hundreds, and a newly busy one is noticed within
+    ``longest`` tokens. The decoder keeps one choice across its ``generate`` calls.
+    """
+
+    def __init__(self, threads: int, probe: int = 3, shortest: int = 16, longest: int = 512, margin: float = 0.9,
+                 give_up: float = 1.5):
+        self.counts = (threads, 1)
+        self.current, self.probe, self.shortest, self.longest, self.margin = threads, probe, shortest, longest, margin
+        self.give_up = give_up
+        self.length, self.position = shortest, 0
+        self.times: dict[int, list[float]] = {threads: [], 1: []}
+
+    def next(self) -> int:
+        """The thread count for the next token."""
+        if self.position < self.probe:
+            return self.current
+        if self.position < 2 * self.probe:
+            return self.other
+        return self.current
+
+    @property
+    def other(self) -> int:
+        return self.counts[1] if self.current == self.counts[0] else self.counts[0]
+
+    def record(self, count: int, seconds: float) -> None:
+        """The time of the token just run on ``count`` threads."""
+        if self.position < 2 * self.probe:
+            self.times[count].append(seconds)
+            if count != self.current and seconds > self.give_up * statistics.median(self.times[self.current]):
+                self.position = 2 * self.probe - 1  # clearly slower: the probe ends with this token
+        self.position += 1
+        if self.position == 2 * self.probe:
+            current, other = (statistics.median(self.times[c]) for c in (self.current, self.other))
+            if other < self.margin * current:
+                self.current, self.length = self.other, self.shortest
+            else:
+                self.length = min(2 * self.length, self.longest)
+            self.times = {c: [] for c in self.counts}
+        if self.position >= self.length:
+            self.position = 0
 
 
 def _bind(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
@@ -146,12 +221,23 @@ class LlamaDecoder:
         self.attn_out = torch.zeros(1, self.hidden)
         self.gate, self.up = torch.zeros(1, intermediate), torch.zeros(1, intermediate)
         self.mlp_out = torch.zeros(1, self.hidden)
-        self.steps = []
+        # Bound steps per thread count: the current one and, for several threads, one (see the
+        # module docstring); each binding picks its kernels for its own thread count.
+        self.threads = torch.get_num_threads()
+        self.programs = {}
+        for count in sorted({self.threads, 1}, reverse=True):
+            with _torch_threads(count):
+                self.programs[count] = self._bind_steps()
+        self.thread_choice = _ThreadChoice(self.threads) if self.threads > 1 else None
+
+    def _bind_steps(self) -> tuple[list, Callable[[], None]]:
+        """Every layer's bound calls, and the final norm's, for torch's current thread count."""
+        steps = []
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
             input_weight, input_eps = _norm_weight(layer.input_layernorm, f"layers.{index}.input_layernorm")
             post_weight, post_eps = _norm_weight(layer.post_attention_layernorm, f"layers.{index}.post_attention_layernorm")
-            self.steps.append(
+            steps.append(
                 (
                     ops.bound_residual_rms_norm(self.h, None if index == 0 else self.mlp_out, input_weight, self.x, input_eps),
                     _bind(attention.q_proj, self.x, self.q),
@@ -168,7 +254,7 @@ class LlamaDecoder:
                 )
             )
         final_weight, final_eps = _norm_weight(self.final_norm, "norm")
-        self.final_step = ops.bound_residual_rms_norm(self.h, self.mlp_out, final_weight, self.final_x, final_eps)
+        return steps, ops.bound_residual_rms_norm(self.h, self.mlp_out, final_weight, self.final_x, final_eps)
 
     def reset(self) -> None:
         """Forget every position (the cache is reused, not reallocated)."""
@@ -217,11 +303,13 @@ class LlamaDecoder:
         return self.final_norm(h).float()
 
     @torch.no_grad()
-    def _step(self, token: int) -> torch.Tensor:
-        """One new token through the bound kernels; its final normed hidden state [1, hidden]."""
+    def _step(self, token: int, threads: Optional[int] = None) -> torch.Tensor:
+        """One new token through the bound kernels (those bound for ``threads``: the decoder's
+        own count by default); its final normed hidden state [1, hidden]."""
+        steps, final_step = self.programs[threads or self.threads]
         position = self.length
         self.h.copy_(self.embedding[token])
-        for input_norm, q_proj, k_proj, v_proj, attend, o_proj, post_norm, gate_proj, up_proj, silu_mul, down_proj in self.steps:
+        for input_norm, q_proj, k_proj, v_proj, attend, o_proj, post_norm, gate_proj, up_proj, silu_mul, down_proj in steps:
             input_norm()
             q_proj(), k_proj(), v_proj()
             attend(position)
@@ -230,7 +318,7 @@ class LlamaDecoder:
             gate_proj(), up_proj()
             silu_mul()
             down_proj()
-        self.final_step()
+        final_step()
         self.length += 1
         return self.final_x
 
@@ -270,9 +358,19 @@ class LlamaDecoder:
         if max_new_tokens > 0:
             token = int(self._logits(self._prefill(ids)[-1:]).argmax())
             new.append(token)
-            while len(new) < max_new_tokens and token not in stop:
-                token = int(self._logits(self._step(token)).argmax())
-                new.append(token)
+            choice = self.thread_choice
+            with _torch_threads(self.threads):
+                while len(new) < max_new_tokens and token not in stop:
+                    if choice is None:
+                        token = int(self._logits(self._step(token)).argmax())
+                    else:  # on the thread count that decodes faster now (shared cores)
+                        count = choice.next()
+                        if count != torch.get_num_threads():
+                            torch.set_num_threads(count)
+                        started = time.perf_counter()
+                        token = int(self._logits(self._step(token, count)).argmax())
+                        choice.record(count, time.perf_counter() - started)
+                    new.append(token)
         return torch.cat((ids, torch.tensor(new, dtype=ids.dtype)))[None]
 
     def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from aqlm import AqlmScheme, QuantizedLinear, ops
 from aqlm.calibration import find_linears, get_blocks
-from aqlm.decode import LlamaDecoder
+from aqlm import decode
+from aqlm.decode import LlamaDecoder, _ThreadChoice
+from parallel import always_parallel  # noqa: F401 (fixture)
 from aqlm.quantize.layer import LayerConfig, init_quantized_weight
 
 
@@ -249,6 +251,70 @@ def test_decoder_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer"):
         decoder.generate(IDS, -1)
     assert torch.equal(decoder.generate(IDS, 0), IDS[None])
+
+
+# ---- thread count on shared cores -------------------------------------------------------------
+
+
+def run_choice(choice: _ThreadChoice, seconds_on: dict, tokens: int) -> list[int]:
+    """The thread counts ``choice`` picks over ``tokens`` tokens when a token takes seconds_on[count]."""
+    picked = []
+    for _ in range(tokens):
+        count = choice.next()
+        picked.append(count)
+        choice.record(count, seconds_on[count])
+    return picked
+
+
+def test_thread_choice_keeps_the_faster_count_and_probes_less_while_it_holds():
+    ones = lambda picked: [i for i, count in enumerate(picked) if count == 1]  # noqa: E731
+    # the other count a little slower: both probes run in full, the choice holds, and the round it
+    # held in doubles (16, then 32 tokens: the longest)
+    close = run_choice(_ThreadChoice(4, probe=2, shortest=8, longest=32), {4: 0.010, 1: 0.0105}, 200)
+    assert close[:6] == [4, 4, 1, 1, 4, 4]
+    assert ones(close) == [2, 3, 18, 19, 50, 51, 82, 83, 114, 115, 146, 147, 178, 179]
+    # much slower (above give_up x the current median): its probe stops after one token
+    quiet = run_choice(_ThreadChoice(4, probe=2, shortest=8, longest=32), {4: 0.010, 1: 0.017}, 200)
+    assert quiet[:4] == [4, 4, 1, 4] and len(ones(quiet)) == 7
+    # the other count clearly faster (the current one's core is shared): switch, then probe back briefly
+    busy = run_choice(_ThreadChoice(4, probe=2, shortest=8, longest=32), {4: 0.050, 1: 0.017}, 40)
+    assert busy[:8] == [4, 4, 1, 1, 1, 1, 1, 1] and busy.count(4) == 4
+    # 5% faster is within the margin: no switch
+    within = run_choice(_ThreadChoice(2, probe=2, shortest=8, longest=32, margin=0.9), {2: 0.010, 1: 0.0095}, 40)
+    assert within[4:8] == [2] * 4
+
+
+def test_decoder_switching_thread_counts_gives_the_same_tokens(monkeypatch, always_parallel):
+    """A decoder built for 2 threads, forced to switch between 2 and 1 thread every few tokens
+    (every lutq call really splits its groups between 2 threads), decodes the tokens of a
+    one-thread decoder and of Transformers' generate."""
+    model = tiny_llama(seed=7)
+    quantize_linears(model)
+    threads_before = torch.get_num_threads()
+    expected = greedy(model, IDS, 10)
+    torch.set_num_threads(1)
+    one = LlamaDecoder(model, max_length=32).generate(IDS, 10)
+    torch.set_num_threads(always_parallel)
+    switches = []
+
+    class Forced(_ThreadChoice):
+        """Rounds of 3 tokens in which the other count always looks 10x faster: a switch every round."""
+
+        def __init__(self, threads):
+            super().__init__(threads, probe=1, shortest=3, longest=3)
+
+        def record(self, count, seconds):
+            switches.append(count)
+            super().record(count, seconds if count == self.current else seconds / 10)
+
+    monkeypatch.setattr(decode, "_ThreadChoice", Forced)
+    decoder = LlamaDecoder(model, max_length=32)
+    assert set(decoder.programs) == {always_parallel, 1}
+    got = decoder.generate(IDS, 10)
+    assert set(switches) == {always_parallel, 1} and switches[-1] == 1
+    assert torch.equal(got, one) and torch.equal(got, expected)
+    assert torch.get_num_threads() == always_parallel  # restored after a last token on one thread
+    torch.set_num_threads(threads_before)
 
 
 # ---- python -m aqlm generate ------------------------------------------------------------------
