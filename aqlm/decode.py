@@ -22,8 +22,9 @@ one of 2 cores, every one of a token's parallel regions waits for the thread tha
 and SmolLM2 2x8g8 fell from 100 tok/s (2 threads, quiet) to 18-24 tok/s, below the 56 tok/s of one
 thread. So a decoder built for several threads also binds a one-thread copy of its step, and
 ``generate`` now and then times a few tokens on the other thread count and keeps the faster
-(:class:`_ThreadChoice`). The kernels give the same bits on any thread count, so the tokens do not
-depend on the choice.
+(:class:`_ThreadChoice`). aqlm's kernels give the same bits on any thread count; torch's dense
+products (a dense model's linears, an "exact" or "bf16" LM head) may round differently, which
+can change a greedy token only at a near tie.
 """
 from __future__ import annotations
 
