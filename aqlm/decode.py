@@ -88,6 +88,7 @@ class _ThreadChoice:
 
     @property
     def other(self) -> int:
+        """The thread count that is not current."""
         return self.counts[1] if self.current == self.counts[0] else self.counts[0]
 
     def record(self, count: int, seconds: float) -> None:
@@ -152,7 +153,8 @@ class LlamaDecoder:
             quarter of float32's bytes; each weight moves by at most half its row's step).
 
     The kernels are chosen when the decoder is built, for the thread count and ``AQLM_*``
-    environment of that moment. The key/value cache takes 2 x layers x max_length x kv_heads x
+    environment of that moment; with several threads, ``generate`` switches between that count
+    and one thread, whichever decodes faster (module docstring). The key/value cache takes 2 x layers x max_length x kv_heads x
     head_dim float32 values (SmolLM2-135M at 2048 positions: 94 MB). The decoder holds references to the model's parameters: do not
     change them while it is in use.
 
@@ -222,8 +224,8 @@ class LlamaDecoder:
         self.attn_out = torch.zeros(1, self.hidden)
         self.gate, self.up = torch.zeros(1, intermediate), torch.zeros(1, intermediate)
         self.mlp_out = torch.zeros(1, self.hidden)
-        # Bound steps per thread count: the current one and, for several threads, one (see the
-        # module docstring); each binding picks its kernels for its own thread count.
+        # Bound steps for torch's thread count and, when that is several, for one thread (shared
+        # cores: see the module docstring); each binding picks its kernels for its own count.
         self.threads = torch.get_num_threads()
         self.programs = {}
         for count in sorted({self.threads, 1}, reverse=True):

@@ -276,7 +276,7 @@ def llama7b_rows(args) -> None:
     base, base_prefill = decode["bf16 dense"], with_prefill["bf16 dense"]
     for name, ms in decode.items():
         print(f"  {name:<42} {ms:8.2f} ms/layer/token decoding ({base / ms:5.2f}x bf16 dense), x32 layers: "
-              f"{ms * 32:7.1f} ms/token;  {with_prefill[name]:7.2f} with the prefill of {short} tokens "
+              f"{ms * 32:7.1f} ms/token;  {with_prefill[name]:7.2f} over {short} tokens with the prompt's prefill "
               f"({base_prefill / with_prefill[name]:5.2f}x)")
     best = min(decode["AQLM 2x8g8 (random codes)"], decode["AQLM 2x8g8 (random codes), LlamaDecoder"])
     print(f"  target: AQLM 2x8g8 <= 1/4 of bf16 dense per layer per decoded token: "
