@@ -7,6 +7,11 @@ the CPU kernel used, and the fraction of the memory roofline reached: bytes the 
 (codes, codebooks, scales, activations) over the read bandwidth measured in the same run,
 divided by the measured time. Times are medians; on a shared machine compare the ratios.
 
+Interleaving puts each AQLM call right after a dense product that has flushed the caches, as
+in a model's forward. The "bound" column is the C kernel alone, as ``aqlm.decode.LlamaDecoder``
+calls it (``aqlm.ops.bound_linear_cpu``: no Python around the kernel), called back to back: what
+the kernel can do when nothing else competes for the caches.
+
     python benchmarks/bench_matmul.py [--threads 2] [--repeat 30] [--shapes 4096x4096 ...] [--levels avx512 avx2]
 """
 from __future__ import annotations
@@ -100,7 +105,8 @@ def run_level(args) -> None:
           f"{', bf16 dequantization on' if aqlm.ops.bf16_dequantize_requested() else ''}")
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s; times are medians of {args.repeat} interleaved runs\n")
     header = (f"{'shape':>11} {'scheme':>7} {'batch':>5} {'kernel':>15} | {'aqlm ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} | "
-              f"{'vs fp32':>7} {'vs bf16':>7} {'vs best':>7} | {'roofline':>8} | target")
+              f"{'vs fp32':>7} {'vs bf16':>7} {'vs best':>7} | {'roofline':>8} | {'bound ms':>8} {'vs fp32':>7} "
+              f"{'vs bf16':>7} | target")
     print(header)
     print("-" * len(header))
     for shape in args.shapes:
@@ -120,6 +126,9 @@ def run_level(args) -> None:
                         args.repeat,
                     )
                 ours, fp32, bf16 = times["aqlm"], times["fp32"], times["bf16"]
+                out = torch.empty(batch, out_features)
+                bound = measure(aqlm.ops.bound_linear_cpu(x, out, layer.codes, layer.codebooks, layer.scales, layer.bias),
+                                args.repeat)
                 roofline = bytes_read(layer, batch) / bandwidth / ours
                 if batch == 1 and name in TARGETS:
                     target = f">= {TARGETS[name]:g}x fp32: {'met' if fp32 / ours >= TARGETS[name] else 'MISSED'}"
@@ -128,7 +137,8 @@ def run_level(args) -> None:
                 else:
                     target = ""
                 print(f"{shape:>11} {name:>7} {batch:>5} {kernel:>15} | {ours * 1e3:8.3f} {fp32 * 1e3:8.3f} {bf16 * 1e3:8.3f} | "
-                      f"{fp32 / ours:6.2f}x {bf16 / ours:6.2f}x {min(fp32, bf16) / ours:6.2f}x | {roofline:7.1%} | {target}",
+                      f"{fp32 / ours:6.2f}x {bf16 / ours:6.2f}x {min(fp32, bf16) / ours:6.2f}x | {roofline:7.1%} | "
+                      f"{bound * 1e3:8.3f} {fp32 / bound:6.2f}x {bf16 / bound:6.2f}x | {target}",
                       flush=True)
         print()
 
