@@ -58,21 +58,12 @@ static void dot_block_any(int rows, int tokens, int64_t in, const float *restric
     }
 }
 
+_Static_assert(ROWS * TOKENS <= AQLM_INT8_MAX_DOTS, "dots buffer of aqlm_int8_rows_blocked");
+
 static void int8_rows_avx2(int64_t o0, int64_t o1, int64_t n, int64_t in, int64_t out,
                            const float *restrict x, const int8_t *restrict q,
                            const float *restrict scales, const float *restrict bias, float *restrict y) {
-    float dots[ROWS * TOKENS];
-    for (int64_t o = o0; o < o1; o += ROWS) {
-        const int rows = o1 - o < ROWS ? (int)(o1 - o) : ROWS;
-        aqlm_int8_prefetch_ahead(q, in, o, rows, o1);
-        for (int64_t t0 = 0; t0 < n; t0 += TOKENS) {
-            const int tokens = n - t0 < TOKENS ? (int)(n - t0) : TOKENS;
-            dot_block_any(rows, tokens, in, x + t0 * in, q + o * in, dots);
-            for (int r = 0; r < rows; r++)
-                for (int t = 0; t < tokens; t++)
-                    y[(t0 + t) * out + o + r] = scales[o + r] * dots[r * tokens + t] + (bias ? bias[o + r] : 0.0f);
-        }
-    }
+    aqlm_int8_rows_blocked(ROWS, TOKENS, dot_block_any, o0, o1, n, in, out, x, q, scales, bias, y);
 }
 
 const aqlm_int8_kernels aqlm_int8_kernels_avx2 = {.level = AQLM_SIMD_AVX2, .rows = int8_rows_avx2};
