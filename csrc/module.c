@@ -37,6 +37,13 @@ static PyObject *raise_status(aqlm_status status, const aqlm_error *err) {
     return NULL;
 }
 
+/* What a binding returns after a kernel that writes its outputs in place: None, or NULL with
+ * the kernel's error raised. */
+static PyObject *none_or_raise(aqlm_status status, const aqlm_error *err) {
+    if (status != AQLM_OK) return raise_status(status, err);
+    Py_RETURN_NONE;
+}
+
 /* ---- dtypes and arrays ----------------------------------------------------------------------- */
 
 static int parse_float_dtype(const char *name, const char *what, aqlm_dtype *dtype) {
@@ -293,8 +300,7 @@ static PyObject *py_dequantize(PyObject *module, PyObject *args, PyObject *kwarg
                              num_threads, &err);
     Py_END_ALLOW_THREADS
     weight_args_release(&w);
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 }
 
 typedef aqlm_status (*matmul_fn)(const aqlm_format *, int64_t, aqlm_dtype, const void *, const void *, aqlm_dtype,
@@ -336,8 +342,7 @@ static PyObject *matmul_common(PyObject *module, PyObject *args, PyObject *kwarg
     Py_END_ALLOW_THREADS
     weight_args_release(&w);
     Py_DECREF(x);
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 fail:
     weight_args_release(&w);
     Py_XDECREF(x);
@@ -410,8 +415,7 @@ static PyObject *py_lutq_pack_codes(PyObject *module, PyObject *args, PyObject *
         Py_END_ALLOW_THREADS
     }
     weight_args_release(&w);
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 fail:
     weight_args_release(&w);
     return NULL;
@@ -512,12 +516,7 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
                               PyArray_DATA(scales), bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out),
                               simd, num_threads, &err);
     Py_END_ALLOW_THREADS
-    if (status != AQLM_OK) {
-        raise_status(status, &err);
-        goto done;
-    }
-    Py_INCREF(Py_None);
-    result = Py_None;
+    result = none_or_raise(status, &err);
 done:
     Py_XDECREF(x), Py_XDECREF(codebooks), Py_XDECREF(scales), Py_XDECREF(bias);
     return result;
@@ -642,12 +641,7 @@ static PyObject *py_int8_matmul(PyObject *module, PyObject *args, PyObject *kwar
     status = aqlm_int8_matmul(n, in, out_features, PyArray_DATA(x), PyArray_DATA(weight), PyArray_DATA(scales),
                               bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
     Py_END_ALLOW_THREADS
-    if (status != AQLM_OK) {
-        raise_status(status, &err);
-        goto done;
-    }
-    Py_INCREF(Py_None);
-    result = Py_None;
+    result = none_or_raise(status, &err);
 done:
     Py_XDECREF(x), Py_XDECREF(weight), Py_XDECREF(scales), Py_XDECREF(bias);
     return result;
@@ -694,12 +688,7 @@ static PyObject *py_int8_quantize_rows(PyObject *module, PyObject *args, PyObjec
     status = aqlm_int8_quantize_rows(out_features, in, PyArray_DATA(weight), PyArray_DATA(q), PyArray_DATA(scales),
                                      num_threads, &err);
     Py_END_ALLOW_THREADS
-    if (status != AQLM_OK) {
-        raise_status(status, &err);
-        goto done;
-    }
-    Py_INCREF(Py_None);
-    result = Py_None;
+    result = none_or_raise(status, &err);
 done:
     Py_XDECREF(weight), Py_XDECREF(q), Py_XDECREF(scales);
     return result;
@@ -841,8 +830,7 @@ static PyObject *py_beam_search(PyObject *module, PyObject *args, PyObject *kwar
     Py_END_ALLOW_THREADS
     weight_args_release(&w);
     Py_XDECREF(xtx), Py_DECREF(gradient), Py_DECREF(losses), Py_XDECREF(allowed);
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 fail:
     weight_args_release(&w);
     Py_XDECREF(xtx), Py_XDECREF(gradient), Py_XDECREF(losses), Py_XDECREF(allowed);
@@ -1055,8 +1043,7 @@ static PyObject *py_residual_rms_norm(PyObject *module, PyObject *args, PyObject
     Py_BEGIN_ALLOW_THREADS
     status = aqlm_residual_rms_norm(n, arrays[0].data, arrays[1].data, arrays[2].data, eps, arrays[3].data, &err);
     Py_END_ALLOW_THREADS
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 }
 
 PyDoc_STRVAR(silu_mul_doc,
@@ -1078,8 +1065,7 @@ static PyObject *py_silu_mul(PyObject *module, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     status = aqlm_silu_mul(n, arrays[0].data, arrays[1].data, &err);
     Py_END_ALLOW_THREADS
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 }
 
 PyDoc_STRVAR(attend_one_doc,
@@ -1122,8 +1108,7 @@ static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwarg
                              arrays[3].data, arrays[4].data, scale, arrays[5].data, arrays[6].data, arrays[7].data,
                              arrays[8].data, &err);
     Py_END_ALLOW_THREADS
-    if (status != AQLM_OK) return raise_status(status, &err);
-    Py_RETURN_NONE;
+    return none_or_raise(status, &err);
 }
 
 PyDoc_STRVAR(simd_supported_doc, "simd_supported()\n--\n\nThe best SIMD level this CPU, OS and build support.");
