@@ -68,6 +68,15 @@ enum {
 
 static inline int64_t aqlm_lutq_table_stride(int64_t K) { return K < 16 ? 16 : K; }
 
+/* The input groups of chunk b (`group` groups each) that lie in [j0, j1): [*from, *to). */
+static inline void aqlm_lutq_piece_bounds(int64_t b, int64_t group, int64_t j0, int64_t j1, int64_t *from, int64_t *to) {
+    *from = b * group > j0 ? b * group : j0;
+    *to = (b + 1) * group < j1 ? (b + 1) * group : j1;
+}
+
+/* How many chunks of `group` groups meet [j0, j1), j0 < j1: that range's pieces. */
+static inline int64_t aqlm_lutq_pieces(int64_t j0, int64_t j1, int64_t group) { return (j1 - 1) / group - j0 / group + 1; }
+
 /* Whether two codes share each packed byte (K <= 16 and M even). */
 static inline int aqlm_lutq_nibbles(const aqlm_block_shape *s) { return s->K <= 16 && s->M % 2 == 0; }
 

@@ -163,7 +163,8 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
     const int64_t tile_stride = G * M * AQLM_LUTQ_TILE;
     for (int64_t b = j0 / group; b * group < j1; b++) {
         const int64_t piece = b - j0 / group;
-        const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
+        int64_t from, to;
+        aqlm_lutq_piece_bounds(b, group, j0, j1, &from, &to);
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m++) {
                 tile_sums sums[TILE_STEP];
@@ -197,7 +198,8 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     for (int64_t b = j0 / group; b * group < j1; b++) {
         const int64_t piece = b - j0 / group;
-        const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
+        int64_t from, to;
+        aqlm_lutq_piece_bounds(b, group, j0, j1, &from, &to);
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m += 2) {
                 tile_sums sums0[TILE_STEP], sums1[TILE_STEP];

@@ -98,7 +98,8 @@ static int64_t straddled_groups(int64_t g0, int64_t g1, int64_t group, int64_t G
     int64_t count = 0;
     for (int64_t b = g0 / group; b * group < g1; b++) {
         if (chunk_is_whole(b, group, G, g0, g1)) continue;
-        const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
+        int64_t from, to;
+        aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
         count += to - from;
     }
     return count;
@@ -117,7 +118,7 @@ static void count_split(int64_t G, int64_t group, int P, int64_t *pieces, int64_
     *pieces = *straddled = 0;
     for (int p = 0; p < P; p++) {
         const int64_t g0 = range_start(G, P, p), g1 = range_start(G, P, p + 1);
-        *pieces += (g1 - 1) / group - g0 / group + 1;
+        *pieces += aqlm_lutq_pieces(g0, g1, group);
         *straddled += straddled_groups(g0, g1, group, G);
     }
 }
@@ -128,7 +129,7 @@ static void fill_split(int64_t G, int64_t group, group_split *split) {
     for (int p = 0; p < P; p++) {
         const int64_t g0 = range_start(G, P, p), g1 = range_start(G, P, p + 1);
         split->bounds[p] = g0;
-        split->piece0[p + 1] = split->piece0[p] + (g1 - 1) / group - g0 / group + 1;
+        split->piece0[p + 1] = split->piece0[p] + aqlm_lutq_pieces(g0, g1, group);
         split->kept0[p + 1] = split->kept0[p] + straddled_groups(g0, g1, group, G);
         /* pieces are numbered by thread then chunk, which is chunk order: a chunk's first piece is
          * the one of the first thread whose range meets it */
@@ -222,7 +223,8 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                 float *kept = kept_all + split.kept0[p] * T * M * K;
                 for (int64_t t = 0; t < tokens; t++)
                     for (int64_t b = g0 / group; b * group < g1; b++) {
-                        const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
+                        int64_t from, to;
+                        aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
                         const int whole = chunk_is_whole(b, group, G, g0, g1);
                         /* the maxima gather on p's own stack: the pieces' slots of all threads share
                          * cache lines, which every group's update would bounce between cores */
@@ -246,7 +248,8 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                 for (int64_t t = 0; t < tokens; t++)
                     for (int64_t b = g0 / group; b * group < g1; b++) {
                         if (chunk_is_whole(b, group, G, g0, g1)) continue;
-                        const int64_t from = b * group > g0 ? b * group : g0, to = (b + 1) * group < g1 ? (b + 1) * group : g1;
+                        int64_t from, to;
+                        aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
                         float amax[AQLM_LUTQ_MAX_CODEBOOKS];
                         for (int64_t m = 0; m < M; m++) {
                             amax[m] = 0.0f;

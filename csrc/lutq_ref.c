@@ -51,7 +51,8 @@ void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t 
         const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
         for (int64_t b = j0 / group; b * group < j1; b++) {
             const int64_t piece = b - j0 / group;
-            const int64_t from = b * group > j0 ? b * group : j0, to = (b + 1) * group < j1 ? (b + 1) * group : j1;
+            int64_t from, to;
+            aqlm_lutq_piece_bounds(b, group, j0, j1, &from, &to);
             for (int64_t t = 0; t < n; t++) {
                 const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
                 for (int64_t m = 0; m < M; m++)
