@@ -216,11 +216,16 @@ def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tenso
 def _dequantize_cpu_as(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dense weight in ``dtype`` straight from the C kernel (no intermediate copy in another dtype)."""
     out_features, in_features = codes.shape[0] * codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
-    weight = torch.empty(out_features, in_features, dtype=dtype)
+    return _dequantize_cpu_into(codes, codebooks, scales, torch.empty(out_features, in_features, dtype=dtype))
+
+
+def _dequantize_cpu_into(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Writes the dense weight of these codes ([out_features, in_features], contiguous, in its own
+    dtype) into ``weight`` by the C kernel, and returns it."""
     codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
     _C.dequantize(
         codes_np, codebooks_np, scales_np, _numpy_view(weight),
-        param_dtype=_DTYPE_NAMES[codebooks.dtype], out_dtype=_DTYPE_NAMES[dtype], num_threads=torch.get_num_threads(),
+        param_dtype=_DTYPE_NAMES[codebooks.dtype], out_dtype=_DTYPE_NAMES[weight.dtype], num_threads=torch.get_num_threads(),
     )
     return weight
 
@@ -453,18 +458,26 @@ def quantized_matmul_cpu(
         packed = _numpy_view(packed_codes(codes, codebooks, scales)) if kernel == "lutq" else None
         _few_token_matmul(kernel, x, out, _weight_arrays(codes, codebooks, scales, bias), packed, codebooks.dtype)
     else:
-        scales = scales.reshape(-1)
-        dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype
-        dense_x = x.to(dense_dtype)
-        out_group_size = codebooks.shape[2]
-        row_bytes = codes.shape[1] * codebooks.shape[3] * out_group_size * dense_x.element_size()
-        groups_per_chunk = max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes)
-        for first in range(0, codes.shape[0], groups_per_chunk):
-            last = min(first + groups_per_chunk, codes.shape[0])
-            weight = _dequantize_cpu_as(codes[first:last], codebooks, scales[first:last], dense_dtype)
-            rows = slice(first * out_group_size, last * out_group_size)
-            out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
+        _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias,
+                                torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype)
     return result
+
+
+def _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias, dense_dtype: torch.dtype) -> None:
+    """``out = x @ W.T + bias`` by dequantizing W in ``dense_dtype``, DEQUANTIZE_CHUNK_BYTES of rows
+    at a time, each chunk then multiplied by torch. One chunk buffer serves every chunk: a fresh
+    allocation per chunk page-faults its megabytes in again each time."""
+    dense_x = x.to(dense_dtype)
+    out_group_size, in_features = codebooks.shape[2], codes.shape[1] * codebooks.shape[3]
+    row_bytes = in_features * out_group_size * dense_x.element_size()
+    groups_per_chunk = min(codes.shape[0], max(1, DEQUANTIZE_CHUNK_BYTES // row_bytes))
+    chunk = torch.empty(groups_per_chunk * out_group_size, in_features, dtype=dense_dtype)
+    scales = scales.reshape(-1)
+    for first in range(0, codes.shape[0], groups_per_chunk):
+        last = min(first + groups_per_chunk, codes.shape[0])
+        rows = slice(first * out_group_size, last * out_group_size)
+        weight = _dequantize_cpu_into(codes[first:last], codebooks, scales[first:last], chunk[: rows.stop - rows.start])
+        out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
 
 
 def _few_token_matmul(

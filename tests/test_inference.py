@@ -234,13 +234,13 @@ def test_chunked_dequantize_path_with_bias_matches_formula(monkeypatch, out_grou
     row_bytes = 64 * out_group_size * x.element_size()
     monkeypatch.setattr(aqlm.ops, "DEQUANTIZE_CHUNK_BYTES", 10 * row_bytes + row_bytes // 2)
     chunks = []
-    dequantize_rows = aqlm.ops._dequantize_cpu_as
+    dequantize_rows = aqlm.ops._dequantize_cpu_into
 
     def recording(chunk_codes, *args):
         chunks.append(chunk_codes.shape[0])
         return dequantize_rows(chunk_codes, *args)
 
-    monkeypatch.setattr(aqlm.ops, "_dequantize_cpu_as", recording)
+    monkeypatch.setattr(aqlm.ops, "_dequantize_cpu_into", recording)
     y = torch.ops.aqlm.quantized_matmul(x, codes, codebooks, scales, bias)
     assert chunks == [10] * 9 + [6], f"512 tokens should take the chunked dequantize path: chunks {chunks}"
     reference = formula(x, codes, codebooks, scales, bias)
