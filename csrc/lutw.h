@@ -1,0 +1,82 @@
+/*
+ * lutw.h - exact fp32 lookup tables W tokens wide, for 2..64 tokens (internal; shared by
+ * lutw_*.c and cpu.c).
+ *
+ * For a pass of up to W tokens t0 .. t0 + W - 1 (W = 16, or 8 for a last pass of at most 8
+ * tokens; tokens past the pass are zeros), input group j, codebook m and codeword c the table
+ * entry holds the W tokens side by side:
+ *     T[j][m][c][t] = sum_{i < ig} cb[m, c, i] * x[t0 + t, j * ig + i]      (t < W)
+ * as fmaf in order i = 0, 1, ..., ig - 1 from 0. One lookup is thus one 64-byte load (W = 16:
+ * one zmm or two ymm) that serves every token of the pass. Each output row o adds its entries
+ *     acc[o][t] = (((0 + T[0][0][code(o, 0, 0)][t]) + T[0][1][...][t]) + ...)   in order (j, m)
+ * and y[t0 + t, o] = acc[o][t] * scale[o] + bias[o]. Every output sums its entries in that
+ * order whatever the thread count and SIMD level, so all give the scalar reference's bits.
+ *
+ * The codes are read in lutq's packed layout (lutq.h, aqlm_lutq_pack_codes): tiles of 64 rows,
+ * and per tile, input group j and codebook m the 64 rows' codes side by side,
+ *     packed[((tile * G + j) * M + m) * 64 + lane] = code(tile * 64 + lane, j, m)
+ * or, for K <= 16 and even M, two slots s = j * M + m per byte,
+ *     packed[((tile * G * M + s) / 2) * 64 + lane] = code(s) | code(s + 1) << 4,
+ * so a tile's codes for a block of consecutive groups are one contiguous run of bytes.
+ *
+ * Threads split the tiles (contiguous ranges). Each thread, for every block of `block`
+ * consecutive groups (tables of a block fit L1), builds that block's tables into its own buffer
+ *     tables[(((j - j0) * M + m) * K + c) * W + t]
+ * and sweeps its tiles' rows over them into its accumulators acc[(row - row0) * W + t] (kept in
+ * L2 from block to block). Codes are masked with the code mask before they index a table.
+ */
+#ifndef AQLM_LUTW_H
+#define AQLM_LUTW_H
+
+#include "lutq.h"
+
+enum {
+    AQLM_LUTW_TILE = AQLM_LUTQ_TILE, /* rows per packed tile */
+    AQLM_LUTW_WIDE = 16,             /* tokens per pass */
+    AQLM_LUTW_NARROW = 8,            /* tokens per pass when at most 8 remain */
+    AQLM_LUTW_BLOCK_BYTES = 48 << 10, /* one block's tables (L1) */
+};
+
+/* Tables of groups [j0, j1) for a pass of W tokens (lutw.h layout): xt the pass's tokens
+ * transposed to [in][W] fp32 (zeros past the pass), cb the codebooks [M, K, ig] fp32. */
+typedef void (*aqlm_lutw_tables_fn)(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1,
+                                    const float *restrict xt, const float *restrict cb, float *restrict tables);
+
+/* For tiles [tile0, tile1) of packed codes and groups [j0, j1) whose tables start at `tables`:
+ *     acc[((tile - tile0) * 64 + lane) * W + t] += T[j][m][code][t]   for j in [j0, j1), m in order. */
+typedef void (*aqlm_lutw_sweep_fn)(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, int64_t tile0,
+                                   int64_t tile1, const uint8_t *restrict packed, const float *restrict tables,
+                                   float *restrict acc);
+
+typedef struct {
+    const char *name; /* "scalar", "avx2", "avx512" */
+    aqlm_lutw_tables_fn tables;
+    aqlm_lutw_sweep_fn sweep;
+} aqlm_lutw_kernels;
+
+/* The fastest table this CPU and build support at or below `level` (cpu.c). */
+const aqlm_lutw_kernels *aqlm_lutw_kernels_for(aqlm_simd level);
+
+void aqlm_lutw_tables_ref(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, const float *restrict xt,
+                          const float *restrict cb, float *restrict tables);
+void aqlm_lutw_sweep_ref(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
+                         const uint8_t *restrict packed, const float *restrict tables, float *restrict acc);
+/* The AVX2 versions, which the AVX-512 kernels use for passes of 8 tokens. */
+void aqlm_lutw_tables_avx2(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, const float *restrict xt,
+                           const float *restrict cb, float *restrict tables);
+void aqlm_lutw_sweep_avx2(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
+                          const uint8_t *restrict packed, const float *restrict tables, float *restrict acc);
+
+extern const aqlm_lutw_kernels aqlm_lutw_kernels_scalar;
+extern const aqlm_lutw_kernels aqlm_lutw_kernels_avx2;   /* name NULL when built without AVX2 */
+extern const aqlm_lutw_kernels aqlm_lutw_kernels_avx512; /* name NULL when built without AVX-512 */
+
+/* The first byte of a tile's codes for group j0 and how far apart consecutive slots (or, in
+ * nibble mode, slot pairs) lie: always 64 bytes. */
+static inline const uint8_t *aqlm_lutw_codes(const aqlm_block_shape *s, const uint8_t *packed, int64_t tile, int64_t j0) {
+    const int64_t slots = s->in_groups * s->M;
+    return aqlm_lutq_nibbles(s) ? packed + (tile * slots + j0 * s->M) / 2 * AQLM_LUTW_TILE
+                                : packed + (tile * slots + j0 * s->M) * AQLM_LUTW_TILE;
+}
+
+#endif /* AQLM_LUTW_H */
