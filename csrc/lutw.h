@@ -30,11 +30,19 @@
 
 #include "lutq.h"
 
+#ifndef LUTW_CHUNK_KB
+#define LUTW_CHUNK_KB 512
+#endif
+#ifndef LUTW_BLOCK_KB
+#define LUTW_BLOCK_KB 48
+#endif
 enum {
     AQLM_LUTW_TILE = AQLM_LUTQ_TILE, /* rows per packed tile */
     AQLM_LUTW_WIDE = 16,             /* tokens per pass */
     AQLM_LUTW_NARROW = 8,            /* tokens per pass when at most 8 remain */
-    AQLM_LUTW_BLOCK_BYTES = 48 << 10, /* one block's tables (L1) */
+    AQLM_LUTW_BLOCK_BYTES = LUTW_BLOCK_KB << 10, /* one block's tables (L1) */
+    AQLM_LUTW_CHUNK_BYTES = LUTW_CHUNK_KB << 10, /* tables built by all threads between two barriers (L2) */
+    AQLM_LUTW_PREFETCH = 2,           /* tiles ahead whose codes the sweep prefetches */
 };
 
 /* Tables of groups [j0, j1) for a pass of W tokens (lutw.h layout): xt the pass's tokens

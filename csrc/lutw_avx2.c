@@ -13,39 +13,58 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-enum { ROWS = 4 }; /* rows summed together: ROWS * W / 8 accumulators */
+enum { ROWS = 4, WORDS = 4 }; /* rows summed together (ROWS * W / 8 accumulators); codewords built together */
+
+/* Entries of `count` <= WORDS codewords from `word` (ig floats each) and the W = 8 V tokens'
+ * inputs xr [ig][W]: independent fma chains, each in order i. */
+ALWAYS_INLINE void build_words(const int V, const int count, int64_t ig, const float *restrict word,
+                               const float *restrict xr, float *restrict entry) {
+    __m256 value[WORDS][2];
+    for (int w = 0; w < count; w++)
+        for (int v = 0; v < V; v++) value[w][v] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < ig; i++)
+        for (int v = 0; v < V; v++) {
+            const __m256 x = _mm256_loadu_ps(xr + i * 8 * V + 8 * v);
+            for (int w = 0; w < count; w++) value[w][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(word + w * ig + i), x, value[w][v]);
+        }
+    for (int w = 0; w < count; w++)
+        for (int v = 0; v < V; v++) _mm256_storeu_ps(entry + w * 8 * V + 8 * v, value[w][v]);
+}
 
 ALWAYS_INLINE void build(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict xt,
                          const float *restrict cb, float *restrict tables) {
     const int64_t ig = s->ig, M = s->M, K = s->K, W = 8 * V;
     for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t c = 0; c < K; c++) {
-                __m256 value[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-                const float *word = cb + (m * K + c) * ig;
-                for (int64_t i = 0; i < ig; i++) {
-                    const __m256 w = _mm256_broadcast_ss(word + i);
-                    for (int v = 0; v < V; v++) value[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xt + (j * ig + i) * W + 8 * v), value[v]);
-                }
-                float *entry = tables + (((j - j0) * M + m) * K + c) * W;
-                for (int v = 0; v < V; v++) _mm256_storeu_ps(entry + 8 * v, value[v]);
-            }
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = xt + j * ig * W;
+            float *entry = tables + ((j - j0) * M + m) * K * W;
+            int64_t c = 0;
+            for (; c + WORDS <= K; c += WORDS) build_words(V, WORDS, ig, cb + (m * K + c) * ig, xr, entry + c * W);
+            for (; c < K; c++) build_words(V, 1, ig, cb + (m * K + c) * ig, xr, entry + c * W);
+        }
 }
 
 /* Adds one entry (V ymm) of `table` at `code` to the row's sums. */
 #define ADD_ENTRY(sum, table, code)                                                                \
     do {                                                                                           \
-        const float *entry_ = (table) + (int64_t)(code) * (8 * V);                                 \
+        const float *entry_ = (table) + (size_t)(code) * (8 * V);                           \
         for (int v = 0; v < V; v++) (sum)[v] = _mm256_add_ps((sum)[v], _mm256_loadu_ps(entry_ + 8 * v)); \
     } while (0)
 
-ALWAYS_INLINE void sweep(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
-                         const uint8_t *restrict packed, const float *restrict tables, float *restrict acc) {
+/* `masked`: whether codes need the code mask (K < 256, or K < 16 for nibbles), fixed per copy. */
+ALWAYS_INLINE void sweep(const int V, const int masked, const aqlm_block_shape *s, int64_t j0, int64_t j1,
+                         int64_t tile0, int64_t tile1, const uint8_t *restrict packed, const float *restrict tables,
+                         float *restrict acc) {
     const int64_t M = s->M, K = s->K, W = 8 * V, slots = (j1 - j0) * M;
-    const uint32_t mask = s->code_mask;
+    const uint32_t mask = masked ? s->code_mask : 0xff;
     const int nibbles = aqlm_lutq_nibbles(s);
+    const int64_t code_lines = nibbles ? slots / 2 : slots;
     for (int64_t tile = tile0; tile < tile1; tile++) {
         const uint8_t *codes = aqlm_lutw_codes(s, packed, tile, j0);
+        if (tile + AQLM_LUTW_PREFETCH < tile1) { /* tiles lie far apart: no hardware prefetcher follows */
+            const uint8_t *ahead = aqlm_lutw_codes(s, packed, tile + AQLM_LUTW_PREFETCH, j0);
+            for (int64_t line = 0; line < code_lines; line++) _mm_prefetch((const char *)ahead + line * AQLM_LUTW_TILE, _MM_HINT_T0);
+        }
         for (int64_t lane0 = 0; lane0 < AQLM_LUTW_TILE; lane0 += ROWS) {
             float *sums = acc + ((tile - tile0) * AQLM_LUTW_TILE + lane0) * W;
             __m256 r[ROWS][2];
@@ -55,14 +74,14 @@ ALWAYS_INLINE void sweep(const int V, const aqlm_block_shape *s, int64_t j0, int
                 for (int64_t pair = 0; pair < slots / 2; pair++) {
                     const uint8_t *code = codes + pair * AQLM_LUTW_TILE + lane0;
                     const float *low = tables + 2 * pair * K * W, *high = low + K * W;
-                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(r[k], low, code[k] & mask);
-                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(r[k], high, (code[k] >> 4) & mask);
+                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(r[k], low, masked ? code[k] & mask : code[k] & 15);
+                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(r[k], high, masked ? (code[k] >> 4) & mask : code[k] >> 4);
                 }
             } else {
                 for (int64_t slot = 0; slot < slots; slot++) {
                     const uint8_t *code = codes + slot * AQLM_LUTW_TILE + lane0;
                     const float *table = tables + slot * K * W;
-                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(r[k], table, code[k] & mask);
+                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(r[k], table, masked ? code[k] & mask : code[k]);
                 }
             }
             for (int k = 0; k < ROWS; k++)
@@ -80,8 +99,11 @@ void aqlm_lutw_tables_avx2(const aqlm_block_shape *s, int64_t W, int64_t j0, int
 
 void aqlm_lutw_sweep_avx2(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
                           const uint8_t *restrict packed, const float *restrict tables, float *restrict acc) {
-    if (W == 16) sweep(2, s, j0, j1, tile0, tile1, packed, tables, acc);
-    else if (W == 8) sweep(1, s, j0, j1, tile0, tile1, packed, tables, acc);
+    const int masked = s->K != (aqlm_lutq_nibbles(s) ? 16 : 256);
+    if (W == 16 && masked) sweep(2, 1, s, j0, j1, tile0, tile1, packed, tables, acc);
+    else if (W == 16) sweep(2, 0, s, j0, j1, tile0, tile1, packed, tables, acc);
+    else if (W == 8 && masked) sweep(1, 1, s, j0, j1, tile0, tile1, packed, tables, acc);
+    else if (W == 8) sweep(1, 0, s, j0, j1, tile0, tile1, packed, tables, acc);
     else aqlm_lutw_sweep_ref(s, W, j0, j1, tile0, tile1, packed, tables, acc);
 }
 

@@ -18,7 +18,8 @@ from test_lutq import DTYPES, formula, np_view, random_weight
 # (out, in, num_codebooks, nbits, in_group_size): 2x8g8, nibble-packed 4x4g8, one codebook,
 # an odd number of 16-codeword codebooks (one code per byte), groups of 4 and 6, rows not a
 # multiple of 64 (padding rows in the last tile), fewer rows than one tile, several blocks of
-# groups (4x4g8: 12 groups per 48 KiB block of 16-token tables; 2x8g8: one).
+# groups swept together and several chunks built together by the threads (lutw.h: 2x8g8's
+# 16-token tables take 32 KiB per group, 4x4g8's 4 KiB; chunks of 512 KiB, 40 and 200 groups).
 CONFIGS = [
     (200, 96, 2, 8, 8),
     (130, 256, 4, 4, 8),
@@ -28,6 +29,8 @@ CONFIGS = [
     (40, 60, 2, 5, 6),
     (17, 200, 2, 4, 8),
     (257, 32, 6, 4, 8),
+    (96, 320, 2, 8, 8),
+    (70, 1600, 4, 4, 8),
 ]
 TOKENS = [1, 2, 7, 8, 9, 16, 17, 33]
 
