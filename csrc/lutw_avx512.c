@@ -13,10 +13,7 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-#ifndef LUTW_ROWS
-#define LUTW_ROWS 8
-#endif
-enum { ROWS = LUTW_ROWS, WORDS = 8 }; /* rows summed together, one zmm each; codewords whose entries are built together */
+enum { ROWS = 8, WORDS = 8 }; /* rows summed together, one zmm each; codewords whose entries are built together */
 
 /* Entries of `count` <= WORDS codewords from `word` (ig floats each) and the 16 tokens' inputs
  * xr [ig][16]: `count` independent fma chains, each in order i. */

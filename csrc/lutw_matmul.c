@@ -66,20 +66,17 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     int P = aqlm_threads_for(num_threads, work);
     if (P > tiles) P = (int)tiles;
     const int64_t most_tiles = (tiles + P - 1) / P;
-    /* groups per block (swept together: their tables of 16 tokens fit AQLM_LUTW_BLOCK_BYTES) and
-     * per chunk (built together by all threads), at least one each */
+    /* groups per block: their tables of 16 tokens fit AQLM_LUTW_BLOCK_BYTES (at least one group) */
     const int64_t group_bytes = M * K * AQLM_LUTW_WIDE * (int64_t)sizeof(float);
-    int64_t block = AQLM_LUTW_BLOCK_BYTES / group_bytes, chunk = AQLM_LUTW_CHUNK_BYTES / group_bytes;
+    int64_t block = AQLM_LUTW_BLOCK_BYTES / group_bytes;
     block = block < 1 ? 1 : block > G ? G : block;
-    chunk = chunk < block ? block : chunk > G ? G : chunk;
-    const int64_t chunks = (G + chunk - 1) / chunk;
-    const size_t chunk_floats = (size_t)(chunk * M * K * AQLM_LUTW_WIDE);
+    const size_t tables_floats = (size_t)(block * M * K * AQLM_LUTW_WIDE);
     const size_t acc_floats = (size_t)(most_tiles * AQLM_LUTW_TILE * AQLM_LUTW_WIDE);
 
     size_t bytes = 0;
     const size_t at_cb = carve(&bytes, (size_t)(M * K * ig) * sizeof(float));
     const size_t at_xt = carve(&bytes, (size_t)(in * AQLM_LUTW_WIDE) * sizeof(float));
-    const size_t at_tables = carve(&bytes, 2 * chunk_floats * sizeof(float));
+    const size_t at_tables = carve(&bytes, (size_t)P * tables_floats * sizeof(float));
     const size_t at_acc = carve(&bytes, (size_t)P * acc_floats * sizeof(float));
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
@@ -96,38 +93,17 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
              * plays several of the P parts, the same work in the same places. */
             const int member = omp_get_thread_num(), team = omp_get_num_threads();
             transpose_tokens(x_dtype, x, in, t0, tokens, W, in * member / team, in * (member + 1) / team, xt);
-            for (int p = member; p < P; p += team)
-                memset(acc_all + (size_t)p * acc_floats, 0, acc_floats * sizeof(float));
 #pragma omp barrier
-            /* Chunk b's tables go to half b % 2 of the buffer, each thread building a share of
-             * its groups; the barrier after chunk b + 1's build is also the end of every
-             * thread's sweep of chunk b, so chunk b + 2 may then overwrite it. */
-            for (int64_t b = 0; b <= chunks; b++) {
-                if (b < chunks) {
-                    const int64_t c0 = b * chunk, c1 = c0 + chunk < G ? c0 + chunk : G;
-                    float *tables = tables_all + (size_t)(b % 2) * chunk_floats;
-                    for (int p = member; p < P; p += team) {
-                        const int64_t j0 = c0 + (c1 - c0) * p / P, j1 = c0 + (c1 - c0) * (p + 1) / P;
-                        if (j0 < j1) kernels->tables(&s, W, j0, j1, xt, cb, tables + (j0 - c0) * M * K * W);
-                    }
-                }
-                if (b > 0) {
-                    const int64_t c0 = (b - 1) * chunk, c1 = c0 + chunk < G ? c0 + chunk : G;
-                    const float *tables = tables_all + (size_t)((b - 1) % 2) * chunk_floats;
-                    for (int p = member; p < P; p += team) {
-                        const int64_t tile0 = tiles * p / P, tile1 = tiles * (p + 1) / P;
-                        float *acc = acc_all + (size_t)p * acc_floats;
-                        for (int64_t j0 = c0; j0 < c1 && tile0 < tile1; j0 += block) {
-                            const int64_t j1 = j0 + block < c1 ? j0 + block : c1;
-                            kernels->sweep(&s, W, j0, j1, tile0, tile1, packed, tables + (j0 - c0) * M * K * W, acc);
-                        }
-                    }
-                }
-#pragma omp barrier
-            }
             for (int p = member; p < P; p += team) {
                 const int64_t tile0 = tiles * p / P, tile1 = tiles * (p + 1) / P;
-                const float *acc = acc_all + (size_t)p * acc_floats;
+                if (tile0 == tile1) continue;
+                float *tables = tables_all + (size_t)p * tables_floats, *acc = acc_all + (size_t)p * acc_floats;
+                memset(acc, 0, (size_t)((tile1 - tile0) * AQLM_LUTW_TILE * W) * sizeof(float));
+                for (int64_t j0 = 0; j0 < G; j0 += block) {
+                    const int64_t j1 = j0 + block < G ? j0 + block : G;
+                    kernels->tables(&s, W, j0, j1, xt, cb, tables);
+                    kernels->sweep(&s, W, j0, j1, tile0, tile1, packed, tables, acc);
+                }
                 for (int64_t tile = tile0; tile < tile1; tile++) {
                     const int64_t row0 = tile * AQLM_LUTW_TILE, row1 = row0 + AQLM_LUTW_TILE < out ? row0 + AQLM_LUTW_TILE : out;
                     const float *sums = acc + (tile - tile0) * AQLM_LUTW_TILE * W;

@@ -18,8 +18,7 @@ from test_lutq import DTYPES, formula, np_view, random_weight
 # (out, in, num_codebooks, nbits, in_group_size): 2x8g8, nibble-packed 4x4g8, one codebook,
 # an odd number of 16-codeword codebooks (one code per byte), groups of 4 and 6, rows not a
 # multiple of 64 (padding rows in the last tile), fewer rows than one tile, several blocks of
-# groups swept together and several chunks built together by the threads (lutw.h: 2x8g8's
-# 16-token tables take 32 KiB per group, 4x4g8's 4 KiB; chunks of 512 KiB, 40 and 200 groups).
+# groups (lutw.h: 128 KiB of 16-token tables, 4 groups at 2x8g8, 32 at 4x4g8; 40 and 200 groups).
 CONFIGS = [
     (200, 96, 2, 8, 8),
     (130, 256, 4, 4, 8),
