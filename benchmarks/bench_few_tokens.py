@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -30,6 +31,15 @@ def random_weight(out_features: int, in_features: int, scheme: aqlm.AqlmScheme):
     return aqlm.pack_codes(codes, scheme.nbits_per_codebook), codebooks / scheme.num_codebooks, scales
 
 
+def busy_seconds() -> tuple:
+    """CPU seconds all processes and this one have been busy (Linux /proc/stat, getrusage)."""
+    with open("/proc/stat") as file:
+        fields = [int(v) for v in file.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(fields) - fields[3] - fields[4]) / ticks, usage.ru_utime + usage.ru_stime
+
+
 def bound(kernel: str, x, out, weight):
     os.environ["AQLM_CPU_KERNEL"] = kernel
     try:
@@ -49,8 +59,9 @@ def main() -> None:
     os.environ["AQLM_QUANTIZED_LUT"] = "1"
     torch.set_num_threads(args.threads)
     print(f"SIMD {aqlm._C.simd_default()}, {args.threads} threads; ms, medians of {args.repeat} interleaved runs; "
-          f"'/fp32', '/bf16': dense time over kernel time")
-    print(f"{'shape':>10} {'scheme':>6} {'n':>3} | {'fp32':>7} {'bf16':>7} | " + " | ".join(f"{k:>6} {'/fp32':>5} {'/bf16':>5}" for k in KERNELS))
+          f"'/fp32', '/bf16': dense time over kernel time; "
+          f"'others': CPUs the other processes kept busy meanwhile (a shared machine: trust rows near 0)")
+    print(f"{'shape':>10} {'scheme':>6} {'n':>3} | {'fp32':>7} {'bf16':>7} | " + " | ".join(f"{k:>6} {'/fp32':>5} {'/bf16':>5}" for k in KERNELS) + " | others")
     for shape in args.shapes:
         out_features, in_features = map(int, shape.split("x"))
         dense = torch.randn(out_features, in_features) * 0.02
@@ -65,6 +76,7 @@ def main() -> None:
                 fns["fp32"] = lambda: F.linear(x, dense)
                 fns["bf16"] = lambda: F.linear(x_bf16, dense_bf16)
                 times = {name_: [] for name_ in fns}
+                busy0, own0, wall0 = *busy_seconds(), time.perf_counter()
                 with torch.no_grad():
                     for fn in fns.values():
                         fn(), fn()
@@ -73,10 +85,12 @@ def main() -> None:
                             start = time.perf_counter()
                             fn()
                             times[key].append(time.perf_counter() - start)
+                busy1, own1, wall1 = *busy_seconds(), time.perf_counter()
+                others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
                 med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
                 torch.testing.assert_close(outs["lutw"], outs["lut"], rtol=1e-4, atol=1e-4)
                 cells = " | ".join(f"{med[k]:6.3f} {med['fp32'] / med[k]:5.2f} {med['bf16'] / med[k]:5.2f}" for k in KERNELS)
-                print(f"{shape:>10} {name:>6} {tokens:>3} | {med['fp32']:7.3f} {med['bf16']:7.3f} | {cells}", flush=True)
+                print(f"{shape:>10} {name:>6} {tokens:>3} | {med['fp32']:7.3f} {med['bf16']:7.3f} | {cells} | {others:5.2f}", flush=True)
 
 
 if __name__ == "__main__":
