@@ -51,6 +51,16 @@ LUTQ_MAX_TOKENS = 16
 LUTQ_MAX_TOKENS_WIDE = 2
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
 LUTW_MIN_TOKENS = 2  # exact wide-token tables ("lutw"): from this many tokens up to FEW_TOKENS
+# Fixed rules only: "lutw" (exact) from 8 tokens for codebooks of <= 16 codewords and from 12 for
+# larger ones, up to 32. A pass costs the same for 9 tokens as for 16 (its entries hold 16), and
+# 8 (a pass of 8-token entries) as for 2, while the other kernels grow with the tokens. Measured
+# forced side by side (benchmarks/bench_few_tokens.py, 1 thread, AVX-512, 4096x4096 and 576x576,
+# ms): 2x8g8 at 8 tokens lutw 6.3 / 0.154, lutq 6.4 / 0.180, decode 6.5 / 0.114; at 16 lutw
+# 7.5 / 0.190, lutq 11.5 / 0.346, decode 13.2 / 0.221; at 32 lutw 12.5 / 0.342, decode 26.8 /
+# 0.441. 4x4g8 at 8 lutw 6.4 / 0.116, lutq 6.2 / 0.128; at 16 lutw 8.0 / 0.145, lutq 10.9 / 0.253.
+LUTW_MIN_TOKENS_NARROW = 8
+LUTW_MIN_TOKENS_WIDE = 12
+LUTW_MAX_TOKENS = 32
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
 CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "dequantize", "dequantize_bf16")
@@ -115,8 +125,11 @@ def applicable_cpu_kernels(
 def choose_cpu_kernel(
     tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False
 ) -> str:
-    """"lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
+    """"lutw", "lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
     (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
+
+    Exact tables 16 tokens wide ("lutw") beat the others, exact or not, from 8 tokens for
+    codebooks of <= 16 codewords and from 12 for larger ones, up to 32 at least (LUTW_* above).
 
     Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens for
     codebooks of <= 16 codewords (4x4g8 at 4096x4096), and up to 2 tokens for larger ones where
@@ -127,6 +140,9 @@ def choose_cpu_kernel(
     groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more so the more
     codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
     """
+    if lutw_applies(tokens, nbits, out_group_size) and tokens <= LUTW_MAX_TOKENS:
+        if tokens >= (LUTW_MIN_TOKENS_NARROW if nbits <= 4 else LUTW_MIN_TOKENS_WIDE):
+            return "lutw"
     if not exact and lutq_applies(nbits, out_group_size):
         if tokens <= LUTQ_MAX_TOKENS and nbits <= 4:
             return "lutq"
