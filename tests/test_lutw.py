@@ -15,7 +15,7 @@ from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 from test_lutq import DTYPES, formula, np_view, random_weight
 
-# (out, in, num_codebooks, nbits, in_group_size): 2x8g8, nibble-packed 4x4g8, one codebook,
+# (out, in, num_codebooks, nbits, in_group_size): 2x8g8, nibble-packed 4x4g8 and 2x2g4, one codebook,
 # an odd number of 16-codeword codebooks (one code per byte), groups of 4 and 6, rows not a
 # multiple of 64 (padding rows in the last tile), fewer rows than one tile, several blocks of
 # groups (lutw.h: 128 KiB of 16-token tables, 4 groups at 2x8g8, 32 at 4x4g8; 40 and 200 groups).
@@ -30,6 +30,8 @@ CONFIGS = [
     (257, 32, 6, 4, 8),
     (96, 320, 2, 8, 8),
     (70, 1600, 4, 4, 8),
+    (64, 48, 2, 2, 4),  # nibbles of 4 codewords: masked
+    (20, 24, 1, 1, 3),  # 2 codewords, groups of 3
 ]
 TOKENS = [1, 2, 7, 8, 9, 16, 17, 33]
 
