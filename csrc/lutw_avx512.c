@@ -28,53 +28,43 @@ ALWAYS_INLINE void build_words(const int count, int64_t ig, const float *restric
     for (int w = 0; w < count; w++) _mm512_storeu_ps(entry + w * 16, value[w]);
 }
 
-static void build16(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict xt,
+static void build16(const aqlm_block_shape *s, int64_t m, int64_t j0, int64_t j1, const float *restrict xt,
                     const float *restrict cb, float *restrict tables) {
-    const int64_t ig = s->ig, M = s->M, K = s->K;
-    for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++) {
-            const float *xr = xt + j * ig * 16;
-            float *entry = tables + ((j - j0) * M + m) * K * 16;
-            int64_t c = 0;
-            for (; c + WORDS <= K; c += WORDS) build_words(WORDS, ig, cb + (m * K + c) * ig, xr, entry + c * 16);
-            for (; c < K; c++) build_words(1, ig, cb + (m * K + c) * ig, xr, entry + c * 16);
-        }
+    const int64_t ig = s->ig, K = s->K;
+    for (int64_t j = j0; j < j1; j++) {
+        const float *xr = xt + j * ig * 16;
+        float *entry = tables + (j - j0) * K * 16;
+        int64_t c = 0;
+        for (; c + WORDS <= K; c += WORDS) build_words(WORDS, ig, cb + (m * K + c) * ig, xr, entry + c * 16);
+        for (; c < K; c++) build_words(1, ig, cb + (m * K + c) * ig, xr, entry + c * 16);
+    }
 }
 
-/* Adds row k's entry at `code` of `table` (offset code * 64 bytes). */
-#define ADD_ENTRY(k, table, code) (r[k] = _mm512_add_ps(r[k], _mm512_loadu_ps((table) + ((size_t)(code) << 4))))
-
-/* Sweep of 16-token entries; `masked`: whether codes need the code mask (K < 256, or K < 16 for
- * nibbles), known at compile time in each copy. */
-ALWAYS_INLINE void sweep16_rows(const int masked, const aqlm_block_shape *s, int64_t j0, int64_t j1, int64_t tile0,
-                                int64_t tile1, const uint8_t *restrict packed, const float *restrict tables,
-                                float *restrict acc) {
-    const int64_t M = s->M, K = s->K, slots = (j1 - j0) * M;
-    const uint32_t mask = masked ? s->code_mask : 0xff;
-    const int nibbles = aqlm_lutq_nibbles(s);
-    const int64_t code_lines = nibbles ? slots / 2 : slots;
+/* Sweep of 16-token entries; `masked`: whether codes need shifting and masking (all but one code
+ * per byte of 256 codewords), known at compile time in each copy. */
+ALWAYS_INLINE void sweep16_rows(const int masked, const aqlm_block_shape *s, int64_t m, int64_t j0, int64_t j1,
+                                int64_t tile0, int64_t tile1, const uint8_t *restrict packed,
+                                const float *restrict tables, float *restrict acc) {
+    const int64_t K = s->K, groups = j1 - j0;
+    const uint32_t mask = s->code_mask;
     for (int64_t tile = tile0; tile < tile1; tile++) {
-        const uint8_t *codes = aqlm_lutw_codes(s, packed, tile, j0);
+        int64_t stride;
+        int shift;
+        const uint8_t *codes = aqlm_lutw_codes(s, packed, tile, j0, m, &stride, &shift);
         if (tile + AQLM_LUTW_PREFETCH < tile1) { /* tiles lie far apart: no hardware prefetcher follows */
-            const uint8_t *ahead = aqlm_lutw_codes(s, packed, tile + AQLM_LUTW_PREFETCH, j0);
-            for (int64_t line = 0; line < code_lines; line++) _mm_prefetch((const char *)ahead + line * AQLM_LUTW_TILE, _MM_HINT_T0);
+            const uint8_t *ahead = aqlm_lutw_codes(s, packed, tile + AQLM_LUTW_PREFETCH, j0, m, &stride, &shift);
+            for (int64_t j = 0; j < groups; j++) _mm_prefetch((const char *)ahead + j * stride, _MM_HINT_T0);
         }
         for (int64_t lane0 = 0; lane0 < AQLM_LUTW_TILE; lane0 += ROWS) {
             float *sums = acc + ((tile - tile0) * AQLM_LUTW_TILE + lane0) * 16;
             __m512 r[ROWS];
             for (int k = 0; k < ROWS; k++) r[k] = _mm512_loadu_ps(sums + k * 16);
-            if (nibbles) {
-                for (int64_t pair = 0; pair < slots / 2; pair++) {
-                    const uint8_t *code = codes + pair * AQLM_LUTW_TILE + lane0;
-                    const float *low = tables + 2 * pair * K * 16, *high = low + K * 16;
-                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(k, low, masked ? code[k] & mask : code[k] & 15);
-                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(k, high, masked ? (code[k] >> 4) & mask : code[k] >> 4);
-                }
-            } else {
-                for (int64_t slot = 0; slot < slots; slot++) {
-                    const uint8_t *code = codes + slot * AQLM_LUTW_TILE + lane0;
-                    const float *table = tables + slot * K * 16;
-                    for (int k = 0; k < ROWS; k++) ADD_ENTRY(k, table, masked ? code[k] & mask : code[k]);
+            for (int64_t j = 0; j < groups; j++) {
+                const uint8_t *code = codes + j * stride + lane0;
+                const float *table = tables + j * K * 16;
+                for (int k = 0; k < ROWS; k++) {
+                    const size_t c = masked ? (size_t)((uint32_t)(code[k] >> shift) & mask) : (size_t)code[k];
+                    r[k] = _mm512_add_ps(r[k], _mm512_loadu_ps(table + (c << 4)));
                 }
             }
             for (int k = 0; k < ROWS; k++) _mm512_storeu_ps(sums + k * 16, r[k]);
@@ -82,22 +72,23 @@ ALWAYS_INLINE void sweep16_rows(const int masked, const aqlm_block_shape *s, int
     }
 }
 
-static void sweep16(const aqlm_block_shape *s, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
+static void sweep16(const aqlm_block_shape *s, int64_t m, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
                     const uint8_t *restrict packed, const float *restrict tables, float *restrict acc) {
-    if (s->K == (aqlm_lutq_nibbles(s) ? 16 : 256)) sweep16_rows(0, s, j0, j1, tile0, tile1, packed, tables, acc);
-    else sweep16_rows(1, s, j0, j1, tile0, tile1, packed, tables, acc);
+    if (s->K == 256) sweep16_rows(0, s, m, j0, j1, tile0, tile1, packed, tables, acc);
+    else sweep16_rows(1, s, m, j0, j1, tile0, tile1, packed, tables, acc);
 }
 
-static void tables_avx512(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, const float *restrict xt,
-                          const float *restrict cb, float *restrict tables) {
-    if (W == 16) build16(s, j0, j1, xt, cb, tables);
-    else aqlm_lutw_tables_avx2(s, W, j0, j1, xt, cb, tables);
+static void tables_avx512(const aqlm_block_shape *s, int64_t W, int64_t m, int64_t j0, int64_t j1,
+                          const float *restrict xt, const float *restrict cb, float *restrict tables) {
+    if (W == 16) build16(s, m, j0, j1, xt, cb, tables);
+    else aqlm_lutw_tables_avx2(s, W, m, j0, j1, xt, cb, tables);
 }
 
-static void sweep_avx512(const aqlm_block_shape *s, int64_t W, int64_t j0, int64_t j1, int64_t tile0, int64_t tile1,
-                         const uint8_t *restrict packed, const float *restrict tables, float *restrict acc) {
-    if (W == 16) sweep16(s, j0, j1, tile0, tile1, packed, tables, acc);
-    else aqlm_lutw_sweep_avx2(s, W, j0, j1, tile0, tile1, packed, tables, acc);
+static void sweep_avx512(const aqlm_block_shape *s, int64_t W, int64_t m, int64_t j0, int64_t j1, int64_t tile0,
+                         int64_t tile1, const uint8_t *restrict packed, const float *restrict tables,
+                         float *restrict acc) {
+    if (W == 16) sweep16(s, m, j0, j1, tile0, tile1, packed, tables, acc);
+    else aqlm_lutw_sweep_avx2(s, W, m, j0, j1, tile0, tile1, packed, tables, acc);
 }
 
 const aqlm_lutw_kernels aqlm_lutw_kernels_avx512 = {

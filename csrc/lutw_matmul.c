@@ -60,24 +60,23 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     const aqlm_block_shape s = aqlm_block_shape_of(f);
     const aqlm_lutw_kernels *kernels = aqlm_lutw_kernels_for(simd);
     const int64_t in = f->in_features, out = f->out_features, ig = s.ig, M = s.M, K = s.K, G = s.in_groups;
-    const int64_t tiles = (out + AQLM_LUTW_TILE - 1) / AQLM_LUTW_TILE;
+    const int64_t tiles = (out + AQLM_LUTW_TILE - 1) / AQLM_LUTW_TILE, items = M * tiles;
     /* one add per code and token, and ig fmas per table entry and token, for every pass */
     const double work = (double)n * ((double)out * G * M + (double)G * M * K * ig);
     int P = aqlm_threads_for(num_threads, work);
-    if (P > tiles) P = (int)tiles;
-    const int64_t most_tiles = (tiles + P - 1) / P;
-    /* groups per block: their tables of 16 tokens fit AQLM_LUTW_BLOCK_BYTES (at least one group) */
-    const int64_t group_bytes = M * K * AQLM_LUTW_WIDE * (int64_t)sizeof(float);
+    if (P > items) P = (int)items;
+    /* groups per block: one codebook's tables of 16 tokens fit AQLM_LUTW_BLOCK_BYTES (at least one group) */
+    const int64_t group_bytes = K * AQLM_LUTW_WIDE * (int64_t)sizeof(float);
     int64_t block = AQLM_LUTW_BLOCK_BYTES / group_bytes;
     block = block < 1 ? 1 : block > G ? G : block;
-    const size_t tables_floats = (size_t)(block * M * K * AQLM_LUTW_WIDE);
-    const size_t acc_floats = (size_t)(most_tiles * AQLM_LUTW_TILE * AQLM_LUTW_WIDE);
+    const size_t tables_floats = (size_t)(block * K * AQLM_LUTW_WIDE);
+    const size_t acc_floats = (size_t)(tiles * AQLM_LUTW_TILE * AQLM_LUTW_WIDE); /* one codebook's sums */
 
     size_t bytes = 0;
     const size_t at_cb = carve(&bytes, (size_t)(M * K * ig) * sizeof(float));
     const size_t at_xt = carve(&bytes, (size_t)(in * AQLM_LUTW_WIDE) * sizeof(float));
     const size_t at_tables = carve(&bytes, (size_t)P * tables_floats * sizeof(float));
-    const size_t at_acc = carve(&bytes, (size_t)P * acc_floats * sizeof(float));
+    const size_t at_acc = carve(&bytes, (size_t)M * acc_floats * sizeof(float));
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
     float *cb = (float *)(base + at_cb), *xt = (float *)(base + at_xt);
@@ -94,24 +93,31 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
             const int member = omp_get_thread_num(), team = omp_get_num_threads();
             transpose_tokens(x_dtype, x, in, t0, tokens, W, in * member / team, in * (member + 1) / team, xt);
 #pragma omp barrier
-            for (int p = member; p < P; p += team) {
-                const int64_t tile0 = tiles * p / P, tile1 = tiles * (p + 1) / P;
-                if (tile0 == tile1) continue;
-                float *tables = tables_all + (size_t)p * tables_floats, *acc = acc_all + (size_t)p * acc_floats;
-                memset(acc, 0, (size_t)((tile1 - tile0) * AQLM_LUTW_TILE * W) * sizeof(float));
-                for (int64_t j0 = 0; j0 < G; j0 += block) {
-                    const int64_t j1 = j0 + block < G ? j0 + block : G;
-                    kernels->tables(&s, W, j0, j1, xt, cb, tables);
-                    kernels->sweep(&s, W, j0, j1, tile0, tile1, packed, tables, acc);
+            for (int p = member; p < P; p += team) { /* part p: items [q0, q1) of (codebook, tile) */
+                const int64_t q0 = items * p / P, q1 = items * (p + 1) / P;
+                float *tables = tables_all + (size_t)p * tables_floats;
+                for (int64_t m = q0 / tiles; m * tiles < q1; m++) {
+                    const int64_t tile0 = q0 > m * tiles ? q0 - m * tiles : 0;
+                    const int64_t tile1 = q1 < (m + 1) * tiles ? q1 - m * tiles : tiles;
+                    float *acc = acc_all + (size_t)m * acc_floats + (size_t)(tile0 * AQLM_LUTW_TILE * W);
+                    memset(acc, 0, (size_t)((tile1 - tile0) * AQLM_LUTW_TILE * W) * sizeof(float));
+                    for (int64_t j0 = 0; j0 < G; j0 += block) {
+                        const int64_t j1 = j0 + block < G ? j0 + block : G;
+                        kernels->tables(&s, W, m, j0, j1, xt, cb, tables);
+                        kernels->sweep(&s, W, m, j0, j1, tile0, tile1, packed, tables, acc);
+                    }
                 }
-                for (int64_t tile = tile0; tile < tile1; tile++) {
-                    const int64_t row0 = tile * AQLM_LUTW_TILE, row1 = row0 + AQLM_LUTW_TILE < out ? row0 + AQLM_LUTW_TILE : out;
-                    const float *sums = acc + (tile - tile0) * AQLM_LUTW_TILE * W;
-                    for (int64_t row = row0; row < row1; row++) {
-                        const float scale = aqlm_load(param_dtype, scales, row);
-                        const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
-                        for (int64_t t = 0; t < tokens; t++)
-                            aqlm_store(x_dtype, y, (t0 + t) * out + row, sums[(row - row0) * W + t] * scale + shift);
+            }
+#pragma omp barrier
+            for (int p = member; p < P; p += team) { /* the codebooks' sums of p's share of the rows */
+                const int64_t row0 = out * p / P, row1 = out * (p + 1) / P;
+                for (int64_t row = row0; row < row1; row++) {
+                    const float scale = aqlm_load(param_dtype, scales, row);
+                    const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
+                    for (int64_t t = 0; t < tokens; t++) {
+                        float sum = acc_all[row * W + t];
+                        for (int64_t m = 1; m < M; m++) sum += acc_all[(size_t)m * acc_floats + (size_t)(row * W + t)];
+                        aqlm_store(x_dtype, y, (t0 + t) * out + row, sum * scale + shift);
                     }
                 }
             }
