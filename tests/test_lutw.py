@@ -1,9 +1,10 @@
 """Exact wide-token lookup tables (``_C.lutw_matmul``): fp32 tables holding 16 (or 8) tokens side
 by side, looked up through lutq's packed codes.
 
-Every output adds its table entries in the order (input group, codebook) whatever the SIMD level
-and the thread count (csrc/lutw.h), so all of them must give the scalar reference's bits; and the
-result must match the float64 defining formula to float rounding.
+Every output sums each codebook's table entries over the input groups in order, then the
+codebooks in order, whatever the SIMD level and the thread count (which split the codebooks and
+the rows: csrc/lutw.h), so all of them must give the scalar reference's bits; and the result must
+match the float64 defining formula to float rounding.
 """
 import numpy as np
 import pytest
