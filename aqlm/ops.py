@@ -50,10 +50,21 @@ LUTQ_GROUP = 64
 LUTQ_MAX_TOKENS = 16
 LUTQ_MAX_TOKENS_WIDE = 2
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
+LUTW_MIN_TOKENS = 2  # exact wide-token tables ("lutw"): from this many tokens up to FEW_TOKENS
+# Fixed rules only: "lutw" (exact) from 8 tokens for codebooks of <= 16 codewords and from 12 for
+# larger ones, up to 32. A pass costs the same for 9 tokens as for 16 (its entries hold 16), and
+# 8 (a pass of 8-token entries) as for 2, while the other kernels grow with the tokens. Measured
+# forced side by side (benchmarks/bench_few_tokens.py, 1 thread, AVX-512, 4096x4096 and 576x576,
+# ms): 2x8g8 at 8 tokens lutw 6.3 / 0.154, lutq 6.4 / 0.180, decode 6.5 / 0.114; at 16 lutw
+# 7.5 / 0.190, lutq 11.5 / 0.346, decode 13.2 / 0.221; at 32 lutw 12.5 / 0.342, decode 26.8 /
+# 0.441. 4x4g8 at 8 lutw 6.4 / 0.116, lutq 6.2 / 0.128; at 16 lutw 8.0 / 0.145, lutq 10.9 / 0.253.
+LUTW_MIN_TOKENS_NARROW = 8
+LUTW_MIN_TOKENS_WIDE = 12
+LUTW_MAX_TOKENS = 32
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
-CPU_KERNELS = ("lutq", "lut", "decode", "dequantize", "dequantize_bf16")
-FEW_TOKEN_KERNELS = ("lutq", "lut", "decode")  # C kernels over the codes; the others dequantize and call torch
+CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "dequantize", "dequantize_bf16")
+FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode")  # C kernels over the codes; the others dequantize and call torch
 _CHOOSER = kernel_choice.KernelChooser()
 
 
@@ -77,6 +88,13 @@ def lutq_applies(nbits: int, out_group_size: int) -> bool:
     return nbits <= 8 and out_group_size == 1
 
 
+def lutw_applies(tokens: int, nbits: int, out_group_size: int) -> bool:
+    """Whether the exact wide-token tables ("lutw") serve this call: the packed codes of
+    :func:`packed_codes` (codebooks of <= 256 codewords, og 1) and at least LUTW_MIN_TOKENS tokens
+    (at one token its 16-token entries carry 15 zeros)."""
+    return LUTW_MIN_TOKENS <= tokens and lutq_applies(nbits, out_group_size)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), per /proc/cpuinfo."""
@@ -93,6 +111,8 @@ def applicable_cpu_kernels(
     if tokens <= FEW_TOKENS:
         if not exact and lutq_applies(nbits, out_group_size):
             kernels.append("lutq")
+        if lutw_applies(tokens, nbits, out_group_size):
+            kernels.append("lutw")
         if nbits <= 8:
             kernels.append("lut")
         kernels.append("decode")
@@ -105,8 +125,11 @@ def applicable_cpu_kernels(
 def choose_cpu_kernel(
     tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False
 ) -> str:
-    """"lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
+    """"lutw", "lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
     (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
+
+    Exact tables 16 tokens wide ("lutw") beat the others, exact or not, from 8 tokens for
+    codebooks of <= 16 codewords and from 12 for larger ones, up to 32 at least (LUTW_* above).
 
     Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens for
     codebooks of <= 16 codewords (4x4g8 at 4096x4096), and up to 2 tokens for larger ones where
@@ -117,6 +140,9 @@ def choose_cpu_kernel(
     groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more so the more
     codebooks there are; beyond that, dequantize in cache-sized chunks and use BLAS.
     """
+    if lutw_applies(tokens, nbits, out_group_size) and tokens <= LUTW_MAX_TOKENS:
+        if tokens >= (LUTW_MIN_TOKENS_NARROW if nbits <= 4 else LUTW_MIN_TOKENS_WIDE):
+            return "lutw"
     if not exact and lutq_applies(nbits, out_group_size):
         if tokens <= LUTQ_MAX_TOKENS and nbits <= 4:
             return "lutq"
@@ -446,16 +472,16 @@ def quantized_matmul_cpu(
         kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits)
     elif kernel not in CPU_KERNELS:
         raise ValueError(f"kernel must be one of {CPU_KERNELS} or None, got {kernel!r}")
-    if kernel in ("lut", "lutq") and nbits > 8:
+    if kernel in ("lut", "lutq", "lutw") and nbits > 8:
         raise ValueError(f"kernel={kernel!r} needs codebooks of at most 256 codewords, got {2**nbits}")
-    if kernel == "lutq" and not lutq_applies(nbits, codebooks.shape[2]):
-        raise ValueError(f"kernel='lutq' needs out_group_size=1, got {codebooks.shape[2]}")
+    if kernel in ("lutq", "lutw") and not lutq_applies(nbits, codebooks.shape[2]):
+        raise ValueError(f"kernel={kernel!r} needs out_group_size=1, got {codebooks.shape[2]}")
     # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
     # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
     result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
     out = result.view(tokens, out_features)
     if kernel in FEW_TOKEN_KERNELS:
-        packed = _numpy_view(packed_codes(codes, codebooks, scales)) if kernel == "lutq" else None
+        packed = _numpy_view(packed_codes(codes, codebooks, scales)) if kernel in ("lutq", "lutw") else None
         _few_token_matmul(kernel, x, out, _weight_arrays(codes, codebooks, scales, bias), packed, codebooks.dtype)
     else:
         _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias,
@@ -486,12 +512,15 @@ def _few_token_matmul(
     """``out = x @ W.T + bias`` by one of the C kernels that read the codes directly (FEW_TOKEN_KERNELS).
 
     ``arrays`` are the weight's NumPy views (:func:`_weight_arrays`); ``packed`` the codes repacked
-    for "lutq" (:func:`packed_codes`), unused by the others.
+    for "lutq" and "lutw" (:func:`packed_codes`), unused by the others.
     """
     codes_np, codebooks_np, scales_np, bias_np = arrays
     dtypes = {"x_dtype": _DTYPE_NAMES[x.dtype], "param_dtype": _DTYPE_NAMES[param_dtype]}
     if kernel == "lutq":
         _C.lutq_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out), group=LUTQ_GROUP,
+                       num_threads=torch.get_num_threads(), **dtypes)
+    elif kernel == "lutw":
+        _C.lutw_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out),
                        num_threads=torch.get_num_threads(), **dtypes)
     else:
         c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
@@ -584,6 +613,9 @@ class _CpuPlan:
             packed, lutq_matmul = self.packed, _C.lutq_matmul
             options.update(group=LUTQ_GROUP, codebooks_t=self.codebooks_t)
             return lambda x, out: lutq_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
+        if kernel == "lutw":
+            packed, lutw_matmul = self.packed, _C.lutw_matmul
+            return lambda x, out: lutw_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
         c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
         return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)
 

@@ -8,6 +8,7 @@
 
 #include "int8.h"
 #include "lutq.h"
+#include "lutw.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -87,6 +88,14 @@ const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level) {
 }
 
 const char *aqlm_lutq_kernel_name(aqlm_simd level) { return aqlm_lutq_kernels_for(level)->name; }
+
+const aqlm_lutw_kernels *aqlm_lutw_kernels_for(aqlm_simd level) {
+    if (level >= AQLM_SIMD_AVX512 && aqlm_lutw_kernels_avx512.name != NULL) return &aqlm_lutw_kernels_avx512;
+    if (level >= AQLM_SIMD_AVX2 && aqlm_lutw_kernels_avx2.name != NULL) return &aqlm_lutw_kernels_avx2;
+    return &aqlm_lutw_kernels_scalar;
+}
+
+const char *aqlm_lutw_kernel_name(aqlm_simd level) { return aqlm_lutw_kernels_for(level)->name; }
 
 const aqlm_int8_kernels *aqlm_int8_kernels_for(aqlm_simd level) {
     if (level >= AQLM_SIMD_AVX512 && aqlm_int8_kernels_avx512.level == AQLM_SIMD_AVX512) return &aqlm_int8_kernels_avx512;

@@ -458,6 +458,64 @@ PyDoc_STRVAR(lutq_matmul_doc,
 "codebooks_t: the codebooks transposed once to float32 [M, in_group_size, K] (same values), or None to\n"
 "transpose them at each call.");
 
+/* The arguments lutq_matmul and lutw_matmul share, converted and checked (the GIL held). */
+typedef struct {
+    PyArrayObject *x, *codebooks, *scales, *bias; /* new references (bias NULL when None) */
+    aqlm_format format;
+    aqlm_dtype x_dtype, param_dtype;
+    aqlm_simd simd;
+} packed_matmul_args;
+
+static void packed_matmul_release(packed_matmul_args *a) {
+    Py_XDECREF(a->x), Py_XDECREF(a->codebooks), Py_XDECREF(a->scales), Py_XDECREF(a->bias);
+}
+
+/* 0 when the arguments are usable (then packed_matmul_release them), -1 with an exception set. */
+static int packed_matmul_parse(PyObject *module, packed_matmul_args *a, PyObject *x_object, PyObject *packed,
+                               PyObject *codebooks_object, PyObject *scales_object, PyObject *bias_object, PyObject *out,
+                               const char *x_dtype_name, const char *param_dtype_name, const char *simd_name,
+                               int num_threads) {
+    a->x = a->codebooks = a->scales = a->bias = NULL;
+    if (parse_float_dtype(x_dtype_name, "x_dtype", &a->x_dtype) < 0 ||
+        parse_float_dtype(param_dtype_name, "param_dtype", &a->param_dtype) < 0 ||
+        parse_simd(module, simd_name, &a->simd) < 0 || check_threads(num_threads) < 0)
+        return -1;
+    a->x = float_input(x_object, "x", a->x_dtype, 2);
+    a->codebooks = a->x ? float_input(codebooks_object, "codebooks", a->param_dtype, 4) : NULL;
+    a->scales = a->codebooks ? float_input(scales_object, "scales", a->param_dtype, -1) : NULL;
+    if (!a->scales || (bias_object != Py_None && !(a->bias = float_input(bias_object, "bias", a->param_dtype, 1)))) goto fail;
+    const npy_intp *cb = PyArray_DIMS(a->codebooks);
+    const npy_intp n = PyArray_DIM(a->x, 0), in = PyArray_DIM(a->x, 1), out_features = PyArray_SIZE(a->scales);
+    const int nbits = codebook_bits(cb[1], 8);
+    if (nbits < 0 || cb[2] != 1 || cb[3] < 1 || in % cb[3] != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in [2, 256] and "
+                     "in_group_size dividing x's %zd features, got [%zd, %zd, %zd, %zd]",
+                     (Py_ssize_t)in, (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+        goto fail;
+    }
+    if (a->bias && PyArray_DIM(a->bias, 0) != out_features) {
+        PyErr_Format(PyExc_ValueError, "bias must have out_features=%zd values, got %zd", (Py_ssize_t)out_features,
+                     (Py_ssize_t)PyArray_DIM(a->bias, 0));
+        goto fail;
+    }
+    a->format = (aqlm_format){out_features, in, 1, cb[3], cb[0], nbits, 8};
+    aqlm_error err;
+    if (aqlm_format_check(&a->format, &err) != AQLM_OK) {
+        raise_status(AQLM_ERR_ARGUMENT, &err);
+        goto fail;
+    }
+    if (check_packed(packed, &a->format, 0) < 0 || check_output(out, "out", a->x_dtype, n, out_features) < 0 ||
+        check_no_overlap(out, "out", a->x, "x") < 0 || check_no_overlap(out, "out", (PyArrayObject *)packed, "packed") < 0 ||
+        check_no_overlap(out, "out", a->codebooks, "codebooks") < 0 || check_no_overlap(out, "out", a->scales, "scales") < 0 ||
+        check_no_overlap(out, "out", a->bias, "bias") < 0)
+        goto fail;
+    return 0;
+fail:
+    packed_matmul_release(a);
+    return -1;
+}
+
 static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"x", "packed", "codebooks", "scales", "bias", "out", "group", "x_dtype", "param_dtype",
                                "simd", "num_threads", "codebooks_t", NULL};
@@ -469,57 +527,71 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
                                      &codebooks_object, &scales_object, &bias_object, &out, &group, &x_dtype_name,
                                      &param_dtype_name, &simd_name, &num_threads, &codebooks_t))
         return NULL;
-    aqlm_dtype x_dtype, param_dtype;
-    aqlm_simd simd;
-    if (parse_float_dtype(x_dtype_name, "x_dtype", &x_dtype) < 0 || parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0 ||
-        parse_simd(module, simd_name, &simd) < 0 || check_threads(num_threads) < 0)
+    packed_matmul_args a;
+    if (packed_matmul_parse(module, &a, x_object, packed, codebooks_object, scales_object, bias_object, out,
+                            x_dtype_name, param_dtype_name, simd_name, num_threads) < 0)
         return NULL;
-    PyArrayObject *x = float_input(x_object, "x", x_dtype, 2);
-    PyArrayObject *codebooks = x ? float_input(codebooks_object, "codebooks", param_dtype, 4) : NULL;
-    PyArrayObject *scales = codebooks ? float_input(scales_object, "scales", param_dtype, -1) : NULL;
-    PyArrayObject *bias = NULL;
     PyObject *result = NULL;
-    if (!scales || (bias_object != Py_None && !(bias = float_input(bias_object, "bias", param_dtype, 1)))) goto done;
-    const npy_intp *cb = PyArray_DIMS(codebooks);
-    const npy_intp n = PyArray_DIM(x, 0), in = PyArray_DIM(x, 1), out_features = PyArray_SIZE(scales);
-    const int nbits = codebook_bits(cb[1], 8);
-    if (nbits < 0 || cb[2] != 1 || cb[3] < 1 || in % cb[3] != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in [2, 256] and "
-                     "in_group_size dividing x's %zd features, got [%zd, %zd, %zd, %zd]",
-                     (Py_ssize_t)in, (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+    if (codebooks_t != Py_None && (check_codebooks_t(codebooks_t, PyArray_DIMS(a.codebooks)) < 0 ||
+                                   check_no_overlap(out, "out", (PyArrayObject *)codebooks_t, "codebooks_t") < 0))
         goto done;
-    }
-    if (bias && PyArray_DIM(bias, 0) != out_features) {
-        PyErr_Format(PyExc_ValueError, "bias must have out_features=%zd values, got %zd", (Py_ssize_t)out_features,
-                     (Py_ssize_t)PyArray_DIM(bias, 0));
-        goto done;
-    }
-    aqlm_format format = {out_features, in, 1, cb[3], cb[0], nbits, 8};
     aqlm_error err;
-    if (aqlm_format_check(&format, &err) != AQLM_OK) {
-        raise_status(AQLM_ERR_ARGUMENT, &err);
-        goto done;
-    }
-    if (codebooks_t != Py_None && check_codebooks_t(codebooks_t, cb) < 0) goto done;
-    if (check_packed(packed, &format, 0) < 0 || check_output(out, "out", x_dtype, n, out_features) < 0 ||
-        check_no_overlap(out, "out", x, "x") < 0 || check_no_overlap(out, "out", (PyArrayObject *)packed, "packed") < 0 ||
-        (codebooks_t != Py_None && check_no_overlap(out, "out", (PyArrayObject *)codebooks_t, "codebooks_t") < 0) ||
-        check_no_overlap(out, "out", codebooks, "codebooks") < 0 || check_no_overlap(out, "out", scales, "scales") < 0 ||
-        check_no_overlap(out, "out", bias, "bias") < 0)
-        goto done;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = aqlm_lutq_matmul(&format, group, n, x_dtype, PyArray_DATA(x), PyArray_DATA((PyArrayObject *)packed),
-                              param_dtype, PyArray_DATA(codebooks),
+    status = aqlm_lutq_matmul(&a.format, group, PyArray_DIM(a.x, 0), a.x_dtype, PyArray_DATA(a.x),
+                              PyArray_DATA((PyArrayObject *)packed), a.param_dtype, PyArray_DATA(a.codebooks),
                               codebooks_t != Py_None ? PyArray_DATA((PyArrayObject *)codebooks_t) : NULL,
-                              PyArray_DATA(scales), bias ? PyArray_DATA(bias) : NULL, PyArray_DATA((PyArrayObject *)out),
-                              simd, num_threads, &err);
+                              PyArray_DATA(a.scales), a.bias ? PyArray_DATA(a.bias) : NULL,
+                              PyArray_DATA((PyArrayObject *)out), a.simd, num_threads, &err);
     Py_END_ALLOW_THREADS
     result = none_or_raise(status, &err);
 done:
-    Py_XDECREF(x), Py_XDECREF(codebooks), Py_XDECREF(scales), Py_XDECREF(bias);
+    packed_matmul_release(&a);
     return result;
+}
+
+PyDoc_STRVAR(lutw_matmul_doc,
+"lutw_matmul(x, packed, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias by exact fp32 lookup tables that hold 16\n"
+"tokens side by side (one load per code serves all of them). packed: from lutq_pack_codes.\n"
+"codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.\n"
+"The bits do not depend on simd or num_threads.");
+
+static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"x", "packed", "codebooks", "scales", "bias", "out", "x_dtype", "param_dtype",
+                               "simd", "num_threads", NULL};
+    PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out;
+    const char *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$sszi:lutw_matmul", keywords, &x_object, &packed,
+                                     &codebooks_object, &scales_object, &bias_object, &out, &x_dtype_name,
+                                     &param_dtype_name, &simd_name, &num_threads))
+        return NULL;
+    packed_matmul_args a;
+    if (packed_matmul_parse(module, &a, x_object, packed, codebooks_object, scales_object, bias_object, out,
+                            x_dtype_name, param_dtype_name, simd_name, num_threads) < 0)
+        return NULL;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_lutw_matmul(&a.format, PyArray_DIM(a.x, 0), a.x_dtype, PyArray_DATA(a.x),
+                              PyArray_DATA((PyArrayObject *)packed), a.param_dtype, PyArray_DATA(a.codebooks),
+                              PyArray_DATA(a.scales), a.bias ? PyArray_DATA(a.bias) : NULL,
+                              PyArray_DATA((PyArrayObject *)out), a.simd, num_threads, &err);
+    Py_END_ALLOW_THREADS
+    packed_matmul_release(&a);
+    return none_or_raise(status, &err);
+}
+
+PyDoc_STRVAR(lutw_kernel_doc, "lutw_kernel(simd=None)\n--\n\nThe wide-token table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512'.");
+static PyObject *py_lutw_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"simd", NULL};
+    const char *simd_name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|z:lutw_kernel", keywords, &simd_name)) return NULL;
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
+    return PyUnicode_FromString(aqlm_lutw_kernel_name(simd));
 }
 
 PyDoc_STRVAR(lutq_kernel_doc, "lutq_kernel(simd=None)\n--\n\nThe quantized-table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512vbmi'.");
@@ -1168,6 +1240,8 @@ static PyMethodDef methods[] = {
     {"lutq_packed_size", py_lutq_packed_size, METH_VARARGS, lutq_packed_size_doc},
     {"lutq_matmul", (PyCFunction)(void (*)(void))py_lutq_matmul, METH_VARARGS | METH_KEYWORDS, lutq_matmul_doc},
     {"lutq_kernel", (PyCFunction)(void (*)(void))py_lutq_kernel, METH_VARARGS | METH_KEYWORDS, lutq_kernel_doc},
+    {"lutw_matmul", (PyCFunction)(void (*)(void))py_lutw_matmul, METH_VARARGS | METH_KEYWORDS, lutw_matmul_doc},
+    {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},
     {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},
     {"int8_quantize_rows", (PyCFunction)(void (*)(void))py_int8_quantize_rows, METH_VARARGS | METH_KEYWORDS, int8_quantize_rows_doc},
     {"kmeans", (PyCFunction)(void (*)(void))py_kmeans, METH_VARARGS | METH_KEYWORDS, kmeans_doc},

@@ -247,7 +247,7 @@ def test_chunked_dequantize_path_with_bias_matches_formula(monkeypatch, out_grou
     torch.testing.assert_close(y.double(), reference, rtol=0, atol=tolerance(torch.float32, torch.float32, reference))
 
 
-@pytest.mark.parametrize("kernel", ["lut", "decode", "lutq"])
+@pytest.mark.parametrize("kernel", ["lut", "decode", "lutq", "lutw"])
 @pytest.mark.parametrize("change", ["codes in place", "codes .data", "codebooks in place", "scales replaced",
                                     "bias in place"])
 def test_eager_path_follows_weight_changes(change, kernel, monkeypatch):
@@ -293,7 +293,7 @@ def test_custom_op_checks_an_unchanged_weight_once(monkeypatch):
     assert all(torch.equal(result, results[0]) for result in results)
 
 
-@pytest.mark.parametrize("kernel", ["lut", "decode", "lutq"])
+@pytest.mark.parametrize("kernel", ["lut", "decode", "lutq", "lutw"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_eager_path_float_copies_give_the_parameter_dtype_bits(kernel, dtype, monkeypatch):
     """The eager plan hands the few-token kernels float32 copies of small codebooks, scales and bias;
