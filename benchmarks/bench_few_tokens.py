@@ -3,6 +3,8 @@
 bfloat16, in one process, calls interleaved, medians. Ratios are dense time / kernel time.
 
     python benchmarks/bench_few_tokens.py [--threads 2] [--tokens 8 16] [--shapes 4096x4096 576x576 ...]
+
+Sets AQLM_QUANTIZED_LUT=1 for its own process, so that lutq is among the kernels compared.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 import aqlm
 from aqlm import ops
+from bench_matmul import cpu_flags
 
 KERNELS = ("lutw", "lutq", "lut", "decode")
 SHAPES = ["4096x4096", "576x576", "192x576", "1536x576", "576x1536"]
@@ -41,11 +44,16 @@ def busy_seconds() -> tuple:
 
 
 def bound(kernel: str, x, out, weight):
+    """``kernel`` bound to these buffers (forced through AQLM_CPU_KERNEL, whose value is then restored)."""
+    before = os.environ.get("AQLM_CPU_KERNEL")
     os.environ["AQLM_CPU_KERNEL"] = kernel
     try:
         return ops.bound_linear_cpu(x, out, *weight, None)
     finally:
-        del os.environ["AQLM_CPU_KERNEL"]
+        if before is None:
+            del os.environ["AQLM_CPU_KERNEL"]
+        else:
+            os.environ["AQLM_CPU_KERNEL"] = before
 
 
 def main() -> None:
@@ -58,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["AQLM_QUANTIZED_LUT"] = "1"
     torch.set_num_threads(args.threads)
+    print(f"aqlm {aqlm.__version__}, torch {torch.__version__}, {cpu_flags()}")
     print(f"SIMD {aqlm._C.simd_default()}, {args.threads} threads; ms, medians of {args.repeat} interleaved runs; "
           f"'/fp32', '/bf16': dense time over kernel time; "
           f"'others': CPUs the other processes kept busy meanwhile (a shared machine: trust rows near 0)")

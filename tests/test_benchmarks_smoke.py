@@ -1,6 +1,7 @@
 """benchmarks/bench_7b_block.py end to end at a tiny scale (seconds): it runs the product's block
 quantization and prints its phase table and estimates, labelled as not the 7B shape; and
-benchmarks/bench_lm_head.py with two repeats at one thread."""
+benchmarks/bench_lm_head.py with two repeats at one thread; benchmarks/bench_few_tokens.py on one small
+shape."""
 import os
 import subprocess
 import sys
@@ -29,4 +30,15 @@ def test_bench_lm_head_prints_every_supported_level_against_fp32():
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     for label in ("cpu:", "threads=1", "torch fp32", "torch bf16", "int8 scalar", "x fp32"):
+        assert label in result.stdout
+
+
+def test_bench_few_tokens_prints_every_kernel_and_the_cpu_flags():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    env.pop("AQLM_CPU_KERNEL", None)
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_few_tokens.py"), "--threads", "1", "--repeat", "2",
+               "--shapes", "192x576", "--tokens", "9"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("flags:", "lutw", "lutq", "decode", "192x576"):
         assert label in result.stdout
