@@ -87,6 +87,14 @@ extern const aqlm_lutw_kernels aqlm_lutw_kernels_scalar;
 extern const aqlm_lutw_kernels aqlm_lutw_kernels_avx2;   /* name NULL when built without AVX2 */
 extern const aqlm_lutw_kernels aqlm_lutw_kernels_avx512; /* name NULL when built without AVX-512 */
 
+/* Whether the codebooks are looked up a pair at a time: 16 codewords each, two codes per packed
+ * byte (lutq.h's nibble mode). Codebooks 2p and 2p + 1 then act as one codebook of 256 "pair
+ * codewords", summed once per call in fp32,
+ *     pair[p][c0 | c1 << 4][i] = cb[2p][c0][i] + cb[2p + 1][c1][i],
+ * whose code is the packed byte itself: the driver runs with M / 2 codebooks of 256 codewords,
+ * and everything above holds with those (half the lookups; no shift or mask per byte). */
+static inline int aqlm_lutw_paired(const aqlm_block_shape *s) { return s->K == 16 && aqlm_lutq_nibbles(s); }
+
 /* Where the codes of a tile, group j0 and codebook m start, how far apart the next groups' lie
  * (*stride bytes), and the shift that brings the code down to the low bits of its byte. */
 static inline const uint8_t *aqlm_lutw_codes(const aqlm_block_shape *s, const uint8_t *packed, int64_t tile, int64_t j0,

@@ -57,7 +57,10 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
     if (n == 0) return AQLM_OK;
 
-    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    /* Codebooks of 16 codewords in nibble packing are looked up a pair at a time (lutw.h). */
+    aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int paired = aqlm_lutw_paired(&s);
+    if (paired) s.M /= 2, s.K = 256, s.code_bits = 8, s.code_mask = 255;
     const aqlm_lutw_kernels *kernels = aqlm_lutw_kernels_for(simd);
     const int64_t in = f->in_features, out = f->out_features, ig = s.ig, M = s.M, K = s.K, G = s.in_groups;
     const int64_t tiles = (out + AQLM_LUTW_TILE - 1) / AQLM_LUTW_TILE, items = M * tiles;
@@ -81,7 +84,14 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     if (!base) return aqlm_nomem(err, bytes);
     float *cb = (float *)(base + at_cb), *xt = (float *)(base + at_xt);
     float *tables_all = (float *)(base + at_tables), *acc_all = (float *)(base + at_acc);
-    for (int64_t index = 0; index < M * K * ig; index++) cb[index] = aqlm_load(param_dtype, codebooks, index);
+    if (paired)
+        for (int64_t pair = 0; pair < M; pair++)
+            for (int64_t c = 0; c < 256; c++)
+                for (int64_t i = 0; i < ig; i++)
+                    cb[(pair * 256 + c) * ig + i] = aqlm_load(param_dtype, codebooks, ((2 * pair) * 16 + (c & 15)) * ig + i) +
+                                                    aqlm_load(param_dtype, codebooks, ((2 * pair + 1) * 16 + (c >> 4)) * ig + i);
+    else
+        for (int64_t index = 0; index < M * K * ig; index++) cb[index] = aqlm_load(param_dtype, codebooks, index);
 
     for (int64_t t0 = 0; t0 < n;) {
         const int64_t W = n - t0 <= AQLM_LUTW_NARROW ? AQLM_LUTW_NARROW : AQLM_LUTW_WIDE;
