@@ -35,8 +35,8 @@ CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 # A new name whenever kernels or the fixed rules change, so that no earlier measurement is reused
 # (v2: quantized tables of 15-bit entries, and fixed rules that use them less; v3: the quantized
 # tables use every thread on small layers, where v2 had measured them on one; v4: a new candidate,
-# the exact wide-token tables "lutw").
-CACHE_FILE = "kernel_choice-v4.json"
+# the exact wide-token tables "lutw"; v5: lutw looks up codebooks of 16 codewords a pair at a time).
+CACHE_FILE = "kernel_choice-v5.json"
 ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
 HOPELESS = 4.0  # a candidate this many times slower than the best after a round is not run again
 MARGIN = 1.5  # another candidate replaces the fixed rules' pick only when this many times faster
