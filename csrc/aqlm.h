@@ -130,9 +130,10 @@ const char *aqlm_lutq_kernel_name(aqlm_simd level);
 
 /* Exact fp32 lookup tables 16 (or 8) tokens wide, for a few to some tens of tokens: each lookup
  * of the packed codes (aqlm_lutq_pack_codes, same layout) fetches the entries of all the tokens
- * of a pass at once. Needs nbits <= 8 and out_group_size 1. Every output sums its table entries
- * in the order (input group, codebook), so the bits do not depend on the SIMD level or the thread
- * count. x and y have x_dtype; codebooks, scales and bias (may be NULL) have param_dtype. */
+ * of a pass at once. Needs nbits <= 8 and out_group_size 1. Every output sums each codebook's
+ * entries over the input groups in order, then the codebooks in order (codebooks of 16 codewords
+ * in nibble packing a pair at a time: lutw.h), so the bits do not depend on the SIMD level or the
+ * thread count. x and y have x_dtype; codebooks, scales and bias (may be NULL) have param_dtype. */
 aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
                              const uint8_t *packed, aqlm_dtype param_dtype, const void *codebooks,
                              const void *scales, const void *bias, void *y, aqlm_simd simd, int num_threads,

@@ -11,7 +11,8 @@
  * over the groups in order, then the codebooks in order:
  *     S[m][o][t] = ((0 + T[0][m][code(o, 0, m)][t]) + T[1][m][code(o, 1, m)][t]) + ...
  *     y[t0 + t, o] = ((S[0][o][t] + S[1][o][t]) + ... + S[M - 1][o][t]) * scale[o] + bias[o]
- * whatever the thread count and SIMD level, so all give the scalar reference's bits.
+ * whatever the thread count and SIMD level, so all give the scalar reference's bits. (Codebooks
+ * of 16 codewords in nibble packing enter these formulas as pairs: aqlm_lutw_paired below.)
  *
  * The codes are read in lutq's packed layout (lutq.h, aqlm_lutq_pack_codes): tiles of 64 rows,
  * and per tile, input group j and codebook m the 64 rows' codes side by side,

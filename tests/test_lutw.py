@@ -2,7 +2,7 @@
 by side, looked up through lutq's packed codes.
 
 Every output sums each codebook's table entries over the input groups in order, then the
-codebooks in order, whatever the SIMD level and the thread count (which split the codebooks and
+codebooks in order (codebooks of 16 codewords in nibble packing as pairs of summed codewords), whatever the SIMD level and the thread count (which split the codebooks and
 the rows: csrc/lutw.h), so all of them must give the scalar reference's bits; and the result must
 match the float64 defining formula to float rounding.
 """
