@@ -77,6 +77,18 @@ static inline void aqlm_lutq_piece_bounds(int64_t b, int64_t group, int64_t j0, 
 /* How many chunks of `group` groups meet [j0, j1), j0 < j1: that range's pieces. */
 static inline int64_t aqlm_lutq_pieces(int64_t j0, int64_t j1, int64_t group) { return (j1 - 1) / group - j0 / group + 1; }
 
+/* The next `bytes` of one allocation, from *offset, 64-byte aligned (the packed-code drivers make
+ * one aligned_alloc per call and carve it up). */
+static inline size_t aqlm_carve(size_t *offset, size_t bytes) {
+    const size_t at = *offset;
+    *offset += (bytes + 63) / 64 * 64;
+    return at;
+}
+
+/* A format the packed-code kernels serve (lutq, lutw: codebooks of <= 256 codewords, out_group_size
+ * 1); `tables` names the kernel in the error ("quantized lookup tables", "wide lookup tables"). */
+aqlm_status aqlm_check_packed_format(const aqlm_format *f, const char *tables, aqlm_error *err);
+
 /* Whether two codes share each packed byte (K <= 16 and M even). */
 static inline int aqlm_lutq_nibbles(const aqlm_block_shape *s) { return s->K <= 16 && s->M % 2 == 0; }
 

@@ -22,22 +22,18 @@
 
 #include "lutq.h"
 
-/* The next `bytes` of one allocation, from *offset, 64-byte aligned (one aligned_alloc per call). */
-static size_t carve(size_t *offset, size_t bytes) {
-    const size_t at = *offset;
-    *offset += (bytes + 63) / 64 * 64;
-    return at;
-}
-
-static aqlm_status check_lutq_format(const aqlm_format *f, aqlm_error *err) {
+aqlm_status aqlm_check_packed_format(const aqlm_format *f, const char *tables, aqlm_error *err) {
     aqlm_status status = aqlm_format_check(f, err);
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, f->nbits <= 8,
-               "quantized lookup tables need codebooks of at most 256 codewords (nbits_per_codebook <= 8), "
-               "got nbits_per_codebook=%d", f->nbits);
-    AQLM_CHECK(err, f->out_group_size == 1, "quantized lookup tables need out_group_size=1, got %lld",
-               (long long)f->out_group_size);
+               "%s need codebooks of at most 256 codewords (nbits_per_codebook <= 8), got nbits_per_codebook=%d",
+               tables, f->nbits);
+    AQLM_CHECK(err, f->out_group_size == 1, "%s need out_group_size=1, got %lld", tables, (long long)f->out_group_size);
     return AQLM_OK;
+}
+
+static aqlm_status check_lutq_format(const aqlm_format *f, aqlm_error *err) {
+    return aqlm_check_packed_format(f, "quantized lookup tables", err);
 }
 
 size_t aqlm_lutq_packed_size(const aqlm_format *f) {
@@ -181,17 +177,17 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     count_split(G, group, P, &pieces, &straddled);
 
     size_t bytes = 0;
-    const size_t at_cbt = carve(&bytes, codebooks_t ? 0 : (size_t)(M * ig * K) * sizeof(float));
-    const size_t at_x = carve(&bytes, (size_t)(T * in) * sizeof(float));
-    const size_t at_qhi = carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
-    const size_t at_qlo = carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
-    const size_t at_qscale = carve(&bytes, (size_t)(T * chunks * M) * sizeof(float));
-    const size_t at_amax = carve(&bytes, (size_t)(pieces * T * M) * sizeof(float));
-    const size_t at_scratch = carve(&bytes, (size_t)P * (size_t)(group * M * K) * sizeof(float));
-    const size_t at_kept = carve(&bytes, (size_t)(straddled * T * M * K) * sizeof(float));
-    const size_t at_partials = carve(&bytes, (size_t)(pieces * T * M * stride) * sizeof(int32_t));
-    const size_t at_acc = carve(&bytes, (size_t)(T * stride) * sizeof(float));
-    const size_t at_split = carve(&bytes, (size_t)(3 * (P + 1) + chunks + 1) * sizeof(int64_t));
+    const size_t at_cbt = aqlm_carve(&bytes, codebooks_t ? 0 : (size_t)(M * ig * K) * sizeof(float));
+    const size_t at_x = aqlm_carve(&bytes, (size_t)(T * in) * sizeof(float));
+    const size_t at_qhi = aqlm_carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
+    const size_t at_qlo = aqlm_carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
+    const size_t at_qscale = aqlm_carve(&bytes, (size_t)(T * chunks * M) * sizeof(float));
+    const size_t at_amax = aqlm_carve(&bytes, (size_t)(pieces * T * M) * sizeof(float));
+    const size_t at_scratch = aqlm_carve(&bytes, (size_t)P * (size_t)(group * M * K) * sizeof(float));
+    const size_t at_kept = aqlm_carve(&bytes, (size_t)(straddled * T * M * K) * sizeof(float));
+    const size_t at_partials = aqlm_carve(&bytes, (size_t)(pieces * T * M * stride) * sizeof(int32_t));
+    const size_t at_acc = aqlm_carve(&bytes, (size_t)(T * stride) * sizeof(float));
+    const size_t at_split = aqlm_carve(&bytes, (size_t)(3 * (P + 1) + chunks + 1) * sizeof(int64_t));
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
     float *x32 = (float *)(base + at_x), *qscale = (float *)(base + at_qscale), *amax_all = (float *)(base + at_amax);

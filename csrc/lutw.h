@@ -109,4 +109,15 @@ static inline const uint8_t *aqlm_lutw_codes(const aqlm_block_shape *s, const ui
     return packed + slot * AQLM_LUTW_TILE;
 }
 
+/* Prefetches (into L1) the codes the sweep will read for tile + AQLM_LUTW_PREFETCH, if that tile
+ * is still in [.., tile1): tiles lie far apart, so no hardware prefetcher follows them. */
+static inline void aqlm_lutw_prefetch_ahead(const aqlm_block_shape *s, const uint8_t *packed, int64_t tile,
+                                            int64_t tile1, int64_t j0, int64_t j1, int64_t m) {
+    if (tile + AQLM_LUTW_PREFETCH >= tile1) return;
+    int64_t stride;
+    int shift;
+    const uint8_t *ahead = aqlm_lutw_codes(s, packed, tile + AQLM_LUTW_PREFETCH, j0, m, &stride, &shift);
+    for (int64_t j = 0; j < j1 - j0; j++) __builtin_prefetch(ahead + j * stride, 0, 3);
+}
+
 #endif /* AQLM_LUTW_H */

@@ -58,10 +58,7 @@ ALWAYS_INLINE void sweep(const int V, const int masked, const aqlm_block_shape *
         int64_t stride;
         int shift;
         const uint8_t *codes = aqlm_lutw_codes(s, packed, tile, j0, m, &stride, &shift);
-        if (tile + AQLM_LUTW_PREFETCH < tile1) { /* tiles lie far apart: no hardware prefetcher follows */
-            const uint8_t *ahead = aqlm_lutw_codes(s, packed, tile + AQLM_LUTW_PREFETCH, j0, m, &stride, &shift);
-            for (int64_t j = 0; j < groups; j++) _mm_prefetch((const char *)ahead + j * stride, _MM_HINT_T0);
-        }
+        aqlm_lutw_prefetch_ahead(s, packed, tile, tile1, j0, j1, m);
         for (int64_t lane0 = 0; lane0 < AQLM_LUTW_TILE; lane0 += ROWS) {
             float *sums = acc + ((tile - tile0) * AQLM_LUTW_TILE + lane0) * W;
             __m256 r[ROWS_PER_V][2];

@@ -18,23 +18,6 @@
 
 #include "lutw.h"
 
-/* The next `bytes` of one allocation, from *offset, 64-byte aligned (one aligned_alloc per call). */
-static size_t carve(size_t *offset, size_t bytes) {
-    const size_t at = *offset;
-    *offset += (bytes + 63) / 64 * 64;
-    return at;
-}
-
-static aqlm_status check_lutw_format(const aqlm_format *f, aqlm_error *err) {
-    aqlm_status status = aqlm_format_check(f, err);
-    if (status != AQLM_OK) return status;
-    AQLM_CHECK(err, f->nbits <= 8,
-               "wide lookup tables need codebooks of at most 256 codewords (nbits_per_codebook <= 8), "
-               "got nbits_per_codebook=%d", f->nbits);
-    AQLM_CHECK(err, f->out_group_size == 1, "wide lookup tables need out_group_size=1, got %lld",
-               (long long)f->out_group_size);
-    return AQLM_OK;
-}
 
 /* xt[i * W + t] = x[t, i] for the pass's tokens t < tokens and inputs [i0, i1), 0 for t >= tokens. */
 static void transpose_tokens(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t t0, int64_t tokens, int64_t W,
@@ -49,7 +32,7 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
                              const uint8_t *packed, aqlm_dtype param_dtype, const void *codebooks,
                              const void *scales, const void *bias, void *y, aqlm_simd simd, int num_threads,
                              aqlm_error *err) {
-    aqlm_status status = check_lutw_format(f, err);
+    aqlm_status status = aqlm_check_packed_format(f, "wide lookup tables", err);
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
     AQLM_CHECK(err, packed != NULL && codebooks != NULL && scales != NULL, "packed codes, codebooks and scales must not be NULL");
@@ -76,10 +59,10 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     const size_t acc_floats = (size_t)(tiles * AQLM_LUTW_TILE * AQLM_LUTW_WIDE); /* one codebook's sums */
 
     size_t bytes = 0;
-    const size_t at_cb = carve(&bytes, (size_t)(M * K * ig) * sizeof(float));
-    const size_t at_xt = carve(&bytes, (size_t)(in * AQLM_LUTW_WIDE) * sizeof(float));
-    const size_t at_tables = carve(&bytes, (size_t)P * tables_floats * sizeof(float));
-    const size_t at_acc = carve(&bytes, (size_t)M * acc_floats * sizeof(float));
+    const size_t at_cb = aqlm_carve(&bytes, (size_t)(M * K * ig) * sizeof(float));
+    const size_t at_xt = aqlm_carve(&bytes, (size_t)(in * AQLM_LUTW_WIDE) * sizeof(float));
+    const size_t at_tables = aqlm_carve(&bytes, (size_t)P * tables_floats * sizeof(float));
+    const size_t at_acc = aqlm_carve(&bytes, (size_t)M * acc_floats * sizeof(float));
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
     float *cb = (float *)(base + at_cb), *xt = (float *)(base + at_xt);

@@ -584,24 +584,25 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
     return none_or_raise(status, &err);
 }
 
-PyDoc_STRVAR(lutw_kernel_doc, "lutw_kernel(simd=None)\n--\n\nThe wide-token table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512'.");
-static PyObject *py_lutw_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
+/* name_of(simd) for the optional `simd` argument; `format` is "|z:FUNCTION" (for its errors). */
+static PyObject *kernel_name(PyObject *module, PyObject *args, PyObject *kwargs, const char *format,
+                             const char *(*name_of)(aqlm_simd)) {
     static char *keywords[] = {"simd", NULL};
     const char *simd_name = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|z:lutw_kernel", keywords, &simd_name)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, keywords, &simd_name)) return NULL;
     aqlm_simd simd;
     if (parse_simd(module, simd_name, &simd) < 0) return NULL;
-    return PyUnicode_FromString(aqlm_lutw_kernel_name(simd));
+    return PyUnicode_FromString(name_of(simd));
+}
+
+PyDoc_STRVAR(lutw_kernel_doc, "lutw_kernel(simd=None)\n--\n\nThe wide-token table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512'.");
+static PyObject *py_lutw_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return kernel_name(module, args, kwargs, "|z:lutw_kernel", aqlm_lutw_kernel_name);
 }
 
 PyDoc_STRVAR(lutq_kernel_doc, "lutq_kernel(simd=None)\n--\n\nThe quantized-table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512vbmi'.");
 static PyObject *py_lutq_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"simd", NULL};
-    const char *simd_name = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|z:lutq_kernel", keywords, &simd_name)) return NULL;
-    aqlm_simd simd;
-    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
-    return PyUnicode_FromString(aqlm_lutq_kernel_name(simd));
+    return kernel_name(module, args, kwargs, "|z:lutq_kernel", aqlm_lutq_kernel_name);
 }
 
 /* Called by long C loops between steps, outside parallel regions, with the GIL released. */
