@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from .paths import cache_dir
 
 logger = logging.getLogger("aqlm")
@@ -35,10 +37,14 @@ CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 # A new name whenever kernels or the fixed rules change, so that no earlier measurement is reused
 # (v2: quantized tables of 15-bit entries, and fixed rules that use them less; v3: the quantized
 # tables use every thread on small layers, where v2 had measured them on one; v4: a new candidate,
-# the exact wide-token tables "lutw"; v5: lutw looks up codebooks of 16 codewords a pair at a time).
-CACHE_FILE = "kernel_choice-v5.json"
+# the exact wide-token tables "lutw"; v5: lutw looks up codebooks of 16 codewords a pair at a time;
+# v6: each run timed with its weight out of L2, and no candidate dropped after a single round).
+CACHE_FILE = "kernel_choice-v6.json"
 ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
-HOPELESS = 4.0  # a candidate this many times slower than the best after a round is not run again
+HOPELESS = 4.0  # a candidate this many times slower than the best after PRUNE_AFTER rounds is not run again
+PRUNE_AFTER = 3  # rounds before any pruning: one run can be slowed 10-200x by a descheduled thread
+EVICT_BYTES_DEFAULT = 8 << 20  # read before each timed run when the L2 size is unknown (4x a 2 MiB L2)
+EVICT_BYTES_MAX = 64 << 20
 MARGIN = 1.5  # another candidate replaces the fixed rules' pick only when this many times faster
 
 
@@ -74,6 +80,16 @@ def cpuinfo_field(name: str) -> Optional[str]:
     except OSError:
         pass
     return None
+
+
+def evict_bytes() -> int:
+    """Bytes to read between timed runs so that the candidate finds its weight out of the core's
+    L2 cache, as it does in a model's forward (other layers ran in between): 4x the L2 size."""
+    try:
+        l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        l2 = 0
+    return min(EVICT_BYTES_MAX, 4 * l2) if l2 > 0 else EVICT_BYTES_DEFAULT
 
 
 def cpu_model() -> str:
@@ -116,32 +132,48 @@ class KernelChooser:
             json.dump(everything, file, indent=1, sort_keys=True)
         os.replace(temporary, self.path)
 
-    def choose(self, key: str, candidates: list[str], run: Callable[[str], object], prior: Optional[str] = None) -> str:
-        """The fastest of ``candidates`` for ``key``: from the cache, else measured with ``run(kernel)``.
+    @staticmethod
+    def _measure(calls: dict, evict: torch.Tensor, times: dict) -> None:
+        """Lower ``times[kernel]`` to the fastest of ROUNDS runs of ``calls[kernel]()``, each run
+        after reading ``evict``; candidates HOPELESS after PRUNE_AFTER rounds stop early."""
+        alive = list(calls)
+        for round_number in range(1, ROUNDS + 1):
+            for kernel in alive:  # interleaved, so that a burst of load elsewhere hits every candidate
+                evict.sum()  # the weight leaves L2, as between a model's calls of one layer
+                start = time.perf_counter()
+                calls[kernel]()
+                times[kernel] = min(times[kernel], time.perf_counter() - start)
+            if round_number >= PRUNE_AFTER:
+                best = min(times.values())
+                alive = [kernel for kernel in alive if times[kernel] <= HOPELESS * best]
 
-        ``prior`` (the fixed rules' pick) is kept unless another candidate beats it by MARGIN: on a
-        machine whose cores are shared, every timing of a multi-threaded kernel can be inflated by
-        waits for a descheduled thread, and a near tie says more about the load than the kernels."""
+    def choose(self, key: str, candidates: list[str], prepare: Callable[[str], Callable[[], object]],
+               prior: Optional[str] = None) -> str:
+        """The fastest of ``candidates`` for ``key``: from the cache, else measured by timing the
+        call ``prepare(kernel)`` returns (its arguments bound, so that only the kernel is timed).
+
+        ``prior`` (the fixed rules' pick) is kept unless another candidate beats it by MARGIN in two
+        measurements, the second one's times merged into the first: on a machine whose cores are
+        shared, every timing of a multi-threaded kernel can be inflated by waits for a descheduled
+        thread for a while, and a near tie says more about the load than the kernels."""
         choices = self._load()
         known = choices.get(key)
         if known in candidates:
             return known
         if len(candidates) == 1:
             return candidates[0]
-        for kernel in candidates:  # warm-up: packs codes, faults pages in, builds caches
-            run(kernel)
+        calls = {kernel: prepare(kernel) for kernel in candidates}
+        for call in calls.values():  # warm-up: faults pages in, builds caches
+            call()
+        evict = torch.ones(evict_bytes() // 8, dtype=torch.float64)  # summed by torch's threads: every core's L2
         times = {kernel: float("inf") for kernel in candidates}
-        alive = list(candidates)
-        for _ in range(ROUNDS):
-            for kernel in alive:  # interleaved, so that a burst of load elsewhere hits every candidate
-                start = time.perf_counter()
-                run(kernel)
-                times[kernel] = min(times[kernel], time.perf_counter() - start)
-            best = min(times.values())
-            alive = [kernel for kernel in alive if times[kernel] <= HOPELESS * best]
-        chosen = min(times, key=times.get)
-        if prior in times and times[chosen] * MARGIN > times[prior]:
-            chosen = prior
+        for _ in range(2):  # a second pass, later, must confirm a win over the prior
+            self._measure(calls, evict, times)
+            chosen = min(times, key=times.get)
+            if prior in times and times[chosen] * MARGIN > times[prior]:
+                chosen = prior
+            if chosen == prior or prior not in times:
+                break
         choices[key] = chosen
         try:
             self._save()

@@ -561,12 +561,14 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
         f"threads:{torch.get_num_threads()} {'exact' if exact else 'lutq'}{' bf16' if bf16 else ''}"
     )
 
-    def run(kernel: str) -> torch.Tensor:
-        sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
-        return quantized_matmul_cpu(sample, codes, codebooks, scales, bias, kernel=kernel)
+    sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
+    out = torch.empty(calibration_tokens, out_features, dtype=x.dtype)
+
+    def prepare(kernel: str) -> Callable[[], None]:
+        return _kernel_call(kernel, sample, out, codes, codebooks, scales, bias)
 
     prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
-    return _CHOOSER.choose(key, candidates, run, prior=prior)
+    return _CHOOSER.choose(key, candidates, prepare, prior=prior)
 
 
 class _CpuPlan:
@@ -706,10 +708,18 @@ def bound_linear_cpu(
     tokens = x.numel() // plan.in_features
     x2, out2 = x.view(tokens, plan.in_features), out.view(tokens, plan.out_features)
     kernel = _pick_cpu_kernel(x2, codes, codebooks, scales, bias, plan.nbits)
+    return _kernel_call(kernel, x2, out2, codes, codebooks, scales, bias)
+
+
+def _kernel_call(kernel: str, x: torch.Tensor, out: torch.Tensor, codes, codebooks, scales, bias) -> Callable[[], None]:
+    """A call with no arguments that writes ``x @ W.T + bias`` into ``out`` by ``kernel`` (x:
+    [tokens, in], out: [tokens, out], contiguous CPU tensors of one dtype, checked by the caller):
+    what :func:`bound_linear_cpu` returns, and what kernel calibration times."""
     if kernel not in FEW_TOKEN_KERNELS:
-        return lambda: out2.copy_(quantized_matmul_cpu(x2, codes, codebooks, scales, bias, kernel=kernel))
-    call = plan.few_token_call(kernel, x.dtype, torch.get_num_threads())
-    x_np, out_np = _numpy_view(x2), _numpy_view(out2)
+        dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else x.dtype
+        return lambda: _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias, dense_dtype)
+    call = _cpu_plan(codes, codebooks, scales, bias).few_token_call(kernel, x.dtype, torch.get_num_threads())
+    x_np, out_np = _numpy_view(x), _numpy_view(out)
     return lambda: call(x_np, out_np)
 
 

@@ -67,7 +67,7 @@ def test_the_fastest_candidate_wins_unless_the_prior_is_nearly_as_fast(tmp_path,
     costs = {"slow": 4.0, "fast": 1.0}
 
     def run(kernel):
-        clock[0] += costs[kernel]
+        return lambda: clock.__setitem__(0, clock[0] + costs[kernel])
 
     chooser = kernel_choice.KernelChooser(tmp_path / "choices.json")
     assert chooser.choose("k", ["slow", "fast"], run) == "fast"
@@ -75,6 +75,54 @@ def test_the_fastest_candidate_wins_unless_the_prior_is_nearly_as_fast(tmp_path,
     assert chooser.choose("k2", ["slow", "fast"], run, prior="slow") == "fast"  # 4x faster: beats the prior
     costs["fast"] = 3.0
     assert chooser.choose("k3", ["slow", "fast"], run, prior="slow") == "slow"  # 1.33x: the prior stays
+
+
+def test_one_slow_run_does_not_drop_the_fastest_candidate(tmp_path, monkeypatch):
+    clock = [0.0]  # a descheduled thread makes the first timed run of "fast" 100x slower than its cost
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: clock[0])
+    runs = {"fast": 0, "slow": 0}
+
+    def one_run(kernel):
+        runs[kernel] += 1
+        clock[0] += {"fast": 1.0, "slow": 2.0}[kernel] * (100.0 if kernel == "fast" and runs[kernel] == 2 else 1.0)
+
+    def run(kernel):
+        return lambda: one_run(kernel)
+
+    chooser = kernel_choice.KernelChooser(tmp_path / "choices.json")
+    assert chooser.choose("k", ["fast", "slow"], run) == "fast"
+
+
+def test_a_win_over_the_prior_must_hold_in_a_second_measurement(tmp_path, monkeypatch):
+    clock = [0.0]  # the prior is slowed through the whole first measurement (load elsewhere), then not
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: clock[0])
+    runs = {"prior": 0, "other": 0}
+    first_pass = 1 + kernel_choice.ROUNDS  # the warm-up run and one measurement's runs
+
+    def one_run(kernel):
+        runs[kernel] += 1
+        slowed = kernel == "prior" and runs[kernel] <= first_pass
+        clock[0] += {"prior": 1.0, "other": 1.2}[kernel] * (3.0 if slowed else 1.0)
+
+    chooser = kernel_choice.KernelChooser(tmp_path / "choices.json")
+    assert chooser.choose("k", ["prior", "other"], lambda kernel: lambda: one_run(kernel), prior="prior") == "prior"
+    assert runs["other"] == 1 + 2 * kernel_choice.ROUNDS
+
+
+def test_each_timed_run_starts_with_the_weight_out_of_l2(tmp_path, monkeypatch):
+    events = []
+
+    class Evict:
+        def sum(self):
+            events.append("evict")
+
+    monkeypatch.setattr(kernel_choice.torch, "ones", lambda *a, **k: Evict())
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: float(len(events)))
+    chooser = kernel_choice.KernelChooser(tmp_path / "choices.json")
+    chooser.choose("k", ["a", "b"], lambda kernel: lambda: events.append(kernel))
+    timed = events[2:]  # after one warm-up run each
+    assert timed == ["evict", "a", "evict", "b"] * kernel_choice.ROUNDS
+    assert 1 << 20 <= kernel_choice.evict_bytes() <= kernel_choice.EVICT_BYTES_MAX
 
 
 def test_forced_kernel_and_exact_mode(measured, monkeypatch):
