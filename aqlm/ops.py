@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _C, kernel_choice
+from . import _C, arena, kernel_choice
 from .format import check_code_range, dequantize_reference, nbits_of, unpack_codes
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -217,6 +217,13 @@ def _check_input(input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tens
         raise ValueError(f"input must have in_features={in_features} as its last dimension, got shape {tuple(input.shape)}")
     if input.device != codes.device:
         raise ValueError(f"input is on {input.device} but the weight is on {codes.device}")
+
+
+def _arena_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``array`` in huge-page memory (:func:`aqlm.arena.empty`)."""
+    copy = arena.empty(array.nbytes).numpy().view(array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
 
 
 def _weight_arrays(codes, codebooks, scales, bias):
@@ -446,7 +453,7 @@ def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
         return cached[1]
     in_features = codes.shape[1] * codebooks.shape[3]
     size = _C.lutq_packed_size(codes.shape[0], in_features, codebooks.shape[3], codes.shape[2], nbits_of(codebooks))
-    packed = torch.empty(size, dtype=torch.uint8)
+    packed = arena.empty(size)  # on huge pages, beside other layers' packed codes
     codes_np, codebooks_np, scales_np, _ = _weight_arrays(codes, codebooks, scales, None)
     _C.lutq_pack_codes(codes_np, codebooks_np, scales_np, packed.numpy(), param_dtype=_DTYPE_NAMES[codebooks.dtype])
     codes._aqlm_lutq_packed = (stamp, packed)
@@ -590,9 +597,10 @@ class _CpuPlan:
         # Few-token kernels read every codebook entry and scale once per call: float32 copies spare
         # them a float16/bfloat16 conversion per element (same values, so the same bits), except
         # for codebooks too large to copy cheaply (more than 256 codewords).
+        # These copies sit on huge pages beside the packed codes (aqlm.arena): one call reads them all.
         if nbits <= 8:
-            as_float = [None if t is None else t.detach().float() for t in (codebooks, scales, bias)]
-            self.kernel_arrays = (self.arrays[0], *_weight_arrays(codes, *as_float)[1:])
+            as_float = [None if t is None else _arena_copy(t.detach().float().numpy()) for t in (codebooks, scales, bias)]
+            self.kernel_arrays = (self.arrays[0], *as_float)
             self.kernel_param_dtype = torch.float32
         else:
             self.kernel_arrays, self.kernel_param_dtype = self.arrays, self.param_dtype
@@ -602,7 +610,7 @@ class _CpuPlan:
         if self.packed is not None and nbits <= 8:
             float_codebooks = self.kernel_arrays[1]
             M, K, _, ig = float_codebooks.shape
-            self.codebooks_t = np.ascontiguousarray(float_codebooks.reshape(M, K, ig).transpose(0, 2, 1))
+            self.codebooks_t = _arena_copy(float_codebooks.reshape(M, K, ig).transpose(0, 2, 1))
         self.calls = {}
 
     def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int) -> Callable[[np.ndarray, np.ndarray], None]:
@@ -860,7 +868,7 @@ def int8_quantize_rows(weight: torch.Tensor, *, num_threads: Optional[int] = Non
     scale / 2 elementwise. An all-zero row gets scale 0 and q 0. NaN/Inf raise ValueError.
     """
     _check_cpu_float32("weight", weight, 2)
-    q = torch.empty(weight.shape, dtype=torch.int8)
+    q = arena.empty(weight.numel()).view(torch.int8).view(weight.shape)  # read once per token: huge pages
     scales = torch.empty(weight.shape[0], dtype=torch.float32)
     _C.int8_quantize_rows(weight.detach().contiguous().numpy(), q.numpy(), scales.numpy(),
                           num_threads=num_threads or torch.get_num_threads())
