@@ -652,6 +652,10 @@ def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
     return plan
 
 
+# The environment variables a CPU call's kernel depends on, read in one C call per call.
+_CALL_ENVIRONMENT = (QUANTIZED_LUT_ENV, BF16_DEQUANTIZE_ENV, kernel_choice.FORCE_ENV, kernel_choice.CALIBRATION_ENV)
+
+
 def quantized_linear_cpu(
     input: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
@@ -663,26 +667,23 @@ def quantized_linear_cpu(
     if dtype not in _DTYPE_NAMES or input.dim() < 1 or input.shape[-1] != in_features:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias)  # raises the precise error
     tokens = input.numel() // in_features
-    environ = os.environ
     threads = torch.get_num_threads()
-    key = (tokens, dtype, environ.get(QUANTIZED_LUT_ENV), environ.get(BF16_DEQUANTIZE_ENV), environ.get(kernel_choice.FORCE_ENV),
-           environ.get(kernel_choice.CALIBRATION_ENV), threads, _C.simd_default())
-    x = input.reshape(tokens, in_features)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if x.requires_grad:  # under no_grad: NumPy refuses tensors that require grad
-        x = x.detach()
+    key = (tokens, dtype, _C.getenv_each(_CALL_ENVIRONMENT), threads, _C.simd_default())
     call = plan.calls.get(key)
     if call is None:
+        x = input.detach().reshape(tokens, in_features).contiguous()
         kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
         call = plan.calls[key] = plan.few_token_call(kernel, dtype, threads) if kernel in FEW_TOKEN_KERNELS else kernel
     if type(call) is str:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=call)
+    # NumPy views and reshapes: a few microseconds fewer per call than torch's (decoding makes hundreds per token)
     result = torch.empty(input.shape[:-1] + (plan.out_features,), dtype=dtype)  # not a view: see quantized_matmul_cpu
-    out = result.view(tokens, plan.out_features)
+    source = input.detach() if input.requires_grad else input  # under no_grad: NumPy refuses tensors that require grad
     if dtype == torch.bfloat16:
-        x, out = x.view(torch.int16), out.view(torch.int16)
-    call(x.numpy(), out.numpy())
+        x_np, out_np = source.view(torch.int16).numpy(), result.view(torch.int16).numpy()
+    else:
+        x_np, out_np = source.numpy(), result.numpy()
+    call(x_np.reshape(tokens, in_features), out_np.reshape(tokens, plan.out_features))  # a strided x is copied in C
     return result
 
 

@@ -1194,6 +1194,44 @@ static PyObject *py_simd_default(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(aqlm_simd_name(state_of(module)->chosen));
 }
 
+PyDoc_STRVAR(getenv_each_doc,
+"getenv_each(names)\n--\n\n"
+"The process environment's value (str) or None for each name of the tuple `names`, read with\n"
+"getenv: what os.environ holds, since os.environ writes through putenv/unsetenv. One call for\n"
+"the variables an inference call depends on, instead of one os.environ lookup each.");
+static PyObject *py_getenv_each(PyObject *module, PyObject *names) {
+    if (!PyTuple_Check(names)) {
+        PyErr_Format(PyExc_TypeError, "names must be a tuple of str, got %s", Py_TYPE(names)->tp_name);
+        return NULL;
+    }
+    const Py_ssize_t count = PyTuple_GET_SIZE(names);
+    PyObject *values = PyTuple_New(count);
+    if (values == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        const char *utf8 = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+        if (utf8 == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "names[%zd] must be a str, got %s", i, Py_TYPE(name)->tp_name);
+            Py_DECREF(values);
+            return NULL;
+        }
+        const char *value = getenv(utf8);
+        PyObject *item = Py_None;
+        if (value == NULL)
+            Py_INCREF(item);
+        else
+            item = PyUnicode_DecodeFSDefault(value);
+        if (item == NULL) {
+            Py_DECREF(values);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(values, i, item);
+    }
+    return values;
+}
+
 PyDoc_STRVAR(set_min_parallel_work_doc,
 "set_min_parallel_work(work)\n--\n\n"
 "Calls start a thread team only for at least `work` elementary operations (default 262144);\n"
@@ -1255,6 +1293,7 @@ static PyMethodDef methods[] = {
     {"attend_one", (PyCFunction)(void (*)(void))py_attend_one, METH_VARARGS | METH_KEYWORDS, attend_one_doc},
     {"simd_supported", py_simd_supported, METH_NOARGS, simd_supported_doc},
     {"simd_default", py_simd_default, METH_NOARGS, simd_default_doc},
+    {"getenv_each", py_getenv_each, METH_O, getenv_each_doc},
     {"set_min_parallel_work", py_set_min_parallel_work, METH_O, set_min_parallel_work_doc},
     {"min_parallel_work", py_min_parallel_work, METH_NOARGS, min_parallel_work_doc},
     {"parallel_team_size", py_parallel_team_size, METH_O, parallel_team_size_doc},

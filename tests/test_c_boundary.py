@@ -137,3 +137,16 @@ def test_quantized_table_output_aliasing_an_input_is_rejected() -> None:
     out = torch.empty(4, 32)
     _C.lutq_matmul(*args, out.numpy(), group=aqlm.ops.LUTQ_GROUP)
     assert torch.equal(out, aqlm.ops.quantized_matmul_cpu(x, codes, codebooks, scales, None, kernel="lutq"))
+
+
+def test_getenv_each_reads_what_os_environ_holds(monkeypatch) -> None:
+    monkeypatch.setenv("AQLM_TEST_VARIABLE", "on\u00e9")
+    monkeypatch.delenv("AQLM_TEST_UNSET", raising=False)
+    assert _C.getenv_each(("AQLM_TEST_VARIABLE", "AQLM_TEST_UNSET")) == ("on\u00e9", None)
+    monkeypatch.delenv("AQLM_TEST_VARIABLE")
+    assert _C.getenv_each(("AQLM_TEST_VARIABLE",)) == (None,)
+    assert _C.getenv_each(()) == ()
+    with pytest.raises(TypeError, match="names must be a tuple of str, got list"):
+        _C.getenv_each(["AQLM_TEST_VARIABLE"])
+    with pytest.raises(TypeError, match=r"names\[1\] must be a str, got int"):
+        _C.getenv_each(("AQLM_TEST_VARIABLE", 1))

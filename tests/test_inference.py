@@ -325,6 +325,29 @@ def test_quantized_linear_noncontiguous_input_is_handled():
     torch.testing.assert_close(layer(x), layer(x.contiguous()))
 
 
+@pytest.mark.parametrize("kernel", ["lutq", "lut", "decode"])
+def test_eager_path_takes_any_input_layout_and_follows_the_environment(kernel, monkeypatch):
+    """The eager no-grad path (NumPy views, one getenv call) against the op on contiguous copies."""
+    monkeypatch.setenv("AQLM_CPU_KERNEL", kernel)
+    codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8, seed=5)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    base = torch.randn(4, 3, 128)
+    inputs = [base[:, :, ::2], base[:, 1, 64:], base[:, :, :64].transpose(0, 1), torch.randn(2, 64, requires_grad=True),
+              torch.randn(1, 1, 64).bfloat16()]
+    with torch.no_grad():
+        for x in inputs:
+            expected = aqlm.ops.quantized_matmul_cpu(x.detach().contiguous(), codes, codebooks, scales, bias, kernel=kernel)
+            y = layer(x)
+            assert y.shape == x.shape[:-1] + (32,) and y.dtype == x.dtype and y.is_contiguous()
+            assert torch.equal(y, expected)
+    plan = aqlm.ops._cpu_plan(layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert {key[2][2] for key in plan.calls} == {kernel}  # AQLM_CPU_KERNEL is part of each call's key
+    monkeypatch.setenv("AQLM_CPU_KERNEL", "decode" if kernel != "decode" else "lut")
+    with torch.no_grad():
+        layer(inputs[0])
+    assert len({key[2][2] for key in plan.calls}) == 2  # a changed environment is seen at the next call
+
+
 def test_opcheck_custom_ops():
     for config in (CONFIGS[1], CONFIGS[7]):
         codes, codebooks, scales, bias = random_layer(*config)
