@@ -5,7 +5,8 @@ Which CPU path is fastest (quantized tables ``lutq``, exact tables ``lut``, deco
 ``dequantize_bf16``) depends on the CPU, its caches and vector extensions, and the thread count:
 crossovers measured on one CPU are wrong on another. At the first call for a key (scheme, shape
 class, token class, dtypes, SIMD level, threads, exact or not), every kernel that applies runs a
-few times on the layer's own tensors and the fastest wins. Choices persist in a JSON file under
+few times on the layer's own tensors, each run timed alone with the weight out of L2 (as between a
+model's calls of one layer), and the fastest wins. Choices persist in a JSON file under
 :func:`aqlm.paths.cache_dir`, one section per CPU model, so later processes skip the measurement.
 
 Environment:
