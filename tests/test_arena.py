@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aqlm import QuantizedLinear, arena, ops, pack_codes
+from aqlm import QuantizedLinear, arena, ops
+from test_inference import random_layer
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -32,11 +33,8 @@ def thp_available() -> bool:
     return THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
 
 
-def layer(out=320, inp=256, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    codes = pack_codes(torch.randint(0, 256, (out, inp // 8, 2), generator=generator), 8)
-    return QuantizedLinear.from_parts(codes, torch.randn(2, 256, 1, 8, generator=generator),
-                                      torch.rand(out, 1, 1, 1, generator=generator) + 0.5, torch.randn(out, generator=generator))
+def layer():
+    return QuantizedLinear.from_parts(*random_layer(320, 256, 2, 8, 1, 8))
 
 
 def test_small_buffers_share_a_chunk_aligned_and_large_ones_get_their_own_mapping():
