@@ -134,9 +134,10 @@ class KernelChooser:
         os.replace(temporary, self.path)
 
     @staticmethod
-    def _measure(calls: dict, evict: torch.Tensor, times: dict) -> None:
+    def _measure(calls: dict, evict: torch.Tensor, times: dict) -> dict:
         """Lower ``times[kernel]`` to the fastest of ROUNDS runs of ``calls[kernel]()``, each run
-        after reading ``evict``; candidates HOPELESS after PRUNE_AFTER rounds stop early."""
+        after reading ``evict``; candidates HOPELESS after PRUNE_AFTER rounds stop early. Returns
+        the calls of the candidates still in the running."""
         alive = list(calls)
         for round_number in range(1, ROUNDS + 1):
             for kernel in alive:  # interleaved, so that a burst of load elsewhere hits every candidate
@@ -147,6 +148,7 @@ class KernelChooser:
             if round_number >= PRUNE_AFTER:
                 best = min(times.values())
                 alive = [kernel for kernel in alive if times[kernel] <= HOPELESS * best]
+        return {kernel: calls[kernel] for kernel in alive}
 
     def choose(self, key: str, candidates: list[str], prepare: Callable[[str], Callable[[], object]],
                prior: Optional[str] = None) -> str:
@@ -168,8 +170,8 @@ class KernelChooser:
             call()
         evict = torch.ones(evict_bytes() // 8, dtype=torch.float64)  # summed by torch's threads: every core's L2
         times = {kernel: float("inf") for kernel in candidates}
-        for _ in range(2):  # a second pass, later, must confirm a win over the prior
-            self._measure(calls, evict, times)
+        for _ in range(2):  # a second pass, later, of those still in the running must confirm a win over the prior
+            calls = self._measure(calls, evict, times)
             chosen = min(times, key=times.get)
             if prior in times and times[chosen] * MARGIN > times[prior]:
                 chosen = prior
