@@ -5,9 +5,15 @@
  * table held in two; a 256-entry table is two vpermi2b (entries 0-127 and 128-255) blended on
  * the code's top bit. One lookup instruction thus serves 64 output rows. Each code is looked up
  * in the high-byte and the low-byte table; the eight registers of a (group, codebook) table pair
- * are loaded once for TILE_STEP tiles. The int8 results are summed exactly in even/odd int16 lanes
- * (sign-extended by shifts) and combined as 254 * high + low in int32: one exact partial sum per
- * piece of a chunk, codebook and row (lutq.h), which the driver's final pass scales to fp32.
+ * are loaded once for TILE_STEP tiles. These kernels store every table byte offset by 128 (the
+ * unsigned byte u = v + 128, 1 <= u <= 255), so a looked-up vector read as 32 uint16 words holds
+ * 256 * u(odd row) + u(even row): two sums per table, of the words and of the words shifted right
+ * by 8, both modulo 2**16, give both rows' sums exactly (three instructions per lookup instead of
+ * five sign extensions and adds), since a piece sums at most 256 groups and 255 * 256 < 2**16:
+ *     odd = sum of (word >> 8),   even = (sum of words) - 256 * odd   (mod 2**16),
+ * and the true sums are even - 128 * groups and odd - 128 * groups. They are combined as
+ * 254 * high + low in int32: one exact partial sum per piece of a chunk, codebook and row
+ * (lutq.h), the same integers as the reference's, which the driver's final pass scales to fp32.
  * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
  */
 #include <math.h>
@@ -73,10 +79,15 @@ static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1
 static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                                  const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
-    if (K % 16 != 0) {
+    if (K % 16 != 0) { /* narrow tables: the AVX2 version's bytes, then offset (header) */
         aqlm_lutq_quantize_avx2(s, groups, work, amax, qhi, qlo);
+        for (int64_t index = 0; index < groups * M * KS; index++) {
+            qhi[index] = (int8_t)((uint8_t)qhi[index] ^ 0x80u);
+            qlo[index] = (int8_t)((uint8_t)qlo[index] ^ 0x80u);
+        }
         return;
     }
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
     for (int64_t m = 0; m < M; m++) {
         const float largest = amax[m];
         const float inverse = largest > 0.0f ? (float)AQLM_LUTQ_LEVELS / largest : 0.0f;
@@ -94,11 +105,11 @@ static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, cons
                     lo[q] = _mm512_sub_epi32(entry, _mm512_mullo_epi32(hi[q], radix));
                 }
                 if (parts == 4) {
-                    _mm512_storeu_si512(high + c, pack_bytes(hi[0], hi[1], hi[2], hi[3]));
-                    _mm512_storeu_si512(low + c, pack_bytes(lo[0], lo[1], lo[2], lo[3]));
+                    _mm512_storeu_si512(high + c, _mm512_xor_si512(pack_bytes(hi[0], hi[1], hi[2], hi[3]), offset));
+                    _mm512_storeu_si512(low + c, _mm512_xor_si512(pack_bytes(lo[0], lo[1], lo[2], lo[3]), offset));
                 } else {
-                    _mm_storeu_si128((__m128i *)(high + c), _mm512_cvtepi32_epi8(hi[0]));
-                    _mm_storeu_si128((__m128i *)(low + c), _mm512_cvtepi32_epi8(lo[0]));
+                    _mm_storeu_si128((__m128i *)(high + c), _mm_xor_si128(_mm512_cvtepi32_epi8(hi[0]), _mm512_castsi512_si128(offset)));
+                    _mm_storeu_si128((__m128i *)(low + c), _mm_xor_si128(_mm512_cvtepi32_epi8(lo[0]), _mm512_castsi512_si128(offset)));
                 }
             }
         }
@@ -113,23 +124,24 @@ ALWAYS_INLINE __m512i lookup64(const int K, __m512i idx, __m512i a, __m512i b, _
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), low, high);
 }
 
-/* 254 * high + low of 16 int16 sums each, in int32 (exact: lutq.h). */
-ALWAYS_INLINE __m512i combine(__m256i high, __m256i low) {
-    return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_cvtepi16_epi32(high), _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX)),
-                            _mm512_cvtepi16_epi32(low));
+/* 254 * high + low in int32 of 16 rows' offset sums (uint16, header) over `groups` lookups each:
+ * the offsets removed, exact (lutq.h). */
+ALWAYS_INLINE __m512i combine(__m256i high, __m256i low, __m512i offsets) {
+    const __m512i hi = _mm512_sub_epi32(_mm512_cvtepu16_epi32(high), offsets), lo = _mm512_sub_epi32(_mm512_cvtepu16_epi32(low), offsets);
+    return _mm512_add_epi32(_mm512_mullo_epi32(hi, _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX)), lo);
 }
 
-/* The int16 sums of one tile: even and odd lanes of the high and low tables (int16 lane w of
- * "even" holds row 2w of the tile, of "odd" row 2w + 1). */
+/* The sums of one tile, modulo 2**16: of the looked-up vectors as uint16 words ("words") and of
+ * those words shifted right by 8 ("odd": the odd rows' bytes); word w holds rows 2w and 2w + 1. */
 typedef struct {
-    __m512i even_hi, odd_hi, even_lo, odd_lo;
+    __m512i words_hi, odd_hi, words_lo, odd_lo;
 } tile_sums;
 
 ALWAYS_INLINE void add_lookups(tile_sums *sums, __m512i high, __m512i low) {
-    sums->even_hi = _mm512_add_epi16(sums->even_hi, _mm512_srai_epi16(_mm512_slli_epi16(high, 8), 8));
-    sums->odd_hi = _mm512_add_epi16(sums->odd_hi, _mm512_srai_epi16(high, 8));
-    sums->even_lo = _mm512_add_epi16(sums->even_lo, _mm512_srai_epi16(_mm512_slli_epi16(low, 8), 8));
-    sums->odd_lo = _mm512_add_epi16(sums->odd_lo, _mm512_srai_epi16(low, 8));
+    sums->words_hi = _mm512_add_epi16(sums->words_hi, high);
+    sums->odd_hi = _mm512_add_epi16(sums->odd_hi, _mm512_srli_epi16(high, 8));
+    sums->words_lo = _mm512_add_epi16(sums->words_lo, low);
+    sums->odd_lo = _mm512_add_epi16(sums->odd_lo, _mm512_srli_epi16(low, 8));
 }
 
 ALWAYS_INLINE tile_sums zero_sums(void) {
@@ -137,16 +149,19 @@ ALWAYS_INLINE tile_sums zero_sums(void) {
     return (tile_sums){zero, zero, zero, zero};
 }
 
-/* out[u * 64 + row] = 254 * high + low of tile u's sums, in row order, for NT tiles. */
-ALWAYS_INLINE void store_sums(const int NT, const tile_sums *sums, int32_t *restrict out) {
+/* out[u * 64 + row] = 254 * high + low of tile u's sums over `groups` lookups, in row order, for NT tiles. */
+ALWAYS_INLINE void store_sums(const int NT, const tile_sums *sums, int64_t groups, int32_t *restrict out) {
     /* rows 2i, 2i + 1 from even[i], odd[i]: first 8 lane pairs, then the next 8 */
     const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i offsets = _mm512_set1_epi32((int)(128 * groups));
     for (int u = 0; u < NT; u++) {
-        const __m512i even0 = combine(_mm512_castsi512_si256(sums[u].even_hi), _mm512_castsi512_si256(sums[u].even_lo));
-        const __m512i even1 = combine(_mm512_extracti64x4_epi64(sums[u].even_hi, 1), _mm512_extracti64x4_epi64(sums[u].even_lo, 1));
-        const __m512i odd0 = combine(_mm512_castsi512_si256(sums[u].odd_hi), _mm512_castsi512_si256(sums[u].odd_lo));
-        const __m512i odd1 = combine(_mm512_extracti64x4_epi64(sums[u].odd_hi, 1), _mm512_extracti64x4_epi64(sums[u].odd_lo, 1));
+        const __m512i even_hi = _mm512_sub_epi16(sums[u].words_hi, _mm512_slli_epi16(sums[u].odd_hi, 8));
+        const __m512i even_lo = _mm512_sub_epi16(sums[u].words_lo, _mm512_slli_epi16(sums[u].odd_lo, 8));
+        const __m512i even0 = combine(_mm512_castsi512_si256(even_hi), _mm512_castsi512_si256(even_lo), offsets);
+        const __m512i even1 = combine(_mm512_extracti64x4_epi64(even_hi, 1), _mm512_extracti64x4_epi64(even_lo, 1), offsets);
+        const __m512i odd0 = combine(_mm512_castsi512_si256(sums[u].odd_hi), _mm512_castsi512_si256(sums[u].odd_lo), offsets);
+        const __m512i odd1 = combine(_mm512_extracti64x4_epi64(sums[u].odd_hi, 1), _mm512_extracti64x4_epi64(sums[u].odd_lo, 1), offsets);
         int32_t *rows = out + u * AQLM_LUTQ_TILE;
         _mm512_storeu_si512(rows, _mm512_permutex2var_epi32(even0, first, odd0));
         _mm512_storeu_si512(rows + 16, _mm512_permutex2var_epi32(even0, second, odd0));
@@ -182,7 +197,7 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
                         add_lookups(&sums[u], lookup64(K, idx, ha, hb, hc, hd), lookup64(K, idx, la, lb, lc, ld));
                     }
                 }
-                store_sums(NT, sums, out + ((piece * n + t) * M + m) * stride);
+                store_sums(NT, sums, to - from, out + ((piece * n + t) * M + m) * stride);
             }
         }
     }
@@ -216,8 +231,8 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
                         add_lookups(&sums1[u], _mm512_permutexvar_epi8(idx1, h1), _mm512_permutexvar_epi8(idx1, l1));
                     }
                 }
-                store_sums(NT, sums0, out + ((piece * n + t) * M + m) * stride);
-                store_sums(NT, sums1, out + ((piece * n + t) * M + m + 1) * stride);
+                store_sums(NT, sums0, to - from, out + ((piece * n + t) * M + m) * stride);
+                store_sums(NT, sums1, to - from, out + ((piece * n + t) * M + m + 1) * stride);
             }
         }
     }

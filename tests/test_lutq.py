@@ -109,6 +109,28 @@ def test_every_level_gives_the_scalar_bits_and_stays_within_the_bound(config, to
         assert float(error.max()) > 0  # the tables really are quantized: a bound that could fail
 
 
+def test_sums_at_the_largest_chunk_and_table_extremes_stay_exact(always_parallel):
+    """Every table entry at +-amax (high byte +-127) over a chunk of 256 groups, the most one
+    step may cover: the int16 sums reach +-127 * 256, and the AVX-512 kernels' offset bytes
+    (csrc/lutq_avx512vbmi.c) sum to 255 * 256, beyond int16 but within uint16."""
+    K, ig, groups, M = 256, 8, 256, 2
+    codebooks = torch.ones(M, K, 1, ig)
+    codebooks[:, K // 2:] = -1  # codewords 0-127 give +8 for an input of ones, 128-255 give -8
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, K, (192, groups, M), generator=generator)
+    codes[:64] = 3  # every lookup +127 in the high table
+    codes[64:128] = 200  # every lookup -127
+    codes, scales = pack_codes(codes, 8), torch.rand(192, 1, 1, 1, generator=generator) + 0.5
+    x = torch.ones(2, groups * ig)
+    expected = formula(x, codes, codebooks, scales, None)
+    reference = run_lutq(x, codes, codebooks, scales, None, groups, "scalar", num_threads=1)
+    torch.testing.assert_close(reference.double(), expected, rtol=1e-6, atol=1e-3)  # outputs up to 4096
+    for level in supported_levels():
+        for threads in (1, 2):
+            got = run_lutq(x, codes, codebooks, scales, None, groups, level, num_threads=threads)
+            assert torch.equal(got, reference), f"simd={level} threads={threads}"
+
+
 @pytest.mark.parametrize("level", simd_params())
 @pytest.mark.parametrize("x_dtype", list(DTYPES))
 @pytest.mark.parametrize("param_dtype", list(DTYPES))
