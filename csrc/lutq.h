@@ -9,6 +9,8 @@
  * stored as two int8 tables ("high" and "low" bytes, 15 bits in all):
  *     hi = round_to_nearest_even((float)E * (1 / 254)),  lo = E - 254 * hi,  |hi|, |lo| <= 127
  * (hi is E / 254 correctly rounded except at ties, where either neighbour leaves |lo| = 127).
+ * A kernel set's quantize writes its tables in the byte form its own accumulate reads: the
+ * scalar and AVX2 kernels store hi and lo as they are, the AVX-512 VBMI kernels offset by 128.
  * An output row o sums
  *     acc[t, o] = sum over b (in order), m (in order) of  fma(s[t, b, m], (float)I[t, b, m, o], acc)
  *     I = 254 * Hi + Lo,  Hi/Lo[t, b, m, o] = sum_{j in b} hi/lo[t, j, m, code(o, j, m)]   (exact integers)
@@ -99,7 +101,8 @@ typedef void (*aqlm_lutq_tables_fn)(const aqlm_block_shape *s, int64_t j0, int64
                                     const float *restrict cbt, float *restrict work, float *restrict amax);
 
 /* The fp32 tables of `groups` consecutive groups (work, as tables writes them) quantized with
- * the chunk maxima amax[m] (lutq.h formula) into qhi and qlo (the tables of the first group). */
+ * the chunk maxima amax[m] (lutq.h formula) into qhi and qlo (the tables of the first group), in
+ * the byte form of the same kernel set's accumulate (above). */
 typedef void (*aqlm_lutq_quantize_fn)(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                                       const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
 
