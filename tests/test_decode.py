@@ -298,14 +298,15 @@ def test_decoder_switching_thread_counts_gives_the_same_tokens(monkeypatch, alwa
     switches = []
 
     class Forced(_ThreadChoice):
-        """Rounds of 3 tokens in which the other count always looks 10x faster: a switch every round."""
+        """Rounds of 3 tokens in which the other count always looks 10x faster: a switch every round
+        (fixed times, not measured ones: a stalled token on a loaded machine must not change the rounds)."""
 
         def __init__(self, threads):
             super().__init__(threads, probe=1, shortest=3, longest=3)
 
         def record(self, count, seconds):
             switches.append(count)
-            super().record(count, seconds if count == self.current else seconds / 10)
+            super().record(count, 1.0 if count == self.current else 0.1)
 
     monkeypatch.setattr(decode, "_ThreadChoice", Forced)
     decoder = LlamaDecoder(model, max_length=32)
