@@ -1,6 +1,7 @@
 """Torch custom ops over the C kernels: ``torch.ops.aqlm.dequantize`` and ``torch.ops.aqlm.quantized_matmul``.
 
-CPU tensors go zero-copy to the C core (``.numpy()`` views; bfloat16 as int16 bit patterns).
+CPU tensors go zero-copy to the C core (NumPy views; bfloat16 as int16 bit patterns). Weights
+are viewed through their array interface, which keeps their storage resizable for FSDP2.
 Every other device runs the pure-torch formula of :mod:`aqlm.format`, which gives the same
 numbers. Both ops have fake implementations (``torch.compile``) and autograd formulas: gradients
 flow to the input, the codebooks, the scales and the bias (codes are integers and get none).
@@ -226,12 +227,42 @@ def _arena_copy(array: np.ndarray) -> np.ndarray:
     return copy
 
 
+class _ArrayInterface:
+    """The NumPy array interface of a contiguous CPU tensor, holding the tensor alive.
+
+    ``Tensor.numpy()`` marks the tensor's storage as not resizable for as long as the process
+    lives, and FSDP2 (``fully_shard``) frees an unsharded parameter after each forward by resizing
+    its storage to 0: a weight once viewed by ``numpy()`` made that fail. Views made through this
+    leave the storage resizable; the CPU plan's stamp (``data_ptr`` and ``_version``) notices the
+    storage being freed or refilled.
+    """
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    _TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.float64: "<f8",
+                torch.int8: "|i1", torch.uint8: "|u1", torch.int16: "<i2", torch.int32: "<i4", torch.int64: "<i8"}
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.__array_interface__ = {"data": (tensor.data_ptr(), False), "shape": tuple(tensor.shape),
+                                    "typestr": self._TYPESTR[tensor.dtype], "version": 3}
+
+
+def _weight_view(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a weight tensor (bfloat16 as int16 bit patterns) that, unlike
+    :func:`_numpy_view`, leaves its storage resizable (:class:`_ArrayInterface`)."""
+    tensor = tensor.detach().contiguous()
+    if tensor.numel() == 0 or tensor.dtype not in _ArrayInterface._TYPESTR:
+        return _numpy_view(tensor)
+    return np.asarray(_ArrayInterface(tensor))
+
+
 def _weight_arrays(codes, codebooks, scales, bias):
     return (
-        _numpy_view(codes.contiguous()),
-        _numpy_view(codebooks.contiguous()),
-        _numpy_view(scales.contiguous()),
-        None if bias is None else _numpy_view(bias.contiguous()),
+        _weight_view(codes),
+        _weight_view(codebooks),
+        _weight_view(scales),
+        None if bias is None else _weight_view(bias),
     )
 
 
@@ -599,7 +630,7 @@ class _CpuPlan:
         # for codebooks too large to copy cheaply (more than 256 codewords).
         # These copies sit on huge pages beside the packed codes (aqlm.arena): one call reads them all.
         if nbits <= 8:
-            as_float = [None if t is None else _arena_copy(t.detach().float().numpy()) for t in (codebooks, scales, bias)]
+            as_float = [None if t is None else _arena_copy(_weight_view(t.float())) for t in (codebooks, scales, bias)]
             self.kernel_arrays = (self.arrays[0], *as_float)
             self.kernel_param_dtype = torch.float32
         else:
