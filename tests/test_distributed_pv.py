@@ -114,6 +114,80 @@ def test_two_gloo_processes_reproduce_one_process_and_resume(model_dirs, tmp_pat
     assert_same_run(tmp_path / "resumed", tmp_path / "one")
 
 
+def test_sharded_optimizer_state_gives_the_same_run_and_resumes(model_dirs, tmp_path):
+    """--shard-optimizer-state (ZeRO stage 1): 2 processes, each holding about half of the
+    optimizer moments, give the 1-process run, and resume a 1-process checkpoint."""
+    single_process_run(model_dirs, tmp_path / "one")
+    sharded = finetune_in_processes(model_dirs, tmp_path / "sharded", 2, "--shard-optimizer-state")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "optimizer state sharded over 2 processes" in sharded.stdout
+    assert_same_run(tmp_path / "sharded", tmp_path / "one")
+    report, expected = (json.loads((tmp_path / d / REPORT_FILE).read_text()) for d in ("sharded", "one"))
+    assert report["optimizer_state_sharded"] and not expected["optimizer_state_sharded"]
+    assert report["optimizer_state_mib_rank0"] < 0.75 * expected["optimizer_state_mib_rank0"]
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt)
+    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume", "--shard-optimizer-state")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "resumed", tmp_path / "one")
+
+
+def _sharded_optimizer_steps(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """Two PV steps with fixed gradients on a tiny student, optimizer state sharded over the
+    processes of a gloo group (none for world_size 1); rank 0 saves the gathered state."""
+    import torch.distributed as dist
+
+    from aqlm.pv_tuning.optim import PVOptimizer
+    from aqlm.pv_tuning.train import dequantized_student
+
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    student = tiny_llama(seed=0, vocab=VOCAB)
+    for block in get_blocks(student):
+        for name, linear in find_linears(block).items():
+            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), LayerConfig(scheme=AqlmScheme(2, 4, 4), init_max_iter=2))
+            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales))
+    entries, non_quantized = dequantized_student(student)
+    config = PVConfig(update_non_quantized_parameters=True, code_lr=0.3, max_code_change_per_step=0.05,
+                      shard_optimizer_state=True, num_threads=1)
+    optimizer = PVOptimizer(entries, non_quantized, config)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        for parameter in [e.linear.weight for e in entries] + list(non_quantized.values()):
+            parameter.grad = torch.randn(parameter.shape, generator=generator) * 1e-2
+        optimizer.step()
+    optimizer.gather_state()
+    if rank == 0:
+        torch.save({"sharded": optimizer.sharded, "optimizer": optimizer.state_dict()["optimizer"],
+                    "codes": [e.quantized.codes.clone() for e in entries]}, out)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_gathered_sharded_state_is_the_state_of_one_optimizer(tmp_path):
+    import torch.multiprocessing as mp
+
+    _sharded_optimizer_steps(0, 1, "", str(tmp_path / "one.pt"))
+    mp.start_processes(_sharded_optimizer_steps, args=(2, str(tmp_path / "init"), str(tmp_path / "two.pt")),
+                       nprocs=2, start_method="spawn")
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert two["sharded"] and not one["sharded"]
+    assert all(torch.equal(a, b) for a, b in zip(one["codes"], two["codes"]))
+    assert one["optimizer"]["param_groups"] == two["optimizer"]["param_groups"]
+    assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys() and one["optimizer"]["state"]
+    for index, state in one["optimizer"]["state"].items():
+        for key, value in state.items():
+            other = two["optimizer"]["state"][index][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (index, key)
+
+
 def test_batch_must_split_into_whole_microbatches_per_process(model_dirs, tmp_path, capsys):
     assert check_batch_split(4, 1, 2) == 2 and check_batch_split(3, 2, 1) == 3
     with pytest.raises(ValueError, match="batch_size 4 must be a multiple of the number of processes 2 times "

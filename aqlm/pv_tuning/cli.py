@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     other.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     other.add_argument("--threads", type=int_at_least(1), default=None, help="torch and C threads (default: torch's)")
     other.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    other.add_argument("--shard-optimizer-state", action="store_true",
+                       help="with several processes, each keeps the optimizer moments of its share of the tensors only "
+                            "(ZeRO stage 1; same result, less memory per process)")
     other.add_argument("--nproc", type=int_at_least(1), default=None,
                        help="data-parallel over this many local processes (torch.distributed.run --standalone); "
                             "--batch-size must be a multiple of nproc x --microbatch-size")
@@ -136,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> PVConfig:
         save_dtype=args.save_dtype,
         seed=args.seed,
         num_threads=args.threads,
+        shard_optimizer_state=args.shard_optimizer_state,
     )
 
 

@@ -76,6 +76,10 @@ class PVConfig:
         save_dtype: dtype of the saved codebooks, scales and biases; "auto" keeps the student's.
         num_threads: threads of the C re-encoder (None: ``torch.get_num_threads()``); does not
             change the result.
+        shard_optimizer_state: under ``torchrun``, each process keeps the optimizer moments of
+            only its share of the trained tensors (PyTorch's ``ZeroRedundancyOptimizer``, ZeRO
+            stage 1) and sends the tensors it updated to the others; does not change the result.
+            The largest moments are those of the V step's targets, two per de-quantized weight.
     """
 
     nsamples: int = 256
@@ -121,6 +125,7 @@ class PVConfig:
     seed: int = 0
     save_dtype: str = "auto"
     num_threads: Optional[int] = None
+    shard_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -189,6 +194,7 @@ class PVConfig:
         """
         data = self.to_dict()
         data.pop("num_threads")
+        data.pop("shard_optimizer_state")
         if not self.update_codes:
             for name in V_STEP_SETTINGS:
                 data.pop(name)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..inference import QuantizedLinear
@@ -210,7 +211,16 @@ class PVOptimizer:
         if not groups:
             raise ValueError("nothing to train: the student has no non-quantized parameters and codes, codebooks "
                              "and scales are frozen")
-        self.optimizer = AdamLamb(groups)
+        self.sharded = config.shard_optimizer_state and dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1
+        # ZeRO stage 1: each process steps its share of the tensors and broadcasts them; identical
+        # updates (elementwise per tensor), so the same result as one optimizer holding everything
+        if self.sharded:
+            from torch.distributed.optim import ZeroRedundancyOptimizer  # imported on use: it loads TorchScript
+
+            self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=AdamLamb)
+        else:
+            self.optimizer = AdamLamb(groups)
 
     @property
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -275,8 +285,21 @@ class PVOptimizer:
                 entry.linear.weight.copy_(entry.quantized_weight())
         return stats
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer moments this process holds (its share when the state is sharded)."""
+        local = self.optimizer.optim if self.sharded else self.optimizer
+        return sum(t.numel() * t.element_size() for state in local.state.values() for t in state.values()
+                   if isinstance(t, torch.Tensor))
+
+    def gather_state(self) -> None:
+        """With sharded state, collect every process's share on rank 0 so that :meth:`state_dict`
+        can be called there; every process must call it at the same point. No-op otherwise."""
+        if self.sharded:
+            self.optimizer.consolidate_state_dict(to=0)
+
     def state_dict(self) -> dict:
-        """Optimizer statistics, straight-through buffers and the code-selection generator state."""
+        """Optimizer statistics, straight-through buffers and the code-selection generator state
+        (with sharded state: on rank 0 only, after :meth:`gather_state` on every process)."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "buffers": {name: buffer.detach().clone() for name, buffer in self.buffers.items()},

@@ -499,6 +499,8 @@ def pv_tune(
 
     entries, non_quantized = dequantized_student(student)
     optimizer = PVOptimizer(entries, non_quantized, config)
+    if optimizer.sharded:
+        log(f"optimizer state sharded over {world.size} processes (ZeRO stage 1)")
     student.train()
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
@@ -547,13 +549,18 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
+                optimizer.gather_state()
                 if world.is_main:
                     atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
-        if not updating and trainer.step > saved_step and world.is_main:
+        if optimizer.sharded:  # gathering the shards is a collective, unsafe in processes interrupted anywhere
+            if trainer.step > saved_step:
+                log(f"interrupted at step {trainer.step}: with the optimizer state sharded only the periodic "
+                    f"checkpoints (save_every) are kept; --resume starts again from step {saved_step}")
+        elif not updating and trainer.step > saved_step and world.is_main:
             atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
@@ -583,6 +590,8 @@ def pv_tune(
         extra={
             "seqlen": seqlen, "eval_windows": int(eval_windows.shape[0]), "save_dtype": str(save_dtype),
             "processes": world.size,
+            "optimizer_state_mib_rank0": optimizer.state_bytes() / 2**20,
+            "optimizer_state_sharded": optimizer.sharded,
         },
     )
     if world.is_main:
