@@ -17,7 +17,9 @@ identical without being sent around; an exact digest checks that after every ste
 windows are split across the processes and their sums all-reduced. Only rank 0 writes files;
 decisions that depend on files are made on rank 0 and broadcast, so processes on other machines
 need no shared file system for them. The trainer runs on the CPU (the V step's beam search is C
-code on CPU tensors), so the process group uses gloo.
+code on CPU tensors), so the process group uses gloo. With ``shard_optimizer_state`` the Adam/LAMB
+moments are split between the processes instead (ZeRO stage 1): each updates its share of the
+tensors and broadcasts them, and the shares are gathered on rank 0 for every checkpoint.
 """
 from __future__ import annotations
 
