@@ -10,7 +10,7 @@
  *     hi = round_to_nearest_even((float)E * (1 / 254)),  lo = E - 254 * hi,  |hi|, |lo| <= 127
  * (hi is E / 254 correctly rounded except at ties, where either neighbour leaves |lo| = 127).
  * A kernel set's quantize writes its tables in the byte form its own accumulate reads: the
- * scalar and AVX2 kernels store hi and lo as they are, the AVX-512 VBMI kernels offset by 128.
+ * scalar reference stores hi and lo as they are, the AVX2 and AVX-512 VBMI kernels offset by 128.
  * An output row o sums
  *     acc[t, o] = sum over b (in order), m (in order) of  fma(s[t, b, m], (float)I[t, b, m, o], acc)
  *     I = 254 * Hi + Lo,  Hi/Lo[t, b, m, o] = sum_{j in b} hi/lo[t, j, m, code(o, j, m)]   (exact integers)
@@ -147,6 +147,9 @@ void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, co
                            const float *restrict cbt, float *restrict work, float *restrict amax);
 void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                              const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+/* The same, each byte then offset by 128: the tables of the AVX2 and AVX-512 VBMI kernels. */
+void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
 void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
                            const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
                            const float *restrict qscale, float *restrict acc);

@@ -5,9 +5,11 @@
  * 0). Codebooks of up to 16 codewords (Kx4 schemes) take one shuffle per 32 rows; larger ones
  * take one per 16-entry slice of the table: slice h sees index (code - 16h) + 0x70 with unsigned
  * saturation, whose bit 7 is clear exactly when code lies in [16h, 16h + 16), and the slices'
- * results are OR-ed. Each code is looked up in the high-byte and the low-byte table; the int8
- * lanes are sign-extended in pairs into even/odd int16 lanes by shifts and summed exactly (lutq.h
- * bounds the sums).
+ * results are OR-ed. Each code is looked up in the high-byte and the low-byte table. The tables
+ * of these kernels hold their bytes offset by 128 (u = v + 128, 1 <= u <= 255: never the 0 an
+ * out-of-slice shuffle gives), so a looked-up vector read as uint16 words holds 256 * u(odd row)
+ * + u(even row); the sums of the words and of the words shifted right by 8, modulo 2**16, give
+ * both rows' sums exactly for up to 256 groups a step (as in lutq_avx512vbmi.c, lutq.h).
  * Also used on AVX-512 CPUs without VBMI.
  */
 #include <math.h>
@@ -88,6 +90,23 @@ void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const fl
     }
 }
 
+/* Every byte of `count` XOR 0x80: int8 v -> the offset byte v + 128. */
+static void offset_bytes(int8_t *restrict bytes, int64_t count) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    int64_t at = 0;
+    for (; at + 32 <= count; at += 32)
+        _mm256_storeu_si256((__m256i *)(bytes + at), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bytes + at)), flip));
+    for (; at < count; at++) bytes[at] = (int8_t)((uint8_t)bytes[at] ^ 0x80u);
+}
+
+void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
+    aqlm_lutq_quantize_avx2(s, groups, work, amax, qhi, qlo);
+    const int64_t count = groups * s->M * aqlm_lutq_table_stride(s->K);
+    offset_bytes(qhi, count);
+    offset_bytes(qlo, count);
+}
+
 /* 32 int8 lookups of idx in the table at `table` (slices 16-entry slices). */
 ALWAYS_INLINE __m256i lookup32(const int slices, __m256i idx, const int8_t *restrict table) {
     if (slices == 1) return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table)), idx);
@@ -101,10 +120,10 @@ ALWAYS_INLINE __m256i lookup32(const int slices, __m256i idx, const int8_t *rest
     return result;
 }
 
-/* 254 * high + low of 8 int16 sums each, in int32 (exact: lutq.h). */
-ALWAYS_INLINE __m256i combine(__m128i high, __m128i low) {
-    return _mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvtepi16_epi32(high), _mm256_set1_epi32(AQLM_LUTQ_LOW_RADIX)),
-                            _mm256_cvtepi16_epi32(low));
+/* 254 * high + low in int32 of 8 rows' offset sums (uint16, header), the offsets removed (exact: lutq.h). */
+ALWAYS_INLINE __m256i combine(__m128i high, __m128i low, __m256i offsets) {
+    const __m256i hi = _mm256_sub_epi32(_mm256_cvtepu16_epi32(high), offsets), lo = _mm256_sub_epi32(_mm256_cvtepu16_epi32(low), offsets);
+    return _mm256_add_epi32(_mm256_mullo_epi32(hi, _mm256_set1_epi32(AQLM_LUTQ_LOW_RADIX)), lo);
 }
 
 /* The 16 int32 sums of rows 0..15 of a half tile from its even rows (0, 2, .., 14) and odd rows
@@ -132,7 +151,7 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                 for (int64_t m = 0; m < M; m++) {
                     int32_t *out = partials + ((piece * n + t) * M + m) * stride + tile * AQLM_LUTQ_TILE;
                     for (int half = 0; half < 2; half++) {
-                        __m256i even_hi = _mm256_setzero_si256(), odd_hi = even_hi, even_lo = even_hi, odd_lo = even_hi;
+                        __m256i words_hi = _mm256_setzero_si256(), odd_hi = words_hi, words_lo = words_hi, odd_lo = words_hi;
                         for (int64_t j = from; j < to; j++) {
                             const int64_t slot = j * M + m;
                             __m256i idx;
@@ -143,17 +162,20 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                                 idx = _mm256_loadu_si256((const __m256i *)(codes + slot * AQLM_LUTQ_TILE + half * 32));
                             }
                             const __m256i h = lookup32(slices, idx, high + slot * KS), l = lookup32(slices, idx, low + slot * KS);
-                            even_hi = _mm256_add_epi16(even_hi, _mm256_srai_epi16(_mm256_slli_epi16(h, 8), 8));
-                            odd_hi = _mm256_add_epi16(odd_hi, _mm256_srai_epi16(h, 8));
-                            even_lo = _mm256_add_epi16(even_lo, _mm256_srai_epi16(_mm256_slli_epi16(l, 8), 8));
-                            odd_lo = _mm256_add_epi16(odd_lo, _mm256_srai_epi16(l, 8));
+                            words_hi = _mm256_add_epi16(words_hi, h);
+                            odd_hi = _mm256_add_epi16(odd_hi, _mm256_srli_epi16(h, 8));
+                            words_lo = _mm256_add_epi16(words_lo, l);
+                            odd_lo = _mm256_add_epi16(odd_lo, _mm256_srli_epi16(l, 8));
                         }
-                        /* int16 lane w of even (odd) holds row 2w (2w + 1) of the half */
+                        /* uint16 lane w of even (odd) holds row 2w (2w + 1) of the half */
+                        const __m256i even_hi = _mm256_sub_epi16(words_hi, _mm256_slli_epi16(odd_hi, 8));
+                        const __m256i even_lo = _mm256_sub_epi16(words_lo, _mm256_slli_epi16(odd_lo, 8));
+                        const __m256i offsets = _mm256_set1_epi32((int)(128 * (to - from)));
                         int32_t *rows = out + half * 32;
-                        store_rows(combine(_mm256_castsi256_si128(even_hi), _mm256_castsi256_si128(even_lo)),
-                                   combine(_mm256_castsi256_si128(odd_hi), _mm256_castsi256_si128(odd_lo)), rows);
-                        store_rows(combine(_mm256_extracti128_si256(even_hi, 1), _mm256_extracti128_si256(even_lo, 1)),
-                                   combine(_mm256_extracti128_si256(odd_hi, 1), _mm256_extracti128_si256(odd_lo, 1)), rows + 16);
+                        store_rows(combine(_mm256_castsi256_si128(even_hi), _mm256_castsi256_si128(even_lo), offsets),
+                                   combine(_mm256_castsi256_si128(odd_hi), _mm256_castsi256_si128(odd_lo), offsets), rows);
+                        store_rows(combine(_mm256_extracti128_si256(even_hi, 1), _mm256_extracti128_si256(even_lo, 1), offsets),
+                                   combine(_mm256_extracti128_si256(odd_hi, 1), _mm256_extracti128_si256(odd_lo, 1), offsets), rows + 16);
                     }
                 }
             }
@@ -194,7 +216,7 @@ void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict fi
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
     .name = "avx2",
     .tables = aqlm_lutq_tables_avx2,
-    .quantize = aqlm_lutq_quantize_avx2,
+    .quantize = aqlm_lutq_quantize_offset_avx2,
     .accumulate = lutq_accumulate_avx2,
     .finish = aqlm_lutq_finish_avx2,
 };
@@ -209,6 +231,15 @@ void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, co
 void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                              const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
+}
+
+void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
+    aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
+    for (int64_t at = 0; at < groups * s->M * aqlm_lutq_table_stride(s->K); at++) {
+        qhi[at] = (int8_t)((uint8_t)qhi[at] ^ 0x80u);
+        qlo[at] = (int8_t)((uint8_t)qlo[at] ^ 0x80u);
+    }
 }
 
 void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,

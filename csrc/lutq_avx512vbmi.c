@@ -79,12 +79,8 @@ static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1
 static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                                  const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
-    if (K % 16 != 0) { /* narrow tables: the AVX2 version's bytes, then offset (header) */
-        aqlm_lutq_quantize_avx2(s, groups, work, amax, qhi, qlo);
-        for (int64_t index = 0; index < groups * M * KS; index++) {
-            qhi[index] = (int8_t)((uint8_t)qhi[index] ^ 0x80u);
-            qlo[index] = (int8_t)((uint8_t)qlo[index] ^ 0x80u);
-        }
+    if (K % 16 != 0) { /* narrow tables: the AVX2 version, which offsets its bytes as these kernels do */
+        aqlm_lutq_quantize_offset_avx2(s, groups, work, amax, qhi, qlo);
         return;
     }
     const __m512i offset = _mm512_set1_epi8((char)0x80);
