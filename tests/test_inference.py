@@ -35,6 +35,7 @@ CONFIGS = [
     (40, 96, 2, 8, 1, 8),
     (24, 64, 4, 8, 1, 8),
     (16, 64, 8, 8, 1, 8),
+    (16, 72, 8, 8, 1, 8),  # 8x8g8 with an odd number of groups (the AVX2 kernel takes groups in pairs)
     (33, 80, 1, 8, 1, 16),
     (40, 48, 3, 4, 2, 6),
     (24, 35, 1, 5, 3, 5),
