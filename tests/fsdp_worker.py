@@ -21,12 +21,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from random_models import tiny_llama  # noqa: E402
+from random_models import quantize_linears, tiny_llama  # noqa: E402
 
-from aqlm import QuantizedLinear  # noqa: E402
-from aqlm.calibration import find_linears, get_blocks  # noqa: E402
-from aqlm.format import AqlmScheme  # noqa: E402
-from aqlm.quantize.layer import LayerConfig, init_quantized_weight  # noqa: E402
+from aqlm.calibration import get_blocks  # noqa: E402
 
 STEPS, BATCH, SEQLEN, VOCAB = 3, 4, 16, 128
 
@@ -35,11 +32,7 @@ def quantized_model() -> torch.nn.Module:
     """tiny_llama with every block linear a 2x8g8 QuantizedLinear from k-means codebooks."""
     torch.manual_seed(0)
     model = tiny_llama(seed=0, vocab=VOCAB)
-    config = LayerConfig(scheme=AqlmScheme.parse("2x8g8"), init_max_iter=3)
-    for block in get_blocks(model):
-        for name, linear in find_linears(block).items():
-            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), config)
-            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales))
+    quantize_linears(model, "2x8g8")
     for parameter in model.parameters():
         parameter.requires_grad_(parameter.is_floating_point())  # from_parts leaves the AQLM parts frozen
     return model

@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from aqlm import AqlmScheme, QuantizedLinear
+from aqlm.calibration import find_linears, get_blocks
+from aqlm.quantize.layer import LayerConfig, init_quantized_weight
+
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128, attn: str = "sdpa") -> LlamaForCausalLM:
     """A random 2-3 layer Llama with grouped-query attention, in eval mode and float32."""
@@ -21,3 +25,13 @@ def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128, attn: str = "sd
     config._attn_implementation = attn
     return LlamaForCausalLM(config).eval()
 
+
+
+def quantize_linears(model, scheme: str = "2x8g8", init_max_iter: int = 3) -> None:
+    """Every block linear -> QuantizedLinear from k-means codebooks (no calibration needed here)."""
+    config = LayerConfig(scheme=AqlmScheme.parse(scheme), init_max_iter=init_max_iter)
+    for block in get_blocks(model):
+        for name, linear in find_linears(block).items():
+            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), config)
+            bias = None if linear.bias is None else linear.bias.detach()
+            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales, bias))

@@ -5,12 +5,11 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from aqlm import AqlmScheme, QuantizedLinear, ops
-from aqlm.calibration import find_linears, get_blocks
+from aqlm import ops
 from aqlm import decode
 from aqlm.decode import LlamaDecoder, _ThreadChoice
 from parallel import always_parallel  # noqa: F401 (fixture)
-from aqlm.quantize.layer import LayerConfig, init_quantized_weight
+from random_models import quantize_linears
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -19,16 +18,6 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
                    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
     options.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**options)).eval()
-
-
-def quantize_linears(model, scheme: str = "2x8g8") -> None:
-    """Every block linear -> QuantizedLinear from k-means codebooks (no calibration needed here)."""
-    config = LayerConfig(scheme=AqlmScheme.parse(scheme), init_max_iter=3)
-    for block in get_blocks(model):
-        for name, linear in find_linears(block).items():
-            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), config)
-            bias = None if linear.bias is None else linear.bias.detach()
-            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales, bias))
 
 
 IDS = torch.tensor([3, 17, 42, 5, 88, 61, 9, 30, 2, 77])

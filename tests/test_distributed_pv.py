@@ -11,16 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aqlm import QuantizedLinear, save_quantized
-from aqlm.calibration import find_linears, get_blocks
+from aqlm import save_quantized
 from aqlm.cli import main
-from aqlm.format import AqlmScheme
 from aqlm.distributed import World, environment_world_size
 from aqlm.launch import without_nproc
 from aqlm.pv_tuning import PVConfig, pv_tune
 from aqlm.pv_tuning.train import CHECKPOINT_DIR, REPORT_FILE, check_batch_split
-from aqlm.quantize.layer import LayerConfig, init_quantized_weight
-from random_models import tiny_llama
+from random_models import quantize_linears, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -40,11 +37,7 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_pv")
     tiny_llama(seed=0, vocab=VOCAB).save_pretrained(root / "dense")
     student = tiny_llama(seed=0, vocab=VOCAB)
-    layer_config = LayerConfig(scheme=AqlmScheme(2, 4, 4), init_max_iter=4)
-    for block in get_blocks(student):
-        for name, linear in find_linears(block).items():
-            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), layer_config)
-            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales))
+    quantize_linears(student, "2x4g4", init_max_iter=4)
     save_quantized(student, root / "aqlm")
     torch.save(torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(0)), root / "tokens.pt")
     return {"dense": root / "dense", "aqlm": root / "aqlm", "tokens": root / "tokens.pt"}
@@ -149,10 +142,7 @@ def _sharded_optimizer_steps(rank: int, world_size: int, init_file: str, out: st
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     student = tiny_llama(seed=0, vocab=VOCAB)
-    for block in get_blocks(student):
-        for name, linear in find_linears(block).items():
-            codes, codebooks, scales = init_quantized_weight(linear.weight.detach(), LayerConfig(scheme=AqlmScheme(2, 4, 4), init_max_iter=2))
-            block.set_submodule(name, QuantizedLinear.from_parts(codes, codebooks, scales))
+    quantize_linears(student, "2x4g4", init_max_iter=2)
     entries, non_quantized = dequantized_student(student)
     config = PVConfig(update_non_quantized_parameters=True, code_lr=0.3, max_code_change_per_step=0.05,
                       shard_optimizer_state=True, num_threads=1)
