@@ -359,21 +359,32 @@ def codeword_rows(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
 
 
 def codebook_gradient(
-    grad_weight: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, codebooks_shape: torch.Size
+    grad_weight: torch.Tensor,
+    rows: torch.Tensor,
+    scales: torch.Tensor,
+    codebooks_shape: torch.Size,
+    into: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Float32 gradient with respect to codebooks of shape ``codebooks_shape`` of a loss whose dense-weight
     gradient is ``grad_weight``, for fixed codes (their :func:`codeword_rows`) and scales: each codeword
-    collects scale * the blocks of ``grad_weight`` its codes cover."""
+    collects scale * the blocks of ``grad_weight`` its codes cover, in the order of the code groups.
+
+    ``into``: a float32 tensor of ``codebooks_shape`` whose sums this continues (in place), such as this
+    function's result for the rows above ``grad_weight``'s: continued sums are those of the whole
+    weight, bit for bit.
+    """
     num_codebooks, codebook_size, out_group_size, in_group_size = codebooks_shape
-    num_out_groups = scales.numel()
-    num_in_groups = rows.shape[1] // num_out_groups
+    num_out_groups = scales.shape[0]
+    num_in_groups = rows.shape[1] // max(num_out_groups, 1)
     scaled = grad_weight.float().reshape(num_out_groups, -1) * scales.detach().float().reshape(num_out_groups, 1)
     blocks = scaled.view(num_out_groups, out_group_size, num_in_groups, in_group_size).swapaxes(1, 2)
     blocks = blocks.reshape(num_out_groups * num_in_groups, out_group_size * in_group_size)  # a view when og == 1
-    flat = torch.zeros(num_codebooks * codebook_size, out_group_size * in_group_size, device=grad_weight.device)
+    if into is None:
+        into = torch.zeros(codebooks_shape, device=grad_weight.device)
+    flat = into.view(num_codebooks * codebook_size, out_group_size * in_group_size)
     for m in range(num_codebooks):
         flat.index_add_(0, rows[m], blocks)
-    return flat.view(codebooks_shape)
+    return into
 
 
 class CodewordSums:

@@ -53,21 +53,25 @@ def finetune_in_processes(model_dirs, out: Path, nproc: int, *extra: str) -> sub
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
 
-def single_process_run(model_dirs, out: Path, callback=None) -> None:
+def single_process_run(model_dirs, out: Path, callback=None, resume: bool = False, **settings) -> None:
+    """pv_tune on one thread with SETTINGS, changed by ``settings`` (in every process of a group when called there)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pv_tune(model_dirs["dense"], model_dirs["aqlm"], model_dirs["tokens"], out, PVConfig(**SETTINGS),
-                progress=False, log=lambda line: None, callback=callback)
+        pv_tune(model_dirs["dense"], model_dirs["aqlm"], model_dirs["tokens"], out, PVConfig(**{**SETTINGS, **settings}),
+                resume=resume, progress=False, log=lambda line: None, callback=callback)
     finally:
         torch.set_num_threads(threads)
 
 
-def assert_same_run(out: Path, reference: Path) -> None:
-    """Same per-step losses and code changes, evaluations and saved tensors (codes exactly)."""
+def assert_same_run(out: Path, reference: Path, processes: int = 2, exact: bool = False) -> None:
+    """Same per-step losses and code changes, evaluations and saved tensors (codes exactly; all but the
+    final evaluation exactly with ``exact``); ``out`` finished by ``processes`` processes, ``reference`` by one."""
     report, expected = (json.loads((d / REPORT_FILE).read_text()) for d in (out, reference))
-    assert report["processes"] == 2 and expected["processes"] == 1
+    assert report["processes"] == processes and expected["processes"] == 1
     assert [s["step"] for s in report["steps"]] == list(range(1, STEPS + 1))
+    if exact:  # not the final evaluation: the saved layers' kernels depend on the number of tokens per call
+        assert report["steps"] == expected["steps"] and report["evaluations"] == expected["evaluations"]
     torch.testing.assert_close(torch.tensor([s["loss"] for s in report["steps"]], dtype=torch.float64),
                                torch.tensor([s["loss"] for s in expected["steps"]], dtype=torch.float64),
                                rtol=1e-4, atol=0)
@@ -79,7 +83,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
     saved, wanted = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
     assert saved.keys() == wanted.keys()
     for key, tensor in saved.items():
-        if key.endswith(".codes"):
+        if key.endswith(".codes") or exact:
             assert torch.equal(tensor, wanted[key]), key
         else:
             torch.testing.assert_close(tensor, wanted[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -128,6 +132,68 @@ def test_sharded_optimizer_state_gives_the_same_run_and_resumes(model_dirs, tmp_
     resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume", "--shard-optimizer-state")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "resumed", tmp_path / "one")
+
+
+ONE_MICROBATCH_PER_PROCESS = ["--microbatch-size", "2"]  # 4 windows per step: 2 processes x 1 microbatch
+
+
+def test_fsdp_gives_the_run_of_one_process_bit_for_bit_and_resumes(model_dirs, tmp_path):
+    """--fsdp: 2 processes, each holding its rows of the decoder blocks of both models, give the
+    1-process run bit for bit when each takes one microbatch per step (one process then also sums
+    two microbatches' gradients), hold less than one process does, and resume its checkpoint."""
+    single_process_run(model_dirs, tmp_path / "one", microbatch_size=2)
+    sharded = finetune_in_processes(model_dirs, tmp_path / "fsdp", 2, "--fsdp", *ONE_MICROBATCH_PER_PROCESS)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "decoder blocks of both models sharded over 2 processes (FSDP2)" in sharded.stdout
+    assert_same_run(tmp_path / "fsdp", tmp_path / "one", exact=True)
+    report, expected = (json.loads((tmp_path / d / REPORT_FILE).read_text()) for d in ("fsdp", "one"))
+    assert report["fsdp"] and not expected["fsdp"]
+    assert report["tensors_mib_rank0"] < 0.75 * expected["tensors_mib_rank0"]
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt, microbatch_size=2)
+    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume", "--fsdp",
+                                    *ONE_MICROBATCH_PER_PROCESS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "resumed", tmp_path / "one", exact=True)
+
+
+def _fsdp_run_interrupted_after_its_checkpoint(rank: int, world_size: int, init_file: str, dirs: dict, out: str):
+    """pv_tune with FSDP in a gloo group, interrupted during step 3 (after the checkpoint of step 2)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    try:
+        single_process_run(dirs, Path(out), callback=interrupt, microbatch_size=2, fsdp=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_checkpoint_is_whole_and_resumes_in_one_process(model_dirs, tmp_path):
+    import torch.multiprocessing as mp
+
+    single_process_run(model_dirs, tmp_path / "one", microbatch_size=2)
+    mp.start_processes(_fsdp_run_interrupted_after_its_checkpoint,
+                       args=(2, str(tmp_path / "init"), model_dirs, str(tmp_path / "fsdp")),
+                       nprocs=2, start_method="spawn")
+    state = torch.load(tmp_path / "fsdp" / CHECKPOINT_DIR / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    moments = [t for s in state["optimizer"]["optimizer"]["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor)]
+    assert moments and all(type(t) is torch.Tensor for t in moments)  # gathered whole, not DTensors
+    single_process_run(model_dirs, tmp_path / "fsdp", resume=True, microbatch_size=2)
+    assert_same_run(tmp_path / "fsdp", tmp_path / "one", processes=1, exact=True)
 
 
 def _sharded_optimizer_steps(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -218,3 +284,21 @@ def test_finetune_nproc_under_torchrun_is_refused(model_dirs, tmp_path, capsys, 
     assert main(argv) == 2
     assert "--nproc 2 given inside a distributed launch (WORLD_SIZE=2)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_row_shards_keep_output_groups_whole():
+    from aqlm.pv_tuning.sharding import RowShard
+
+    assert RowShard.of(torch.zeros(10, 3)) == RowShard(0, 10, 10, 10)
+    shard = RowShard(6, 10, 10, 6)  # the second of 2 processes: torch.chunk(10 rows, 2) -> 6 + 4
+    assert shard.rows == slice(6, 10) and shard.distributed
+    assert shard.in_groups(2) == RowShard(3, 5, 5, 3)
+    with pytest.raises(ValueError, match="a weight of 10 rows sharded in chunks of 6 rows does not split into "
+                                         "whole output groups of 4 rows"):
+        shard.in_groups(4)
+
+
+def test_fsdp_and_sharded_optimizer_state_exclude_each_other():
+    with pytest.raises(ValueError, match="use fsdp or shard_optimizer_state, not both"):
+        PVConfig(fsdp=True, shard_optimizer_state=True)
+    assert "fsdp" not in PVConfig(fsdp=True).fingerprint()  # a run may resume with or without it

@@ -96,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     other.add_argument("--shard-optimizer-state", action="store_true",
                        help="with several processes, each keeps the optimizer moments of its share of the tensors only "
                             "(ZeRO stage 1; same result, less memory per process)")
+    other.add_argument("--fsdp", action="store_true",
+                       help="with several processes, shard the decoder blocks of both models with PyTorch's FSDP2: "
+                            "each process holds its rows of the weights, gradients and moments (for models that do "
+                            "not fit one process; the result of one process, to float rounding)")
     other.add_argument("--nproc", type=int_at_least(1), default=None,
                        help="data-parallel over this many local processes (torch.distributed.run --standalone); "
                             "--batch-size must be a multiple of nproc x --microbatch-size")
@@ -140,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> PVConfig:
         seed=args.seed,
         num_threads=args.threads,
         shard_optimizer_state=args.shard_optimizer_state,
+        fsdp=args.fsdp,
     )
 
 

@@ -80,6 +80,11 @@ class PVConfig:
             only its share of the trained tensors (PyTorch's ``ZeroRedundancyOptimizer``, ZeRO
             stage 1) and sends the tensors it updated to the others; does not change the result.
             The largest moments are those of the V step's targets, two per de-quantized weight.
+        fsdp: under ``torchrun``, shard the decoder blocks of the teacher and the student by rows
+            with PyTorch's FSDP2 (:mod:`aqlm.pv_tuning.sharding`): each process holds its rows of
+            the de-quantized weights, their gradients, buffers and moments, and of the teacher's
+            weights. Equal to one process's run up to float rounding (the codebooks' gradient is
+            summed in another order); not with ``shard_optimizer_state``.
     """
 
     nsamples: int = 256
@@ -126,6 +131,7 @@ class PVConfig:
     save_dtype: str = "auto"
     num_threads: Optional[int] = None
     shard_optimizer_state: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -177,6 +183,9 @@ class PVConfig:
             raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads must be a positive integer or None, got {self.num_threads!r}")
+        if self.fsdp and self.shard_optimizer_state:
+            raise ValueError("fsdp already shards the largest optimizer moments (those of the de-quantized weights) "
+                             "with the weights: use fsdp or shard_optimizer_state, not both")
 
     @property
     def straight_through(self) -> bool:
@@ -195,6 +204,7 @@ class PVConfig:
         data = self.to_dict()
         data.pop("num_threads")
         data.pop("shard_optimizer_state")
+        data.pop("fsdp")
         if not self.update_codes:
             for name in V_STEP_SETTINGS:
                 data.pop(name)

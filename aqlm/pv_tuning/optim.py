@@ -30,13 +30,23 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..inference import QuantizedLinear
-from ..ops import dequantize, weight_gradients
+from ..ops import codebook_gradient, codeword_rows, dequantize, weight_gradients
 from .config import PVConfig
 from .reencode import reencode_codes
+from .sharding import RowShard, is_sharded, local, local_bytes, sharded_like, whole
 
 ROLE_NON_QUANTIZED = "non_quantized"
 ROLE_CODEBOOKS_AND_SCALES = "codebooks_and_scales"
 ROLE_CODES = "codes"
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    """The L2 norm of ``tensor``, summed in float64 (of the whole tensor when it is sharded: the local
+    sums of squares are added over the processes), so that it hardly depends on how it is split."""
+    squares = torch.linalg.vector_norm(local(tensor).detach(), dtype=torch.float64).square()
+    if is_sharded(tensor):
+        dist.all_reduce(squares, group=tensor.device_mesh.get_group())
+    return math.sqrt(float(squares))
 
 
 class AdamLamb(torch.optim.Optimizer):
@@ -45,7 +55,8 @@ class AdamLamb(torch.optim.Optimizer):
     Per tensor and step ``t``: ``m = lerp(m, g, 1 - beta1)`` (or ``m = g`` when ``beta1 == 0``),
     ``v = lerp(v, g^2, 1 - beta2)`` (optionally its running maximum with ``amsgrad``),
     ``u = m / (sqrt(v) + eps)``; the step is ``-lr * u``, times ``sqrt(1 - beta2^t) / (1 - beta1^t)``
-    when ``debias`` (default: True for Adam, False for LAMB), times ``||p|| / ||u||`` for LAMB.
+    when ``debias`` (default: True for Adam, False for LAMB), times ``||p|| / ||u||`` for LAMB (norms
+    summed in float64, of whole tensors when FSDP shards them).
     Adam's weight decay is decoupled (``p *= 1 - lr * wd``); LAMB's is added to ``u``.
     """
 
@@ -110,8 +121,7 @@ class AdamLamb(torch.optim.Optimizer):
                     second_correction = math.sqrt(1 - beta2**step) if beta2 != 0 else 1.0
                     scale *= first_correction * second_correction
                 if lamb:
-                    weight_norm = float(param.float().norm())
-                    update_norm = float(update.norm())
+                    weight_norm, update_norm = _norm(param), _norm(update)
                     if weight_norm > 0 and update_norm > 0:
                         scale *= weight_norm / update_norm
                 param.add_(update.to(param.dtype), alpha=scale)
@@ -124,7 +134,9 @@ class QuantizedEntry:
 
     ``linear`` sits in the student model and holds the de-quantized weight (float32) that the
     forward pass uses; ``quantized`` is the master: packed codes and float32 codebooks/scales.
-    Their biases are the same parameter. ``buffer`` is the straight-through buffer (or None).
+    Their biases are the same parameter (until FSDP replaces the linear's). ``buffer`` is the
+    straight-through buffer (or None). With FSDP (:mod:`aqlm.pv_tuning.sharding`) the weight, its
+    gradient and the buffer are sharded by rows, and the master stays whole.
     """
 
     name: str
@@ -132,10 +144,41 @@ class QuantizedEntry:
     quantized: QuantizedLinear
     buffer: Optional[nn.Parameter] = None
 
+    @property
+    def shard(self) -> RowShard:
+        """The weight rows this process holds (all of them without FSDP)."""
+        return RowShard.of(self.linear.weight)
+
     def quantized_weight(self) -> torch.Tensor:
-        """The current de-quantized weight in float32."""
+        """The current de-quantized weight in float32: the rows this process holds (all without FSDP)."""
         q = self.quantized
-        return dequantize(q.codes, q.codebooks.detach(), q.scales.detach()).float()
+        groups = self.shard.in_groups(q.codebooks.shape[2]).rows
+        return dequantize(q.codes[groups], q.codebooks.detach(), q.scales.detach()[groups]).float()
+
+    def continuous_gradients(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of codebooks and scales from the weight's gradient ``grad``.
+
+        With FSDP ``grad`` holds this process's rows: the scales' gradient is gathered by rows, and
+        the codebooks' sums run through the processes in rank order (each continues the sums of the
+        rows above its own, :func:`aqlm.ops.codebook_gradient`), so both are those of one process.
+        """
+        q = self.quantized
+        shard = self.shard
+        groups = shard.in_groups(q.codebooks.shape[2])
+        codes, scales = q.codes[groups.rows], q.scales.detach()[groups.rows]
+        _, grad_scales = weight_gradients(local(grad), codes, q.codebooks, scales, False, True)
+        rows = codeword_rows(codes, q.codebooks.shape[1])
+        if not groups.distributed:
+            return codebook_gradient(local(grad), rows, scales, q.codebooks.shape), grad_scales
+        rank, last = dist.get_rank(), dist.get_world_size() - 1
+        sums = torch.zeros(q.codebooks.shape)
+        if rank > 0:
+            dist.recv(sums, src=rank - 1)
+        codebook_gradient(local(grad), rows, scales, q.codebooks.shape, into=sums)
+        if rank < last:
+            dist.send(sums, dst=rank + 1)
+        dist.broadcast(sums, src=last)
+        return sums, groups.gather(grad_scales)
 
 
 @dataclass
@@ -186,14 +229,16 @@ class PVOptimizer:
                 setattr(q, name, nn.Parameter(parameter.detach().float().contiguous(),
                                               requires_grad=config.update_codebooks_and_scales))
             with torch.no_grad():
-                entry.linear.weight.copy_(entry.quantized_weight())
+                local(entry.linear.weight).copy_(entry.quantized_weight())
             entry.linear.weight.requires_grad_(needs_weight_grad)
             entry.buffer = None
             if config.straight_through:
-                entry.buffer = nn.Parameter(entry.quantized_weight().clone())
+                entry.buffer = nn.Parameter(sharded_like(entry.linear.weight, entry.quantized_weight()))
         for parameter in non_quantized.values():
             parameter.requires_grad_(config.update_non_quantized_parameters)
         self.non_quantized = non_quantized
+        self.fsdp = any(is_sharded(entry.linear.weight) for entry in self.entries)
+        self._gathered: Optional[dict] = None
 
         common = dict(eps=config.eps, weight_decay=config.weight_decay, debias=config.debias,
                       amsgrad=config.amsgrad, lamb=config.lamb)
@@ -249,7 +294,7 @@ class PVOptimizer:
                 continue
             q = entry.quantized
             if config.update_codebooks_and_scales:
-                q.codebooks.grad, q.scales.grad = weight_gradients(grad, q.codes, q.codebooks, q.scales, True, True)
+                q.codebooks.grad, q.scales.grad = entry.continuous_gradients(grad)
             if entry.buffer is not None:
                 entry.buffer.grad = grad.float()
         self.optimizer.step()
@@ -260,7 +305,7 @@ class PVOptimizer:
                 target = entry.buffer if entry.buffer is not None else entry.linear.weight
                 q = entry.quantized
                 result = reencode_codes(
-                    target,
+                    local(target),
                     q.codes,
                     q.codebooks,
                     q.scales,
@@ -270,36 +315,53 @@ class PVOptimizer:
                     beam_size=config.beam_size,
                     generator=self.generator,
                     num_threads=config.num_threads,
+                    shard=entry.shard,
                 )
                 q.codes.copy_(result.codes)
                 stats.changed_groups += result.changed_groups
                 stats.allowed_groups += result.allowed_groups
                 stats.total_groups += result.total_groups
                 if entry.buffer is not None and config.delta_decay != 0:
-                    entry.buffer.mul_(1 - config.delta_decay).add_(result.weight, alpha=config.delta_decay)
-                entry.linear.weight.copy_(result.weight)
+                    local(entry.buffer).mul_(1 - config.delta_decay).add_(result.weight, alpha=config.delta_decay)
+                local(entry.linear.weight).copy_(result.weight)
         else:
             stats.total_groups = sum(entry.quantized.codes.shape[0] * entry.quantized.codes.shape[1]
                                      for entry in self.entries)
             for entry in self.entries:
-                entry.linear.weight.copy_(entry.quantized_weight())
+                local(entry.linear.weight).copy_(entry.quantized_weight())
         return stats
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer moments this process holds (its share when the state is sharded)."""
-        local = self.optimizer.optim if self.sharded else self.optimizer
-        return sum(t.numel() * t.element_size() for state in local.state.values() for t in state.values()
-                   if isinstance(t, torch.Tensor))
+        """Bytes of optimizer moments this process holds (its share when the state or the model is sharded)."""
+        optimizer = self.optimizer.optim if self.sharded else self.optimizer
+        return local_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
 
     def gather_state(self) -> None:
-        """With sharded state, collect every process's share on rank 0 so that :meth:`state_dict`
+        """With sharded state or FSDP, collect every process's share on rank 0 so that :meth:`state_dict`
         can be called there; every process must call it at the same point. No-op otherwise."""
         if self.sharded:
             self.optimizer.consolidate_state_dict(to=0)
+        elif self.fsdp:
+            state = self.optimizer.state_dict()
+            gathered = {
+                "optimizer": {
+                    "state": {index: {key: whole(value) if isinstance(value, torch.Tensor) else value
+                                      for key, value in tensors.items()}
+                              for index, tensors in state["state"].items()},
+                    "param_groups": state["param_groups"],
+                },
+                "buffers": {name: whole(buffer.detach()) for name, buffer in self.buffers.items()},
+            }
+            self._gathered = gathered if dist.get_rank() == 0 else None
 
     def state_dict(self) -> dict:
-        """Optimizer statistics, straight-through buffers and the code-selection generator state
-        (with sharded state: on rank 0 only, after :meth:`gather_state` on every process)."""
+        """Optimizer statistics, straight-through buffers and the code-selection generator state, all
+        whole (with sharded state or FSDP: on rank 0 only, after :meth:`gather_state` on every process)."""
+        if self.fsdp:
+            if self._gathered is None:
+                raise RuntimeError("with FSDP, call gather_state() on every process before state_dict() on rank 0")
+            gathered, self._gathered = self._gathered, None
+            return {**gathered, "generator": self.generator.get_state()}
         return {
             "optimizer": self.optimizer.state_dict(),
             "buffers": {name: buffer.detach().clone() for name, buffer in self.buffers.items()},
@@ -316,6 +378,12 @@ class PVOptimizer:
             )
         with torch.no_grad():
             for name, buffer in buffers.items():
-                buffer.copy_(saved[name])
+                local(buffer).copy_(saved[name][RowShard.of(buffer).rows])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # with FSDP: whole moments -> this process's rows
+            for parameter in group["params"]:
+                tensors = self.optimizer.state.get(parameter, {}) if is_sharded(parameter) else {}
+                for key, value in tensors.items():
+                    if isinstance(value, torch.Tensor) and not is_sharded(value):
+                        tensors[key] = sharded_like(parameter, value[RowShard.of(parameter).rows])
         self.generator.set_state(state["generator"])

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ..ops import beam_search, check_weight, dequantize
+from .sharding import RowShard
 
 
 @dataclass
@@ -103,11 +104,12 @@ def reencode_codes(
     beam_size: int = 1,
     generator: Optional[torch.Generator] = None,
     num_threads: Optional[int] = None,
+    shard: Optional[RowShard] = None,
 ) -> ReencodeResult:
     """Codes that bring the de-quantized weight closer to ``reference`` in L2, changing only a subspace.
 
     Args:
-        reference: target weight ``[out_features, in_features]``.
+        reference: target weight ``[out_features, in_features]``, or its rows ``shard.rows``.
         codes: current packed codes ``[num_out_groups, num_in_groups, num_codebooks]`` (not modified).
         codebooks, scales: the (current) continuous parameters; used as they are, not updated.
         max_change_fraction: at most this fraction of code groups (rounded up) may change.
@@ -117,10 +119,15 @@ def reencode_codes(
         beam_size: hypotheses per output group in the beam search.
         generator: random source for the sampled selection.
         num_threads: C threads (default ``torch.get_num_threads()``).
+        shard: with FSDP (:mod:`aqlm.pv_tuning.sharding`), the weight rows that this process holds
+            and re-encodes; every process must call this with the same codes, codebooks, scales and
+            generator state. The selection and the trust-ratio cut are made from gathered per-group
+            norms, and the new codes gathered, so that every process returns the same codes.
 
     Returns:
-        A :class:`ReencodeResult` with new packed codes and their de-quantized weight (float32),
-        bit for bit ``dequantize(codes, codebooks, scales)`` in float32.
+        A :class:`ReencodeResult` with new packed codes (whole) and their de-quantized weight (float32;
+        the rows ``shard.rows`` with ``shard``), bit for bit ``dequantize(codes, codebooks, scales)``
+        in float32.
     """
     check_weight(codes, codebooks, scales)
     if not 0 < max_change_fraction <= 1:
@@ -134,62 +141,71 @@ def reencode_codes(
     num_codebooks, _, out_group_size, in_group_size = codebooks.shape
     num_out_groups, num_in_groups, _ = codes.shape
     shape = (num_out_groups * out_group_size, num_in_groups * in_group_size)
-    if tuple(reference.shape) != shape:
-        raise ValueError(f"reference must have the weight's shape {shape}, got {tuple(reference.shape)}")
+    shard = shard or RowShard(0, shape[0], shape[0], shape[0])
+    if shard.total != shape[0]:
+        raise ValueError(f"the shard covers a weight of {shard.total} rows, the codes one of {shape[0]}")
+    groups = shard.in_groups(out_group_size)
+    local_shape = (shard.stop - shard.start, shape[1])
+    if tuple(reference.shape) != local_shape:
+        what = "the weight's shape" if not shard.distributed else f"the shape of its rows {shard.start}:{shard.stop}"
+        raise ValueError(f"reference must have {what} {local_shape}, got {tuple(reference.shape)}")
     if not torch.isfinite(reference).all():
         raise ValueError("the reference weight for re-encoding contains NaN or Inf")
 
     codebooks32 = codebooks.detach().float().contiguous()
-    scales32 = scales.detach().float().reshape(-1).contiguous()
-    previous = dequantize(codes, codebooks32, scales32.view(-1, 1, 1, 1)).float()
+    scales32 = scales.detach().float().reshape(-1)[groups.rows].contiguous()
+    local_codes = codes.detach()[groups.rows]
+    previous = dequantize(local_codes, codebooks32, scales32.view(-1, 1, 1, 1)).float()
     target = reference.detach().float()
+    local_groups = local_codes.shape[0] * num_in_groups
     total = num_out_groups * num_in_groups
 
     order: Optional[torch.Tensor] = None
     allowed = None
     if max_change_fraction < 1 or trust_ratio is not None:
-        priority = groupwise_squared_norms(target - previous, out_group_size, in_group_size)
+        priority = groups.gather(groupwise_squared_norms(target - previous, out_group_size, in_group_size))
         order = select_code_groups(priority, max_change_fraction, selection_temperature, generator)
         allowed = torch.zeros(total, dtype=torch.uint8)
         allowed[order] = 1
-        allowed = allowed.view(num_out_groups, num_in_groups)
+        allowed = allowed.view(num_out_groups, num_in_groups)[groups.rows].contiguous()
 
-    new_codes = codes.detach().clone().contiguous()
+    new_codes = local_codes.clone().contiguous()
     residual = (target - previous).contiguous()
-    losses = residual.double().square().sum(dim=1).view(num_out_groups, out_group_size).sum(dim=1).contiguous()
-    beam_search(
-        None,
-        codebooks32,
-        scales32,
-        new_codes,
-        residual,
-        losses,
-        allowed=allowed,
-        beam_size=beam_size,
-        shuffle=False,
-        seed=0,
-        num_threads=num_threads or torch.get_num_threads(),
-    )
+    losses = residual.double().square().sum(dim=1).view(-1, out_group_size).sum(dim=1).contiguous()
+    if local_groups:
+        beam_search(
+            None,
+            codebooks32,
+            scales32,
+            new_codes,
+            residual,
+            losses,
+            allowed=allowed,
+            beam_size=beam_size,
+            shuffle=False,
+            seed=0,
+            num_threads=num_threads or torch.get_num_threads(),
+        )
 
     weight = dequantize(new_codes, codebooks32, scales32.view(-1, 1, 1, 1)).float()
     if trust_ratio is not None:
-        change = groupwise_squared_norms(weight - previous, out_group_size, in_group_size).reshape(-1)[order]
+        change = groups.gather(groupwise_squared_norms(weight - previous, out_group_size, in_group_size))
+        change = change.reshape(-1)[order]
         cumulative = change.double().cumsum(0).sqrt()
-        limit = torch.tensor(trust_ratio * float(previous.norm()), dtype=torch.float64)
+        previous_norm = math.sqrt(float(groups.sum(previous.double().square().sum())))
+        limit = torch.tensor(trust_ratio * previous_norm, dtype=torch.float64)
         keep = 1 + int(torch.searchsorted(cumulative, limit, side="left"))
-        kept = order[:keep]
-        flat_old = codes.detach().reshape(total, num_codebooks)
-        flat_new = flat_old.clone()
-        flat_new[kept] = new_codes.reshape(total, num_codebooks)[kept]
-        new_codes = flat_new.view_as(codes).contiguous()
         kept_groups = torch.zeros(total, dtype=torch.bool)
-        kept_groups[kept] = True
-        tiles = kept_groups.view(num_out_groups, 1, num_in_groups, 1)
+        kept_groups[order[:keep]] = True
+        kept_groups = kept_groups.view(num_out_groups, num_in_groups)[groups.rows]
+        new_codes = torch.where(kept_groups.unsqueeze(-1), new_codes, local_codes).contiguous()
+        tiles = kept_groups.view(-1, 1, num_in_groups, 1)
         weight = torch.where(
-            tiles, weight.view(num_out_groups, out_group_size, num_in_groups, in_group_size),
-            previous.view(num_out_groups, out_group_size, num_in_groups, in_group_size),
-        ).view(shape)
+            tiles, weight.view(-1, out_group_size, num_in_groups, in_group_size),
+            previous.view(-1, out_group_size, num_in_groups, in_group_size),
+        ).view(local_shape)
 
+    new_codes = groups.gather(new_codes)
     changed = int(torch.ne(new_codes, codes).any(dim=-1).sum())
     return ReencodeResult(
         codes=new_codes,

@@ -19,7 +19,10 @@ decisions that depend on files are made on rank 0 and broadcast, so processes on
 need no shared file system for them. The trainer runs on the CPU (the V step's beam search is C
 code on CPU tensors), so the process group uses gloo. With ``shard_optimizer_state`` the Adam/LAMB
 moments are split between the processes instead (ZeRO stage 1): each updates its share of the
-tensors and broadcasts them, and the shares are gathered on rank 0 for every checkpoint.
+tensors and broadcasts them, and the shares are gathered on rank 0 for every checkpoint. With
+``fsdp`` the decoder blocks of both models are sharded by rows with PyTorch's FSDP2 instead of
+being whole on every process (:mod:`aqlm.pv_tuning.sharding`): the de-quantized weights, their
+gradients, buffers and moments, and the teacher's weights, which do not then need to fit one process.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from .loss import (
     split_decoder_and_head,
 )
 from .optim import PVOptimizer, QuantizedEntry
+from .sharding import assign, is_sharded, local, local_bytes, shard_decoders, whole
 
 CHECKPOINT_DIR = "pv_checkpoint"
 CHECKPOINT_FILE = "state.pt"
@@ -221,7 +225,7 @@ def _snapshot(entries: list[QuantizedEntry], non_quantized: dict[str, nn.Paramet
             }
             for e in entries
         },
-        "non_quantized": {name: p.detach().clone() for name, p in non_quantized.items()},
+        "non_quantized": {name: whole(p.detach()).clone() for name, p in non_quantized.items()},
     }
 
 
@@ -232,9 +236,9 @@ def _restore_snapshot(snapshot: dict, entries: list[QuantizedEntry], non_quantiz
         e.quantized.codes.copy_(saved["codes"])
         e.quantized.codebooks.copy_(saved["codebooks"])
         e.quantized.scales.copy_(saved["scales"])
-        e.linear.weight.copy_(e.quantized_weight())
+        local(e.linear.weight).copy_(e.quantized_weight())
     for name, p in non_quantized.items():
-        p.copy_(snapshot["non_quantized"][name])
+        assign(p, snapshot["non_quantized"][name])
 
 
 def window_schedule(nsamples: int, batch_size: int, num_steps: int, seed: int) -> torch.Tensor:
@@ -312,22 +316,36 @@ class _Trainer:
                 f"the loss is {total} at step {self.step + 1}: training diverged or the student produces "
                 "NaN/Inf (lower lr/code_lr, or disable bf16); the last checkpoint is left untouched"
             )
-        self.world.sum_gradients(self.student.parameters())
+        self.world.sum_gradients(p for p in self.student.parameters() if not is_sharded(p))  # FSDP sums the rest
         return total / tokens
 
     def evaluate_windows(self, windows: torch.Tensor) -> Evaluation:
-        """Evaluate the student on ``windows``, each rank on its share; the same result on every rank."""
-        nll, kl = evaluation_sums(
-            self.student, self.teacher, windows[self.world.share(windows.shape[0])], self.config.eval_batch_size
-        )
+        """Evaluate the student on ``windows``, each rank on its share; the same result on every rank.
+
+        With FSDP every rank runs the same number of forward passes (each gathers a block's weights
+        from all ranks): a rank with one batch fewer runs one more on a window whose sums it drops.
+        """
+        batch_size = self.config.eval_batch_size
+        share = windows[self.world.share(windows.shape[0])]
+        nll, kl = evaluation_sums(self.student, self.teacher, share, batch_size)
+        if self.fsdp:
+            most = max(len(r) for r in self.world.batch_ranges(windows.shape[0]))
+            if -(-share.shape[0] // batch_size) < -(-most // batch_size):
+                evaluation_sums(self.student, self.teacher, windows[:1], batch_size)
         nll, kl = self.world.sum_floats([nll, kl])
         return evaluation_from_sums(nll, kl, windows.shape[0], windows.shape[1])
 
+    @property
+    def fsdp(self) -> bool:
+        """Whether the decoder blocks are sharded over the processes."""
+        return self.optimizer.fsdp
+
     def check_synchronised(self) -> None:
-        """Raise RuntimeError if the ranks' trained state differs (see :meth:`aqlm.distributed.World.check_identical`)."""
+        """Raise RuntimeError if the ranks' trained state differs (see :meth:`aqlm.distributed.World.check_identical`);
+        FSDP-sharded parameters are not compared (each rank holds other rows)."""
         tensors = [t for e in self.entries for t in (e.quantized.codes, e.quantized.codebooks, e.quantized.scales)]
         if self.config.update_non_quantized_parameters:
-            tensors += list(self.non_quantized.values())
+            tensors += [p for p in self.non_quantized.values() if not is_sharded(p)]
         self.world.check_identical(tensors, "codes, codebooks, scales or parameters")
 
     def evaluate(self) -> dict:
@@ -341,8 +359,13 @@ class _Trainer:
             self.best = {"metric": metric, "step": self.step, "state": _snapshot(self.entries, self.non_quantized)}
         return record
 
-    def checkpoint_state(self, fingerprint: dict, seconds: float) -> dict:
-        """Everything a resumed run needs; ``seconds``: wall time of the run so far, over all its calls."""
+    def checkpoint_state(self, fingerprint: dict, seconds: float) -> Optional[dict]:
+        """Everything a resumed run needs, whole, on rank 0 (None on the others); ``seconds``: wall time
+        of the run so far, over all its calls. Every rank calls it: sharded state is gathered."""
+        self.optimizer.gather_state()
+        model = _snapshot(self.entries, self.non_quantized) if self.world.is_main or self.fsdp else None
+        if not self.world.is_main:
+            return None
         return {
             "fingerprint": fingerprint,
             "seconds": seconds,
@@ -350,7 +373,7 @@ class _Trainer:
             "steps": self.steps,
             "evaluations": self.evaluations,
             "best": self.best,
-            "model": _snapshot(self.entries, self.non_quantized),
+            "model": model,
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -364,6 +387,20 @@ class _Trainer:
         self.best = state["best"]
         self.earlier_seconds = state.get("seconds", 0.0)
         torch.set_rng_state(state["torch_rng"])
+
+
+def _unsharded_student(
+    quantized_dir: Path, entries: list[QuantizedEntry], non_quantized: dict[str, nn.Parameter]
+) -> nn.Module:
+    """A whole student, to evaluate and save after FSDP training: the checkpoint loaded again, with the
+    trained parameters gathered (a collective) and the layers' biases taken from it."""
+    student = load_student(quantized_dir)
+    with torch.no_grad():
+        for name, parameter in non_quantized.items():
+            student.get_parameter(name).copy_(whole(parameter.detach()))
+    for entry in entries:
+        entry.quantized.bias = student.get_submodule(entry.name).bias
+    return student
 
 
 def set_checkpointing(model: nn.Module, enabled: bool) -> None:
@@ -500,9 +537,14 @@ def pv_tune(
     }
 
     entries, non_quantized = dequantized_student(student)
+    if config.fsdp and world.active:
+        shard_decoders(teacher, student)
+        non_quantized = {name: student.get_parameter(name) for name in non_quantized}  # FSDP's new parameters
     optimizer = PVOptimizer(entries, non_quantized, config)
     if optimizer.sharded:
         log(f"optimizer state sharded over {world.size} processes (ZeRO stage 1)")
+    if optimizer.fsdp:
+        log(f"decoder blocks of both models sharded over {world.size} processes (FSDP2)")
     student.train()
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
@@ -551,16 +593,17 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
-                optimizer.gather_state()
+                state = trainer.checkpoint_state(fingerprint, elapsed())
                 if world.is_main:
-                    atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
+                    atomic_save(state, checkpoint_path)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
-        if optimizer.sharded:  # gathering the shards is a collective, unsafe in processes interrupted anywhere
+        if optimizer.sharded or optimizer.fsdp:  # gathering shards is a collective, unsafe after an interrupt
             if trainer.step > saved_step:
-                log(f"interrupted at step {trainer.step}: with the optimizer state sharded only the periodic "
+                what = "the model" if optimizer.fsdp else "the optimizer state"
+                log(f"interrupted at step {trainer.step}: with {what} sharded only the periodic "
                     f"checkpoints (save_every) are kept; --resume starts again from step {saved_step}")
         elif not updating and trainer.step > saved_step and world.is_main:
             atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
@@ -573,8 +616,15 @@ def pv_tune(
     if config.keep_best and trainer.best is not None:
         _restore_snapshot(trainer.best["state"], entries, non_quantized)
         best_step = trainer.best["step"]
+    held_mib = (local_bytes(student.parameters()) + local_bytes(optimizer.buffers.values())
+                + local_bytes(teacher.parameters()) + optimizer.state_bytes()
+                + local_bytes(t for e in entries for t in (e.quantized.codes, e.quantized.codebooks, e.quantized.scales))
+                ) / 2**20
     if config.gradient_checkpointing:
         set_checkpointing(student, False)
+    if optimizer.fsdp:
+        student = _unsharded_student(quantized_dir, entries, non_quantized)
+        trainer.student = student
     student.eval()
     student.requires_grad_(False)
     restore_quantized(student, entries, save_dtype)
@@ -594,6 +644,8 @@ def pv_tune(
             "processes": world.size,
             "optimizer_state_mib_rank0": optimizer.state_bytes() / 2**20,
             "optimizer_state_sharded": optimizer.sharded,
+            "fsdp": optimizer.fsdp,
+            "tensors_mib_rank0": held_mib,
         },
     )
     if world.is_main:
