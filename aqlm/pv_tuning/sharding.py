@@ -137,12 +137,23 @@ def shard_decoders(*models: nn.Module) -> None:
     """``fully_shard`` every decoder block of each Llama-style causal LM, then its decoder (``model.model``)
     as the root, leaving the input embeddings and the output head whole; gradients are reduced as sums.
 
-    Requires an initialised process group (gloo on CPU)."""
+    Block parameters on the meta device (the student's de-quantized weights, see
+    :func:`aqlm.pv_tuning.train.dequantized_student`) get storage for this process's rows only,
+    uninitialised; the others keep their values. Requires an initialised process group (gloo on CPU).
+    """
     from torch.distributed.fsdp import fully_shard
 
     for model in models:
         decoder = model.model
-        units = [fully_shard(block) for block in get_blocks(model)]
+        units = []
+        for block in get_blocks(model):
+            values = {name: p.detach() for name, p in block.named_parameters() if not p.is_meta}
+            units.append(fully_shard(block))
+            if len(values) < len(list(block.parameters())):
+                block.to_empty(device="cpu")
+                for name, parameter in block.named_parameters():
+                    if name in values:
+                        assign(parameter, values[name])
         units.append(fully_shard(decoder, ignored_params=set(decoder.get_input_embeddings().parameters())))
         for unit in units:
             unit.set_gradient_divide_factor(1.0)

@@ -178,18 +178,25 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
                 )
 
 
-def dequantized_student(student: nn.Module) -> tuple[list[QuantizedEntry], dict[str, nn.Parameter]]:
+def dequantized_student(
+    student: nn.Module, on_meta: bool = False
+) -> tuple[list[QuantizedEntry], dict[str, nn.Parameter]]:
     """Replace every ``QuantizedLinear`` of ``student`` by an ``nn.Linear`` holding its de-quantized weight.
 
     Returns the entries (each with the removed ``QuantizedLinear`` as master copy; the bias
-    parameter is shared) and the student's other float parameters by name.
+    parameter is shared) and the student's other float parameters by name. With ``on_meta`` the
+    weights are left on the meta device, without values (for FSDP, which then allocates each
+    process's rows, :func:`aqlm.pv_tuning.sharding.shard_decoders`; :class:`PVOptimizer` fills them).
     """
     entries = []
     for name, module in list(student.named_modules()):
         if not isinstance(module, QuantizedLinear):
             continue
         linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(module.dequantize().detach().float().clone())
+        if on_meta:
+            linear.weight = nn.Parameter(torch.empty(module.out_features, module.in_features, device="meta"))
+        else:
+            linear.weight = nn.Parameter(module.dequantize().detach().float().clone())
         if module.bias is not None:
             linear.bias = module.bias
         student.set_submodule(name, linear)
@@ -536,8 +543,9 @@ def pv_tune(
         "eval_dataset": _dataset_identity(eval_dataset),
     }
 
-    entries, non_quantized = dequantized_student(student)
-    if config.fsdp and world.active:
+    fsdp = config.fsdp and world.active
+    entries, non_quantized = dequantized_student(student, on_meta=fsdp)  # with FSDP: never whole
+    if fsdp:
         shard_decoders(teacher, student)
         non_quantized = {name: student.get_parameter(name) for name in non_quantized}  # FSDP's new parameters
     optimizer = PVOptimizer(entries, non_quantized, config)
@@ -545,6 +553,8 @@ def pv_tune(
         log(f"optimizer state sharded over {world.size} processes (ZeRO stage 1)")
     if optimizer.fsdp:
         log(f"decoder blocks of both models sharded over {world.size} processes (FSDP2)")
+    elif config.fsdp:
+        log("fsdp has no effect in a single process: the models stay whole")
     student.train()
     if config.gradient_checkpointing:
         set_checkpointing(student, True)
