@@ -36,11 +36,12 @@ def model_dirs(tmp_path_factory):
     """A tiny dense Llama, its quick 2x4g4 AQLM student (k-means initialisation only) and a token file."""
     root = tmp_path_factory.mktemp("dist_pv")
     tiny_llama(seed=0, vocab=VOCAB).save_pretrained(root / "dense")
+    tiny_llama(seed=0, vocab=VOCAB).to(torch.bfloat16).save_pretrained(root / "dense_bf16")
     student = tiny_llama(seed=0, vocab=VOCAB)
     quantize_linears(student, "2x4g4", init_max_iter=4)
     save_quantized(student, root / "aqlm")
     torch.save(torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(0)), root / "tokens.pt")
-    return {"dense": root / "dense", "aqlm": root / "aqlm", "tokens": root / "tokens.pt"}
+    return {"dense": root / "dense", "dense_bf16": root / "dense_bf16", "aqlm": root / "aqlm", "tokens": root / "tokens.pt"}
 
 
 def finetune_in_processes(model_dirs, out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
@@ -137,10 +138,13 @@ def test_sharded_optimizer_state_gives_the_same_run_and_resumes(model_dirs, tmp_
 ONE_MICROBATCH_PER_PROCESS = ["--microbatch-size", "2"]  # 4 windows per step: 2 processes x 1 microbatch
 
 
-def test_fsdp_gives_the_run_of_one_process_bit_for_bit_and_resumes(model_dirs, tmp_path):
+@pytest.mark.parametrize("teacher", ["dense", "dense_bf16"])
+def test_fsdp_gives_the_run_of_one_process_bit_for_bit_and_resumes(model_dirs, tmp_path, teacher):
     """--fsdp: 2 processes, each holding its rows of the decoder blocks of both models, give the
     1-process run bit for bit when each takes one microbatch per step (one process then also sums
-    two microbatches' gradients), hold less than one process does, and resume its checkpoint."""
+    two microbatches' gradients), hold less than one process does, and resume its checkpoint; also
+    with a bfloat16 teacher file, which each FSDP process converts to float32 after sharding."""
+    model_dirs = {**model_dirs, "dense": model_dirs[teacher]}
     single_process_run(model_dirs, tmp_path / "one", microbatch_size=2)
     sharded = finetune_in_processes(model_dirs, tmp_path / "fsdp", 2, "--fsdp", *ONE_MICROBATCH_PER_PROCESS)
     assert sharded.returncode == 0, sharded.stderr[-3000:]

@@ -523,8 +523,10 @@ def pv_tune(
     checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
     world.on_main(lambda: _prepare_output_dir(out_dir, dense_dir, quantized_dir, resume, overwrite))
 
-    teacher, tokenizer = load_causal_lm(dense_dir, kind="dense", dtype=torch.float32, use_cache=False,
-                                        role="dense model")
+    fsdp = config.fsdp and world.active
+    # with FSDP the teacher loads in its stored dtype and each process converts its own rows to float32
+    teacher, tokenizer = load_causal_lm(dense_dir, kind="dense", dtype=None if fsdp else torch.float32,
+                                        use_cache=False, role="dense model")
     teacher.requires_grad_(False)
     student = load_student(quantized_dir)
     check_compatible(teacher, student)
@@ -543,10 +545,10 @@ def pv_tune(
         "eval_dataset": _dataset_identity(eval_dataset),
     }
 
-    fsdp = config.fsdp and world.active
     entries, non_quantized = dequantized_student(student, on_meta=fsdp)  # with FSDP: never whole
     if fsdp:
         shard_decoders(teacher, student)
+        teacher.float()
         non_quantized = {name: student.get_parameter(name) for name in non_quantized}  # FSDP's new parameters
     optimizer = PVOptimizer(entries, non_quantized, config)
     if optimizer.sharded:
