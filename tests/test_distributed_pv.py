@@ -184,20 +184,33 @@ def _fsdp_run_interrupted_after_its_checkpoint(rank: int, world_size: int, init_
         dist.destroy_process_group()
 
 
-def test_fsdp_checkpoint_is_whole_and_resumes_in_one_process(model_dirs, tmp_path):
+def test_fsdp_checkpoint_is_sharded_and_resumes_with_one_or_two_processes(model_dirs, tmp_path):
+    """An FSDP checkpoint: each process writes its rows of the moments and buffers
+    (torch.distributed.checkpoint), rank 0 the small rest; one process and 2 FSDP processes resume it
+    to the uninterrupted run, bit for bit."""
+    import shutil
+
     import torch.multiprocessing as mp
 
     single_process_run(model_dirs, tmp_path / "one", microbatch_size=2)
     mp.start_processes(_fsdp_run_interrupted_after_its_checkpoint,
                        args=(2, str(tmp_path / "init"), model_dirs, str(tmp_path / "fsdp")),
                        nprocs=2, start_method="spawn")
-    state = torch.load(tmp_path / "fsdp" / CHECKPOINT_DIR / "state.pt", weights_only=True)
-    assert state["step"] == 2
-    moments = [t for s in state["optimizer"]["optimizer"]["state"].values() for t in s.values()
-               if isinstance(t, torch.Tensor)]
-    assert moments and all(type(t) is torch.Tensor for t in moments)  # gathered whole, not DTensors
+    checkpoint = tmp_path / "fsdp" / CHECKPOINT_DIR
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["sharded_tensors"] == "tensors-2"
+    assert sorted(p.name for p in (checkpoint / "tensors-2").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert [p.name for p in checkpoint.iterdir() if p.name.startswith("tensors-")] == ["tensors-2"]  # step 2 only
+    assert "state" not in state["optimizer"] and state["optimizer"]["tensor_names"]  # no moments in state.pt
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "fsdp_again")
+
     single_process_run(model_dirs, tmp_path / "fsdp", resume=True, microbatch_size=2)
     assert_same_run(tmp_path / "fsdp", tmp_path / "one", processes=1, exact=True)
+    again = finetune_in_processes(model_dirs, tmp_path / "fsdp_again", 2, "--resume", "--fsdp",
+                                  *ONE_MICROBATCH_PER_PROCESS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    assert_same_run(tmp_path / "fsdp_again", tmp_path / "one", exact=True)
 
 
 def _sharded_optimizer_steps(rank: int, world_size: int, init_file: str, out: str) -> None:

@@ -33,7 +33,7 @@ from ..inference import QuantizedLinear
 from ..ops import codebook_gradient, codeword_rows, dequantize, weight_gradients
 from .config import PVConfig
 from .reencode import reencode_codes
-from .sharding import RowShard, is_sharded, local, local_bytes, sharded_like, whole
+from .sharding import RowShard, is_sharded, local, local_bytes, sharded_like
 
 ROLE_NON_QUANTIZED = "non_quantized"
 ROLE_CODEBOOKS_AND_SCALES = "codebooks_and_scales"
@@ -238,7 +238,6 @@ class PVOptimizer:
             parameter.requires_grad_(config.update_non_quantized_parameters)
         self.non_quantized = non_quantized
         self.fsdp = any(is_sharded(entry.linear.weight) for entry in self.entries)
-        self._gathered: Optional[dict] = None
 
         common = dict(eps=config.eps, weight_decay=config.weight_decay, debias=config.debias,
                       amsgrad=config.amsgrad, lamb=config.lamb)
@@ -337,36 +336,53 @@ class PVOptimizer:
         return local_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
 
     def gather_state(self) -> None:
-        """With sharded state or FSDP, collect every process's share on rank 0 so that :meth:`state_dict`
+        """With sharded state, collect every process's share on rank 0 so that :meth:`state_dict`
         can be called there; every process must call it at the same point. No-op otherwise."""
         if self.sharded:
             self.optimizer.consolidate_state_dict(to=0)
-        elif self.fsdp:
-            state = self.optimizer.state_dict()
-            gathered = {
-                "optimizer": {
-                    "state": {index: {key: whole(value) if isinstance(value, torch.Tensor) else value
-                                      for key, value in tensors.items()}
-                              for index, tensors in state["state"].items()},
-                    "param_groups": state["param_groups"],
-                },
-                "buffers": {name: whole(buffer.detach()) for name, buffer in self.buffers.items()},
-            }
-            self._gathered = gathered if dist.get_rank() == 0 else None
 
     def state_dict(self) -> dict:
         """Optimizer statistics, straight-through buffers and the code-selection generator state, all
-        whole (with sharded state or FSDP: on rank 0 only, after :meth:`gather_state` on every process)."""
+        whole (with sharded state: on rank 0 only, after :meth:`gather_state` on every process; with
+        FSDP see :meth:`sharded_state`)."""
         if self.fsdp:
-            if self._gathered is None:
-                raise RuntimeError("with FSDP, call gather_state() on every process before state_dict() on rank 0")
-            gathered, self._gathered = self._gathered, None
-            return {**gathered, "generator": self.generator.get_state()}
+            raise RuntimeError("with FSDP the state is saved sharded: use sharded_state()")
         return {
             "optimizer": self.optimizer.state_dict(),
             "buffers": {name: buffer.detach().clone() for name, buffer in self.buffers.items()},
             "generator": self.generator.get_state(),
         }
+
+    def sharded_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """With FSDP: the :meth:`state_dict` without gathering, split into the small part and a flat dict
+        of the moments and buffers (sharded like their tensors), for ``torch.distributed.checkpoint``.
+
+        :func:`join_sharded_state` puts the two back together (with whole or sharded tensors).
+        """
+        state = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars = {}
+        for index, values in state["state"].items():
+            scalars[index] = {key: value for key, value in values.items() if not isinstance(value, torch.Tensor)}
+            tensors.update({f"optimizer.{index}.{key}": value.detach() for key, value in values.items()
+                            if isinstance(value, torch.Tensor)})
+        tensors.update({f"buffer.{name}": buffer.detach() for name, buffer in self.buffers.items()})
+        small = {"param_groups": state["param_groups"], "scalars": scalars, "buffers": sorted(self.buffers),
+                 "generator": self.generator.get_state()}
+        return small, tensors
+
+    def sharded_tensor_targets(self, small: dict, names: Iterable[str], whole_tensors: bool) -> dict[str, torch.Tensor]:
+        """Empty tensors to load the moments and buffers named ``names`` of a :meth:`sharded_state` into:
+        laid out like their parameters (sharded with FSDP) or, with ``whole_tensors``, whole."""
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        buffers = self.buffers
+        targets = {}
+        for name in names:
+            kind, _, rest = name.partition(".")
+            reference = buffers[rest] if kind == "buffer" else parameters[int(rest.partition(".")[0])]
+            targets[name] = torch.zeros(reference.shape) if whole_tensors or not is_sharded(reference) \
+                else torch.zeros_like(reference, dtype=torch.float32)
+        return targets
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (for the same model and config)."""
@@ -378,7 +394,8 @@ class PVOptimizer:
             )
         with torch.no_grad():
             for name, buffer in buffers.items():
-                local(buffer).copy_(saved[name][RowShard.of(buffer).rows])
+                value = saved[name]
+                local(buffer).copy_(local(value) if is_sharded(value) else value[RowShard.of(buffer).rows])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # with FSDP: whole moments -> this process's rows
             for parameter in group["params"]:
@@ -387,3 +404,18 @@ class PVOptimizer:
                     if isinstance(value, torch.Tensor) and not is_sharded(value):
                         tensors[key] = sharded_like(parameter, value[RowShard.of(parameter).rows])
         self.generator.set_state(state["generator"])
+
+
+def join_sharded_state(small: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The :meth:`PVOptimizer.state_dict` form of a :meth:`PVOptimizer.sharded_state` (tensors whole or sharded)."""
+    state = {index: dict(values) for index, values in small["scalars"].items()}
+    for name, tensor in tensors.items():
+        kind, _, rest = name.partition(".")
+        if kind == "optimizer":
+            index, _, key = rest.partition(".")
+            state[int(index)][key] = tensor
+    return {
+        "optimizer": {"state": state, "param_groups": small["param_groups"]},
+        "buffers": {name: tensors[f"buffer.{name}"] for name in small["buffers"]},
+        "generator": small["generator"],
+    }

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -54,11 +55,12 @@ from .loss import (
     hidden_states,
     split_decoder_and_head,
 )
-from .optim import PVOptimizer, QuantizedEntry
+from .optim import PVOptimizer, QuantizedEntry, join_sharded_state
 from .sharding import assign, is_sharded, local, local_bytes, shard_decoders, whole
 
 CHECKPOINT_DIR = "pv_checkpoint"
 CHECKPOINT_FILE = "state.pt"
+SHARDED_TENSORS_PREFIX = "tensors-"
 REPORT_FILE = "pv_report.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -368,11 +370,24 @@ class _Trainer:
 
     def checkpoint_state(self, fingerprint: dict, seconds: float) -> Optional[dict]:
         """Everything a resumed run needs, whole, on rank 0 (None on the others); ``seconds``: wall time
-        of the run so far, over all its calls. Every rank calls it: sharded state is gathered."""
+        of the run so far, over all its calls. Every rank calls it: a sharded optimizer state is gathered."""
         self.optimizer.gather_state()
-        model = _snapshot(self.entries, self.non_quantized) if self.world.is_main or self.fsdp else None
         if not self.world.is_main:
             return None
+        return self._state(fingerprint, seconds, _snapshot(self.entries, self.non_quantized), self.optimizer.state_dict())
+
+    def sharded_checkpoint_state(self, fingerprint: dict, seconds: float) -> tuple[Optional[dict], dict[str, torch.Tensor]]:
+        """With FSDP (every rank calls it): the checkpoint without its moments and buffers, on rank 0
+        (None on the others), and this rank's moments and buffers, sharded like their tensors, for
+        ``torch.distributed.checkpoint``. The rest (codes, codebooks, scales, the other parameters)
+        is small and whole."""
+        model = _snapshot(self.entries, self.non_quantized)
+        small, tensors = self.optimizer.sharded_state()
+        if not self.world.is_main:
+            return None, tensors
+        return self._state(fingerprint, seconds, model, {**small, "tensor_names": sorted(tensors)}), tensors
+
+    def _state(self, fingerprint: dict, seconds: float, model: dict, optimizer: dict) -> dict:
         return {
             "fingerprint": fingerprint,
             "seconds": seconds,
@@ -381,7 +396,7 @@ class _Trainer:
             "evaluations": self.evaluations,
             "best": self.best,
             "model": model,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -446,6 +461,49 @@ def _prepare_output_dir(out_dir: Path, dense_dir: Path, quantized_dir: Path, res
             f"{out_dir} holds an unfinished run ({checkpoint_path}): pass resume=True (--resume) to continue it, "
             "or choose another output directory"
         )
+
+
+def _save_checkpoint(trainer: _Trainer, fingerprint: dict, seconds: float, checkpoint_dir: Path) -> None:
+    """Write the resumable state to ``checkpoint_dir`` (every rank calls it).
+
+    Without FSDP rank 0 writes one file, ``state.pt``. With FSDP every rank writes its rows of the
+    moments and buffers with ``torch.distributed.checkpoint`` into ``tensors-STEP/`` (across
+    machines, on a file system they share), and then rank 0 writes the rest to ``state.pt``, which
+    names that directory: the checkpoint changes at that atomic rename, and no process ever holds
+    the whole of the sharded state. Older ``tensors-*`` directories are removed after it.
+    """
+    world = trainer.world
+    current = None
+    if trainer.fsdp:
+        import torch.distributed.checkpoint as dcp
+
+        state, tensors = trainer.sharded_checkpoint_state(fingerprint, seconds)
+        current = f"{SHARDED_TENSORS_PREFIX}{trainer.step}"
+        world.on_main(lambda: shutil.rmtree(checkpoint_dir / current, ignore_errors=True))
+        dcp.save(tensors, checkpoint_id=str(checkpoint_dir / current))
+        world.barrier()
+        if state is not None:
+            state["sharded_tensors"] = current
+    else:
+        state = trainer.checkpoint_state(fingerprint, seconds)
+    if world.is_main:
+        atomic_save(state, checkpoint_dir / CHECKPOINT_FILE)
+        for stale in checkpoint_dir.glob(SHARDED_TENSORS_PREFIX + "*"):
+            if stale.name != current:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _load_sharded_tensors(state: dict, optimizer: PVOptimizer, checkpoint_dir: Path, world: World) -> None:
+    """Put the moments and buffers of an FSDP checkpoint back into ``state["optimizer"]`` (every rank
+    calls it): each rank reads its rows with FSDP, or whole tensors without."""
+    import torch.distributed.checkpoint as dcp
+
+    small = state["optimizer"]
+    tensors = optimizer.sharded_tensor_targets(small, small["tensor_names"], whole_tensors=not optimizer.fsdp)
+    with warnings.catch_warnings():  # one process reading a checkpoint of several is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(tensors, checkpoint_id=str(checkpoint_dir / state["sharded_tensors"]), no_dist=not world.active)
+    state["optimizer"] = join_sharded_state(small, tensors)
 
 
 def _read_checkpoint(path: Path) -> Optional[dict]:
@@ -574,6 +632,8 @@ def pv_tune(
                 f"cannot resume from {checkpoint_path}: it was made with other settings or inputs "
                 f"({', '.join(changed)})"
             )
+        if "sharded_tensors" in state:
+            _load_sharded_tensors(state, optimizer, checkpoint_dir, world)
         trainer.load_checkpoint_state(state)
         log(f"resumed from {checkpoint_path} at step {trainer.step}")
     if world.is_main:
@@ -605,9 +665,7 @@ def pv_tune(
                     f"KL {evaluation['kl']:.5f}"
                 )
             if config.save_every and trainer.step % config.save_every == 0:
-                state = trainer.checkpoint_state(fingerprint, elapsed())
-                if world.is_main:
-                    atomic_save(state, checkpoint_path)
+                _save_checkpoint(trainer, fingerprint, elapsed(), checkpoint_dir)
                 saved_step = trainer.step
             if callback is not None:
                 callback(record)
