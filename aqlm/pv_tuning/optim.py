@@ -371,7 +371,7 @@ class PVOptimizer:
                  "generator": self.generator.get_state()}
         return small, tensors
 
-    def sharded_tensor_targets(self, small: dict, names: Iterable[str], whole_tensors: bool) -> dict[str, torch.Tensor]:
+    def sharded_tensor_targets(self, names: Iterable[str], whole_tensors: bool) -> dict[str, torch.Tensor]:
         """Empty tensors to load the moments and buffers named ``names`` of a :meth:`sharded_state` into:
         laid out like their parameters (sharded with FSDP) or, with ``whole_tensors``, whole."""
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]

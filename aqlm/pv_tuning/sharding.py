@@ -11,11 +11,13 @@ many models) and the output heads stay whole on every process, as plain tensors 
 :meth:`aqlm.distributed.World.sum_gradients` sums.
 
 The quantized masters (codes, codebooks, scales: 2-3 bits per weight) stay whole and identical on
-every process. Their updates use only the local rows: the codebook gradient is summed over the
-processes, the scales' gradient and the re-encoded codes are gathered by rows, and the code-group
-selection of the V step is made from gathered priorities with the same generator everywhere (see
-:func:`aqlm.pv_tuning.reencode.reencode_codes`). Checkpoints hold whole tensors, as in one
-process, so either kind of run resumes the other's.
+every process. Their updates use only the local rows: the codebook gradient's sums run through
+the processes in rank order (:meth:`aqlm.pv_tuning.optim.QuantizedEntry.continuous_gradients`),
+the scales' gradient and the re-encoded codes are gathered by rows, and the code-group selection of
+the V step is made from gathered priorities with the same generator everywhere (see
+:func:`aqlm.pv_tuning.reencode.reencode_codes`). Checkpoints keep the moments and buffers sharded
+(``torch.distributed.checkpoint``, see :mod:`aqlm.pv_tuning.train`); one process, or another
+number of them, resumes them.
 
 This module holds the row arithmetic and the few collectives; :mod:`aqlm.pv_tuning.train` and
 :mod:`aqlm.pv_tuning.optim` use them.

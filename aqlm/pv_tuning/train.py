@@ -23,6 +23,8 @@ tensors and broadcasts them, and the shares are gathered on rank 0 for every che
 ``fsdp`` the decoder blocks of both models are sharded by rows with PyTorch's FSDP2 instead of
 being whole on every process (:mod:`aqlm.pv_tuning.sharding`): the de-quantized weights, their
 gradients, buffers and moments, and the teacher's weights, which do not then need to fit one process.
+Its checkpoints stay sharded too (:func:`_save_checkpoint`, written by every process; across
+machines that needs a shared file system).
 """
 from __future__ import annotations
 
@@ -499,7 +501,7 @@ def _load_sharded_tensors(state: dict, optimizer: PVOptimizer, checkpoint_dir: P
     import torch.distributed.checkpoint as dcp
 
     small = state["optimizer"]
-    tensors = optimizer.sharded_tensor_targets(small, small["tensor_names"], whole_tensors=not optimizer.fsdp)
+    tensors = optimizer.sharded_tensor_targets(small["tensor_names"], whole_tensors=not optimizer.fsdp)
     with warnings.catch_warnings():  # one process reading a checkpoint of several is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(tensors, checkpoint_id=str(checkpoint_dir / state["sharded_tensors"]), no_dist=not world.active)
@@ -670,7 +672,7 @@ def pv_tune(
             if callback is not None:
                 callback(record)
     except KeyboardInterrupt:
-        if optimizer.sharded or optimizer.fsdp:  # gathering shards is a collective, unsafe after an interrupt
+        if optimizer.sharded or optimizer.fsdp:  # saving shards is a collective, unsafe after an interrupt
             if trainer.step > saved_step:
                 what = "the model" if optimizer.fsdp else "the optimizer state"
                 log(f"interrupted at step {trainer.step}: with {what} sharded only the periodic "
