@@ -166,6 +166,22 @@ def test_fsdp_gives_the_run_of_one_process_bit_for_bit_and_resumes(model_dirs, t
     assert_same_run(tmp_path / "resumed", tmp_path / "one", exact=True)
 
 
+@pytest.mark.parametrize("flags,settings", [
+    (["--delta-decay", "1"], dict(delta_decay=1.0)),
+    (["--delta-decay", "0.5", "--update-non-quantized-parameters", "--code-trust-ratio", "0.01"],
+     dict(delta_decay=0.5, update_non_quantized_parameters=True, code_trust_ratio=0.01)),
+    (["--no-update-codes"], dict(update_codes=False)),
+    (["--code-selection-temperature", "0.5", "--adam"], dict(code_selection_temperature=0.5, lamb=False)),
+], ids=["direct-v-step", "penalized-trust-ratio-all-parameters", "p-only", "sampled-selection-adam"])
+def test_fsdp_gives_the_run_of_one_process_in_every_mode(model_dirs, tmp_path, flags, settings):
+    """The V step's variants (direct, penalized with a trust ratio, none), sampled code selection,
+    Adam, and trained non-quantized parameters: 2 FSDP processes give one process's run bit for bit."""
+    single_process_run(model_dirs, tmp_path / "one", microbatch_size=2, **settings)
+    sharded = finetune_in_processes(model_dirs, tmp_path / "fsdp", 2, "--fsdp", *flags, *ONE_MICROBATCH_PER_PROCESS)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert_same_run(tmp_path / "fsdp", tmp_path / "one", exact=True)
+
+
 def _fsdp_run_interrupted_after_its_checkpoint(rank: int, world_size: int, init_file: str, dirs: dict, out: str):
     """pv_tune with FSDP in a gloo group, interrupted during step 3 (after the checkpoint of step 2)."""
     import torch.distributed as dist
