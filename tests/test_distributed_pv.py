@@ -170,12 +170,14 @@ def test_fsdp_gives_the_run_of_one_process_bit_for_bit_and_resumes(model_dirs, t
     (["--delta-decay", "1"], dict(delta_decay=1.0)),
     (["--delta-decay", "0.5", "--update-non-quantized-parameters", "--code-trust-ratio", "0.01"],
      dict(delta_decay=0.5, update_non_quantized_parameters=True, code_trust_ratio=0.01)),
-    (["--no-update-codes"], dict(update_codes=False)),
+    (["--no-update-codes", "--eval-batch-size", "1"], dict(update_codes=False, eval_batch_size=1)),
     (["--code-selection-temperature", "0.5", "--adam"], dict(code_selection_temperature=0.5, lamb=False)),
-], ids=["direct-v-step", "penalized-trust-ratio-all-parameters", "p-only", "sampled-selection-adam"])
+], ids=["direct-v-step", "penalized-trust-ratio-all-parameters", "p-only-uneven-evaluation", "sampled-selection-adam"])
 def test_fsdp_gives_the_run_of_one_process_in_every_mode(model_dirs, tmp_path, flags, settings):
     """The V step's variants (direct, penalized with a trust ratio, none), sampled code selection,
-    Adam, and trained non-quantized parameters: 2 FSDP processes give one process's run bit for bit."""
+    Adam, and trained non-quantized parameters: 2 FSDP processes give one process's run bit for bit.
+    With one evaluation window per batch, 3 windows give rank 0 one batch more than rank 1, which
+    must then run a forward pass more (FSDP gathers every block from both)."""
     single_process_run(model_dirs, tmp_path / "one", microbatch_size=2, **settings)
     sharded = finetune_in_processes(model_dirs, tmp_path / "fsdp", 2, "--fsdp", *flags, *ONE_MICROBATCH_PER_PROCESS)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
