@@ -33,7 +33,7 @@ from ..inference import QuantizedLinear
 from ..ops import codebook_gradient, codeword_rows, dequantize, weight_gradients
 from .config import PVConfig
 from .reencode import reencode_codes
-from .sharding import RowShard, is_sharded, local, local_bytes, sharded_like
+from .sharding import RowShard, assign, is_sharded, local, local_bytes, sharded_like
 
 ROLE_NON_QUANTIZED = "non_quantized"
 ROLE_CODEBOOKS_AND_SCALES = "codebooks_and_scales"
@@ -392,10 +392,8 @@ class PVOptimizer:
             raise ValueError(
                 f"checkpoint has straight-through buffers for {len(saved)} layers, this run needs {len(buffers)}"
             )
-        with torch.no_grad():
-            for name, buffer in buffers.items():
-                value = saved[name]
-                local(buffer).copy_(local(value) if is_sharded(value) else value[RowShard.of(buffer).rows])
+        for name, buffer in buffers.items():
+            assign(buffer, saved[name])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # with FSDP: whole moments -> this process's rows
             for parameter in group["params"]:

@@ -141,7 +141,7 @@ def reencode_codes(
     num_codebooks, _, out_group_size, in_group_size = codebooks.shape
     num_out_groups, num_in_groups, _ = codes.shape
     shape = (num_out_groups * out_group_size, num_in_groups * in_group_size)
-    shard = shard or RowShard(0, shape[0], shape[0], shape[0])
+    shard = shard or RowShard.all_of(shape[0])
     if shard.total != shape[0]:
         raise ValueError(f"the shard covers a weight of {shard.total} rows, the codes one of {shape[0]}")
     groups = shard.in_groups(out_group_size)

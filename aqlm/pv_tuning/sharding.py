@@ -61,11 +61,16 @@ class RowShard:
     chunk: int
 
     @classmethod
+    def all_of(cls, rows: int) -> "RowShard":
+        """All ``rows`` rows, held by this process alone."""
+        return cls(0, rows, rows, rows)
+
+    @classmethod
     def of(cls, tensor: torch.Tensor) -> "RowShard":
         """The rows of a ``Shard(0)`` tensor held here (all of them when it is not sharded)."""
         rows = tensor.shape[0]
         if not is_sharded(tensor):
-            return cls(0, rows, rows, rows)
+            return cls.all_of(rows)
         if tuple(tensor.placements) != (Shard(0),):
             raise ValueError(f"expected a tensor sharded by rows (Shard(0)), got placements {tensor.placements}")
         chunk = math.ceil(rows / tensor.device_mesh.size())
@@ -121,9 +126,10 @@ class RowShard:
 
 
 def assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy the whole ``value`` into ``tensor``: into its local rows when it is sharded."""
+    """Copy ``value`` into ``tensor``: into its local rows when it is sharded, from ``value``'s own
+    local rows when that is sharded alike, else from the same rows of the whole ``value``."""
     with torch.no_grad():
-        local(tensor).copy_(value[RowShard.of(tensor).rows])
+        local(tensor).copy_(local(value) if is_sharded(value) else value[RowShard.of(tensor).rows])
 
 
 def sharded_like(reference: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

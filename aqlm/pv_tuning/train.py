@@ -466,7 +466,8 @@ def _prepare_output_dir(out_dir: Path, dense_dir: Path, quantized_dir: Path, res
 
 
 def _save_checkpoint(trainer: _Trainer, fingerprint: dict, seconds: float, checkpoint_dir: Path) -> None:
-    """Write the resumable state to ``checkpoint_dir`` (every rank calls it).
+    """Write the resumable state to ``checkpoint_dir`` (every rank calls it; without FSDP or a
+    sharded optimizer state, rank 0 alone may).
 
     Without FSDP rank 0 writes one file, ``state.pt``. With FSDP every rank writes its rows of the
     moments and buffers with ``torch.distributed.checkpoint`` into ``tensors-STEP/`` (across
@@ -678,7 +679,7 @@ def pv_tune(
                 log(f"interrupted at step {trainer.step}: with {what} sharded only the periodic "
                     f"checkpoints (save_every) are kept; --resume starts again from step {saved_step}")
         elif not updating and trainer.step > saved_step and world.is_main:
-            atomic_save(trainer.checkpoint_state(fingerprint, elapsed()), checkpoint_path)
+            _save_checkpoint(trainer, fingerprint, elapsed(), checkpoint_dir)  # unsharded: rank 0 alone writes
             log(f"interrupted: saved a checkpoint at step {trainer.step} in {checkpoint_dir}; resume to continue")
         raise
     finally:
