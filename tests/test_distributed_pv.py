@@ -91,6 +91,21 @@ def assert_same_run(out: Path, reference: Path, processes: int = 2, exact: bool 
     assert not (out / CHECKPOINT_DIR).exists()
 
 
+def assert_two_processes_resume_one(model_dirs, tmp_path: Path, *flags: str, exact: bool = False, **settings) -> None:
+    """A 1-process run (``settings``) stopped by Ctrl-C after its step-2 checkpoint, resumed by 2
+    processes with ``flags``, gives the uninterrupted 1-process run in ``tmp_path / "one"``."""
+    def interrupt(record: dict) -> None:
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt, **settings)
+    assert (tmp_path / "resumed" / CHECKPOINT_DIR).is_dir()
+    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "resumed", tmp_path / "one", exact=exact)
+
+
 def test_two_gloo_processes_reproduce_one_process_and_resume(model_dirs, tmp_path):
     single_process_run(model_dirs, tmp_path / "one")
     assert json.loads((tmp_path / "one" / REPORT_FILE).read_text())["steps"][-1]["codes_changed"] > 0
@@ -100,16 +115,7 @@ def test_two_gloo_processes_reproduce_one_process_and_resume(model_dirs, tmp_pat
     assert two.stdout.count("tuning, 4 steps") == 1  # rank 0 alone reports
     assert_same_run(tmp_path / "two", tmp_path / "one")
 
-    def interrupt(record: dict) -> None:
-        if record["step"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt)
-    assert (tmp_path / "resumed" / CHECKPOINT_DIR).is_dir()
-    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(tmp_path / "resumed", tmp_path / "one")
+    assert_two_processes_resume_one(model_dirs, tmp_path)
 
 
 def test_sharded_optimizer_state_gives_the_same_run_and_resumes(model_dirs, tmp_path):
@@ -124,15 +130,7 @@ def test_sharded_optimizer_state_gives_the_same_run_and_resumes(model_dirs, tmp_
     assert report["optimizer_state_sharded"] and not expected["optimizer_state_sharded"]
     assert report["optimizer_state_mib_rank0"] < 0.75 * expected["optimizer_state_mib_rank0"]
 
-    def interrupt(record: dict) -> None:
-        if record["step"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt)
-    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume", "--shard-optimizer-state")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(tmp_path / "resumed", tmp_path / "one")
+    assert_two_processes_resume_one(model_dirs, tmp_path, "--shard-optimizer-state")
 
 
 ONE_MICROBATCH_PER_PROCESS = ["--microbatch-size", "2"]  # 4 windows per step: 2 processes x 1 microbatch
@@ -154,16 +152,8 @@ def test_fsdp_gives_the_run_of_one_process_bit_for_bit_and_resumes(model_dirs, t
     assert report["fsdp"] and not expected["fsdp"]
     assert report["tensors_mib_rank0"] < 0.75 * expected["tensors_mib_rank0"]
 
-    def interrupt(record: dict) -> None:
-        if record["step"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        single_process_run(model_dirs, tmp_path / "resumed", callback=interrupt, microbatch_size=2)
-    resumed = finetune_in_processes(model_dirs, tmp_path / "resumed", 2, "--resume", "--fsdp",
-                                    *ONE_MICROBATCH_PER_PROCESS)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(tmp_path / "resumed", tmp_path / "one", exact=True)
+    assert_two_processes_resume_one(model_dirs, tmp_path, "--fsdp", *ONE_MICROBATCH_PER_PROCESS, exact=True,
+                                    microbatch_size=2)
 
 
 @pytest.mark.parametrize("flags,settings", [
