@@ -40,8 +40,9 @@ CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 # tables use every thread on small layers, where v2 had measured them on one; v4: a new candidate,
 # the exact wide-token tables "lutw"; v5: lutw looks up codebooks of 16 codewords a pair at a time;
 # v6: each run timed with its weight out of L2, and no candidate dropped after a single round;
-# v7: the AVX2 and AVX-512 quantized tables sum offset bytes, 3-10% faster; AVX2 8x8g8 decoding 1.7x faster).
-CACHE_FILE = "kernel_choice-v7.json"
+# v7: the AVX2 and AVX-512 quantized tables sum offset bytes, 3-10% faster; AVX2 8x8g8 decoding 1.7x faster;
+# v8: a new candidate where the CPU has AMX, the bfloat16 tiles "amx").
+CACHE_FILE = "kernel_choice-v8.json"
 ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
 HOPELESS = 4.0  # a candidate this many times slower than the best after PRUNE_AFTER rounds is not run again
 PRUNE_AFTER = 3  # rounds before any pruning: one run can be slowed 10-200x by a descheduled thread

@@ -42,7 +42,9 @@ logger = logging.getLogger("aqlm")
 # AQLM's own error there: ~1.8%). At 4096x4096, 64 groups per step ran as fast as 256 and faster
 # than 1 or 16. They are the default for few tokens; AQLM_QUANTIZED_LUT=0 keeps every path exact.
 # Dequantizing to bfloat16 for many tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX)
-# rounds the weights to 8 bits of mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1.
+# rounds the weights to 8 bits of mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1. So is the
+# bfloat16 tile kernel ("amx", csrc/bf16tile.h) for float32/float16 activations; for bfloat16
+# activations, already rounded so, it is a candidate by default.
 LUTQ_GROUP = 64
 # Fixed rules only (measured choices consider "lutq" up to FEW_TOKENS): the token counts up to which
 # the quantized tables beat the exact paths, for codebooks of <= 16 codewords (one in-register
@@ -64,8 +66,16 @@ LUTW_MIN_TOKENS_WIDE = 12
 LUTW_MAX_TOKENS = 32
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
-CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "dequantize", "dequantize_bf16")
-FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode")  # C kernels over the codes; the others dequantize and call torch
+CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "amx", "dequantize", "dequantize_bf16")
+FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "amx")  # C kernels over the codes; the others dequantize and call torch
+# Bfloat16 tiles ("amx"): candidates from this many tokens. Their cost barely grows with the tokens
+# up to 16 (4096x4096 1x16g8, 2 threads: 1.6 ms at 1 token and at 16), where the codeword lookups
+# that build the tiles dominate; "decode" wins below a few tokens. Each pass of 64 tokens builds
+# them again, so for many tokens dequantizing wins (bfloat16 activations, 4096x4096 1x16g8, 2
+# threads, ms, amx / dequantize: 64 tokens 3.3 / 10.4, 128 tokens 6.0 / 11.3, 512 tokens 25 /
+# 18.5): the fixed rules take "amx" up to AMX_MAX_TOKENS; measured choices consider it for any count.
+AMX_MIN_TOKENS = 4
+AMX_MAX_TOKENS = 128
 _CHOOSER = kernel_choice.KernelChooser()
 
 
@@ -103,11 +113,25 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def amx_applies(
+    tokens: int, out_group_size: int, in_group_size: int, in_features: int, input_dtype: torch.dtype, bf16: bool
+) -> bool:
+    """Whether the bfloat16 tile kernel ("amx") serves this call: this CPU and OS run AMX, the
+    format suits its tiles (out_group_size 1, in_group_size dividing 32, in_features divisible by
+    32), at least AMX_MIN_TOKENS tokens, and rounding to bfloat16 is acceptable: the activations
+    are bfloat16 already, or ``bf16`` (AQLM_BF16_DEQUANTIZE=1)."""
+    return (
+        tokens >= AMX_MIN_TOKENS and out_group_size == 1 and 32 % in_group_size == 0 and in_features % 32 == 0
+        and (input_dtype == torch.bfloat16 or bf16) and _C.bf16_kernel() == "amx"
+    )
+
+
 def applicable_cpu_kernels(
-    tokens: int, nbits: int, out_group_size: int, input_dtype: torch.dtype, exact: bool, bf16: bool = False
+    tokens: int, nbits: int, out_group_size: int, input_dtype: torch.dtype, exact: bool, bf16: bool = False,
+    in_group_size: int = 8, in_features: int = 0,
 ) -> list:
     """The CPU kernels worth measuring for this many tokens, cheapest to try first (``exact``: no
-    quantized tables; ``bf16``: dequantizing to bfloat16 allowed)."""
+    quantized tables; ``bf16``: rounding to bfloat16 allowed for any activations)."""
     kernels = []
     if tokens <= FEW_TOKENS:
         if not exact and lutq_applies(nbits, out_group_size):
@@ -117,6 +141,8 @@ def applicable_cpu_kernels(
         if nbits <= 8:
             kernels.append("lut")
         kernels.append("decode")
+    if amx_applies(tokens, out_group_size, in_group_size, in_features, input_dtype, bf16):
+        kernels.append("amx")
     kernels.append("dequantize")
     if bf16 and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
         kernels.append("dequantize_bf16")
@@ -124,10 +150,16 @@ def applicable_cpu_kernels(
 
 
 def choose_cpu_kernel(
-    tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False
+    tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False,
+    amx: bool = False,
 ) -> str:
-    """"lutw", "lutq", "lut", "decode" or "dequantize": the fixed rules, used when measured choices
-    (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
+    """"lutw", "lutq", "lut", "decode", "amx" or "dequantize": the fixed rules, used when measured
+    choices (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
+
+    Bfloat16 tiles ("amx", where ``amx``: :func:`amx_applies`) serve codebooks of more than 256
+    codewords up to AMX_MAX_TOKENS: 4096x4096 1x16g8 at 16 tokens, 2 threads, 1.6 ms against 6.1
+    for "decode" (and 1.5 for dense bfloat16); with 256 codewords or fewer the exact kernels
+    below are about as fast up to 16 tokens.
 
     Exact tables 16 tokens wide ("lutw") beat the others, exact or not, from 8 tokens for
     codebooks of <= 16 codewords and from 12 for larger ones, up to 32 at least (LUTW_* above).
@@ -150,6 +182,8 @@ def choose_cpu_kernel(
         if tokens <= LUTQ_MAX_TOKENS_WIDE and _C.lutq_kernel() == "avx512vbmi":
             return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
+    if amx and nbits > 8 and tokens <= AMX_MAX_TOKENS:
+        return "amx"
     if nbits <= 8:
         if tokens == 1 or (num_codebooks == 1 and tokens <= 64) or (num_codebooks == 2 and tokens < 4):
             return "lut"
@@ -572,7 +606,7 @@ def _few_token_matmul(
         _C.lutw_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out),
                        num_threads=torch.get_num_threads(), **dtypes)
     else:
-        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        c_kernel = {"lut": _C.lut_matmul, "amx": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
         c_kernel(_numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
                  num_threads=torch.get_num_threads(), **dtypes)
 
@@ -592,7 +626,8 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
     tokens, in_features = x.shape
     num_codebooks, _, out_group_size, in_group_size = codebooks.shape
     exact, bf16 = exact_lut_requested(), bf16_dequantize_requested()
-    candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact, bf16)
+    candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact, bf16, in_group_size, in_features)
+    amx = "amx" in candidates
     forced = kernel_choice.forced_kernel()
     if forced is not None:
         if forced not in CPU_KERNELS:
@@ -600,7 +635,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
         if forced in candidates:
             return forced
     if forced is not None or not kernel_choice.calibration_enabled():
-        return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
+        return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, amx=amx)
     out_features = codes.shape[0] * out_group_size
     calibration_tokens = kernel_choice.token_class(tokens)
     key = (
@@ -616,7 +651,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
     def prepare(kernel: str) -> Callable[[], None]:
         return _kernel_call(kernel, sample, out, codes, codebooks, scales, bias)
 
-    prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact)
+    prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, amx=amx)
     return _CHOOSER.choose(key, candidates, prepare, prior=prior)
 
 
@@ -668,7 +703,7 @@ class _CpuPlan:
         if kernel == "lutw":
             packed, lutw_matmul = self.packed, _C.lutw_matmul
             return lambda x, out: lutw_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
-        c_kernel = _C.lut_matmul if kernel == "lut" else _C.codebook_matmul
+        c_kernel = {"lut": _C.lut_matmul, "amx": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
         return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)
 
 

@@ -6,6 +6,7 @@
  */
 #include <ctype.h>
 
+#include "bf16tile.h"
 #include "int8.h"
 #include "lutq.h"
 #include "lutw.h"
@@ -96,6 +97,14 @@ const aqlm_lutw_kernels *aqlm_lutw_kernels_for(aqlm_simd level) {
 }
 
 const char *aqlm_lutw_kernel_name(aqlm_simd level) { return aqlm_lutw_kernels_for(level)->name; }
+
+const aqlm_bf16_kernels *aqlm_bf16_kernels_for(aqlm_simd level) {
+    if (level >= AQLM_SIMD_AVX512 && aqlm_bf16_kernels_amx.name != NULL && aqlm_bf16_amx_usable())
+        return &aqlm_bf16_kernels_amx;
+    return &aqlm_bf16_kernels_scalar;
+}
+
+const char *aqlm_bf16_kernel_name(aqlm_simd level) { return aqlm_bf16_kernels_for(level)->name; }
 
 const aqlm_int8_kernels *aqlm_int8_kernels_for(aqlm_simd level) {
     if (level >= AQLM_SIMD_AVX512 && aqlm_int8_kernels_avx512.level == AQLM_SIMD_AVX512) return &aqlm_int8_kernels_avx512;

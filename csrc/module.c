@@ -369,6 +369,18 @@ static PyObject *py_codebook_matmul(PyObject *module, PyObject *args, PyObject *
     return matmul_common(module, args, kwargs, "OOOOOO|$sszi:codebook_matmul", aqlm_codebook_matmul);
 }
 
+PyDoc_STRVAR(bf16_matmul_doc,
+"bf16_matmul(x, codes, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias in bfloat16 tiles (AMX where the CPU and\n"
+"OS allow, else the scalar reference): codewords and activations rounded to bfloat16, products\n"
+"summed in float32. Needs out_group_size 1, an in_group_size dividing 32 and in_features\n"
+"divisible by 32. bias may be None.");
+
+static PyObject *py_bf16_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return matmul_common(module, args, kwargs, "OOOOOO|$sszi:bf16_matmul", aqlm_bf16_matmul);
+}
+
 /* ---- quantized lookup tables ------------------------------------------------------------------ */
 
 /* packed: uint8, 1-D, C-contiguous, exactly aqlm_lutq_packed_size(format) bytes. */
@@ -598,6 +610,11 @@ static PyObject *kernel_name(PyObject *module, PyObject *args, PyObject *kwargs,
 PyDoc_STRVAR(lutw_kernel_doc, "lutw_kernel(simd=None)\n--\n\nThe wide-token table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512'.");
 static PyObject *py_lutw_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
     return kernel_name(module, args, kwargs, "|z:lutw_kernel", aqlm_lutw_kernel_name);
+}
+
+PyDoc_STRVAR(bf16_kernel_doc, "bf16_kernel(simd=None)\n--\n\nThe bfloat16 tile kernels used at that SIMD level: 'amx' or 'scalar'.");
+static PyObject *py_bf16_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return kernel_name(module, args, kwargs, "|z:bf16_kernel", aqlm_bf16_kernel_name);
 }
 
 PyDoc_STRVAR(lutq_kernel_doc, "lutq_kernel(simd=None)\n--\n\nThe quantized-table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512vbmi'.");
@@ -1280,6 +1297,8 @@ static PyMethodDef methods[] = {
     {"lutq_matmul", (PyCFunction)(void (*)(void))py_lutq_matmul, METH_VARARGS | METH_KEYWORDS, lutq_matmul_doc},
     {"lutq_kernel", (PyCFunction)(void (*)(void))py_lutq_kernel, METH_VARARGS | METH_KEYWORDS, lutq_kernel_doc},
     {"lutw_matmul", (PyCFunction)(void (*)(void))py_lutw_matmul, METH_VARARGS | METH_KEYWORDS, lutw_matmul_doc},
+    {"bf16_matmul", (PyCFunction)(void (*)(void))py_bf16_matmul, METH_VARARGS | METH_KEYWORDS, bf16_matmul_doc},
+    {"bf16_kernel", (PyCFunction)(void (*)(void))py_bf16_kernel, METH_VARARGS | METH_KEYWORDS, bf16_kernel_doc},
     {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},
     {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},
     {"int8_quantize_rows", (PyCFunction)(void (*)(void))py_int8_quantize_rows, METH_VARARGS | METH_KEYWORDS, int8_quantize_rows_doc},

@@ -1,0 +1,164 @@
+/*
+ * bf16tile_amx.c - the bfloat16 tile kernels (bf16tile.h) on AMX: TDPBF16PS multiplies a
+ * 16 x 32 panel of codewords with 32 inputs x 16 tokens; AVX-512 BF16 packs the tokens and
+ * converts the codebooks.
+ */
+#define _GNU_SOURCE /* syscall() */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "bf16tile.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__F16C__)
+#include <immintrin.h>
+
+enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+
+int aqlm_bf16_amx_usable(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* 32 values from base[index ..] as bfloat16 (round to nearest even). */
+static inline __m512i load32_bf16(aqlm_dtype dtype, const void *base, int64_t index) {
+    if (dtype == AQLM_BF16) return _mm512_loadu_si512((const uint16_t *)base + index);
+    __m512 lo, hi;
+    if (dtype == AQLM_F32) {
+        lo = _mm512_loadu_ps((const float *)base + index), hi = _mm512_loadu_ps((const float *)base + index + 16);
+    } else {
+        lo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index)));
+        hi = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index + 16)));
+    }
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+static void pack_amx(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t t0, int64_t tokens, int64_t T,
+                     int64_t c0, int64_t c1, uint16_t *restrict xb) {
+    uint32_t rows[AQLM_BF16_TOKENS][AQLM_BF16_CHUNK / 2]; /* token t's 16 input pairs */
+    for (int64_t c = c0; c < c1; c++)
+        for (int64_t b = 0; b < T; b++) {
+            for (int64_t t = 0; t < AQLM_BF16_TOKENS; t++) {
+                const int64_t token = b * AQLM_BF16_TOKENS + t;
+                const __m512i v = token < tokens ? load32_bf16(x_dtype, x, (t0 + token) * in + c * AQLM_BF16_CHUNK)
+                                                 : _mm512_setzero_si512();
+                _mm512_storeu_si512(rows[t], v);
+            }
+            uint32_t *tile = (uint32_t *)(xb + (c * T + b) * AQLM_BF16_TILE_ELEMENTS);
+            for (int p = 0; p < AQLM_BF16_CHUNK / 2; p++)
+                for (int t = 0; t < AQLM_BF16_TOKENS; t++) tile[p * AQLM_BF16_TOKENS + t] = rows[t][p];
+        }
+}
+
+static void convert_amx(aqlm_dtype dtype, const void *src, int64_t count, uint16_t *restrict dst) {
+    int64_t i = 0;
+    for (; i + 32 <= count; i += 32) _mm512_storeu_si512(dst + i, load32_bf16(dtype, src, i));
+    for (; i < count; i++) dst[i] = aqlm_f32_to_bf16(aqlm_load(dtype, src, i));
+}
+
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-5: accumulators (16 rows x 16 fp32); 6: the codeword panel (16 rows x 32 bf16);
+ * 7: the tokens (16 input pairs x 16 tokens x 2 bf16). All 16 rows of 64 bytes. */
+static void configure_tiles(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int i = 0; i < 8; i++) config.colsb[i] = 64, config.rows[i] = 16;
+    _tile_loadconfig(&config);
+}
+
+#define TILE_CASES(X) X(0) X(1) X(2) X(3) X(4) X(5)
+static inline void accumulate(int tile) {
+    switch (tile) {
+#define DP(i) case i: _tile_dpbf16ps(i, 6, 7); break;
+        TILE_CASES(DP)
+#undef DP
+    }
+}
+static inline void store_tile(int tile, float *out) {
+    switch (tile) {
+#define ST(i) case i: _tile_stored(i, out, 64); break;
+        TILE_CASES(ST)
+#undef ST
+    }
+}
+static inline void zero_tile(int tile) {
+    switch (tile) {
+#define ZT(i) case i: _tile_zero(i); break;
+        TILE_CASES(ZT)
+#undef ZT
+    }
+}
+
+/* The panel of codebook m, rows [row0, row0 + 16) and chunk c: row o holds the 32 / ig
+ * codewords of groups 32c / ig ... (zeros for rows from `rows` on). IG is ig and CODE_BITS the
+ * codes' width when they are compile-time constants (the common cases), else 0. */
+static inline __attribute__((always_inline)) void build_panel(const int IG, const int CODE_BITS,
+                                                              const aqlm_block_shape *s, int64_t row0, int64_t rows,
+                                                              int64_t c, int64_t m, const void *restrict codes,
+                                                              const uint16_t *restrict cb, uint16_t *restrict panel) {
+    const int64_t ig = IG ? IG : s->ig, per = AQLM_BF16_CHUNK / ig, M = s->M, G = s->in_groups;
+    const int code_bits = CODE_BITS ? CODE_BITS : s->code_bits;
+    const uint16_t *codebook = cb + m * s->K * ig;
+    for (int64_t o = 0; o < AQLM_BF16_ROWS; o++) {
+        uint16_t *dst = panel + o * AQLM_BF16_CHUNK;
+        const int64_t row = row0 + o;
+        if (row >= rows) {
+            memset(dst, 0, AQLM_BF16_CHUNK * sizeof *dst);
+            continue;
+        }
+        const int64_t first = (row * G + c * per) * M + m;
+        for (int64_t g = 0; g < per; g++) {
+            const uint32_t code = aqlm_code_at(code_bits, codes, first + g * M, s->code_mask);
+            memcpy(dst + g * ig, codebook + code * ig, (size_t)ig * sizeof *dst);
+        }
+    }
+}
+
+/* Per chunk and codebook, the R panels are built into R buffers first, then multiplied: the
+ * tile loads wait for the stores of their own panel only. */
+static inline __attribute__((always_inline)) void panel_loop(const int IG, const int CODE_BITS,
+                                                             const aqlm_block_shape *s, int64_t row0, int64_t rows,
+                                                             int R, int T, const void *restrict codes,
+                                                             const uint16_t *restrict cb, const uint16_t *restrict xb,
+                                                             uint16_t *restrict panels) {
+    const int64_t chunks = s->in_groups * s->ig / AQLM_BF16_CHUNK;
+    for (int64_t c = 0; c < chunks; c++)
+        for (int64_t m = 0; m < s->M; m++) {
+            for (int r = 0; r < R; r++)
+                build_panel(IG, CODE_BITS, s, row0 + r * AQLM_BF16_ROWS, rows, c, m, codes, cb,
+                            panels + r * AQLM_BF16_TILE_ELEMENTS);
+            for (int b = 0; b < T; b++) {
+                _tile_loadd(7, xb + (c * T + b) * AQLM_BF16_TILE_ELEMENTS, 64);
+                for (int r = 0; r < R; r++) {
+                    _tile_loadd(6, panels + r * AQLM_BF16_TILE_ELEMENTS, 64);
+                    accumulate(r * T + b);
+                }
+            }
+        }
+}
+
+static void panel_amx(const aqlm_block_shape *s, int64_t row0, int64_t rows, int R, int T, const void *restrict codes,
+                      const uint16_t *restrict cb, const uint16_t *restrict xb, uint16_t *restrict panel,
+                      float *restrict acc) {
+    configure_tiles();
+    for (int i = 0; i < R * T; i++) zero_tile(i);
+    if (s->ig == 8 && s->code_bits == 16) panel_loop(8, 16, s, row0, rows, R, T, codes, cb, xb, panel);
+    else if (s->ig == 8) panel_loop(8, 8, s, row0, rows, R, T, codes, cb, xb, panel);
+    else if (s->ig == 4 && s->code_bits == 8) panel_loop(4, 8, s, row0, rows, R, T, codes, cb, xb, panel);
+    else panel_loop(0, 0, s, row0, rows, R, T, codes, cb, xb, panel);
+    for (int i = 0; i < R * T; i++) store_tile(i, acc + i * AQLM_BF16_ROWS * AQLM_BF16_TOKENS);
+    _tile_release();
+}
+
+const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {"amx", pack_amx, convert_amx, panel_amx};
+#else
+int aqlm_bf16_amx_usable(void) { return 0; }
+const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {NULL, NULL, NULL, NULL};
+#endif

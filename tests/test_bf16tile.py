@@ -1,0 +1,159 @@
+"""Bfloat16 tiles (``_C.bf16_matmul``, csrc/bf16tile.h): panels of codewords and the tokens rounded
+to bfloat16, products summed in float32 (AMX where this CPU and OS run it, else the scalar
+reference).
+
+Each codeword and activation is rounded to bfloat16 (nearest even); the products of two bfloat16
+values are exact in float32, so only the order and rounding of the float32 sums differ between
+the AMX unit and the scalar reference. Both must match the float64 product of the rounded
+operands within the float32 summation bound of bf16tile.h, |acc - exact| <= gamma(M * in) *
+sum |w| |x| with gamma(n) = n u / (1 - n u), u = 2^-24, plus the output's own rounding.
+"""
+import numpy as np
+import pytest
+import torch
+
+from aqlm import _C, QuantizedLinear, ops
+from parallel import always_parallel  # noqa: F401 (fixture)
+from test_lutq import DTYPES, np_view, random_weight
+
+AMX = _C.bf16_kernel() == "amx"
+needs_amx = pytest.mark.skipif(not AMX, reason="this CPU, OS or build cannot run AMX-BF16 tiles")
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+# (out, in, num_codebooks, nbits, in_group_size): 1x16g8, 2x8g8, nibble-sized 4x4g8, groups of 4,
+# 16 and 32 (8, 2 and 1 codewords per 32-input panel row), rows not a multiple of 16 (zero rows
+# in the last panel), fewer rows than one panel, one chunk of 32 inputs, 8 codebooks (one
+# chunk per block of panels), and a wide row (several blocks of chunks).
+CONFIGS = [
+    (100, 64, 1, 16, 8),
+    (200, 96, 2, 8, 8),
+    (130, 256, 4, 4, 8),
+    (70, 64, 2, 8, 4),
+    (48, 96, 1, 8, 16),
+    (40, 64, 1, 6, 32),
+    (5, 32, 2, 8, 8),
+    (33, 64, 8, 8, 8),
+    (112, 1024, 2, 8, 8),
+]
+TOKENS = [1, 4, 15, 16, 17, 40, 64, 65, 130]
+
+
+def run_bf16(x, codes, codebooks, scales, bias, simd, num_threads=2):
+    out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype)
+    names = {v: k for k, v in DTYPES.items()}
+    _C.bf16_matmul(
+        np_view(x), codes.numpy(), np_view(codebooks), np_view(scales), None if bias is None else np_view(bias),
+        np_view(out), x_dtype=names[x.dtype], param_dtype=names[codebooks.dtype], simd=simd, num_threads=num_threads,
+    )
+    return out
+
+
+def rounded_terms(x, codes, codebooks):
+    """The bfloat16-rounded codewords of each codebook [M, out, in] and tokens [n, in], as float64."""
+    M, K, _, ig = codebooks.shape
+    nbits = K.bit_length() - 1
+    unpacked = ops.unpack_codes(codes, nbits).long()  # [out, G, M]
+    rounded = codebooks.float().bfloat16().double()[:, :, 0, :]  # [M, K, ig]
+    words = torch.stack([rounded[m][unpacked[:, :, m]].reshape(codes.shape[0], -1) for m in range(M)])
+    return words, x.float().bfloat16().double()
+
+
+def exact_and_bound(x, codes, codebooks, scales, bias):
+    """The float64 product of the rounded operands (scaled, biased) and the bound on a result's error."""
+    words, xs = rounded_terms(x, codes, codebooks)
+    scale = scales.double().view(1, -1)
+    exact = torch.einsum("ti,moi->to", xs, words) * scale
+    magnitude = torch.einsum("ti,moi->to", xs.abs(), words.abs()) * scale.abs()
+    n = words.shape[0] * words.shape[2]
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    bias_part = 0 if bias is None else bias.double()
+    exact = exact + bias_part
+    # the sums, the flushed denormals, the scale and bias in float32, then the output's rounding
+    bound = gamma * magnitude + n * 2.0**-126 + 4 * 2.0**-24 * (magnitude + abs(bias_part))
+    bound = bound + UNIT_ROUNDOFF[x.dtype] * (exact.abs() + bound)
+    return exact, bound
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_scalar_and_amx_match_the_rounded_product_within_the_bound(config, tokens, always_parallel):
+    codes, codebooks, scales, bias = random_weight(*config, dtype=torch.float16, seed=tokens)
+    x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(tokens))
+    exact, bound = exact_and_bound(x, codes, codebooks, scales, bias)
+    levels = ["scalar"] + (["avx512"] if AMX else [])
+    for level in levels:
+        for threads in (1, 2, 3):
+            got = run_bf16(x, codes, codebooks, scales, bias, level, num_threads=threads)
+            error = (got.double() - exact).abs()
+            assert (error <= bound).all(), f"simd={level} threads={threads}: error {float((error - bound).max())} above the bound"
+    # the rounding to bfloat16 is real: the float32 formula is further off than the bound allows
+    full = x.double() @ ops.dequantize_reference(codes, codebooks.float(), scales.float()).double().T + bias.double()
+    assert float(((full - exact).abs() - bound).max()) > 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_every_dtype_and_no_bias(x_dtype, param_dtype, with_bias):
+    codes, codebooks, scales, bias = random_weight(70, 96, 2, 8, 8, dtype=param_dtype, seed=3)
+    bias = bias if with_bias else None
+    x = torch.randn(20, 96, generator=torch.Generator().manual_seed(3)).to(x_dtype)
+    exact, bound = exact_and_bound(x, codes, codebooks, scales, bias)
+    for level in ["scalar"] + (["avx512"] if AMX else []):
+        error = (run_bf16(x, codes, codebooks, scales, bias, level).double() - exact).abs()
+        assert (error <= bound).all(), f"simd={level}: error {float((error - bound).max())} above the bound"
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((16, 40, 1, 8, 8), "in_features divisible by 32"), ((16, 36, 1, 8, 12), "in_group_size that divides 32")],
+)
+def test_unsupported_formats_are_refused_by_name(shape, message):
+    codes, codebooks, scales, bias = random_weight(*shape)
+    with pytest.raises(ValueError, match=message):
+        run_bf16(torch.randn(4, shape[1]), codes, codebooks, scales, bias, None)
+
+
+def test_output_groups_are_refused():
+    codes, codebooks, scales, _ = random_weight(16, 64, 1, 8, 8)
+    codebooks = codebooks.repeat(1, 1, 2, 1)  # out_group_size 2
+    out = torch.empty(4, 32)
+    with pytest.raises(ValueError, match="out_group_size 1"):
+        _C.bf16_matmul(torch.randn(4, 64).numpy(), codes.numpy(), codebooks.numpy(), scales.numpy(), None, out.numpy())
+
+
+def test_amx_is_a_candidate_only_where_bfloat16_rounding_is_acceptable():
+    args = dict(tokens=16, out_group_size=1, in_group_size=8, in_features=4096)
+    assert ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **args) == AMX
+    assert ops.amx_applies(input_dtype=torch.float32, bf16=True, **args) == AMX
+    assert not ops.amx_applies(input_dtype=torch.float32, bf16=False, **args)  # exact unless asked
+    assert not ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **{**args, "tokens": ops.AMX_MIN_TOKENS - 1})
+    assert not ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **{**args, "out_group_size": 2})
+    assert not ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **{**args, "in_features": 4080})
+    assert ops.choose_cpu_kernel(16, 1, 16, 1, 8, amx=True) == "amx"
+    assert ops.choose_cpu_kernel(ops.AMX_MAX_TOKENS + 1, 1, 16, 1, 8, amx=True) == "dequantize"
+    assert ops.choose_cpu_kernel(16, 1, 16, 1, 8, amx=False) != "amx"
+    assert ops.choose_cpu_kernel(16, 2, 8, 1, 8, amx=True) != "amx"  # 256 codewords: the exact tables
+
+
+@needs_amx
+def test_bfloat16_layer_uses_amx_for_1x16_and_matches_its_dequantized_weight(monkeypatch):
+    """A bfloat16 QuantizedLinear with one 2**16-codeword codebook, 16 tokens, fixed rules (as
+    the tests run): the tiles serve it, within the bound of the product of its rounded operands."""
+    monkeypatch.setenv("AQLM_KERNEL_CALIBRATION", "0")
+    layer = QuantizedLinear(128, 96, in_group_size=8, out_group_size=1, num_codebooks=1, nbits_per_codebook=16,
+                            bias=True, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.codes.copy_(torch.randint(-2**15, 2**15, layer.codes.shape, generator=generator, dtype=torch.int16))
+        layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=generator))
+        layer.scales.copy_(torch.rand(layer.scales.shape, generator=generator) + 0.5)
+        layer.bias.copy_(torch.randn(96, generator=generator))
+    x = torch.randn(2, 8, 128, generator=generator).bfloat16()
+    calls = []
+    monkeypatch.setattr(_C, "bf16_matmul", lambda *a, _real=_C.bf16_matmul, **k: calls.append(1) or _real(*a, **k))
+    with torch.no_grad():
+        y = layer(x)
+    assert calls, "the bfloat16 tiles did not serve a 16-token bfloat16 call"
+    exact, bound = exact_and_bound(x.reshape(16, 128), layer.codes, layer.codebooks, layer.scales, layer.bias)
+    assert ((y.reshape(16, 96).double() - exact).abs() <= bound).all()
