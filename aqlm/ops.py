@@ -69,13 +69,14 @@ BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
 CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "amx", "dequantize", "dequantize_bf16")
 FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "amx")  # C kernels over the codes; the others dequantize and call torch
 # Bfloat16 tiles ("amx"): candidates from this many tokens. Their cost barely grows with the tokens
-# up to 16 (4096x4096 1x16g8, 2 threads: 1.6 ms at 1 token and at 16), where the codeword lookups
-# that build the tiles dominate; "decode" wins below a few tokens. Each pass of 64 tokens builds
-# them again, so for many tokens dequantizing wins (bfloat16 activations, 4096x4096 1x16g8, 2
-# threads, ms, amx / dequantize: 64 tokens 3.3 / 10.4, 128 tokens 6.0 / 11.3, 512 tokens 25 /
-# 18.5): the fixed rules take "amx" up to AMX_MAX_TOKENS; measured choices consider it for any count.
+# up to 16 (4096x4096 1x16g8, 2 threads: 1.7 ms at 4 tokens and at 16), where the codeword lookups
+# that build the tiles dominate; "decode" wins below a few tokens. Against dequantizing
+# (bfloat16 activations, 1x16g8, 2 threads, ms, amx / dequantize): 4096x4096 at 128 tokens 4.7 /
+# 9.7, 512 tokens 15.0 / 17.5, 1024 tokens 27.5 / 24.5; 11008x4096 and 4096x11008 at 512 tokens
+# 33.0 / 43.0 and 31.4 / 50.8. The fixed rules take "amx" up to AMX_MAX_TOKENS; measured choices
+# consider it for any count.
 AMX_MIN_TOKENS = 4
-AMX_MAX_TOKENS = 128
+AMX_MAX_TOKENS = 512
 _CHOOSER = kernel_choice.KernelChooser()
 
 

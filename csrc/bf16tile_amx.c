@@ -33,18 +33,18 @@ static inline __m512i load32_bf16(aqlm_dtype dtype, const void *base, int64_t in
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-static void pack_amx(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t t0, int64_t tokens, int64_t T,
-                     int64_t c0, int64_t c1, uint16_t *restrict xb) {
+static void pack_amx(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t tokens, int64_t blocks, int64_t c0,
+                     int64_t c1, uint16_t *restrict xb) {
     uint32_t rows[AQLM_BF16_TOKENS][AQLM_BF16_CHUNK / 2]; /* token t's 16 input pairs */
     for (int64_t c = c0; c < c1; c++)
-        for (int64_t b = 0; b < T; b++) {
+        for (int64_t b = 0; b < blocks; b++) {
             for (int64_t t = 0; t < AQLM_BF16_TOKENS; t++) {
                 const int64_t token = b * AQLM_BF16_TOKENS + t;
-                const __m512i v = token < tokens ? load32_bf16(x_dtype, x, (t0 + token) * in + c * AQLM_BF16_CHUNK)
+                const __m512i v = token < tokens ? load32_bf16(x_dtype, x, token * in + c * AQLM_BF16_CHUNK)
                                                  : _mm512_setzero_si512();
                 _mm512_storeu_si512(rows[t], v);
             }
-            uint32_t *tile = (uint32_t *)(xb + (c * T + b) * AQLM_BF16_TILE_ELEMENTS);
+            uint32_t *tile = (uint32_t *)(xb + (c * blocks + b) * AQLM_BF16_TILE_ELEMENTS);
             for (int p = 0; p < AQLM_BF16_CHUNK / 2; p++)
                 for (int t = 0; t < AQLM_BF16_TOKENS; t++) tile[p * AQLM_BF16_TOKENS + t] = rows[t][p];
         }
@@ -88,6 +88,13 @@ static inline void store_tile(int tile, float *out) {
 #undef ST
     }
 }
+static inline void load_tile(int tile, const float *in) {
+    switch (tile) {
+#define LT(i) case i: _tile_loadd(i, in, 64); break;
+        TILE_CASES(LT)
+#undef LT
+    }
+}
 static inline void zero_tile(int tile) {
     switch (tile) {
 #define ZT(i) case i: _tile_zero(i); break;
@@ -121,43 +128,65 @@ static inline __attribute__((always_inline)) void build_panel(const int IG, cons
     }
 }
 
-/* Per chunk and codebook, the R panels are built into R buffers first, then multiplied: the
- * tile loads wait for the stores of their own panel only. */
-static inline __attribute__((always_inline)) void panel_loop(const int IG, const int CODE_BITS,
-                                                             const aqlm_block_shape *s, int64_t row0, int64_t rows,
-                                                             int R, int T, const void *restrict codes,
-                                                             const uint16_t *restrict cb, const uint16_t *restrict xb,
-                                                             uint16_t *restrict panels) {
-    const int64_t chunks = s->in_groups * s->ig / AQLM_BF16_CHUNK;
-    for (int64_t c = 0; c < chunks; c++)
-        for (int64_t m = 0; m < s->M; m++) {
-            for (int r = 0; r < R; r++)
-                build_panel(IG, CODE_BITS, s, row0 + r * AQLM_BF16_ROWS, rows, c, m, codes, cb,
-                            panels + r * AQLM_BF16_TILE_ELEMENTS);
-            for (int b = 0; b < T; b++) {
-                _tile_loadd(7, xb + (c * T + b) * AQLM_BF16_TILE_ELEMENTS, 64);
-                for (int r = 0; r < R; r++) {
-                    _tile_loadd(6, panels + r * AQLM_BF16_TILE_ELEMENTS, 64);
-                    accumulate(r * T + b);
-                }
+/* Blocks of chunks: their R x M panels are built into the strip first (strip tile
+ * (c * M + m) * R + r), then multiplied with every pass of T token blocks, R_acc row tiles at a
+ * time; with several passes or row subgroups the accumulators go to acc between blocks. */
+static inline __attribute__((always_inline)) void rows_loop(const int IG, const int CODE_BITS,
+                                                            const aqlm_block_shape *s, int64_t row0, int64_t rows,
+                                                            int R, int T, int64_t blocks, const void *restrict codes,
+                                                            const uint16_t *restrict cb, const uint16_t *restrict xb,
+                                                            uint16_t *restrict strip, float *restrict acc) {
+    const int64_t chunks = s->in_groups * s->ig / AQLM_BF16_CHUNK, M = s->M, passes = blocks / T;
+    const int64_t block = aqlm_bf16_block_chunks(R, M, passes);
+    const int R_acc = AQLM_BF16_ACC_TILES / T < R ? AQLM_BF16_ACC_TILES / T : R, tiles = R_acc * T;
+    const int spill = passes > 1 || R > R_acc;
+    enum { TILE_FLOATS = AQLM_BF16_ROWS * AQLM_BF16_TOKENS };
+    for (int i = 0; i < tiles; i++) zero_tile(i);
+    for (int64_t c0 = 0; c0 < chunks; c0 += block) {
+        const int64_t n = chunks - c0 < block ? chunks - c0 : block;
+        for (int64_t c = 0; c < n; c++)
+            for (int64_t m = 0; m < M; m++)
+                for (int r = 0; r < R; r++)
+                    build_panel(IG, CODE_BITS, s, row0 + r * AQLM_BF16_ROWS, rows, c0 + c, m, codes, cb,
+                                strip + ((c * M + m) * R + r) * AQLM_BF16_TILE_ELEMENTS);
+        for (int64_t p = 0; p < passes; p++)
+            for (int r0 = 0; r0 < R; r0 += R_acc) {
+                /* accumulator tile r * T + b holds row tile r0 + r, token block p * T + b */
+                float *sums = acc + ((p * R + r0) * T) * TILE_FLOATS;
+                if (spill)
+                    for (int i = 0; i < tiles; i++) {
+                        if (c0 > 0) load_tile(i, sums + i * TILE_FLOATS);
+                        else zero_tile(i);
+                    }
+                for (int64_t c = 0; c < n; c++)
+                    for (int b = 0; b < T; b++) {
+                        _tile_loadd(7, xb + ((c0 + c) * blocks + p * T + b) * AQLM_BF16_TILE_ELEMENTS, 64);
+                        for (int64_t m = 0; m < M; m++)
+                            for (int r = 0; r < R_acc; r++) {
+                                _tile_loadd(6, strip + ((c * M + m) * R + r0 + r) * AQLM_BF16_TILE_ELEMENTS, 64);
+                                accumulate(r * T + b);
+                            }
+                    }
+                if (spill)
+                    for (int i = 0; i < tiles; i++) store_tile(i, sums + i * TILE_FLOATS);
             }
-        }
+    }
+    if (!spill)
+        for (int i = 0; i < tiles; i++) store_tile(i, acc + i * TILE_FLOATS);
 }
 
-static void panel_amx(const aqlm_block_shape *s, int64_t row0, int64_t rows, int R, int T, const void *restrict codes,
-                      const uint16_t *restrict cb, const uint16_t *restrict xb, uint16_t *restrict panel,
-                      float *restrict acc) {
+static void rows_amx(const aqlm_block_shape *s, int64_t row0, int64_t rows, int R, int T, int64_t blocks,
+                     const void *restrict codes, const uint16_t *restrict cb, const uint16_t *restrict xb,
+                     uint16_t *restrict strip, float *restrict acc) {
     configure_tiles();
-    for (int i = 0; i < R * T; i++) zero_tile(i);
-    if (s->ig == 8 && s->code_bits == 16) panel_loop(8, 16, s, row0, rows, R, T, codes, cb, xb, panel);
-    else if (s->ig == 8) panel_loop(8, 8, s, row0, rows, R, T, codes, cb, xb, panel);
-    else if (s->ig == 4 && s->code_bits == 8) panel_loop(4, 8, s, row0, rows, R, T, codes, cb, xb, panel);
-    else panel_loop(0, 0, s, row0, rows, R, T, codes, cb, xb, panel);
-    for (int i = 0; i < R * T; i++) store_tile(i, acc + i * AQLM_BF16_ROWS * AQLM_BF16_TOKENS);
+    if (s->ig == 8 && s->code_bits == 16) rows_loop(8, 16, s, row0, rows, R, T, blocks, codes, cb, xb, strip, acc);
+    else if (s->ig == 8) rows_loop(8, 8, s, row0, rows, R, T, blocks, codes, cb, xb, strip, acc);
+    else if (s->ig == 4 && s->code_bits == 8) rows_loop(4, 8, s, row0, rows, R, T, blocks, codes, cb, xb, strip, acc);
+    else rows_loop(0, 0, s, row0, rows, R, T, blocks, codes, cb, xb, strip, acc);
     _tile_release();
 }
 
-const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {"amx", pack_amx, convert_amx, panel_amx};
+const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {"amx", pack_amx, convert_amx, rows_amx};
 #else
 int aqlm_bf16_amx_usable(void) { return 0; }
 const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {NULL, NULL, NULL, NULL};

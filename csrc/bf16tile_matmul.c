@@ -1,10 +1,10 @@
 /*
- * bf16tile_matmul.c - y = x W^T + b in bfloat16 tiles (bf16tile.h): AMX for a few to some tens
- * of tokens, without dequantizing the weight.
+ * bf16tile_matmul.c - y = x W^T + b in bfloat16 tiles (bf16tile.h): AMX from a few tokens on,
+ * without dequantizing the weight.
  *
- * Per call: the codebooks are converted to bfloat16 once (the threads share the work), then per
- * pass of up to 64 tokens the tokens are packed into the tile layout, and the threads split the
- * output rows in panels of R x 16 rows; each panel's sums are scaled, biased and stored in y.
+ * Per call: the codebooks are converted to bfloat16 once (unless they are bfloat16) and the
+ * tokens packed into the tile layout, the threads sharing the work; then the threads split the
+ * output rows in groups of R x 16 rows, and each group's sums are scaled, biased and stored in y.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -30,18 +30,23 @@ aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     const aqlm_bf16_kernels *kernels = aqlm_bf16_kernels_for(simd);
     const int64_t in = f->in_features, out = f->out_features, chunks = in / AQLM_BF16_CHUNK;
     const int64_t cb_values = s.M * s.K * s.ig;
-    const int64_t pass_tokens = n < AQLM_BF16_MAX_TOKENS ? n : AQLM_BF16_MAX_TOKENS;
-    const int max_blocks = (int)((pass_tokens + AQLM_BF16_TOKENS - 1) / AQLM_BF16_TOKENS);
+    /* Up to 6 token blocks: one pass, 6 / T row tiles per group; more: passes of
+     * AQLM_BF16_PASS_BLOCKS blocks, AQLM_BF16_SPILL_ROW_TILES row tiles per group. */
+    const int64_t needed = (n + AQLM_BF16_TOKENS - 1) / AQLM_BF16_TOKENS;
+    const int T = needed <= AQLM_BF16_ACC_TILES ? (int)needed : AQLM_BF16_PASS_BLOCKS;
+    const int R = needed <= AQLM_BF16_ACC_TILES ? AQLM_BF16_ACC_TILES / T : AQLM_BF16_SPILL_ROW_TILES;
+    const int64_t blocks = (needed + T - 1) / T * T;
+    const int64_t group_rows = (int64_t)R * AQLM_BF16_ROWS, groups = (out + group_rows - 1) / group_rows;
     /* one product per weight, codebook and token */
-    int P = aqlm_threads_for(num_threads, (double)n * out * in * s.M);
+    const int P = aqlm_threads_for(num_threads, (double)n * out * in * s.M);
 
-    size_t bytes = 0;
     /* bfloat16 codebooks are read in place; others are converted once per call */
     const int convert = param_dtype != AQLM_BF16;
+    size_t bytes = 0;
     const size_t at_cb = aqlm_carve(&bytes, convert ? (size_t)cb_values * sizeof(uint16_t) : 0);
-    const size_t at_xb = aqlm_carve(&bytes, (size_t)(chunks * max_blocks * AQLM_BF16_TILE_ELEMENTS) * sizeof(uint16_t));
-    const size_t per_thread = (size_t)AQLM_BF16_PANELS * AQLM_BF16_TILE_ELEMENTS * sizeof(uint16_t) +
-                              (size_t)AQLM_BF16_ACC_TILES * AQLM_BF16_ROWS * AQLM_BF16_TOKENS * sizeof(float);
+    const size_t at_xb = aqlm_carve(&bytes, (size_t)(chunks * blocks * AQLM_BF16_TILE_ELEMENTS) * sizeof(uint16_t));
+    const size_t strip_bytes = (size_t)aqlm_bf16_strip_tiles(R, s.M, blocks / T) * AQLM_BF16_TILE_ELEMENTS * sizeof(uint16_t);
+    const size_t per_thread = strip_bytes + (size_t)(R * blocks * AQLM_BF16_ROWS * AQLM_BF16_TOKENS) * sizeof(float);
     const size_t at_scratch = aqlm_carve(&bytes, (size_t)P * per_thread);
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
@@ -56,34 +61,32 @@ aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
         if (convert)
             kernels->convert(param_dtype, (const char *)codebooks + v0 * (int64_t)aqlm_dtype_size(param_dtype),
                              v1 - v0, converted + v0);
-        for (int64_t t0 = 0; t0 < n; t0 += AQLM_BF16_MAX_TOKENS) {
-            const int64_t tokens = n - t0 < AQLM_BF16_MAX_TOKENS ? n - t0 : AQLM_BF16_MAX_TOKENS;
-            const int T = (int)((tokens + AQLM_BF16_TOKENS - 1) / AQLM_BF16_TOKENS), R = AQLM_BF16_ACC_TILES / T;
-            kernels->pack(x_dtype, x, in, t0, tokens, T, chunks * member / team, chunks * (member + 1) / team, xb);
+        kernels->pack(x_dtype, x, in, n, blocks, chunks * member / team, chunks * (member + 1) / team, xb);
 #pragma omp barrier
-            const int64_t panel_rows = (int64_t)R * AQLM_BF16_ROWS, panels = (out + panel_rows - 1) / panel_rows;
-            for (int p = member; p < P; p += team) {
-                char *scratch = base + at_scratch + (size_t)p * per_thread;
-                uint16_t *panel = (uint16_t *)scratch;
-                float *acc = (float *)(scratch + (size_t)AQLM_BF16_PANELS * AQLM_BF16_TILE_ELEMENTS * sizeof(uint16_t));
-                for (int64_t q = panels * p / P; q < panels * (p + 1) / P; q++) {
-                    const int64_t row0 = q * panel_rows;
-                    kernels->panel(&s, row0, out, R, T, codes, cb, xb, panel, acc);
-                    for (int r = 0; r < R; r++)
-                        for (int64_t o = 0; o < AQLM_BF16_ROWS; o++) {
-                            const int64_t row = row0 + r * AQLM_BF16_ROWS + o;
-                            if (row >= out) break;
-                            const float scale = aqlm_load(param_dtype, scales, row);
-                            const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
-                            for (int64_t t = 0; t < tokens; t++) {
-                                const float sum = acc[((r * T + t / AQLM_BF16_TOKENS) * AQLM_BF16_ROWS + o) *
-                                                          AQLM_BF16_TOKENS + t % AQLM_BF16_TOKENS];
-                                aqlm_store(x_dtype, y, (t0 + t) * out + row, sum * scale + shift);
-                            }
-                        }
+        for (int p = member; p < P; p += team) {
+            char *scratch = base + at_scratch + (size_t)p * per_thread;
+            uint16_t *strip = (uint16_t *)scratch;
+            float *acc = (float *)(scratch + strip_bytes);
+            for (int64_t q = groups * p / P; q < groups * (p + 1) / P; q++) {
+                const int64_t row0 = q * group_rows;
+                kernels->rows(&s, row0, out, R, T, blocks, codes, cb, xb, strip, acc);
+                const int64_t count = out - row0 < group_rows ? out - row0 : group_rows;
+                float scale[AQLM_BF16_SPILL_ROW_TILES * AQLM_BF16_ROWS], shift[AQLM_BF16_SPILL_ROW_TILES * AQLM_BF16_ROWS];
+                for (int64_t i = 0; i < count; i++) {
+                    scale[i] = aqlm_load(param_dtype, scales, row0 + i);
+                    shift[i] = bias ? aqlm_load(param_dtype, bias, row0 + i) : 0.0f;
+                }
+                /* token by token, so each token's rows of y are written side by side */
+                for (int64_t t = 0; t < n; t++) {
+                    const int64_t b = t / AQLM_BF16_TOKENS;
+                    const float *sums = acc + ((b / T) * R * T + b % T) * AQLM_BF16_ROWS * AQLM_BF16_TOKENS + t % AQLM_BF16_TOKENS;
+                    for (int64_t i = 0; i < count; i++) {
+                        const float sum = sums[(i / AQLM_BF16_ROWS) * T * AQLM_BF16_ROWS * AQLM_BF16_TOKENS +
+                                               (i % AQLM_BF16_ROWS) * AQLM_BF16_TOKENS];
+                        aqlm_store(x_dtype, y, t * out + row0 + i, sum * scale[i] + shift[i]);
+                    }
                 }
             }
-#pragma omp barrier
         }
     }
     free(base);
