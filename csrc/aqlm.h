@@ -142,8 +142,8 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
 const char *aqlm_lutw_kernel_name(aqlm_simd level);
 
 /* The same product in bfloat16 tiles (AMX): one output-row panel of codewords at a time, in
- * bfloat16, times the tokens in bfloat16, summed in fp32 (bf16tile.h), for a few to some tens of
- * tokens without dequantizing the weight. Each codeword and activation is rounded to bfloat16
+ * bfloat16, times the tokens in bfloat16, summed in fp32 (bf16tile.h), from a few tokens on,
+ * without dequantizing the weight. Each codeword and activation is rounded to bfloat16
  * (round to nearest even), so the result agrees with the exact product of those roundings to fp32
  * summation error, not bit for bit across SIMD levels. Needs out_group_size 1, an in_group_size
  * that divides 32 and in_features divisible by 32. Without AMX it runs the scalar reference. */
