@@ -16,10 +16,11 @@ ISA_FLAGS = {
     "_avx2.c": ["-mavx2", "-mfma", "-mf16c"],
     "_avx512.c": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "_avx512vbmi.c": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mfma", "-mf16c"],
+    "_avx512bf16.c": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
     "_amx.c": ["-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                "-mfma", "-mf16c"],
 }
-OPTIONAL_ISA_SUFFIX = "_amx.c"  # older compilers (gcc < 11, clang < 12) lack the AMX flags
+OPTIONAL_ISA_SUFFIXES = ("_amx.c", "_avx512bf16.c")  # older compilers (gcc < 11, clang < 12) lack these flags
 BASE_FLAGS = ["-std=c11", "-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 if os.environ.get("AQLM_DEBUG_BUILD"):
     BASE_FLAGS = [f for f in BASE_FLAGS if f != "-O3"] + ["-O0", "-g", "-fsanitize=address,undefined"]
@@ -43,9 +44,9 @@ class BuildExtPerFileFlags(build_ext):
             try:
                 objects += self.compiler.compile([source], extra_postargs=BASE_FLAGS + isa_flags(source), **compile_args)
             except CompileError:
-                if not source.endswith(OPTIONAL_ISA_SUFFIX):
+                if not source.endswith(OPTIONAL_ISA_SUFFIXES):
                     raise
-                # A compiler without AMX flags builds the file's empty kernel table (never chosen).
+                # A compiler without these flags builds the file's empty kernel table (never chosen).
                 print(f"note: {source} built without {' '.join(isa_flags(source))}: this compiler lacks them")
                 objects += self.compiler.compile([source], extra_postargs=BASE_FLAGS, **compile_args)
         ext_path = self.get_ext_fullpath(ext.name)

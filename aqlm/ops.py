@@ -43,7 +43,7 @@ logger = logging.getLogger("aqlm")
 # than 1 or 16. They are the default for few tokens; AQLM_QUANTIZED_LUT=0 keeps every path exact.
 # Dequantizing to bfloat16 for many tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX)
 # rounds the weights to 8 bits of mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1. So is the
-# bfloat16 tile kernel ("amx", csrc/bf16tile.h) for float32/float16 activations; for bfloat16
+# bfloat16 tile kernel ("bf16", csrc/bf16tile.h) for float32/float16 activations; for bfloat16
 # activations, already rounded so, it is a candidate by default.
 LUTQ_GROUP = 64
 # Fixed rules only (measured choices consider "lutq" up to FEW_TOKENS): the token counts up to which
@@ -66,17 +66,21 @@ LUTW_MIN_TOKENS_WIDE = 12
 LUTW_MAX_TOKENS = 32
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
-CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "amx", "dequantize", "dequantize_bf16")
-FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "amx")  # C kernels over the codes; the others dequantize and call torch
-# Bfloat16 tiles ("amx"): candidates from this many tokens. Their cost barely grows with the tokens
-# up to 16 (4096x4096 1x16g8, 2 threads: 1.7 ms at 4 tokens and at 16), where the codeword lookups
-# that build the tiles dominate; "decode" wins below a few tokens. Against dequantizing
-# (bfloat16 activations, 1x16g8, 2 threads, ms, amx / dequantize): 4096x4096 at 128 tokens 4.7 /
-# 9.7, 512 tokens 15.0 / 17.5, 1024 tokens 27.5 / 24.5; 11008x4096 and 4096x11008 at 512 tokens
-# 33.0 / 43.0 and 31.4 / 50.8. The fixed rules take "amx" up to AMX_MAX_TOKENS; measured choices
-# consider it for any count.
-AMX_MIN_TOKENS = 4
-AMX_MAX_TOKENS = 512
+AMX_ENV = "AQLM_AMX"  # "0": the bfloat16 tiles run on AVX-512 BF16 instead of AMX (read by the C core)
+CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "bf16", "dequantize", "dequantize_bf16")
+FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "bf16")  # C kernels over the codes; the others dequantize and call torch
+# Bfloat16 tiles ("bf16": AMX, else AVX-512 BF16; _C.bf16_kernel() says which): candidates from
+# this many tokens. With AMX their cost barely grows with the tokens up to 16 (4096x4096 1x16g8,
+# 2 threads: 1.7 ms at 4 tokens and at 16), where the codeword lookups that build the tiles
+# dominate; "decode" wins below a few tokens. Against dequantizing (bfloat16 activations,
+# 1x16g8, 2 threads, ms, bf16 / dequantize): 4096x4096 at 128 tokens 4.7 / 9.7, 512 tokens 15.0 /
+# 17.5, 1024 tokens 27.5 / 24.5; 11008x4096 and 4096x11008 at 512 tokens 33.0 / 43.0 and 31.4 /
+# 50.8. Without AMX (VDPBF16PS on 16 tokens at a time; measured with AQLM_AMX=0 on the same CPU)
+# it beats "decode" from 9 tokens (16: 3.3 / 5.7 ms) and dequantizing up to 32 (6.7 / 7.4; 64:
+# 14.2 / 9.6). The fixed rules take "bf16" within BF16_TILE_TOKENS for its kernel; measured
+# choices consider it for any count.
+BF16_TILE_MIN_TOKENS = 4
+BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (9, 32)}  # (first, last) token counts, fixed rules
 _CHOOSER = kernel_choice.KernelChooser()
 
 
@@ -114,16 +118,18 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amx_applies(
+def bf16_tiles_apply(
     tokens: int, out_group_size: int, in_group_size: int, in_features: int, input_dtype: torch.dtype, bf16: bool
 ) -> bool:
-    """Whether the bfloat16 tile kernel ("amx") serves this call: this CPU and OS run AMX, the
-    format suits its tiles (out_group_size 1, in_group_size dividing 32, in_features divisible by
-    32), at least AMX_MIN_TOKENS tokens, and rounding to bfloat16 is acceptable: the activations
-    are bfloat16 already, or ``bf16`` (AQLM_BF16_DEQUANTIZE=1)."""
+    """Whether the bfloat16 tile kernel ("bf16") serves this call: this CPU runs it with AMX or
+    AVX-512 BF16 (``_C.bf16_kernel()``), the format suits its tiles (out_group_size 1,
+    in_group_size even and dividing 32, in_features divisible by 32), at least
+    BF16_TILE_MIN_TOKENS tokens, and rounding to bfloat16 is acceptable: the activations are
+    bfloat16 already, or ``bf16`` (AQLM_BF16_DEQUANTIZE=1)."""
     return (
-        tokens >= AMX_MIN_TOKENS and out_group_size == 1 and 32 % in_group_size == 0 and in_features % 32 == 0
-        and (input_dtype == torch.bfloat16 or bf16) and _C.bf16_kernel() == "amx"
+        tokens >= BF16_TILE_MIN_TOKENS and out_group_size == 1 and in_group_size % 2 == 0
+        and 32 % in_group_size == 0 and in_features % 32 == 0
+        and (input_dtype == torch.bfloat16 or bf16) and _C.bf16_kernel() != "scalar"
     )
 
 
@@ -142,8 +148,8 @@ def applicable_cpu_kernels(
         if nbits <= 8:
             kernels.append("lut")
         kernels.append("decode")
-    if amx_applies(tokens, out_group_size, in_group_size, in_features, input_dtype, bf16):
-        kernels.append("amx")
+    if bf16_tiles_apply(tokens, out_group_size, in_group_size, in_features, input_dtype, bf16):
+        kernels.append("bf16")
     kernels.append("dequantize")
     if bf16 and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
         kernels.append("dequantize_bf16")
@@ -152,15 +158,15 @@ def applicable_cpu_kernels(
 
 def choose_cpu_kernel(
     tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False,
-    amx: bool = False,
+    bf16_tiles: bool = False,
 ) -> str:
-    """"lutw", "lutq", "lut", "decode", "amx" or "dequantize": the fixed rules, used when measured
+    """"lutw", "lutq", "lut", "decode", "bf16" or "dequantize": the fixed rules, used when measured
     choices (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
 
-    Bfloat16 tiles ("amx", where ``amx``: :func:`amx_applies`) serve codebooks of more than 256
-    codewords up to AMX_MAX_TOKENS: 4096x4096 1x16g8 at 16 tokens, 2 threads, 1.6 ms against 6.1
-    for "decode" (and 1.5 for dense bfloat16); with 256 codewords or fewer the exact kernels
-    below are about as fast up to 16 tokens.
+    Bfloat16 tiles ("bf16", where ``bf16_tiles``: :func:`bf16_tiles_apply`) serve codebooks of more
+    than 256 codewords within BF16_TILE_TOKENS: 4096x4096 1x16g8 at 16 tokens, 2 threads, 1.6 ms
+    with AMX against 6.1 for "decode" (and 1.5 for dense bfloat16); with 256 codewords or fewer
+    the exact kernels below are about as fast up to 16 tokens.
 
     Exact tables 16 tokens wide ("lutw") beat the others, exact or not, from 8 tokens for
     codebooks of <= 16 codewords and from 12 for larger ones, up to 32 at least (LUTW_* above).
@@ -183,8 +189,10 @@ def choose_cpu_kernel(
         if tokens <= LUTQ_MAX_TOKENS_WIDE and _C.lutq_kernel() == "avx512vbmi":
             return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
-    if amx and nbits > 8 and tokens <= AMX_MAX_TOKENS:
-        return "amx"
+    if bf16_tiles and nbits > 8:
+        first, last = BF16_TILE_TOKENS.get(_C.bf16_kernel(), (0, -1))
+        if first <= tokens <= last:
+            return "bf16"
     if nbits <= 8:
         if tokens == 1 or (num_codebooks == 1 and tokens <= 64) or (num_codebooks == 2 and tokens < 4):
             return "lut"
@@ -607,7 +615,7 @@ def _few_token_matmul(
         _C.lutw_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out),
                        num_threads=torch.get_num_threads(), **dtypes)
     else:
-        c_kernel = {"lut": _C.lut_matmul, "amx": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
+        c_kernel = {"lut": _C.lut_matmul, "bf16": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
         c_kernel(_numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
                  num_threads=torch.get_num_threads(), **dtypes)
 
@@ -628,7 +636,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
     num_codebooks, _, out_group_size, in_group_size = codebooks.shape
     exact, bf16 = exact_lut_requested(), bf16_dequantize_requested()
     candidates = applicable_cpu_kernels(tokens, nbits, out_group_size, x.dtype, exact, bf16, in_group_size, in_features)
-    amx = "amx" in candidates
+    bf16_tiles = "bf16" in candidates
     forced = kernel_choice.forced_kernel()
     if forced is not None:
         if forced not in CPU_KERNELS:
@@ -636,7 +644,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
         if forced in candidates:
             return forced
     if forced is not None or not kernel_choice.calibration_enabled():
-        return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, amx=amx)
+        return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, bf16_tiles=bf16_tiles)
     out_features = codes.shape[0] * out_group_size
     calibration_tokens = kernel_choice.token_class(tokens)
     key = (
@@ -644,6 +652,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
         f"{kernel_choice.shape_class(out_features)}x{kernel_choice.shape_class(in_features)} t{calibration_tokens} "
         f"x:{_DTYPE_NAMES[x.dtype]} p:{_DTYPE_NAMES[codebooks.dtype]} simd:{_C.simd_default()} "
         f"threads:{torch.get_num_threads()} {'exact' if exact else 'lutq'}{' bf16' if bf16 else ''}"
+        f"{' tiles:' + _C.bf16_kernel() if bf16_tiles else ''}"
     )
 
     sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
@@ -652,7 +661,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
     def prepare(kernel: str) -> Callable[[], None]:
         return _kernel_call(kernel, sample, out, codes, codebooks, scales, bias)
 
-    prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, amx=amx)
+    prior = choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, bf16_tiles=bf16_tiles)
     return _CHOOSER.choose(key, candidates, prepare, prior=prior)
 
 
@@ -704,7 +713,7 @@ class _CpuPlan:
         if kernel == "lutw":
             packed, lutw_matmul = self.packed, _C.lutw_matmul
             return lambda x, out: lutw_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
-        c_kernel = {"lut": _C.lut_matmul, "amx": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
+        c_kernel = {"lut": _C.lut_matmul, "bf16": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
         return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)
 
 
@@ -731,7 +740,7 @@ def _cpu_plan(codes, codebooks, scales, bias) -> _CpuPlan:
 
 
 # The environment variables a CPU call's kernel depends on, read in one C call per call.
-_CALL_ENVIRONMENT = (QUANTIZED_LUT_ENV, BF16_DEQUANTIZE_ENV, kernel_choice.FORCE_ENV, kernel_choice.CALIBRATION_ENV)
+_CALL_ENVIRONMENT = (QUANTIZED_LUT_ENV, BF16_DEQUANTIZE_ENV, kernel_choice.FORCE_ENV, kernel_choice.CALIBRATION_ENV, AMX_ENV)
 
 
 def quantized_linear_cpu(

@@ -141,16 +141,17 @@ aqlm_status aqlm_lutw_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
 /* The wide-token kernels a call at `level` uses here: "scalar", "avx2" or "avx512". */
 const char *aqlm_lutw_kernel_name(aqlm_simd level);
 
-/* The same product in bfloat16 tiles (AMX): one output-row panel of codewords at a time, in
+/* The same product in bfloat16: one output-row panel of codewords at a time, in
  * bfloat16, times the tokens in bfloat16, summed in fp32 (bf16tile.h), from a few tokens on,
  * without dequantizing the weight. Each codeword and activation is rounded to bfloat16
  * (round to nearest even), so the result agrees with the exact product of those roundings to fp32
- * summation error, not bit for bit across SIMD levels. Needs out_group_size 1, an in_group_size
- * that divides 32 and in_features divisible by 32. Without AMX it runs the scalar reference. */
+ * summation error, not bit for bit across SIMD levels. Needs out_group_size 1, an even
+ * in_group_size that divides 32 and in_features divisible by 32. AMX where the CPU and OS allow,
+ * else AVX-512 BF16, else the scalar reference. */
 aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x, const void *codes,
                              aqlm_dtype param_dtype, const void *codebooks, const void *scales, const void *bias,
                              void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
-/* The bfloat16 tile kernels a call at `level` uses here: "amx" or "scalar". */
+/* The bfloat16 tile kernels a call at `level` uses here: "amx", "avx512bf16" or "scalar". */
 const char *aqlm_bf16_kernel_name(aqlm_simd level);
 
 /* ---- int8 weights -------------------------------------------------------------------------- */

@@ -89,10 +89,17 @@ const aqlm_bf16_kernels *aqlm_bf16_kernels_for(aqlm_simd level);
  * tile state (Linux arch_prctl ARCH_REQ_XCOMP_PERM, asked here; granting twice is harmless). */
 int aqlm_bf16_amx_usable(void);
 
+/* Whether this CPU has AVX-512 BF16 (VDPBF16PS); 0 when built without it. */
+int aqlm_bf16_cpu_has_avx512bf16(void);
+/* The AVX-512 BF16 token packing and codebook conversion (the AMX kernels use them too). */
+void aqlm_bf16_pack_avx512bf16(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t tokens, int64_t blocks,
+                               int64_t c0, int64_t c1, uint16_t *restrict xb);
+void aqlm_bf16_convert_avx512bf16(aqlm_dtype dtype, const void *src, int64_t count, uint16_t *restrict dst);
 void aqlm_bf16_pack_ref(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t tokens, int64_t blocks, int64_t c0,
                         int64_t c1, uint16_t *restrict xb);
 
 extern const aqlm_bf16_kernels aqlm_bf16_kernels_scalar;
-extern const aqlm_bf16_kernels aqlm_bf16_kernels_amx;
+extern const aqlm_bf16_kernels aqlm_bf16_kernels_amx;        /* name NULL when built without AMX */
+extern const aqlm_bf16_kernels aqlm_bf16_kernels_avx512bf16; /* name NULL when built without AVX-512 BF16 */
 
 #endif /* AQLM_BF16TILE_H */

@@ -1,9 +1,10 @@
 /*
  * bf16tile_amx.c - the bfloat16 tile kernels (bf16tile.h) on AMX: TDPBF16PS multiplies a
- * 16 x 32 panel of codewords with 32 inputs x 16 tokens; AVX-512 BF16 packs the tokens and
- * converts the codebooks.
+ * 16 x 32 panel of codewords with 32 inputs x 16 tokens; the AVX-512 BF16 file's functions pack
+ * the tokens and convert the codebooks.
  */
 #define _GNU_SOURCE /* syscall() */
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -15,45 +16,11 @@
 enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
 
 int aqlm_bf16_amx_usable(void) {
+    const char *setting = getenv("AQLM_AMX"); /* "0" turns the AMX kernels off */
+    if (setting != NULL && strcmp(setting, "0") == 0) return 0;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return 0;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-/* 32 values from base[index ..] as bfloat16 (round to nearest even). */
-static inline __m512i load32_bf16(aqlm_dtype dtype, const void *base, int64_t index) {
-    if (dtype == AQLM_BF16) return _mm512_loadu_si512((const uint16_t *)base + index);
-    __m512 lo, hi;
-    if (dtype == AQLM_F32) {
-        lo = _mm512_loadu_ps((const float *)base + index), hi = _mm512_loadu_ps((const float *)base + index + 16);
-    } else {
-        lo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index)));
-        hi = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index + 16)));
-    }
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-}
-
-static void pack_amx(aqlm_dtype x_dtype, const void *x, int64_t in, int64_t tokens, int64_t blocks, int64_t c0,
-                     int64_t c1, uint16_t *restrict xb) {
-    uint32_t rows[AQLM_BF16_TOKENS][AQLM_BF16_CHUNK / 2]; /* token t's 16 input pairs */
-    for (int64_t c = c0; c < c1; c++)
-        for (int64_t b = 0; b < blocks; b++) {
-            for (int64_t t = 0; t < AQLM_BF16_TOKENS; t++) {
-                const int64_t token = b * AQLM_BF16_TOKENS + t;
-                const __m512i v = token < tokens ? load32_bf16(x_dtype, x, token * in + c * AQLM_BF16_CHUNK)
-                                                 : _mm512_setzero_si512();
-                _mm512_storeu_si512(rows[t], v);
-            }
-            uint32_t *tile = (uint32_t *)(xb + (c * blocks + b) * AQLM_BF16_TILE_ELEMENTS);
-            for (int p = 0; p < AQLM_BF16_CHUNK / 2; p++)
-                for (int t = 0; t < AQLM_BF16_TOKENS; t++) tile[p * AQLM_BF16_TOKENS + t] = rows[t][p];
-        }
-}
-
-static void convert_amx(aqlm_dtype dtype, const void *src, int64_t count, uint16_t *restrict dst) {
-    int64_t i = 0;
-    for (; i + 32 <= count; i += 32) _mm512_storeu_si512(dst + i, load32_bf16(dtype, src, i));
-    for (; i < count; i++) dst[i] = aqlm_f32_to_bf16(aqlm_load(dtype, src, i));
 }
 
 typedef struct {
@@ -186,7 +153,7 @@ static void rows_amx(const aqlm_block_shape *s, int64_t row0, int64_t rows, int 
     _tile_release();
 }
 
-const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {"amx", pack_amx, convert_amx, rows_amx};
+const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {"amx", aqlm_bf16_pack_avx512bf16, aqlm_bf16_convert_avx512bf16, rows_amx};
 #else
 int aqlm_bf16_amx_usable(void) { return 0; }
 const aqlm_bf16_kernels aqlm_bf16_kernels_amx = {NULL, NULL, NULL, NULL};

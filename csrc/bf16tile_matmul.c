@@ -20,8 +20,8 @@ aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, f->out_group_size == 1, "bfloat16 tiles need out_group_size 1, got %lld",
                (long long)f->out_group_size);
-    AQLM_CHECK(err, AQLM_BF16_CHUNK % f->in_group_size == 0,
-               "bfloat16 tiles need an in_group_size that divides %d, got %lld", AQLM_BF16_CHUNK,
+    AQLM_CHECK(err, AQLM_BF16_CHUNK % f->in_group_size == 0 && f->in_group_size % 2 == 0,
+               "bfloat16 tiles need an even in_group_size that divides %d, got %lld", AQLM_BF16_CHUNK,
                (long long)f->in_group_size);
     AQLM_CHECK(err, f->in_features % AQLM_BF16_CHUNK == 0, "bfloat16 tiles need in_features divisible by %d, got %lld",
                AQLM_BF16_CHUNK, (long long)f->in_features);

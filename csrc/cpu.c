@@ -99,8 +99,9 @@ const aqlm_lutw_kernels *aqlm_lutw_kernels_for(aqlm_simd level) {
 const char *aqlm_lutw_kernel_name(aqlm_simd level) { return aqlm_lutw_kernels_for(level)->name; }
 
 const aqlm_bf16_kernels *aqlm_bf16_kernels_for(aqlm_simd level) {
-    if (level >= AQLM_SIMD_AVX512 && aqlm_bf16_kernels_amx.name != NULL && aqlm_bf16_amx_usable())
-        return &aqlm_bf16_kernels_amx;
+    if (level < AQLM_SIMD_AVX512) return &aqlm_bf16_kernels_scalar;
+    if (aqlm_bf16_kernels_amx.name != NULL && aqlm_bf16_amx_usable()) return &aqlm_bf16_kernels_amx;
+    if (aqlm_bf16_kernels_avx512bf16.name != NULL && aqlm_bf16_cpu_has_avx512bf16()) return &aqlm_bf16_kernels_avx512bf16;
     return &aqlm_bf16_kernels_scalar;
 }
 

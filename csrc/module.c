@@ -373,9 +373,9 @@ PyDoc_STRVAR(bf16_matmul_doc,
 "bf16_matmul(x, codes, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
 "--\n\n"
 "out [n, out_features] = x [n, in_features] @ W.T + bias in bfloat16 tiles (AMX where the CPU and\n"
-"OS allow, else the scalar reference): codewords and activations rounded to bfloat16, products\n"
-"summed in float32. Needs out_group_size 1, an in_group_size dividing 32 and in_features\n"
-"divisible by 32. bias may be None.");
+"OS allow, else AVX-512 BF16, else the scalar reference; AQLM_AMX=0 turns AMX off): codewords and\n"
+"activations rounded to bfloat16, products summed in float32. Needs out_group_size 1, an even\n"
+"in_group_size dividing 32 and in_features divisible by 32. bias may be None.");
 
 static PyObject *py_bf16_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     return matmul_common(module, args, kwargs, "OOOOOO|$sszi:bf16_matmul", aqlm_bf16_matmul);
@@ -612,7 +612,7 @@ static PyObject *py_lutw_kernel(PyObject *module, PyObject *args, PyObject *kwar
     return kernel_name(module, args, kwargs, "|z:lutw_kernel", aqlm_lutw_kernel_name);
 }
 
-PyDoc_STRVAR(bf16_kernel_doc, "bf16_kernel(simd=None)\n--\n\nThe bfloat16 tile kernels used at that SIMD level: 'amx' or 'scalar'.");
+PyDoc_STRVAR(bf16_kernel_doc, "bf16_kernel(simd=None)\n--\n\nThe bfloat16 tile kernels used at that SIMD level: 'amx', 'avx512bf16' or 'scalar' (AQLM_AMX=0 turns AMX off).");
 static PyObject *py_bf16_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
     return kernel_name(module, args, kwargs, "|z:bf16_kernel", aqlm_bf16_kernel_name);
 }

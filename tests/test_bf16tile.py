@@ -1,12 +1,13 @@
-"""Bfloat16 tiles (``_C.bf16_matmul``, csrc/bf16tile.h): panels of codewords and the tokens rounded
-to bfloat16, products summed in float32 (AMX where this CPU and OS run it, else the scalar
-reference).
+"""Bfloat16 tiles (``_C.bf16_matmul``, csrc/bf16tile.h): codewords and tokens rounded to bfloat16,
+products summed in float32, by AMX where this CPU and OS run it, else by AVX-512 BF16, else by
+the scalar reference (each kernel this machine runs is tested; AQLM_AMX=0 selects AVX-512 BF16
+on an AMX CPU).
 
 Each codeword and activation is rounded to bfloat16 (nearest even); the products of two bfloat16
 values are exact in float32, so only the order and rounding of the float32 sums differ between
-the AMX unit and the scalar reference. Both must match the float64 product of the rounded
-operands within the float32 summation bound of bf16tile.h, |acc - exact| <= gamma(M * in) *
-sum |w| |x| with gamma(n) = n u / (1 - n u), u = 2^-24, plus the output's own rounding.
+the kernels. Each must match the float64 product of the rounded operands within the float32
+summation bound of bf16tile.h, |acc - exact| <= gamma(M * in) * sum |w| |x| with
+gamma(n) = n u / (1 - n u), u = 2^-24, plus the output's own rounding.
 """
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from aqlm import _C, QuantizedLinear, ops
 from parallel import always_parallel  # noqa: F401 (fixture)
 from test_lutq import DTYPES, np_view, random_weight
 
-AMX = _C.bf16_kernel() == "amx"
-needs_amx = pytest.mark.skipif(not AMX, reason="this CPU, OS or build cannot run AMX-BF16 tiles")
+KERNEL = _C.bf16_kernel()  # "amx", "avx512bf16" or "scalar"
+needs_simd = pytest.mark.skipif(KERNEL == "scalar", reason="this CPU, OS or build has neither AMX-BF16 nor AVX-512 BF16")
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 # (out, in, num_codebooks, nbits, in_group_size): 1x16g8, 2x8g8, nibble-sized 4x4g8, groups of 4,
@@ -36,6 +37,18 @@ CONFIGS = [
     (112, 1024, 2, 8, 8),
 ]
 TOKENS = [1, 4, 15, 16, 17, 40, 64, 65, 130]
+
+
+@pytest.fixture(params=["scalar", "amx", "avx512bf16"])
+def kernel(request, monkeypatch):
+    """Each bfloat16 tile kernel this machine runs (AVX-512 BF16 on an AMX CPU with AQLM_AMX=0);
+    yields the SIMD level that selects it."""
+    if request.param != "scalar":
+        if request.param == "avx512bf16":
+            monkeypatch.setenv("AQLM_AMX", "0")
+        if _C.bf16_kernel("avx512") != request.param:
+            pytest.skip(f"this CPU, OS or build cannot run the {request.param} kernels")
+    return "scalar" if request.param == "scalar" else "avx512"
 
 
 def run_bf16(x, codes, codebooks, scales, bias, simd, num_threads=2):
@@ -76,16 +89,14 @@ def exact_and_bound(x, codes, codebooks, scales, bias):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("tokens", TOKENS)
-def test_scalar_and_amx_match_the_rounded_product_within_the_bound(config, tokens, always_parallel):
+def test_every_kernel_matches_the_rounded_product_within_the_bound(config, tokens, kernel, always_parallel):
     codes, codebooks, scales, bias = random_weight(*config, dtype=torch.float16, seed=tokens)
     x = torch.randn(tokens, config[1], generator=torch.Generator().manual_seed(tokens))
     exact, bound = exact_and_bound(x, codes, codebooks, scales, bias)
-    levels = ["scalar"] + (["avx512"] if AMX else [])
-    for level in levels:
-        for threads in (1, 2, 3):
-            got = run_bf16(x, codes, codebooks, scales, bias, level, num_threads=threads)
-            error = (got.double() - exact).abs()
-            assert (error <= bound).all(), f"simd={level} threads={threads}: error {float((error - bound).max())} above the bound"
+    for threads in (1, 2, 3):
+        got = run_bf16(x, codes, codebooks, scales, bias, kernel, num_threads=threads)
+        error = (got.double() - exact).abs()
+        assert (error <= bound).all(), f"threads={threads}: error {float((error - bound).max())} above the bound"
     # the rounding to bfloat16 is real: the float32 formula is further off than the bound allows
     full = x.double() @ ops.dequantize_reference(codes, codebooks.float(), scales.float()).double().T + bias.double()
     assert float(((full - exact).abs() - bound).max()) > 0
@@ -94,19 +105,22 @@ def test_scalar_and_amx_match_the_rounded_product_within_the_bound(config, token
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-def test_every_dtype_and_no_bias(x_dtype, param_dtype, with_bias):
+def test_every_dtype_and_no_bias(x_dtype, param_dtype, with_bias, kernel):
     codes, codebooks, scales, bias = random_weight(70, 96, 2, 8, 8, dtype=param_dtype, seed=3)
     bias = bias if with_bias else None
     x = torch.randn(20, 96, generator=torch.Generator().manual_seed(3)).to(x_dtype)
     exact, bound = exact_and_bound(x, codes, codebooks, scales, bias)
-    for level in ["scalar"] + (["avx512"] if AMX else []):
-        error = (run_bf16(x, codes, codebooks, scales, bias, level).double() - exact).abs()
-        assert (error <= bound).all(), f"simd={level}: error {float((error - bound).max())} above the bound"
+    error = (run_bf16(x, codes, codebooks, scales, bias, kernel).double() - exact).abs()
+    assert (error <= bound).all(), f"error {float((error - bound).max())} above the bound"
 
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((16, 40, 1, 8, 8), "in_features divisible by 32"), ((16, 36, 1, 8, 12), "in_group_size that divides 32")],
+    [
+        ((16, 40, 1, 8, 8), "in_features divisible by 32"),
+        ((16, 36, 1, 8, 12), "even in_group_size that divides 32"),
+        ((16, 32, 1, 8, 1), "even in_group_size that divides 32"),
+    ],
 )
 def test_unsupported_formats_are_refused_by_name(shape, message):
     codes, codebooks, scales, bias = random_weight(*shape)
@@ -122,22 +136,30 @@ def test_output_groups_are_refused():
         _C.bf16_matmul(torch.randn(4, 64).numpy(), codes.numpy(), codebooks.numpy(), scales.numpy(), None, out.numpy())
 
 
-def test_amx_is_a_candidate_only_where_bfloat16_rounding_is_acceptable():
+def test_bf16_is_a_candidate_only_where_bfloat16_rounding_is_acceptable():
     args = dict(tokens=16, out_group_size=1, in_group_size=8, in_features=4096)
-    assert ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **args) == AMX
-    assert ops.amx_applies(input_dtype=torch.float32, bf16=True, **args) == AMX
-    assert not ops.amx_applies(input_dtype=torch.float32, bf16=False, **args)  # exact unless asked
-    assert not ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **{**args, "tokens": ops.AMX_MIN_TOKENS - 1})
-    assert not ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **{**args, "out_group_size": 2})
-    assert not ops.amx_applies(input_dtype=torch.bfloat16, bf16=False, **{**args, "in_features": 4080})
-    assert ops.choose_cpu_kernel(16, 1, 16, 1, 8, amx=True) == "amx"
-    assert ops.choose_cpu_kernel(ops.AMX_MAX_TOKENS + 1, 1, 16, 1, 8, amx=True) == "dequantize"
-    assert ops.choose_cpu_kernel(16, 1, 16, 1, 8, amx=False) != "amx"
-    assert ops.choose_cpu_kernel(16, 2, 8, 1, 8, amx=True) != "amx"  # 256 codewords: the exact tables
+    runs = KERNEL != "scalar"
+    assert ops.bf16_tiles_apply(input_dtype=torch.bfloat16, bf16=False, **args) == runs
+    assert ops.bf16_tiles_apply(input_dtype=torch.float32, bf16=True, **args) == runs
+    assert not ops.bf16_tiles_apply(input_dtype=torch.float32, bf16=False, **args)  # exact unless asked
+    assert not ops.bf16_tiles_apply(input_dtype=torch.bfloat16, bf16=False, **{**args, "tokens": ops.BF16_TILE_MIN_TOKENS - 1})
+    assert not ops.bf16_tiles_apply(input_dtype=torch.bfloat16, bf16=False, **{**args, "out_group_size": 2})
+    assert not ops.bf16_tiles_apply(input_dtype=torch.bfloat16, bf16=False, **{**args, "in_features": 4080})
+    assert not ops.bf16_tiles_apply(input_dtype=torch.bfloat16, bf16=False, **{**args, "in_group_size": 1})
 
 
-@needs_amx
-def test_bfloat16_layer_uses_amx_for_1x16_and_matches_its_dequantized_weight(monkeypatch):
+@needs_simd
+def test_fixed_rules_take_bf16_for_65536_codewords_within_its_token_range():
+    first, last = ops.BF16_TILE_TOKENS[KERNEL]
+    assert ops.choose_cpu_kernel(first, 1, 16, 1, 8, bf16_tiles=True) == "bf16"
+    assert ops.choose_cpu_kernel(last, 1, 16, 1, 8, bf16_tiles=True) == "bf16"
+    assert ops.choose_cpu_kernel(last + 1, 1, 16, 1, 8, bf16_tiles=True) != "bf16"
+    assert ops.choose_cpu_kernel(16, 1, 16, 1, 8, bf16_tiles=False) != "bf16"
+    assert ops.choose_cpu_kernel(16, 2, 8, 1, 8, bf16_tiles=True) != "bf16"  # 256 codewords: the exact tables
+
+
+@needs_simd
+def test_bfloat16_layer_uses_the_tiles_for_1x16_and_matches_its_rounded_product(monkeypatch):
     """A bfloat16 QuantizedLinear with one 2**16-codeword codebook, 16 tokens, fixed rules (as
     the tests run): the tiles serve it, within the bound of the product of its rounded operands."""
     monkeypatch.setenv("AQLM_KERNEL_CALIBRATION", "0")
