@@ -1,6 +1,7 @@
 /*
- * bf16tile.h - y = x W^T + b in bfloat16 tiles, from a few tokens on, on CPUs with AMX
- * (internal; shared by bf16tile_*.c and cpu.c).
+ * bf16tile.h - y = x W^T + b in bfloat16 tiles, from a few tokens on, on CPUs with AMX (or,
+ * without the panels below, AVX-512 BF16: bf16tile_avx512bf16.c) (internal; shared by
+ * bf16tile_*.c and cpu.c).
  *
  * The weight is never dequantized whole. A panel of 16 output rows x 32 inputs of one codebook's
  * codewords (og 1, 32 / ig codewords per row) is copied, already in bfloat16, into a 1 KiB
@@ -10,9 +11,11 @@
  *     acc[o, t] = sum_m sum_i bf16(cb[m, code(o, i / ig, m), i % ig]) * bf16(x[t, i])     (fp32 sums)
  *     y[t, o] = acc[o, t] * scale[o] + bias[o]
  * The products of two bfloat16 values are exact in fp32; only the order and rounding of the sums
- * differ between the AMX unit and the scalar reference, so they agree to fp32 summation error:
+ * differ between the AMX unit, VDPBF16PS and the scalar reference, so all agree to fp32 summation
+ * error:
  *     |acc - exact| <= gamma(M * in) * sum_m sum_i |bf16(w)| |bf16(x)|,  gamma(n) = n u / (1 - n u),
- * u = 2^-24 (AMX flushes denormal inputs and results to zero; each flush adds at most 2^-126).
+ * u = 2^-24 (AMX and VDPBF16PS flush denormal inputs and results to zero; each flush adds at
+ * most 2^-126).
  *
  * The tokens are packed once per call into the tile layout of TDPBF16PS's second operand
  * (aqlm_bf16_pack_fn below), which every thread reads. The threads split the output rows in
@@ -53,7 +56,7 @@ typedef void (*aqlm_bf16_pack_fn)(aqlm_dtype x_dtype, const void *x, int64_t in,
 /* dst[i] = bf16(src[i]) (round to nearest even) for i in [0, count). */
 typedef void (*aqlm_bf16_convert_fn)(aqlm_dtype dtype, const void *src, int64_t count, uint16_t *restrict dst);
 
-/* One group of rows: output rows [row0, row0 + R * 16) (rows from `rows` on are zero), all
+/* One group of rows: output rows [row0, row0 + R * 16) (rows from `rows` on: any values, unused), all
  * inputs, all `blocks` token blocks (a multiple of T) in passes of T:
  *     acc[(((b / T) * R + r) * T + b % T) * 256 + o * 16 + t] = the sum above for row
  *     row0 + r * 16 + o and token b * 16 + t
