@@ -1,7 +1,7 @@
 """benchmarks/bench_7b_block.py end to end at a tiny scale (seconds): it runs the product's block
 quantization and prints its phase table and estimates, labelled as not the 7B shape; and
 benchmarks/bench_lm_head.py with two repeats at one thread; benchmarks/bench_few_tokens.py on one small
-shape."""
+shape; benchmarks/bench_bf16_tiles.py on one small shape."""
 import os
 import subprocess
 import sys
@@ -41,4 +41,15 @@ def test_bench_few_tokens_prints_every_kernel_and_the_cpu_flags():
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     for label in ("flags:", "lutw", "lutq", "decode", "192x576"):
+        assert label in result.stdout
+
+
+def test_bench_bf16_tiles_prints_the_tiles_beside_the_other_kernels():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    env.pop("AQLM_CPU_KERNEL", None)
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_bf16_tiles.py"), "--threads", "1", "--repeat", "1",
+               "--shapes", "64x96", "--tokens", "4", "70", "--schemes", "1x16g8", "2x8g8"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("flags:", "bfloat16 tile kernel here:", "bf16 ", "decode", "lutw", "dequantize", "64x96"):
         assert label in result.stdout
