@@ -46,6 +46,12 @@ enum {
     AQLM_BF16_SPILL_STRIP_TILES = 48,   /* codeword panels built at a time then (48 KiB) */
 };
 
+/* A group of several passes holds whole sets of R_acc = 6 / AQLM_BF16_PASS_BLOCKS row tiles, and
+ * at least as many rows as a one-pass group (the driver sizes its per-row arrays so). */
+_Static_assert(AQLM_BF16_SPILL_ROW_TILES % (AQLM_BF16_ACC_TILES / AQLM_BF16_PASS_BLOCKS) == 0 &&
+                   AQLM_BF16_SPILL_ROW_TILES >= AQLM_BF16_ACC_TILES,
+               "AQLM_BF16_SPILL_ROW_TILES must be a multiple of the accumulator row tiles per pass");
+
 /* The tokens' tile layout: for chunk c (inputs [32c, 32c + 32)) and token block b (of `blocks`),
  * 16 rows of input pairs p, each holding the 16 tokens' pairs side by side:
  *     xb[((c * blocks + b) * 16 + p) * 32 + t * 2 + e] = bf16(x[b * 16 + t, 32c + 2p + e])
