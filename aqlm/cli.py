@@ -217,14 +217,18 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--batch-size", type=int_at_least(1), default=1)
     parser.add_argument("--reference", help="also report KL(reference || model) on the same windows")
     parser.add_argument("--threads", type=int_at_least(1), default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the models' float parameters and activations; bfloat16 is faster on CPUs "
+                             "with AVX512-BF16 or AMX (the AQLM layers then use their bfloat16 kernels)")
     parser.set_defaults(run=_run_eval)
 
 
-def load_model(path: Path):
-    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None); see :func:`aqlm.hf.load_causal_lm`."""
+def load_model(path: Path, dtype: Optional[torch.dtype] = None):
+    """A causal LM (dense or AQLM) in evaluation mode and its tokenizer (or None), its float
+    parameters in ``dtype`` (None: as Transformers loads them); see :func:`aqlm.hf.load_causal_lm`."""
     from .hf import load_causal_lm
 
-    return load_causal_lm(path)
+    return load_causal_lm(path, dtype=dtype)
 
 
 def evaluate_model(model, tokenizer, dataset, seqlen: int, max_windows: Optional[int], batch_size: int = 1,
@@ -248,10 +252,11 @@ def evaluate_model(model, tokenizer, dataset, seqlen: int, max_windows: Optional
 def _run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(_resolve_model(args.model))
-    reference = load_model(_resolve_model(args.reference))[0] if args.reference else None
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model(_resolve_model(args.model), dtype)
+    reference = load_model(_resolve_model(args.reference), dtype)[0] if args.reference else None
     result = evaluate_model(model, tokenizer, args.dataset, args.seqlen, args.max_windows, args.batch_size, reference)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({**result, "dtype": args.dtype}, indent=2))
     return 0
 
 

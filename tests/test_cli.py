@@ -214,3 +214,21 @@ def test_tied_embedding_is_stored_once_in_the_storage_dtype(tmp_path, monkeypatc
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=2e-3)
+
+
+def test_eval_runs_in_float32_and_bfloat16(checkpoint, tmp_path, capsys):
+    """``eval --dtype``: the model's float parameters and activations in that dtype, reported with
+    the result; bfloat16 moves the perplexity by rounding only."""
+    _, out, _ = checkpoint
+    tokens = token_file(tmp_path)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        status = main(["eval", str(out), "--dataset", str(tokens), "--seqlen", "16", "--max-windows", "4",
+                       "--dtype", dtype])
+        assert status == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+        assert results[dtype]["dtype"] == dtype and results[dtype]["windows"] == 4
+    assert results["float32"]["perplexity"] != results["bfloat16"]["perplexity"]  # really ran in bfloat16
+    assert results["bfloat16"]["perplexity"] == pytest.approx(results["float32"]["perplexity"], rel=0.05)
+    status, stderr = run_cli(capsys, "eval", str(out), "--dataset", str(tokens), "--dtype", "float16")
+    assert_one_line(status, stderr, "--dtype", "float16")
