@@ -598,6 +598,12 @@ def _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias, dense_dtype:
         out[:, rows] = F.linear(dense_x, weight, None if bias is None else bias[rows].to(dense_dtype))
 
 
+def _unpacked_codes_kernel(kernel: str) -> Callable:
+    """The C function of "lut", "bf16" or "decode", the kernels that read the codes as stored
+    (looked up at each call, so a patched ``_C`` attribute is seen)."""
+    return {"lut": _C.lut_matmul, "bf16": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
+
+
 def _few_token_matmul(
     kernel: str, x: torch.Tensor, out: torch.Tensor, arrays: tuple, packed: Optional[np.ndarray], param_dtype: torch.dtype
 ) -> None:
@@ -615,7 +621,7 @@ def _few_token_matmul(
         _C.lutw_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out),
                        num_threads=torch.get_num_threads(), **dtypes)
     else:
-        c_kernel = {"lut": _C.lut_matmul, "bf16": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
+        c_kernel = _unpacked_codes_kernel(kernel)
         c_kernel(_numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
                  num_threads=torch.get_num_threads(), **dtypes)
 
@@ -713,7 +719,7 @@ class _CpuPlan:
         if kernel == "lutw":
             packed, lutw_matmul = self.packed, _C.lutw_matmul
             return lambda x, out: lutw_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
-        c_kernel = {"lut": _C.lut_matmul, "bf16": _C.bf16_matmul}.get(kernel, _C.codebook_matmul)
+        c_kernel = _unpacked_codes_kernel(kernel)
         return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)
 
 

@@ -19,20 +19,17 @@ import torch.nn.functional as F
 
 import aqlm
 from aqlm import _C, ops
+from bench_few_tokens import random_weight
 from bench_matmul import cpu_flags
 
 SCHEMES = ["1x16g8", "2x8g8"]
 TOKENS = [4, 16, 64, 128, 512]
 
 
-def random_weight(out_features: int, in_features: int, scheme: aqlm.AqlmScheme):
-    generator = torch.Generator().manual_seed(0)
-    G = in_features // scheme.in_group_size
-    codes = torch.randint(0, scheme.codebook_size, (out_features, G, scheme.num_codebooks), generator=generator)
-    codebooks = torch.randn(scheme.num_codebooks, scheme.codebook_size, 1, scheme.in_group_size, generator=generator)
-    scales = torch.rand(out_features, 1, 1, 1, generator=generator) * 0.02
-    codes = aqlm.pack_codes(codes, scheme.nbits_per_codebook)
-    return codes, (codebooks / scheme.num_codebooks).bfloat16(), scales.bfloat16()
+def bfloat16_weight(out_features: int, in_features: int, scheme: aqlm.AqlmScheme):
+    """bench_few_tokens' random weight with bfloat16 codebooks and scales, as in a bfloat16 model."""
+    codes, codebooks, scales = random_weight(out_features, in_features, scheme)
+    return codes, codebooks.bfloat16(), scales.bfloat16()
 
 
 def kernels_for(tokens: int, scheme: aqlm.AqlmScheme) -> list:
@@ -61,7 +58,7 @@ def main() -> None:
         out_features, in_features = (int(v) for v in shape.split("x"))
         for name in args.schemes:
             scheme = aqlm.AqlmScheme.parse(name)
-            codes, codebooks, scales = random_weight(out_features, in_features, scheme)
+            codes, codebooks, scales = bfloat16_weight(out_features, in_features, scheme)
             dense = ops.dequantize_reference(codes, codebooks, scales).reshape(out_features, in_features).bfloat16()
             for tokens in args.tokens:
                 x = torch.randn(tokens, in_features).bfloat16()
