@@ -39,6 +39,17 @@ def _resolve_model(name_or_dir: str) -> Path:
     return path
 
 
+def _check_out_before_converting(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--out`` before a bundled model is converted on first use (seconds to minutes)."""
+    from .fileio import check_output_dir
+    from .models.real import REAL_MODELS, real_model_path
+    from .quantize.model import PROGRESS_DIR
+
+    model = real_model_path(args.model) if args.model in REAL_MODELS else Path(args.model)
+    out = Path(args.out)
+    check_output_dir(out, {"input": model}, out / PROGRESS_DIR / "config.json", args.resume, args.overwrite)
+
+
 # ---- convert ---------------------------------------------------------------------------------
 
 
@@ -186,6 +197,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         return launch_workers(nproc, args.command_line)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_out_before_converting(args)
     model_dir = _resolve_model(args.model)
     with process_group(torch.device("cpu")) as world:  # quantize_model keeps the model on the CPU
         report = quantize_model(model_dir, args.dataset, args.out, config, resume=args.resume,
@@ -401,14 +413,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     import math
 
     from .baselines import quantize_model_rtn, rtn_bits_per_weight
-    from .fileio import check_output_dir
-    from .quantize.model import PROGRESS_DIR
 
     started = time.perf_counter()
     scheme = args.scheme
+    _check_out_before_converting(args)
     model_dir = _resolve_model(args.model)
     out = Path(args.out)
-    check_output_dir(out, {"input": model_dir}, out / PROGRESS_DIR / "config.json", args.resume, args.overwrite)
     dense, tokenizer = load_model(model_dir)
     threads = args.threads
     if threads is None and sum(p.numel() for p in dense.parameters()) < SMALL_MODEL_PARAMETERS:

@@ -90,6 +90,20 @@ def test_out_that_is_a_file_is_refused(dense, tmp_path, capsys):
     assert target.read_text() == "keep"
 
 
+@pytest.mark.parametrize("command", ["quantize", "demo"])
+def test_a_bad_out_is_refused_before_a_bundled_model_is_converted(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AQLM_CACHE_DIR", str(tmp_path / "cache"))
+    target = tmp_path / "a-file"
+    target.write_text("keep")
+    if command == "quantize":
+        argv = ("quantize", "stories260k", "--dataset", tmp_path / "tokens.pt", "--out", target, *QUICK)
+    else:
+        argv = ("demo", "--model", "stories260k", "--out", target)
+    status, stderr = run_cli(capsys, *argv)
+    assert_one_line(status, stderr, "is a file")
+    assert not (tmp_path / "cache" / "models").exists(), "the model was converted before --out was checked"
+
+
 @pytest.mark.parametrize(
     "argv, fragments",
     [

@@ -255,6 +255,17 @@ REAL_MODELS: dict[str, Callable[[], Path]] = {
 }
 
 
+_CACHE_NAMES: dict[str, str] = {"smollm2-135m": SMOLLM2_CACHE_NAME, "stories260k": STORIES260K_CACHE_NAME}
+
+
+def real_model_path(name: str) -> Path:
+    """Where :func:`real_model_dir` puts the real model called ``name``, without converting it
+    (to check an output path against the input before a first, slow conversion)."""
+    if name not in _CACHE_NAMES:
+        raise ValueError(f"unknown real model {name!r}; valid names: {', '.join(sorted(REAL_MODELS))}")
+    return cache_dir() / "models" / _CACHE_NAMES[name]
+
+
 def real_model_dir(name: str = "smollm2-135m") -> Path:
     """Directory of the real model called ``name`` (one of ``REAL_MODELS``), converted if needed.
 
