@@ -1,5 +1,9 @@
 """``quantize`` with several processes (torch.distributed, gloo on CPU): the checkpoint is bit-identical
-to a single process's with the same threads per process, also when a 2-process run resumes a run."""
+to a single process's with the same threads per process, also when a 2-process run resumes a run.
+Ranks with work borrow the threads of idle ranks, which keeps the identity because the layer
+search and block fine-tuning give the same bits at any thread count (tested here on shapes large
+enough for torch to use several threads)."""
+import copy
 import json
 import os
 import subprocess
@@ -14,7 +18,11 @@ from aqlm.cli import build_parser, main, quantize_config_from_args
 from aqlm.launch import check_nproc
 from aqlm.quantize import quantize_model
 from aqlm.distributed import World
-from aqlm.quantize.distributed import assign_owners, tree_nodes, tree_sum
+from aqlm.format import AqlmScheme
+from aqlm.inference import QuantizedLinear
+from aqlm.quantize.distributed import CoreShare, assign_owners, torch_threads, tree_nodes, tree_sum
+from aqlm.quantize.finetune import FinetuneConfig, finetune_block
+from aqlm.quantize.layer import LayerConfig, quantize_weight
 
 from test_quantize_model import tiny_model_dir, token_file
 
@@ -69,6 +77,7 @@ def test_two_processes_write_the_checkpoint_of_one(single, tmp_path):
     result = run_cli(*arguments(model_dir, tokens, tmp_path / "two", "--nproc", "2"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("block 0 self_attn.q_proj") == 1, "only rank 0 logs"
+    assert "fine-tunes the blocks with 2 threads" in result.stdout, "rank 1's thread is lent to rank 0"
     assert_same_checkpoint(one, tmp_path / "two")
 
 
@@ -128,6 +137,56 @@ def test_linears_are_shared_out_largest_first():
     assert assign_owners([128 * 64, 128 * 64], 2) == [0, 1]
     assert assign_owners([64 * 128], 2) == [0]
     assert assign_owners([5, 5, 5], 1) == [0, 0, 0]
+
+
+def test_idle_ranks_lend_their_threads_to_busy_ranks_on_their_machine():
+    machines, threads = ("a", "a", "b", "b", "b"), (1, 1, 2, 2, 3)
+    share = lambda rank: CoreShare(rank, machines, threads)
+    assert [share(rank).threads_with({0}) for rank in range(5)] == [2, 1, 2, 2, 3], "machine b has no busy rank"
+    assert [share(rank).threads_with({0, 2}) for rank in range(5)] == [2, 1, 7, 2, 3]
+    assert [share(rank).threads_with({2, 3}) for rank in range(5)] == [1, 1, 5, 2, 3], "rank 4's threads go to rank 2"
+    assert [share(rank).threads_with(set(range(5))) for rank in range(5)] == list(threads)
+    alone = CoreShare.gather(World(), 3)
+    assert alone.threads == (3,) and alone.threads_with({0}) == 3
+
+
+def _bits(tensors) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+@pytest.mark.parametrize("finetune_dtype", ["float32", "bfloat16"])
+def test_layer_search_and_finetuning_give_the_same_bits_at_1_and_2_threads(finetune_dtype):
+    """What lets a busy rank borrow threads without changing the checkpoint."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2)
+    dense = LlamaDecoderLayer(config, layer_idx=0)
+    x = torch.randn(4, 128, 256)
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(x, torch.arange(128)[None]), "attention_mask": None}
+    with torch.no_grad():
+        targets = dense(x, **kwargs)
+        targets = targets[0] if isinstance(targets, tuple) else targets
+    layer_config = LayerConfig(scheme=AqlmScheme.parse("2x6g8"), max_epochs=2, steps_per_epoch=10, init_max_iter=5,
+                               codebook_update="lstsq")
+    results = []
+    for threads in (1, 2):
+        block = copy.deepcopy(dense)
+        found = []
+        with torch_threads(threads):
+            for name in ("mlp.down_proj", "self_attn.o_proj"):
+                linear = block.get_submodule(name)
+                inputs = torch.randn(512, linear.in_features, generator=torch.Generator().manual_seed(1))
+                result = quantize_weight(linear.weight.detach(), inputs.T @ inputs, layer_config, layer_seed=7)
+                found += _bits((result.codes, result.codebooks, result.scales))
+                block.set_submodule(name, QuantizedLinear.from_parts(result.codes, result.codebooks, result.scales))
+            finetune_block(block, x, targets, kwargs, FinetuneConfig(max_epochs=1, lr=1e-3, dtype=finetune_dtype),
+                           seed=3, progress=False)
+        results.append(found + _bits(p for p in block.parameters() if p.is_floating_point()))
+    assert len(results[0]) == len(results[1])
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
 
 
 def test_bad_process_counts_are_refused(tmp_path, capsys):

@@ -11,13 +11,25 @@ result does not depend on the world size:
   combines the gathered subtree sums into the upper levels exactly as a single process computes
   them. Floating-point addition is deterministic, so the total is the same for every world size;
 * the linears of one input group are shared out between ranks (:func:`assign_owners`), and the
-  owner broadcasts its result.
+  owner broadcasts its result;
+* block fine-tuning runs on rank 0 alone, which broadcasts the block's trained parameters.
+
+A rank left without work (a group with fewer linears than ranks; every rank but 0 during
+fine-tuning) waits without using its cores, so the ranks with work on the same machine borrow its
+threads (:class:`CoreShare`). The result does not change: every computation here gives the same
+bits at any thread count (the C kernels by construction, torch's CPU kernels as measured by
+``tests/test_distributed_quantize.py``).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Optional, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from ..calibration import run_block
 from ..distributed import World
@@ -63,6 +75,51 @@ def assign_owners(sizes: list[int], world_size: int) -> list[int]:
         owners[job] = rank
         loads[rank] += sizes[job]
     return owners
+
+
+@dataclass(frozen=True)
+class CoreShare:
+    """Each rank's machine and threads, for ranks with work to borrow the threads of the idle
+    ranks on their machine."""
+
+    rank: int
+    machines: tuple[str, ...]  # a key per rank: the same for ranks on one machine
+    threads: tuple[int, ...]  # each rank's own thread count
+
+    @classmethod
+    def gather(cls, world: World, threads: int) -> "CoreShare":
+        """Every rank's machine (host name and torchrun's node rank) and ``threads``; a collective call."""
+        mine = (f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}", threads)
+        everyone = [mine]
+        if world.active:
+            everyone = [None] * world.size
+            dist.all_gather_object(everyone, mine)
+        return cls(world.rank, tuple(machine for machine, _ in everyone), tuple(count for _, count in everyone))
+
+    def threads_with(self, busy: Collection[int]) -> int:
+        """This rank's threads while only the ranks in ``busy`` have work: its own, plus, if it is
+        busy, those of the idle ranks on its machine, dealt out to that machine's busy ranks in
+        rank order."""
+        own = self.threads[self.rank]
+        if self.rank not in busy:
+            return own
+        here = [rank for rank, machine in enumerate(self.machines) if machine == self.machines[self.rank]]
+        busy_here = [rank for rank in here if rank in busy]
+        idle_here = [rank for rank in here if rank not in busy]
+        return own + sum(
+            self.threads[rank] for turn, rank in enumerate(idle_here) if busy_here[turn % len(busy_here)] == self.rank
+        )
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """``torch.set_num_threads(count)`` for the body of the ``with``, then the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_block_split(

@@ -31,8 +31,8 @@ from ..fileio import atomic_write_text, check_output_dir, file_sha256, make_read
 from ..format import AqlmScheme
 from ..hf import load_causal_lm, save_quantized
 from ..inference import QuantizedLinear
-from .distributed import assign_owners, run_block_split, tree_nodes, tree_sum
-from .finetune import FinetuneConfig, finetune_block
+from .distributed import CoreShare, assign_owners, run_block_split, torch_threads, tree_nodes, tree_sum
+from .finetune import FinetuneConfig, finetune_block, trainable_parameters
 from .layer import LayerConfig, quantize_weight
 from .phases import PhaseTimer
 
@@ -578,8 +578,10 @@ def quantize_model(
         inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
         val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
 
+    share = CoreShare.gather(world, config.layer.num_threads or torch.get_num_threads())
     if world.size > 1:
-        log(f"{world.size} processes share the work; rank 0 writes {out_dir}")
+        log(f"{world.size} processes share the work; rank 0 writes {out_dir} and fine-tunes the blocks "
+            f"with {share.threads_with({0})} threads")
     reports: list[LayerReport] = []
     earlier_seconds = 0.0  # recorded wall time of the blocks that earlier calls finished
     first_block_seconds: Optional[float] = None
@@ -596,7 +598,8 @@ def quantize_model(
             block_started = time.perf_counter()
             block_timer = PhaseTimer()
             record, outputs = _quantize_block(
-                block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer, world
+                block, index, inputs, val_inputs, block_kwargs, config, param_dtype, progress, log, block_timer, world,
+                share,
             )
             record["phases"] = block_timer.as_dict()
             record["seconds"] = time.perf_counter() - block_started
@@ -678,12 +681,14 @@ def _quantize_block(
     log: Callable[[str], None],
     timer: PhaseTimer,
     world: World,
+    share: CoreShare,
 ) -> tuple[dict, torch.Tensor]:
     """Quantize and fine-tune ``block``; returns its record and its outputs on ``inputs`` (the
     inputs of the next block, computed once for the output check).
 
-    With several processes, forward passes and X^T X are split by batch, and the linears of each
-    input group are shared out between ranks (see :mod:`aqlm.quantize.distributed`).
+    With several processes, forward passes and X^T X are split by batch, the linears of each
+    input group are shared out between ranks, and rank 0 fine-tunes; ranks with work borrow the
+    threads of the idle ranks on their machine (see :mod:`aqlm.quantize.distributed`).
     """
     started = time.perf_counter()
     with timer.phase("calibration"), config.forward_precision(inputs.device):
@@ -704,13 +709,17 @@ def _quantize_block(
             xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world, replay)
         linears = [block.get_submodule(name) for name in group]
         owners = assign_owners([linear.weight.numel() for linear in linears], world.size)
-        results = {
-            name: quantize_weight(
-                linear.weight.detach(), xtx[name], config.layer, layer_seed=index * 1000 + names.index(name), timer=timer
-            )
-            for name, linear, owner in zip(group, linears, owners)
-            if owner == world.rank
-        }
+        threads = share.threads_with(set(owners))
+        layer_config = dataclasses.replace(config.layer, num_threads=threads)
+        with torch_threads(threads):
+            results = {
+                name: quantize_weight(
+                    linear.weight.detach(), xtx[name], layer_config, layer_seed=index * 1000 + names.index(name),
+                    timer=timer,
+                )
+                for name, linear, owner in zip(group, linears, owners)
+                if owner == world.rank
+            }
         for name, linear, owner in zip(group, linears, owners):
             result = world.broadcast_object(results.get(name), src=owner)
             bias = None if linear.bias is None else linear.bias.detach().float()
@@ -731,13 +740,19 @@ def _quantize_block(
                 f"block {index} {name} {linear.out_features}x{linear.in_features} {scheme.name}: relative error "
                 f"{result.initial_error:.4f} -> {result.final_error:.4f} in {result.epochs} epochs, {result.seconds:.1f} s"
             )
-    # Fine-tuning runs whole on every rank: it is deterministic given the same inputs, targets and
-    # thread count, so every rank ends with the same block and no parameters need to be sent.
+    # Fine-tuning's steps follow one another, so it runs on rank 0 alone, with the threads of the
+    # other ranks on its machine, and rank 0 sends the trained parameters.
     with timer.phase("finetune"):
-        losses = finetune_block(
-            block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
-            val_inputs=val_inputs, val_targets=val_targets, progress=progress,
-        )
+        def finetune() -> dict:
+            with torch_threads(share.threads_with({0})):
+                return finetune_block(
+                    block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
+                    val_inputs=val_inputs, val_targets=val_targets, progress=progress,
+                )
+
+        losses = world.on_main(finetune)
+        for parameter in trainable_parameters(block):
+            world.broadcast_tensor(parameter.data, src=0)
     for module in block.modules():
         if isinstance(module, QuantizedLinear):
             for name in ("codebooks", "scales", "bias"):
