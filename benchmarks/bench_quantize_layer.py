@@ -174,24 +174,36 @@ def bench_scheme(
     else:
         one_group = LayerObjective(weight[:og], xtx, og)
         fixed = run_torch(one_group, codes[:1], codebooks, scales[:1], args.beam_size, seed).seconds
-        estimate = fixed + (torch_result.seconds - fixed) * out_features / rows
+        estimate = extrapolate(torch_result.seconds, fixed, rows, out_features)
         c_part_error = part.relative_error(c_result.codes[:groups], codebooks, scales[:groups])
         part_before = part.relative_error(codes[:groups], codebooks, scales[:groups])
         print(
             f"torch:      timed on the first {rows} of {out_features} rows only: {torch_result.seconds:.2f} s, "
             f"of which {fixed:.2f} s does not grow with rows (timed on one output group)"
         )
-        print(
-            f"            all rows extrapolated linearly: {estimate:.2f} s "
-            f"(plain linear scaling would say {torch_result.seconds * out_features / rows:.2f} s)"
-        )
+        if estimate is None:
+            print(f"            the time that grows with rows is lost in timing noise at {rows} rows "
+                  f"(one output group took longer): no extrapolation; give --torch-rows more rows")
+        else:
+            print(
+                f"            all rows extrapolated linearly: {estimate:.2f} s "
+                f"(plain linear scaling would say {torch_result.seconds * out_features / rows:.2f} s)"
+            )
         print(
             f"            on those {rows} rows: error before {part_before:.6f}, after torch {torch_result.error:.6f}, "
             f"after C {c_part_error:.6f}"
         )
     same = (torch_result.codes == c_result.codes[:groups]).float().mean().item()
     print(f"codes identical to the C pass on the rows torch ran: {100 * same:.3f}%")
-    print(f"speed ratio torch / C: {estimate / c_result.seconds:.1f}x")
+    if estimate is not None:
+        print(f"speed ratio torch / C: {estimate / c_result.seconds:.1f}x")
+
+
+def extrapolate(seconds: float, fixed: float, rows: int, out_features: int) -> Optional[float]:
+    """The time for ``out_features`` rows from ``seconds`` on ``rows`` of them, of which ``fixed`` does
+    not grow with rows; None when the part that grows is not above timing noise (``seconds <= fixed``)."""
+    growing = seconds - fixed
+    return fixed + growing * out_features / rows if growing > 0 else None
 
 
 def main() -> None:

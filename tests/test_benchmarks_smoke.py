@@ -1,7 +1,8 @@
 """benchmarks/bench_7b_block.py end to end at a tiny scale (seconds): it runs the product's block
 quantization and prints its phase table and estimates, labelled as not the 7B shape; and
 benchmarks/bench_lm_head.py with two repeats at one thread; benchmarks/bench_few_tokens.py on one small
-shape; benchmarks/bench_bf16_tiles.py on one small shape."""
+shape; benchmarks/bench_bf16_tiles.py on one small shape; benchmarks/bench_quantize_layer.py's
+extrapolation from a part of the rows."""
 import os
 import subprocess
 import sys
@@ -53,3 +54,15 @@ def test_bench_bf16_tiles_prints_the_tiles_beside_the_other_kernels():
     assert result.returncode == 0, result.stderr[-3000:]
     for label in ("flags:", "bfloat16 tile kernel here:", "bf16 ", "decode", "lutw", "dequantize", "64x96"):
         assert label in result.stdout
+
+
+def test_bench_quantize_layer_extrapolates_only_a_time_that_grows_with_rows():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_quantize_layer import extrapolate
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert extrapolate(3.0, 1.0, 8, 4096) == 1.0 + 2.0 * 512
+    assert extrapolate(0.74, 0.56, 8, 4096) > 0.74
+    assert extrapolate(0.5, 0.6, 8, 4096) is None, "one group took longer than 8 rows: no negative estimate"
+    assert extrapolate(0.5, 0.5, 8, 4096) is None
