@@ -75,12 +75,15 @@ FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "bf16")  # C kernels over 
 # dominate; "decode" wins below a few tokens. Against dequantizing (bfloat16 activations,
 # 1x16g8, 2 threads, ms, bf16 / dequantize): 4096x4096 at 128 tokens 4.7 / 9.7, 512 tokens 15.0 /
 # 17.5, 1024 tokens 27.5 / 24.5; 11008x4096 and 4096x11008 at 512 tokens 33.0 / 43.0 and 31.4 /
-# 50.8. Without AMX (VDPBF16PS on 16 tokens at a time; measured with AQLM_AMX=0 on the same CPU)
-# it beats "decode" from 9 tokens (16: 3.3 / 5.7 ms) and dequantizing up to 32 (6.7 / 7.4; 64:
-# 14.2 / 9.6). The fixed rules take "bf16" within BF16_TILE_TOKENS for its kernel; measured
-# choices consider it for any count.
+# 50.8. Without AMX (VDPBF16PS on 16 tokens at a time) the rules follow the CPUs that have it
+# and no AMX, AMD Zen 4 and later: on a 2-core AMD EPYC it beats "decode" from 8 tokens (4096x4096
+# 1x16g8, ms, bf16 / decode: 8 tokens 4.3 / 5.7, 12: 2.7 / 5.4; 11008x4096 at 8: 6.9 / 9.9) and
+# dequantizing up to 96 (4096x4096: 64 tokens 10.8 / 13.2, 96: 14.2 / 15.8, 128: 18.6 / 15.8;
+# 11008x4096 at 96: 36.0 / 37.0). On an AMX CPU with AQLM_AMX=0 the range was 9 to 32 (64: 14.2 /
+# 9.6 against dequantizing). The fixed rules take "bf16" within BF16_TILE_TOKENS for its kernel;
+# measured choices consider it for any count.
 BF16_TILE_MIN_TOKENS = 4
-BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (9, 32)}  # (first, last) token counts, fixed rules
+BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (8, 96)}  # (first, last) token counts, fixed rules
 _CHOOSER = kernel_choice.KernelChooser()
 
 
