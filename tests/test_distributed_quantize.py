@@ -77,7 +77,7 @@ def test_two_processes_write_the_checkpoint_of_one(single, tmp_path):
     result = run_cli(*arguments(model_dir, tokens, tmp_path / "two", "--nproc", "2"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("block 0 self_attn.q_proj") == 1, "only rank 0 logs"
-    assert "fine-tunes the blocks with 2 threads" in result.stdout, "rank 1's thread is lent to rank 0"
+    assert "block 0: fine-tuning on rank 0 with 2 threads" in result.stdout, "rank 1's thread is lent to rank 0"
     assert_same_checkpoint(one, tmp_path / "two")
 
 
@@ -146,8 +146,9 @@ def test_idle_ranks_lend_their_threads_to_busy_ranks_on_their_machine():
     assert [share(rank).threads_with({0, 2}) for rank in range(5)] == [2, 1, 7, 2, 3]
     assert [share(rank).threads_with({2, 3}) for rank in range(5)] == [1, 1, 5, 2, 3], "rank 4's threads go to rank 2"
     assert [share(rank).threads_with(set(range(5))) for rank in range(5)] == list(threads)
+    assert [share(rank).lent_to({0, 2}) for rank in range(5)] == [1, 0, 5, 0, 0]
     alone = CoreShare.gather(World(), 3)
-    assert alone.threads == (3,) and alone.threads_with({0}) == 3
+    assert alone.threads == (3,) and alone.threads_with({0}) == 3 and alone.lent_to({0}) == 0
 
 
 def _bits(tensors) -> list[torch.Tensor]:

@@ -110,6 +110,11 @@ class CoreShare:
             self.threads[rank] for turn, rank in enumerate(idle_here) if busy_here[turn % len(busy_here)] == self.rank
         )
 
+    def lent_to(self, busy: Collection[int]) -> int:
+        """The threads the idle ranks lend this rank while only the ranks in ``busy`` have work
+        (0 with one process, or when this rank is idle)."""
+        return self.threads_with(busy) - self.threads[self.rank]
+
 
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:

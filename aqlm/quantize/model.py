@@ -578,10 +578,9 @@ def quantize_model(
         inputs, block_kwargs = capture_block_inputs(model, train_windows, config.batch_size, progress)
         val_inputs = capture_block_inputs(model, val_windows, config.batch_size, False)[0] if len(val_windows) else None
 
-    share = CoreShare.gather(world, config.layer.num_threads or torch.get_num_threads())
+    share = CoreShare.gather(world, torch.get_num_threads())
     if world.size > 1:
-        log(f"{world.size} processes share the work; rank 0 writes {out_dir} and fine-tunes the blocks "
-            f"with {share.threads_with({0})} threads")
+        log(f"{world.size} processes share the work; rank 0 writes {out_dir} and fine-tunes the blocks")
     reports: list[LayerReport] = []
     earlier_seconds = 0.0  # recorded wall time of the blocks that earlier calls finished
     first_block_seconds: Optional[float] = None
@@ -709,9 +708,12 @@ def _quantize_block(
             xtx = collect_xtx(block, inputs, block_kwargs, group, config.batch_size, world, replay)
         linears = [block.get_submodule(name) for name in group]
         owners = assign_owners([linear.weight.numel() for linear in linears], world.size)
-        threads = share.threads_with(set(owners))
-        layer_config = dataclasses.replace(config.layer, num_threads=threads)
-        with torch_threads(threads):
+        lent = share.lent_to(set(owners))
+        layer_config = config.layer
+        if lent:
+            own = config.layer.num_threads or torch.get_num_threads()
+            layer_config = dataclasses.replace(config.layer, num_threads=own + lent)
+        with torch_threads(torch.get_num_threads() + lent):
             results = {
                 name: quantize_weight(
                     linear.weight.detach(), xtx[name], layer_config, layer_seed=index * 1000 + names.index(name),
@@ -744,7 +746,9 @@ def _quantize_block(
     # other ranks on its machine, and rank 0 sends the trained parameters.
     with timer.phase("finetune"):
         def finetune() -> dict:
-            with torch_threads(share.threads_with({0})):
+            with torch_threads(torch.get_num_threads() + share.lent_to({0})):
+                if world.active:
+                    log(f"block {index}: fine-tuning on rank 0 with {torch.get_num_threads()} threads")
                 return finetune_block(
                     block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
                     val_inputs=val_inputs, val_targets=val_targets, progress=progress,
