@@ -55,6 +55,7 @@ from aqlm.calibration import capture_block_inputs, find_linears, get_blocks
 from aqlm.cli import add_quantize_arguments, quantize_config_from_args
 from aqlm.kernel_choice import cpuinfo_field
 from aqlm.distributed import World
+from aqlm.quantize.distributed import CoreShare
 from aqlm.quantize.model import ProgressStore, QuantizeConfig, _PARAM_DTYPES, _quantize_block
 from aqlm.quantize.phases import PHASES, PhaseTimer
 
@@ -212,7 +213,9 @@ def main(argv: list[str]) -> None:
     block = get_blocks(model)[0]
     timer = PhaseTimer()
     param_dtype = _PARAM_DTYPES[config.param_dtype]
-    record, _ = _quantize_block(block, 0, inputs, None, block_kwargs, config, param_dtype, False, print, timer, World())
+    world = World()
+    record, _ = _quantize_block(block, 0, inputs, None, block_kwargs, config, param_dtype, False, print, timer, world,
+                                CoreShare.gather(world, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as directory, timer.phase("saving"):
         store = ProgressStore(Path(directory), {"benchmark": "bench_7b_block"})
         store.start(resume=False)
