@@ -171,15 +171,19 @@ def test_layer_search_and_finetuning_give_the_same_bits_at_1_and_2_threads(finet
         targets = targets[0] if isinstance(targets, tuple) else targets
     layer_config = LayerConfig(scheme=AqlmScheme.parse("2x6g8"), max_epochs=2, steps_per_epoch=10, init_max_iter=5,
                                codebook_update="lstsq")
+    names = ("mlp.down_proj", "self_attn.o_proj")
+    xtx = {}  # X^T X is summed by each rank on its own threads: not part of what is compared
+    for name in names:
+        inputs = torch.randn(512, dense.get_submodule(name).in_features, generator=torch.Generator().manual_seed(1))
+        xtx[name] = inputs.T @ inputs
     results = []
     for threads in (1, 2):
         block = copy.deepcopy(dense)
         found = []
         with torch_threads(threads):
-            for name in ("mlp.down_proj", "self_attn.o_proj"):
+            for name in names:
                 linear = block.get_submodule(name)
-                inputs = torch.randn(512, linear.in_features, generator=torch.Generator().manual_seed(1))
-                result = quantize_weight(linear.weight.detach(), inputs.T @ inputs, layer_config, layer_seed=7)
+                result = quantize_weight(linear.weight.detach(), xtx[name], layer_config, layer_seed=7)
                 found += _bits((result.codes, result.codebooks, result.scales))
                 block.set_submodule(name, QuantizedLinear.from_parts(result.codes, result.codebooks, result.scales))
             finetune_block(block, x, targets, kwargs, FinetuneConfig(max_epochs=1, lr=1e-3, dtype=finetune_dtype),
