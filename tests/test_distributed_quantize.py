@@ -78,6 +78,11 @@ def test_two_processes_write_the_checkpoint_of_one(single, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("block 0 self_attn.q_proj") == 1, "only rank 0 logs"
     assert "block 0: fine-tuning on rank 0 with 2 threads" in result.stdout, "rank 1's thread is lent to rank 0"
+    lines = {line.split()[2]: line for line in result.stdout.splitlines() if line.startswith("block 0 ")}
+    assert lines["self_attn.q_proj"].endswith("on rank 0 with 1 thread"), "q/k/v: both ranks busy, none lent"
+    assert lines["self_attn.k_proj"].endswith("on rank 1 with 1 thread")
+    assert lines["self_attn.o_proj"].endswith("on rank 0 with 2 threads"), "o_proj alone: rank 1 lends its thread"
+    assert lines["mlp.down_proj"].endswith("on rank 0 with 2 threads")
     assert_same_checkpoint(one, tmp_path / "two")
 
 

@@ -93,6 +93,7 @@ class LayerResult:
     final_error: float
     epochs: int
     seconds: float
+    threads: int  # of the C kernels (torch's thread count, unless LayerConfig.num_threads says otherwise)
 
 
 def _threads(config: LayerConfig) -> int:
@@ -354,6 +355,7 @@ def quantize_weight(
         final_error=final,
         epochs=epochs,
         seconds=time.perf_counter() - started,
+        threads=_threads(config),
     )
 
 

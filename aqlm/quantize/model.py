@@ -668,6 +668,11 @@ def quantize_model(
     return report
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 thread``, ``2 threads``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _quantize_block(
     block: nn.Module,
     index: int,
@@ -741,6 +746,7 @@ def _quantize_block(
             log(
                 f"block {index} {name} {linear.out_features}x{linear.in_features} {scheme.name}: relative error "
                 f"{result.initial_error:.4f} -> {result.final_error:.4f} in {result.epochs} epochs, {result.seconds:.1f} s"
+                + (f" on rank {owner} with {_count(result.threads, 'thread')}" if world.active else "")
             )
     # Fine-tuning's steps follow one another, so it runs on rank 0 alone, with the threads of the
     # other ranks on its machine, and rank 0 sends the trained parameters.
@@ -748,7 +754,7 @@ def _quantize_block(
         def finetune() -> dict:
             with torch_threads(torch.get_num_threads() + share.lent_to({0})):
                 if world.active:
-                    log(f"block {index}: fine-tuning on rank 0 with {torch.get_num_threads()} threads")
+                    log(f"block {index}: fine-tuning on rank 0 with {_count(torch.get_num_threads(), 'thread')}")
                 return finetune_block(
                     block, inputs, targets, block_kwargs, config.finetune, seed=config.seed * 1000003 + index,
                     val_inputs=val_inputs, val_targets=val_targets, progress=progress,
