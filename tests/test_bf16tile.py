@@ -9,13 +9,12 @@ the kernels. Each must match the float64 product of the rounded operands within 
 summation bound of bf16tile.h, |acc - exact| <= gamma(M * in) * sum |w| |x| with
 gamma(n) = n u / (1 - n u), u = 2^-24, plus the output's own rounding.
 """
-import numpy as np
 import pytest
 import torch
 
 from aqlm import _C, QuantizedLinear, ops
 from parallel import always_parallel  # noqa: F401 (fixture)
-from test_lutq import DTYPES, np_view, random_weight
+from test_lutq import call_matmul, random_weight
 
 KERNEL = _C.bf16_kernel()  # "amx", "avx512bf16" or "scalar"
 needs_simd = pytest.mark.skipif(KERNEL == "scalar", reason="this CPU, OS or build has neither AMX-BF16 nor AVX-512 BF16")
@@ -52,13 +51,7 @@ def kernel(request, monkeypatch):
 
 
 def run_bf16(x, codes, codebooks, scales, bias, simd, num_threads=2):
-    out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype)
-    names = {v: k for k, v in DTYPES.items()}
-    _C.bf16_matmul(
-        np_view(x), codes.numpy(), np_view(codebooks), np_view(scales), None if bias is None else np_view(bias),
-        np_view(out), x_dtype=names[x.dtype], param_dtype=names[codebooks.dtype], simd=simd, num_threads=num_threads,
-    )
-    return out
+    return call_matmul(_C.bf16_matmul, x, codes, codes.shape[0], codebooks, scales, bias, simd, num_threads)
 
 
 def rounded_terms(x, codes, codebooks):

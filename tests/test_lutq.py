@@ -52,16 +52,22 @@ def np_view(t):
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def run_lutq(x, codes, codebooks, scales, bias, group, simd, num_threads=2):
-    packed = ops.packed_codes(codes, codebooks, scales)
-    out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype)
+def call_matmul(function, x, codes, out_features, codebooks, scales, bias, simd, num_threads, **options):
+    """``function`` (one of the ``_C.*_matmul`` kernels, ``codes`` as it takes them: packed or
+    not) on torch tensors; returns ``out`` [n, out_features] in x's dtype."""
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     names = {v: k for k, v in DTYPES.items()}
-    _C.lutq_matmul(
-        np_view(x), packed.numpy(), np_view(codebooks), np_view(scales), None if bias is None else np_view(bias),
-        np_view(out), group=group, x_dtype=names[x.dtype], param_dtype=names[codebooks.dtype], simd=simd,
-        num_threads=num_threads,
+    function(
+        np_view(x), codes.numpy(), np_view(codebooks), np_view(scales), None if bias is None else np_view(bias),
+        np_view(out), x_dtype=names[x.dtype], param_dtype=names[codebooks.dtype], simd=simd, num_threads=num_threads,
+        **options,
     )
     return out
+
+
+def run_lutq(x, codes, codebooks, scales, bias, group, simd, num_threads=2):
+    packed = ops.packed_codes(codes, codebooks, scales)
+    return call_matmul(_C.lutq_matmul, x, packed, codes.shape[0], codebooks, scales, bias, simd, num_threads, group=group)
 
 
 def error_bound(x, codes, codebooks, scales, bias, group):

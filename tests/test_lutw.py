@@ -14,7 +14,7 @@ from aqlm import _C, QuantizedLinear, pack_codes
 from aqlm import ops
 from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
-from test_lutq import DTYPES, formula, np_view, random_weight
+from test_lutq import DTYPES, call_matmul, formula, random_weight
 
 # (out, in, num_codebooks, nbits, in_group_size): 2x8g8, nibble-packed 4x4g8 and 2x2g4, one codebook,
 # an odd number of 16-codeword codebooks (one code per byte), groups of 4 and 6, rows not a
@@ -39,13 +39,7 @@ TOKENS = [1, 2, 7, 8, 9, 16, 17, 33]
 
 def run_lutw(x, codes, codebooks, scales, bias, simd, num_threads=2):
     packed = ops.packed_codes(codes, codebooks, scales)
-    out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype)
-    names = {v: k for k, v in DTYPES.items()}
-    _C.lutw_matmul(
-        np_view(x), packed.numpy(), np_view(codebooks), np_view(scales), None if bias is None else np_view(bias),
-        np_view(out), x_dtype=names[x.dtype], param_dtype=names[codebooks.dtype], simd=simd, num_threads=num_threads,
-    )
-    return out
+    return call_matmul(_C.lutw_matmul, x, packed, codes.shape[0], codebooks, scales, bias, simd, num_threads)
 
 
 def rounding_bound(x, codes, codebooks, scales, bias):
