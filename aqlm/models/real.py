@@ -79,14 +79,19 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _cache_path(name: str) -> Path:
+    """``cache_dir()/models/name``: where a converted model is kept."""
+    return cache_dir() / "models" / name
+
+
 def _cached_conversion(name: str, convert: Callable[[Path], dict]) -> Path:
     """Return ``cache_dir()/models/name``, running ``convert(tmp_dir)`` first if needed.
 
     ``convert`` fills the directory it is given and returns provenance details, which
     are written into the completion marker.
     """
-    root = cache_dir() / "models"
-    final = root / name
+    final = _cache_path(name)
+    root = final.parent
     if _marker_ok(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -263,7 +268,7 @@ def real_model_path(name: str) -> Path:
     (to check an output path against the input before a first, slow conversion)."""
     if name not in _CACHE_NAMES:
         raise ValueError(f"unknown real model {name!r}; valid names: {', '.join(sorted(REAL_MODELS))}")
-    return cache_dir() / "models" / _CACHE_NAMES[name]
+    return _cache_path(_CACHE_NAMES[name])
 
 
 def real_model_dir(name: str = "smollm2-135m") -> Path:
