@@ -709,21 +709,22 @@ class _CpuPlan:
             self.codebooks_t = _arena_copy(float_codebooks.reshape(M, K, ig).transpose(0, 2, 1))
         self.calls = {}
 
-    def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int) -> Callable[[np.ndarray, np.ndarray], None]:
-        """``call(x, out)`` on NumPy views ([tokens, in] and [tokens, out] in ``x_dtype``, bfloat16
-        as int16): ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS, arguments bound once."""
+    def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int, tokens: int) -> Callable[[int, int], None]:
+        """``call(x_address, out_address)``: ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS on
+        C-contiguous buffers of ``tokens`` rows in ``x_dtype`` given by their data addresses (the
+        caller guarantees their sizes and lifetimes), arguments checked and bound once in C."""
         codes_np, codebooks_np, scales_np, bias_np = self.kernel_arrays
         options = {"x_dtype": _DTYPE_NAMES[x_dtype], "param_dtype": _DTYPE_NAMES[self.kernel_param_dtype],
                    "num_threads": num_threads}
+        weights = codes_np
+        if kernel in ("lutq", "lutw"):
+            weights = self.packed
         if kernel == "lutq":
-            packed, lutq_matmul = self.packed, _C.lutq_matmul
             options.update(group=LUTQ_GROUP, codebooks_t=self.codebooks_t)
-            return lambda x, out: lutq_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
-        if kernel == "lutw":
-            packed, lutw_matmul = self.packed, _C.lutw_matmul
-            return lambda x, out: lutw_matmul(x, packed, codebooks_np, scales_np, bias_np, out, **options)
-        c_kernel = _unpacked_codes_kernel(kernel)
-        return lambda x, out: c_kernel(x, codes_np, codebooks_np, scales_np, bias_np, out, **options)
+        x_template = _numpy_view(torch.empty(tokens, self.in_features, dtype=x_dtype))
+        out_template = _numpy_view(torch.empty(tokens, self.out_features, dtype=x_dtype))
+        bound = _C.bind_matmul(kernel, x_template, weights, codebooks_np, scales_np, bias_np, out_template, **options)
+        return functools.partial(_C.run_bound_matmul, bound)
 
 
 def _weight_stamp(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
@@ -769,17 +770,16 @@ def quantized_linear_cpu(
     if call is None:
         x = input.detach().reshape(tokens, in_features).contiguous()
         kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
-        call = plan.calls[key] = plan.few_token_call(kernel, dtype, threads) if kernel in FEW_TOKEN_KERNELS else kernel
+        call = kernel
+        if kernel in FEW_TOKEN_KERNELS and tokens > 0:
+            call = plan.few_token_call(kernel, dtype, threads, tokens)
+        plan.calls[key] = call
     if type(call) is str:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=call)
-    # NumPy views and reshapes: a few microseconds fewer per call than torch's (decoding makes hundreds per token)
+    # Data addresses, not NumPy views: a few microseconds fewer per call (decoding makes hundreds per token)
     result = torch.empty(input.shape[:-1] + (plan.out_features,), dtype=dtype)  # not a view: see quantized_matmul_cpu
-    source = input.detach() if input.requires_grad else input  # under no_grad: NumPy refuses tensors that require grad
-    if dtype == torch.bfloat16:
-        x_np, out_np = source.view(torch.int16).numpy(), result.view(torch.int16).numpy()
-    else:
-        x_np, out_np = source.numpy(), result.numpy()
-    call(x_np.reshape(tokens, in_features), out_np.reshape(tokens, plan.out_features))  # a strided x is copied in C
+    source = input if input.is_contiguous() else input.contiguous()
+    call(source.data_ptr(), result.data_ptr())
     return result
 
 
@@ -823,9 +823,14 @@ def _kernel_call(kernel: str, x: torch.Tensor, out: torch.Tensor, codes, codeboo
     if kernel not in FEW_TOKEN_KERNELS:
         dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else x.dtype
         return lambda: _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias, dense_dtype)
-    call = _cpu_plan(codes, codebooks, scales, bias).few_token_call(kernel, x.dtype, torch.get_num_threads())
-    x_np, out_np = _numpy_view(x), _numpy_view(out)
-    return lambda: call(x_np, out_np)
+    call = _cpu_plan(codes, codebooks, scales, bias).few_token_call(kernel, x.dtype, torch.get_num_threads(), x.shape[0])
+    x_address, out_address = x.data_ptr(), out.data_ptr()
+
+    def bound_call() -> None:
+        call(x_address, out_address)
+
+    bound_call.buffers = (x, out)  # the addresses point into these: they live as long as the call
+    return bound_call
 
 
 def _step_view(name: str, tensor: torch.Tensor) -> np.ndarray:

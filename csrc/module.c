@@ -306,6 +306,34 @@ static PyObject *py_dequantize(PyObject *module, PyObject *args, PyObject *kwarg
 typedef aqlm_status (*matmul_fn)(const aqlm_format *, int64_t, aqlm_dtype, const void *, const void *, aqlm_dtype,
                                  const void *, const void *, const void *, void *, aqlm_simd, int, aqlm_error *);
 
+/* The arguments of the kernels that read the codes as stored (lut, codebook, bf16), converted and
+ * checked against x [n, in_features] and out [n, out_features]: 0 (then release w and x), or -1
+ * with an exception set and nothing held. */
+static int codes_matmul_parse(PyObject *module, weight_args *w, PyArrayObject **x, PyObject *x_object,
+                              PyObject *codes, PyObject *codebooks, PyObject *scales, PyObject *bias, PyObject *out,
+                              const char *x_dtype_name, const char *param_dtype, const char *simd_name,
+                              int num_threads, aqlm_dtype *x_dtype, aqlm_simd *simd) {
+    *x = NULL;
+    if (weight_args_parse(w, codes, codebooks, scales, bias, param_dtype) < 0 ||
+        parse_float_dtype(x_dtype_name, "x_dtype", x_dtype) < 0 || parse_simd(module, simd_name, simd) < 0 ||
+        check_threads(num_threads) < 0 || !(*x = float_input(x_object, "x", *x_dtype, 2)))
+        goto fail;
+    if (PyArray_DIM(*x, 1) != w->format.in_features) {
+        PyErr_Format(PyExc_ValueError, "x has %zd features (shape[1]) but the weight has in_features=%lld",
+                     (Py_ssize_t)PyArray_DIM(*x, 1), (long long)w->format.in_features);
+        goto fail;
+    }
+    if (check_output(out, "out", *x_dtype, PyArray_DIM(*x, 0), (npy_intp)w->format.out_features) < 0 ||
+        check_no_overlap(out, "out", *x, "x") < 0 || check_weight_not_overlapped(out, "out", w) < 0)
+        goto fail;
+    return 0;
+fail:
+    weight_args_release(w);
+    Py_XDECREF(*x);
+    *x = NULL;
+    return -1;
+}
+
 static PyObject *matmul_common(PyObject *module, PyObject *args, PyObject *kwargs, const char *format_string,
                                matmul_fn fn) {
     static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "x_dtype", "param_dtype", "simd",
@@ -319,34 +347,20 @@ static PyObject *matmul_common(PyObject *module, PyObject *args, PyObject *kwarg
     weight_args w;
     aqlm_dtype x_dtype;
     aqlm_simd simd;
-    PyArrayObject *x = NULL;
-    if (weight_args_parse(&w, codes, codebooks, scales, bias, param_dtype) < 0 ||
-        parse_float_dtype(x_dtype_name, "x_dtype", &x_dtype) < 0 || parse_simd(module, simd_name, &simd) < 0 ||
-        check_threads(num_threads) < 0 || !(x = float_input(x_object, "x", x_dtype, 2)))
-        goto fail;
-    if (PyArray_DIM(x, 1) != w.format.in_features) {
-        PyErr_Format(PyExc_ValueError, "x has %zd features (shape[1]) but the weight has in_features=%lld",
-                     (Py_ssize_t)PyArray_DIM(x, 1), (long long)w.format.in_features);
-        goto fail;
-    }
-    const npy_intp n = PyArray_DIM(x, 0);
-    if (check_output(out, "out", x_dtype, n, (npy_intp)w.format.out_features) < 0 ||
-        check_no_overlap(out, "out", x, "x") < 0 || check_weight_not_overlapped(out, "out", &w) < 0)
-        goto fail;
+    PyArrayObject *x;
+    if (codes_matmul_parse(module, &w, &x, x_object, codes, codebooks, scales, bias, out, x_dtype_name, param_dtype,
+                           simd_name, num_threads, &x_dtype, &simd) < 0)
+        return NULL;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = fn(&w.format, n, x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes), w.param_dtype,
+    status = fn(&w.format, PyArray_DIM(x, 0), x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes), w.param_dtype,
                 PyArray_DATA(w.codebooks), PyArray_DATA(w.scales), w.bias ? PyArray_DATA(w.bias) : NULL,
                 PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
     Py_END_ALLOW_THREADS
     weight_args_release(&w);
     Py_DECREF(x);
     return none_or_raise(status, &err);
-fail:
-    weight_args_release(&w);
-    Py_XDECREF(x);
-    return NULL;
 }
 
 PyDoc_STRVAR(lut_matmul_doc,
@@ -593,6 +607,190 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
                               PyArray_DATA((PyArrayObject *)out), a.simd, num_threads, &err);
     Py_END_ALLOW_THREADS
     packed_matmul_release(&a);
+    return none_or_raise(status, &err);
+}
+
+/* ---- bound calls: one weight's few-token kernel, its arguments checked once ------------------- */
+
+/* Everything a few-token kernel call needs but the addresses of x and out: what bind_matmul
+ * checked, for run_bound_matmul to call again and again (a decoding step calls each weight once
+ * per token, and checking NumPy arguments costs microseconds a call). */
+typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_CODES } bound_kind;
+enum { BOUND_WEIGHT_ARRAYS = 5 };
+
+typedef struct {
+    bound_kind kind;
+    matmul_fn codes_fn; /* BOUND_CODES: the kernel over the codes as stored */
+    aqlm_format format;
+    int64_t tokens, group;
+    aqlm_dtype x_dtype, param_dtype;
+    aqlm_simd simd;
+    int num_threads;
+    const void *codes, *codebooks, *codebooks_t, *scales, *bias; /* codes: the packed codes for lutq/lutw */
+    size_t x_bytes, out_bytes;
+    const char *weight_first[BOUND_WEIGHT_ARRAYS], *weight_end[BOUND_WEIGHT_ARRAYS]; /* out must not overlap these */
+    PyObject *arrays; /* a tuple holding the weight arrays, so that the pointers above stay valid */
+} bound_matmul;
+
+static const char BOUND_MATMUL_CAPSULE[] = "aqlm._C.bound_matmul";
+
+static void bound_matmul_free(PyObject *capsule) {
+    bound_matmul *b = PyCapsule_GetPointer(capsule, BOUND_MATMUL_CAPSULE);
+    if (b == NULL) return;
+    Py_XDECREF(b->arrays);
+    PyMem_Free(b);
+}
+
+/* Takes the references in `held` (NULL entries allowed) into b->arrays and records their bytes. */
+static int bound_matmul_hold(bound_matmul *b, PyArrayObject *held[BOUND_WEIGHT_ARRAYS]) {
+    b->arrays = PyTuple_New(BOUND_WEIGHT_ARRAYS);
+    if (b->arrays == NULL) return -1;
+    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++) {
+        PyObject *item = held[i] ? (PyObject *)held[i] : Py_NewRef(Py_None);
+        PyTuple_SET_ITEM(b->arrays, i, item);
+        b->weight_first[i] = held[i] ? PyArray_BYTES(held[i]) : NULL;
+        b->weight_end[i] = held[i] ? PyArray_BYTES(held[i]) + PyArray_NBYTES(held[i]) : NULL;
+        held[i] = NULL;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(bind_matmul_doc,
+"bind_matmul(kernel, x, weights, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, codebooks_t=None)\n"
+"--\n\n"
+"A bound call of one few-token kernel ('lutq', 'lutw': weights are the packed codes, as for\n"
+"lutq_matmul; 'lut', 'decode', 'bf16': weights are the codes, as for lut_matmul, codebook_matmul,\n"
+"bf16_matmul), checked now exactly as that function checks its arguments. x and out are templates:\n"
+"only their shapes and dtypes are used. Run it with run_bound_matmul; it holds the weight arrays.");
+
+static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"kernel", "x", "weights", "codebooks", "scales", "bias", "out", "group", "x_dtype",
+                               "param_dtype", "simd", "num_threads", "codebooks_t", NULL};
+    const char *kernel, *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
+    PyObject *x_object, *weights, *codebooks_object, *scales_object, *bias_object, *out, *codebooks_t = Py_None;
+    long long group = 64;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOOOOO|$LssziO:bind_matmul", keywords, &kernel, &x_object,
+                                     &weights, &codebooks_object, &scales_object, &bias_object, &out, &group,
+                                     &x_dtype_name, &param_dtype_name, &simd_name, &num_threads, &codebooks_t))
+        return NULL;
+    bound_matmul *b = PyMem_Calloc(1, sizeof *b);
+    if (b == NULL) return PyErr_NoMemory();
+    PyArrayObject *held[BOUND_WEIGHT_ARRAYS] = {NULL};
+    const int packed_kernel = strcmp(kernel, "lutq") == 0 || strcmp(kernel, "lutw") == 0;
+    if (packed_kernel) {
+        packed_matmul_args a;
+        if (packed_matmul_parse(module, &a, x_object, weights, codebooks_object, scales_object, bias_object, out,
+                                x_dtype_name, param_dtype_name, simd_name, num_threads) < 0)
+            goto fail;
+        const int lutq = kernel[3] == 'q';
+        if (lutq && codebooks_t != Py_None && check_codebooks_t(codebooks_t, PyArray_DIMS(a.codebooks)) < 0) {
+            packed_matmul_release(&a);
+            goto fail;
+        }
+        *b = (bound_matmul){.kind = lutq ? BOUND_LUTQ : BOUND_LUTW, .format = a.format, .tokens = PyArray_DIM(a.x, 0),
+                            .group = group, .x_dtype = a.x_dtype, .param_dtype = a.param_dtype, .simd = a.simd,
+                            .num_threads = num_threads};
+        Py_DECREF(a.x);
+        held[0] = (PyArrayObject *)Py_NewRef(weights), held[1] = a.codebooks, held[2] = a.scales, held[3] = a.bias;
+        if (lutq && codebooks_t != Py_None) held[4] = (PyArrayObject *)Py_NewRef(codebooks_t);
+    } else {
+        const matmul_fn fn = strcmp(kernel, "lut") == 0      ? aqlm_lut_matmul
+                             : strcmp(kernel, "decode") == 0 ? aqlm_codebook_matmul
+                             : strcmp(kernel, "bf16") == 0   ? aqlm_bf16_matmul
+                                                             : NULL;
+        if (fn == NULL) {
+            PyErr_Format(PyExc_ValueError, "kernel must be 'lutq', 'lutw', 'lut', 'decode' or 'bf16', got '%s'", kernel);
+            goto fail;
+        }
+        weight_args w;
+        PyArrayObject *x;
+        aqlm_dtype x_dtype;
+        aqlm_simd simd;
+        if (codes_matmul_parse(module, &w, &x, x_object, weights, codebooks_object, scales_object, bias_object, out,
+                               x_dtype_name, param_dtype_name, simd_name, num_threads, &x_dtype, &simd) < 0)
+            goto fail;
+        *b = (bound_matmul){.kind = BOUND_CODES, .codes_fn = fn, .format = w.format, .tokens = PyArray_DIM(x, 0),
+                            .group = group, .x_dtype = x_dtype, .param_dtype = w.param_dtype, .simd = simd,
+                            .num_threads = num_threads};
+        Py_DECREF(x);
+        held[0] = w.codes, held[1] = w.codebooks, held[2] = w.scales, held[3] = w.bias;
+    }
+    if (bound_matmul_hold(b, held) < 0) goto fail;
+    b->codes = b->weight_first[0], b->codebooks = b->weight_first[1], b->scales = b->weight_first[2];
+    b->bias = b->weight_first[3], b->codebooks_t = b->weight_first[4];
+    b->x_bytes = (size_t)b->tokens * (size_t)b->format.in_features * aqlm_dtype_size(b->x_dtype);
+    b->out_bytes = (size_t)b->tokens * (size_t)b->format.out_features * aqlm_dtype_size(b->x_dtype);
+    PyObject *capsule = PyCapsule_New(b, BOUND_MATMUL_CAPSULE, bound_matmul_free);
+    if (capsule == NULL) {
+        Py_DECREF(b->arrays);
+        PyMem_Free(b);
+    }
+    return capsule;
+fail:
+    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++) Py_XDECREF(held[i]);
+    PyMem_Free(b);
+    return NULL;
+}
+
+/* A nonzero address from a Python int, or NULL with an exception set. */
+static char *address_argument(PyObject *object, const char *name) {
+    if (!PyLong_Check(object)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int (a data address), got %s", name, Py_TYPE(object)->tp_name);
+        return NULL;
+    }
+    char *address = PyLong_AsVoidPtr(object);
+    if (address == NULL && !PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s must not be 0", name);
+    return address;
+}
+
+static int ranges_overlap(const char *first, size_t bytes, const char *other_first, const char *other_end) {
+    return other_first != NULL && first < other_end && other_first < first + bytes;
+}
+
+PyDoc_STRVAR(run_bound_matmul_doc,
+"run_bound_matmul(bound, x_address, out_address)\n"
+"--\n\n"
+"Runs a bind_matmul call on x [tokens, in_features] and out [tokens, out_features], C-contiguous\n"
+"buffers of the bound dtype given by their data addresses (the caller guarantees their size and\n"
+"lifetime; out must not overlap x or the weight, which is checked).");
+
+static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "run_bound_matmul takes 3 arguments (bound, x_address, out_address), got %zd",
+                     nargs);
+        return NULL;
+    }
+    const bound_matmul *b = PyCapsule_GetPointer(args[0], BOUND_MATMUL_CAPSULE);
+    const char *x = b ? address_argument(args[1], "x_address") : NULL;
+    char *out = x ? address_argument(args[2], "out_address") : NULL;
+    if (out == NULL) return NULL;
+    if (ranges_overlap(out, b->out_bytes, x, x + b->x_bytes)) {
+        PyErr_SetString(PyExc_ValueError, "out must not overlap x in memory");
+        return NULL;
+    }
+    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++)
+        if (ranges_overlap(out, b->out_bytes, b->weight_first[i], b->weight_end[i])) {
+            PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
+            return NULL;
+        }
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    switch (b->kind) {
+    case BOUND_LUTQ:
+        status = aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, b->codes, b->param_dtype,
+                                  b->codebooks, b->codebooks_t, b->scales, b->bias, out, b->simd, b->num_threads, &err);
+        break;
+    case BOUND_LUTW:
+        status = aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, b->codes, b->param_dtype, b->codebooks,
+                                  b->scales, b->bias, out, b->simd, b->num_threads, &err);
+        break;
+    default:
+        status = b->codes_fn(&b->format, b->tokens, b->x_dtype, x, b->codes, b->param_dtype, b->codebooks, b->scales,
+                             b->bias, out, b->simd, b->num_threads, &err);
+    }
+    Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
 }
 
@@ -1297,6 +1495,8 @@ static PyMethodDef methods[] = {
     {"lutq_matmul", (PyCFunction)(void (*)(void))py_lutq_matmul, METH_VARARGS | METH_KEYWORDS, lutq_matmul_doc},
     {"lutq_kernel", (PyCFunction)(void (*)(void))py_lutq_kernel, METH_VARARGS | METH_KEYWORDS, lutq_kernel_doc},
     {"lutw_matmul", (PyCFunction)(void (*)(void))py_lutw_matmul, METH_VARARGS | METH_KEYWORDS, lutw_matmul_doc},
+    {"bind_matmul", (PyCFunction)(void (*)(void))py_bind_matmul, METH_VARARGS | METH_KEYWORDS, bind_matmul_doc},
+    {"run_bound_matmul", (PyCFunction)(void (*)(void))py_run_bound_matmul, METH_FASTCALL, run_bound_matmul_doc},
     {"bf16_matmul", (PyCFunction)(void (*)(void))py_bf16_matmul, METH_VARARGS | METH_KEYWORDS, bf16_matmul_doc},
     {"bf16_kernel", (PyCFunction)(void (*)(void))py_bf16_kernel, METH_VARARGS | METH_KEYWORDS, bf16_kernel_doc},
     {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},

@@ -150,3 +150,72 @@ def test_getenv_each_reads_what_os_environ_holds(monkeypatch) -> None:
         _C.getenv_each(["AQLM_TEST_VARIABLE"])
     with pytest.raises(TypeError, match=r"names\[1\] must be a str, got int"):
         _C.getenv_each(("AQLM_TEST_VARIABLE", 1))
+
+
+def _bound_arguments(kernel: str, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor):
+    """The weight arguments and options of `kernel` as both its unbound function and bind_matmul take them."""
+    weights = aqlm.ops.packed_codes(codes, codebooks, scales).numpy() if kernel in ("lutq", "lutw") else codes.numpy()
+    options = {"group": aqlm.ops.LUTQ_GROUP} if kernel == "lutq" else {}
+    return [weights, codebooks.numpy(), scales.numpy(), None], options
+
+
+UNBOUND = {"lutq": "lutq_matmul", "lutw": "lutw_matmul", "lut": "lut_matmul", "decode": "codebook_matmul",
+           "bf16": "bf16_matmul"}
+
+
+@pytest.mark.parametrize("kernel", list(UNBOUND))
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_bound_call_gives_the_bits_of_its_unbound_function(kernel: str, tokens: int) -> None:
+    """bind_matmul checks once and run_bound_matmul runs the same kernel: identical bits, and the
+    bound call keeps its weight arrays alive after the caller drops them."""
+    codes, codebooks, scales = _layer(out=64, inp=64)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(2))
+    weight_args, options = _bound_arguments(kernel, codes, codebooks, scales)
+    expected = torch.empty(tokens, 64)
+    getattr(_C, UNBOUND[kernel])(x.numpy(), *weight_args, expected.numpy(), **options)
+    bound = _C.bind_matmul(kernel, np.empty((tokens, 64), np.float32), *weight_args,
+                           np.empty((tokens, 64), np.float32), **options)
+    del weight_args, codes, codebooks, scales
+    got = torch.full((tokens, 64), float("nan"))
+    _C.run_bound_matmul(bound, x.data_ptr(), got.data_ptr())
+    assert torch.equal(got, expected)
+
+
+def test_bind_matmul_checks_its_arguments_as_the_unbound_functions_do() -> None:
+    codes, codebooks, scales = _layer(out=32, inp=32)
+    weight_args, options = _bound_arguments("lutq", codes, codebooks, scales)
+    x, out = np.empty((2, 32), np.float32), np.empty((2, 32), np.float32)
+    with pytest.raises(ValueError, match="kernel must be 'lutq', 'lutw', 'lut', 'decode' or 'bf16', got 'dense'"):
+        _C.bind_matmul("dense", x, codes.numpy(), codebooks.numpy(), scales.numpy(), None, out)
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 32\)"):
+        _C.bind_matmul("lutq", x, *weight_args, np.empty((3, 32), np.float32), **options)
+    with pytest.raises(ValueError, match="x has 16 features"):
+        _C.bind_matmul("decode", np.empty((2, 16), np.float32), codes.numpy(), codebooks.numpy(), scales.numpy(),
+                       None, out)
+    with pytest.raises(TypeError, match="x must have dtype float16"):
+        _C.bind_matmul("lut", x, codes.numpy(), codebooks.numpy(), scales.numpy(), None, out, x_dtype="float16")
+
+
+def test_a_bound_call_rejects_bad_addresses_and_an_out_that_overlaps_x_or_the_weight() -> None:
+    codes, codebooks, scales = _layer(out=32, inp=32)
+    bound = _C.bind_matmul("decode", np.empty((2, 32), np.float32), codes.numpy(), codebooks.numpy(), scales.numpy(),
+                           None, np.empty((2, 32), np.float32))
+    x, out = torch.randn(2, 32), torch.empty(2, 32)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        _C.run_bound_matmul(bound, x.data_ptr())
+    with pytest.raises(ValueError, match="PyCapsule"):
+        _C.run_bound_matmul(object(), x.data_ptr(), out.data_ptr())
+    with pytest.raises(TypeError, match="x_address must be an int"):
+        _C.run_bound_matmul(bound, x.numpy(), out.data_ptr())
+    with pytest.raises(ValueError, match="out_address must not be 0"):
+        _C.run_bound_matmul(bound, x.data_ptr(), 0)
+    buffer = torch.randn(200)  # x in its first 64 floats, out (64) from float 40: inside it, overlapping x
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        _C.run_bound_matmul(bound, buffer.data_ptr(), buffer.data_ptr() + 4 * 40)
+    bound_codebooks = codebooks.numpy()
+    bound = _C.bind_matmul("decode", np.empty((2, 32), np.float32), codes.numpy(), bound_codebooks, scales.numpy(),
+                           None, np.empty((2, 32), np.float32))
+    with pytest.raises(ValueError, match="out must not overlap the weight"):
+        _C.run_bound_matmul(bound, x.data_ptr(), bound_codebooks.ctypes.data + 4 * 100)
+    _C.run_bound_matmul(bound, x.data_ptr(), out.data_ptr())
+    torch.testing.assert_close(out, x @ dequantize_reference(codes, codebooks, scales).T, rtol=1e-5, atol=1e-4)
