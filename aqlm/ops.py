@@ -690,9 +690,10 @@ class _CpuPlan:
         self.packed = (
             _numpy_view(packed_codes(codes, codebooks, scales)) if lutq_applies(nbits, codebooks.shape[2]) else None
         )
-        # Few-token kernels read every codebook entry and scale once per call: float32 copies spare
+        # The table kernels read every codebook entry and scale once per call: float32 copies spare
         # them a float16/bfloat16 conversion per element (same values, so the same bits), except
-        # for codebooks too large to copy cheaply (more than 256 codewords).
+        # for codebooks too large to copy cheaply (more than 256 codewords). Decoding reads the
+        # stored dtype (few_token_call).
         # These copies sit on huge pages beside the packed codes (aqlm.arena): one call reads them all.
         if nbits <= 8:
             as_float = [None if t is None else _arena_copy(_weight_view(t.float())) for t in (codebooks, scales, bias)]
@@ -713,8 +714,14 @@ class _CpuPlan:
         """``call(x_address, out_address)``: ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS on
         C-contiguous buffers of ``tokens`` rows in ``x_dtype`` given by their data addresses (the
         caller guarantees their sizes and lifetimes), arguments checked and bound once in C."""
-        codes_np, codebooks_np, scales_np, bias_np = self.kernel_arrays
-        options = {"x_dtype": _DTYPE_NAMES[x_dtype], "param_dtype": _DTYPE_NAMES[self.kernel_param_dtype],
+        arrays, param_dtype = self.kernel_arrays, self.kernel_param_dtype
+        if kernel == "decode":
+            # Decoding reads each codeword once per token and converts on the fly, so the stored
+            # (float16/bfloat16) codebooks' half size wins: 8x8g8's 64 KiB float32 copy misses L1
+            # where its 32 KiB float16 original does not. Same values, so the same bits.
+            arrays, param_dtype = self.arrays, self.param_dtype
+        codes_np, codebooks_np, scales_np, bias_np = arrays
+        options = {"x_dtype": _DTYPE_NAMES[x_dtype], "param_dtype": _DTYPE_NAMES[param_dtype],
                    "num_threads": num_threads}
         weights = codes_np
         if kernel in ("lutq", "lutw"):

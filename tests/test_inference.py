@@ -326,11 +326,13 @@ def test_quantized_linear_noncontiguous_input_is_handled():
     torch.testing.assert_close(layer(x), layer(x.contiguous()))
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["lutq", "lut", "decode"])
-def test_eager_path_takes_any_input_layout_and_follows_the_environment(kernel, monkeypatch):
-    """The eager no-grad path (NumPy views, one getenv call) against the op on contiguous copies."""
+def test_eager_path_takes_any_input_layout_and_follows_the_environment(kernel, param_dtype, monkeypatch):
+    """The eager no-grad path (a kernel call bound in C on data addresses, one getenv call)
+    against the op on contiguous copies, bit for bit, whatever dtype the codebooks are stored in."""
     monkeypatch.setenv("AQLM_CPU_KERNEL", kernel)
-    codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8, seed=5)
+    codes, codebooks, scales, bias = random_layer(32, 64, 2, 8, 1, 8, dtype=param_dtype, seed=5)
     layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
     base = torch.randn(4, 3, 128)
     inputs = [base[:, :, ::2], base[:, 1, 64:], base[:, :, :64].transpose(0, 1), torch.randn(2, 64, requires_grad=True),
