@@ -830,6 +830,8 @@ def _kernel_call(kernel: str, x: torch.Tensor, out: torch.Tensor, codes, codeboo
     if kernel not in FEW_TOKEN_KERNELS:
         dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else x.dtype
         return lambda: _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias, dense_dtype)
+    if x.shape[0] == 0:
+        return lambda: None  # no tokens: nothing to write (an empty buffer may have no address)
     call = _cpu_plan(codes, codebooks, scales, bias).few_token_call(kernel, x.dtype, torch.get_num_threads(), x.shape[0])
     x_address, out_address = x.data_ptr(), out.data_ptr()
 

@@ -1,4 +1,6 @@
 """aqlm.decode.LlamaDecoder and the C decoding-step kernels, against Transformers and torch formulas."""
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,24 @@ def test_bound_linear_matches_the_eager_path():
         torch.testing.assert_close(out16, layer(x16), rtol=0, atol=0)
     with pytest.raises(ValueError, match="out must have shape"):
         ops.bound_linear_cpu(x, torch.empty(1, 3), layer.codes, layer.codebooks, layer.scales, layer.bias)
+    ops.bound_linear_cpu(torch.empty(0, layer.in_features), torch.empty(0, layer.out_features), layer.codes,
+                         layer.codebooks, layer.scales, layer.bias)()  # no tokens: nothing to do, no error
+
+
+def test_bound_linear_keeps_its_buffers_alive():
+    """The bound call runs on data addresses: it must hold x and out, or a freed x is read."""
+    model = tiny_llama()
+    quantize_linears(model)
+    layer = model.model.layers[0].mlp.down_proj
+    x, out = torch.randn(1, layer.in_features), torch.empty(1, layer.out_features)
+    with torch.no_grad():
+        expected = layer(x)
+    call = ops.bound_linear_cpu(x, out, layer.codes, layer.codebooks, layer.scales, layer.bias)
+    del x
+    gc.collect()
+    reuse = [torch.full((1, layer.in_features), 1e6) for _ in range(64)]  # would take x's freed memory
+    call()
+    assert reuse and torch.equal(out, expected)
 
 
 # ---- the decoder --------------------------------------------------------------------------------
