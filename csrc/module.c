@@ -7,6 +7,10 @@
  * another dtype); outputs and codes are rejected, not converted, when their layout or dtype is
  * wrong. NumPy has no bfloat16, so bfloat16 arrays travel as int16/uint16 bit patterns and every
  * float argument names its dtype explicitly ("float32", "float16" or "bfloat16").
+ * One exception to checking at every call: bind_matmul checks a few-token kernel call once, and
+ * run_bound_matmul then takes the data addresses of x and out from aqlm.ops (its only caller,
+ * which guarantees their sizes and lifetimes), checking only that they are nonzero and that out
+ * overlaps neither x nor the weight.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
