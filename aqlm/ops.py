@@ -777,15 +777,12 @@ def quantized_linear_cpu(
     if call is None:
         x = input.detach().reshape(tokens, in_features).contiguous()
         kernel = _pick_cpu_kernel(x, codes, codebooks, scales, bias, plan.nbits)
-        call = kernel
-        if kernel in FEW_TOKEN_KERNELS and tokens > 0:
-            call = plan.few_token_call(kernel, dtype, threads, tokens)
-        plan.calls[key] = call
+        call = plan.calls[key] = plan.few_token_call(kernel, dtype, threads, tokens) if kernel in FEW_TOKEN_KERNELS else kernel
     if type(call) is str:
         return quantized_matmul_cpu(input, codes, codebooks, scales, bias, kernel=call)
     # Data addresses, not NumPy views: a few microseconds fewer per call (decoding makes hundreds per token)
     result = torch.empty(input.shape[:-1] + (plan.out_features,), dtype=dtype)  # not a view: see quantized_matmul_cpu
-    source = input if input.is_contiguous() else input.contiguous()
+    source = input.contiguous()  # named: a strided input's copy must live through the call
     call(source.data_ptr(), result.data_ptr())
     return result
 
@@ -830,8 +827,6 @@ def _kernel_call(kernel: str, x: torch.Tensor, out: torch.Tensor, codes, codeboo
     if kernel not in FEW_TOKEN_KERNELS:
         dense_dtype = torch.bfloat16 if kernel == "dequantize_bf16" else x.dtype
         return lambda: _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias, dense_dtype)
-    if x.shape[0] == 0:
-        return lambda: None  # no tokens: nothing to write (an empty buffer may have no address)
     call = _cpu_plan(codes, codebooks, scales, bias).few_token_call(kernel, x.dtype, torch.get_num_threads(), x.shape[0])
     x_address, out_address = x.data_ptr(), out.data_ptr()
 

@@ -620,7 +620,8 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
  * checked, for run_bound_matmul to call again and again (a decoding step calls each weight once
  * per token, and checking NumPy arguments costs microseconds a call). */
 typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_CODES } bound_kind;
-enum { BOUND_WEIGHT_ARRAYS = 5 };
+/* The weight arrays a bound call holds, by slot (codes: the packed codes for lutq/lutw). */
+enum { SLOT_CODES, SLOT_CODEBOOKS, SLOT_SCALES, SLOT_BIAS, SLOT_CODEBOOKS_T, BOUND_WEIGHT_ARRAYS };
 
 typedef struct {
     bound_kind kind;
@@ -630,9 +631,8 @@ typedef struct {
     aqlm_dtype x_dtype, param_dtype;
     aqlm_simd simd;
     int num_threads;
-    const void *codes, *codebooks, *codebooks_t, *scales, *bias; /* codes: the packed codes for lutq/lutw */
     size_t x_bytes, out_bytes;
-    const char *weight_first[BOUND_WEIGHT_ARRAYS], *weight_end[BOUND_WEIGHT_ARRAYS]; /* out must not overlap these */
+    const char *weight_first[BOUND_WEIGHT_ARRAYS], *weight_end[BOUND_WEIGHT_ARRAYS]; /* by slot; NULL: absent */
     PyObject *arrays; /* a tuple holding the weight arrays, so that the pointers above stay valid */
 } bound_matmul;
 
@@ -696,8 +696,9 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
                             .group = group, .x_dtype = a.x_dtype, .param_dtype = a.param_dtype, .simd = a.simd,
                             .num_threads = num_threads};
         Py_DECREF(a.x);
-        held[0] = (PyArrayObject *)Py_NewRef(weights), held[1] = a.codebooks, held[2] = a.scales, held[3] = a.bias;
-        if (lutq && codebooks_t != Py_None) held[4] = (PyArrayObject *)Py_NewRef(codebooks_t);
+        held[SLOT_CODES] = (PyArrayObject *)Py_NewRef(weights), held[SLOT_CODEBOOKS] = a.codebooks;
+        held[SLOT_SCALES] = a.scales, held[SLOT_BIAS] = a.bias;
+        if (lutq && codebooks_t != Py_None) held[SLOT_CODEBOOKS_T] = (PyArrayObject *)Py_NewRef(codebooks_t);
     } else {
         const matmul_fn fn = strcmp(kernel, "lut") == 0      ? aqlm_lut_matmul
                              : strcmp(kernel, "decode") == 0 ? aqlm_codebook_matmul
@@ -718,11 +719,10 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
                             .group = group, .x_dtype = x_dtype, .param_dtype = w.param_dtype, .simd = simd,
                             .num_threads = num_threads};
         Py_DECREF(x);
-        held[0] = w.codes, held[1] = w.codebooks, held[2] = w.scales, held[3] = w.bias;
+        held[SLOT_CODES] = w.codes, held[SLOT_CODEBOOKS] = w.codebooks, held[SLOT_SCALES] = w.scales;
+        held[SLOT_BIAS] = w.bias;
     }
     if (bound_matmul_hold(b, held) < 0) goto fail;
-    b->codes = b->weight_first[0], b->codebooks = b->weight_first[1], b->scales = b->weight_first[2];
-    b->bias = b->weight_first[3], b->codebooks_t = b->weight_first[4];
     b->x_bytes = (size_t)b->tokens * (size_t)b->format.in_features * aqlm_dtype_size(b->x_dtype);
     b->out_bytes = (size_t)b->tokens * (size_t)b->format.out_features * aqlm_dtype_size(b->x_dtype);
     PyObject *capsule = PyCapsule_New(b, BOUND_MATMUL_CAPSULE, bound_matmul_free);
@@ -757,7 +757,7 @@ PyDoc_STRVAR(run_bound_matmul_doc,
 "--\n\n"
 "Runs a bind_matmul call on x [tokens, in_features] and out [tokens, out_features], C-contiguous\n"
 "buffers of the bound dtype given by their data addresses (the caller guarantees their size and\n"
-"lifetime; out must not overlap x or the weight, which is checked).");
+"lifetime; out must not overlap x or the weight, which is checked). With 0 tokens it does nothing.");
 
 static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
@@ -766,7 +766,9 @@ static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py
         return NULL;
     }
     const bound_matmul *b = PyCapsule_GetPointer(args[0], BOUND_MATMUL_CAPSULE);
-    const char *x = b ? address_argument(args[1], "x_address") : NULL;
+    if (b == NULL) return NULL;
+    if (b->tokens == 0) Py_RETURN_NONE; /* empty x and out: nothing to read or write, and no address to trust */
+    const char *x = address_argument(args[1], "x_address");
     char *out = x ? address_argument(args[2], "out_address") : NULL;
     if (out == NULL) return NULL;
     if (ranges_overlap(out, b->out_bytes, x, x + b->x_bytes)) {
@@ -778,21 +780,25 @@ static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py
             PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
             return NULL;
         }
+    const void *const *weight = (const void *const *)b->weight_first;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
     switch (b->kind) {
     case BOUND_LUTQ:
-        status = aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, b->codes, b->param_dtype,
-                                  b->codebooks, b->codebooks_t, b->scales, b->bias, out, b->simd, b->num_threads, &err);
+        status = aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                                  weight[SLOT_CODEBOOKS], weight[SLOT_CODEBOOKS_T], weight[SLOT_SCALES],
+                                  weight[SLOT_BIAS], out, b->simd, b->num_threads, &err);
         break;
     case BOUND_LUTW:
-        status = aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, b->codes, b->param_dtype, b->codebooks,
-                                  b->scales, b->bias, out, b->simd, b->num_threads, &err);
+        status = aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                                  weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
+                                  b->num_threads, &err);
         break;
     default:
-        status = b->codes_fn(&b->format, b->tokens, b->x_dtype, x, b->codes, b->param_dtype, b->codebooks, b->scales,
-                             b->bias, out, b->simd, b->num_threads, &err);
+        status = b->codes_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                             weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
+                             b->num_threads, &err);
     }
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);

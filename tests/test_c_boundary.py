@@ -194,6 +194,8 @@ def test_bind_matmul_checks_its_arguments_as_the_unbound_functions_do() -> None:
                        None, out)
     with pytest.raises(TypeError, match="x must have dtype float16"):
         _C.bind_matmul("lut", x, codes.numpy(), codebooks.numpy(), scales.numpy(), None, out, x_dtype="float16")
+    empty = _C.bind_matmul("lutq", np.empty((0, 32), np.float32), *weight_args, np.empty((0, 32), np.float32), **options)
+    assert _C.run_bound_matmul(empty, 0, 0) is None  # no tokens: nothing to read or write, whatever the addresses
 
 
 def test_a_bound_call_rejects_bad_addresses_and_an_out_that_overlaps_x_or_the_weight() -> None:

@@ -326,6 +326,16 @@ def test_quantized_linear_noncontiguous_input_is_handled():
     torch.testing.assert_close(layer(x), layer(x.contiguous()))
 
 
+@pytest.mark.parametrize("kernel", ["lutq", "lutw", "lut", "decode"])
+def test_eager_path_takes_zero_tokens(kernel, monkeypatch):
+    """No tokens: an empty output of the right shape, whatever kernel serves the call."""
+    monkeypatch.setenv("AQLM_CPU_KERNEL", kernel)
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, 2, 8, 1, 8, seed=5))
+    with torch.no_grad():
+        for shape in ((0, 64), (2, 0, 64)):
+            assert layer(torch.empty(shape)).shape == shape[:-1] + (32,)
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["lutq", "lut", "decode"])
 def test_eager_path_takes_any_input_layout_and_follows_the_environment(kernel, param_dtype, monkeypatch):
