@@ -79,6 +79,17 @@ static inline void aqlm_lutq_piece_bounds(int64_t b, int64_t group, int64_t j0, 
 /* How many chunks of `group` groups meet [j0, j1), j0 < j1: that range's pieces. */
 static inline int64_t aqlm_lutq_pieces(int64_t j0, int64_t j1, int64_t group) { return (j1 - 1) / group - j0 / group + 1; }
 
+/* How many bytes past a code of piece [from, to) the accumulate kernels find the code at the same
+ * place of the next piece they will read: the next chunk's of the same tiles, or, past the last
+ * piece of [j0, j1), the first piece of the next `tiles` tiles (line: the bytes of one input
+ * group's codes in a tile, tile_stride: of a whole tile). The kernels prefetch it as they read
+ * each code, so that the codes stream in from memory while the lookups work, instead of one
+ * miss at a time when a weight's codes have left the caches (a model's other layers evict them). */
+static inline int64_t aqlm_lutq_next_piece_offset(int64_t tiles, int64_t from, int64_t to, int64_t j0, int64_t j1,
+                                                  int64_t line, int64_t tile_stride) {
+    return to < j1 ? (to - from) * line : tiles * tile_stride - (from - j0) * line;
+}
+
 /* The next `bytes` of one allocation, from *offset, 64-byte aligned (the packed-code drivers make
  * one aligned_alloc per call and carve it up). */
 static inline size_t aqlm_carve(size_t *offset, size_t bytes) {

@@ -140,12 +140,14 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
     const int64_t M = s->M, G = s->in_groups, KS = aqlm_lutq_table_stride(s->K);
     const int nibbles = aqlm_lutq_nibbles(s);
     const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const int64_t line = (nibbles ? M / 2 : M) * AQLM_LUTQ_TILE;
     for (int64_t tile = 0; tile < tiles; tile++) {
-        const uint8_t *codes = packed + tile * (nibbles ? G * M / 2 : G * M) * AQLM_LUTQ_TILE;
+        const uint8_t *codes = packed + tile * G * line;
         for (int64_t b = j0 / group; b * group < j1; b++) {
             const int64_t piece = b - j0 / group;
             int64_t from, to;
             aqlm_lutq_piece_bounds(b, group, j0, j1, &from, &to);
+            const int64_t ahead = aqlm_lutq_next_piece_offset(1, from, to, j0, j1, line, G * line);
             for (int64_t t = 0; t < n; t++) {
                 const int8_t *high = qhi + t * G * M * KS, *low = qlo + t * G * M * KS;
                 for (int64_t m = 0; m < M; m++) {
@@ -154,12 +156,14 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                         __m256i words_hi = _mm256_setzero_si256(), odd_hi = words_hi, words_lo = words_hi, odd_lo = words_hi;
                         for (int64_t j = from; j < to; j++) {
                             const int64_t slot = j * M + m;
+                            const uint8_t *code_line = codes + (nibbles ? slot / 2 : slot) * AQLM_LUTQ_TILE;
+                            if (half == 0) _mm_prefetch((const char *)(code_line + ahead), _MM_HINT_T1);
                             __m256i idx;
                             if (nibbles) { /* two codes per byte: slot m even in the low nibble, m + 1 in the high */
-                                idx = _mm256_loadu_si256((const __m256i *)(codes + slot / 2 * AQLM_LUTQ_TILE + half * 32));
+                                idx = _mm256_loadu_si256((const __m256i *)(code_line + half * 32));
                                 idx = _mm256_and_si256(m % 2 ? _mm256_srli_epi16(idx, 4) : idx, low4);
                             } else {
-                                idx = _mm256_loadu_si256((const __m256i *)(codes + slot * AQLM_LUTQ_TILE + half * 32));
+                                idx = _mm256_loadu_si256((const __m256i *)(code_line + half * 32));
                             }
                             const __m256i h = lookup32(slices, idx, high + slot * KS), l = lookup32(slices, idx, low + slot * KS);
                             words_hi = _mm256_add_epi16(words_hi, h);

@@ -176,6 +176,7 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
         const int64_t piece = b - j0 / group;
         int64_t from, to;
         aqlm_lutq_piece_bounds(b, group, j0, j1, &from, &to);
+        const int64_t ahead = aqlm_lutq_next_piece_offset(NT, from, to, j0, j1, M * AQLM_LUTQ_TILE, tile_stride);
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m++) {
                 tile_sums sums[TILE_STEP];
@@ -189,6 +190,7 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
                     const __m512i hd = K > 128 ? _mm512_loadu_si512(high + 192) : ha, ld = K > 128 ? _mm512_loadu_si512(low + 192) : la;
                     const uint8_t *codes = packed + (j * M + m) * AQLM_LUTQ_TILE;
                     for (int u = 0; u < NT; u++) {
+                        _mm_prefetch((const char *)(codes + u * tile_stride + ahead), _MM_HINT_T1);
                         const __m512i idx = _mm512_loadu_si512(codes + u * tile_stride);
                         add_lookups(&sums[u], lookup64(K, idx, ha, hb, hc, hd), lookup64(K, idx, la, lb, lc, ld));
                     }
@@ -211,6 +213,7 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
         const int64_t piece = b - j0 / group;
         int64_t from, to;
         aqlm_lutq_piece_bounds(b, group, j0, j1, &from, &to);
+        const int64_t ahead = aqlm_lutq_next_piece_offset(NT, from, to, j0, j1, M / 2 * AQLM_LUTQ_TILE, tile_stride);
         for (int64_t t = 0; t < n; t++) {
             for (int64_t m = 0; m < M; m += 2) {
                 tile_sums sums0[TILE_STEP], sums1[TILE_STEP];
@@ -221,6 +224,7 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
                     const __m512i l0 = _mm512_loadu_si512(qlo + offset), l1 = _mm512_loadu_si512(qlo + offset + KS);
                     const uint8_t *codes = packed + (j * M + m) / 2 * AQLM_LUTQ_TILE;
                     for (int u = 0; u < NT; u++) {
+                        _mm_prefetch((const char *)(codes + u * tile_stride + ahead), _MM_HINT_T1);
                         const __m512i v = _mm512_loadu_si512(codes + u * tile_stride);
                         const __m512i idx0 = _mm512_and_si512(v, low4), idx1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                         add_lookups(&sums0[u], _mm512_permutexvar_epi8(idx0, h0), _mm512_permutexvar_epi8(idx0, l0));
