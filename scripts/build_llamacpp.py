@@ -53,19 +53,33 @@ def installed_version() -> str:
         raise SystemExit(f"error: {PACKAGE} is not installed: pip install 'aqlm[llamacpp]' (or pass --version)") from None
 
 
+def sdist_url(version: str) -> tuple[str, str]:
+    """The file name and address of llama-cpp-python ``version``'s source release, from PyPI's
+    simple index (its JSON form, PEP 691: the API that pip itself reads, served by mirrors too)."""
+    request = urllib.request.Request(f"https://pypi.org/simple/{PACKAGE}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        index = json.load(response)
+    name = f"{PACKAGE.replace('-', '_')}-{version}.tar.gz"
+    urls = [item["url"] for item in index.get("files", []) if item.get("filename") == name]
+    if not urls:
+        raise SystemExit(f"error: PyPI has no source release {name} of {PACKAGE}")
+    return name, urls[0]
+
+
 def download_sdist(version: str, directory: Path) -> Path:
     """The source release of llama-cpp-python ``version`` from PyPI, downloaded into ``directory`` once."""
-    with urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/{version}/json", timeout=60) as response:
-        release = json.load(response)
-    sdists = [item for item in release["urls"] if item["packagetype"] == "sdist"]
-    if not sdists:
-        raise SystemExit(f"error: PyPI has no source release of {PACKAGE} {version}")
-    target = directory / sdists[0]["filename"]
-    if not target.is_file():
-        partial = target.with_name(target.name + ".partial")
-        print(f"downloading {sdists[0]['url']}", flush=True)
-        urllib.request.urlretrieve(sdists[0]["url"], partial)
-        partial.replace(target)
+    try:
+        name, url = sdist_url(version)
+        target = directory / name
+        if not target.is_file():
+            partial = target.with_name(target.name + ".partial")
+            print(f"downloading {url}", flush=True)
+            urllib.request.urlretrieve(url, partial)
+            partial.replace(target)
+    except (OSError, ValueError) as error:  # urllib's URLError/HTTPError are OSErrors; ValueError: bad JSON
+        raise SystemExit(f"error: cannot download the {PACKAGE} {version} source release from PyPI ({error}); "
+                         "download it yourself and pass it with --sdist FILE") from None
     return target
 
 
