@@ -90,6 +90,12 @@ static inline int64_t aqlm_lutq_next_piece_offset(int64_t tiles, int64_t from, i
     return to < j1 ? (to - from) * line : tiles * tile_stride - (from - j0) * line;
 }
 
+/* Prefetches into L2 the byte `ahead` bytes past `code`. Past the last tiles that lies beyond the
+ * codes: the address is formed as an integer (no out-of-bounds pointer) and a prefetch never faults. */
+static inline void aqlm_lutq_prefetch(const uint8_t *code, int64_t ahead) {
+    __builtin_prefetch((const void *)((uintptr_t)code + (uintptr_t)ahead), 0, 2);
+}
+
 /* The next `bytes` of one allocation, from *offset, 64-byte aligned (the packed-code drivers make
  * one aligned_alloc per call and carve it up). */
 static inline size_t aqlm_carve(size_t *offset, size_t bytes) {

@@ -157,7 +157,7 @@ ALWAYS_INLINE void accumulate_avx2(const int slices, const aqlm_block_shape *s, 
                         for (int64_t j = from; j < to; j++) {
                             const int64_t slot = j * M + m;
                             const uint8_t *code_line = codes + (nibbles ? slot / 2 : slot) * AQLM_LUTQ_TILE;
-                            if (half == 0) _mm_prefetch((const char *)(code_line + ahead), _MM_HINT_T1);
+                            if (half == 0) aqlm_lutq_prefetch(code_line, ahead);
                             __m256i idx;
                             if (nibbles) { /* two codes per byte: slot m even in the low nibble, m + 1 in the high */
                                 idx = _mm256_loadu_si256((const __m256i *)(code_line + half * 32));

@@ -190,7 +190,7 @@ ALWAYS_INLINE void accumulate_tiles(const int K, const int NT, const aqlm_block_
                     const __m512i hd = K > 128 ? _mm512_loadu_si512(high + 192) : ha, ld = K > 128 ? _mm512_loadu_si512(low + 192) : la;
                     const uint8_t *codes = packed + (j * M + m) * AQLM_LUTQ_TILE;
                     for (int u = 0; u < NT; u++) {
-                        _mm_prefetch((const char *)(codes + u * tile_stride + ahead), _MM_HINT_T1);
+                        aqlm_lutq_prefetch(codes + u * tile_stride, ahead);
                         const __m512i idx = _mm512_loadu_si512(codes + u * tile_stride);
                         add_lookups(&sums[u], lookup64(K, idx, ha, hb, hc, hd), lookup64(K, idx, la, lb, lc, ld));
                     }
@@ -224,7 +224,7 @@ ALWAYS_INLINE void accumulate_tiles_nibbles(const int NT, const aqlm_block_shape
                     const __m512i l0 = _mm512_loadu_si512(qlo + offset), l1 = _mm512_loadu_si512(qlo + offset + KS);
                     const uint8_t *codes = packed + (j * M + m) / 2 * AQLM_LUTQ_TILE;
                     for (int u = 0; u < NT; u++) {
-                        _mm_prefetch((const char *)(codes + u * tile_stride + ahead), _MM_HINT_T1);
+                        aqlm_lutq_prefetch(codes + u * tile_stride, ahead);
                         const __m512i v = _mm512_loadu_si512(codes + u * tile_stride);
                         const __m512i idx0 = _mm512_and_si512(v, low4), idx1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                         add_lookups(&sums0[u], _mm512_permutexvar_epi8(idx0, h0), _mm512_permutexvar_epi8(idx0, l0));
