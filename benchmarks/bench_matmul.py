@@ -77,6 +77,7 @@ def measure_round_robin(sets: dict, repeat: int) -> dict:
 
 
 def verdict(met: bool) -> str:
+    """How the target column names a target met or missed."""
     return "met" if met else "MISSED"
 
 
