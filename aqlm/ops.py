@@ -891,7 +891,9 @@ def bound_attend_one(
     as Llama's ``apply_rotary_pos_emb``), stores ``k`` and ``v`` at row ``position`` of ``keys``
     and ``values`` [capacity, kv_heads, head_dim], and writes ``softmax(scale q K^T) V`` over rows
     0..position into ``out`` [heads, head_dim] (grouped-query: head h reads kv head
-    ``h // (heads // kv_heads)``). All float32, contiguous, used in place.
+    ``h // (heads // kv_heads)``). All float32, contiguous, used in place. Once the cache is long,
+    ``torch.get_num_threads()`` threads (read now) split the heads; the result does not depend on
+    their number.
     """
     arrays = {name: _step_view(name, t) for name, t in
               (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("keys", keys), ("values", values), ("out", out))}
@@ -903,14 +905,14 @@ def bound_attend_one(
         raise ValueError(f"keys must have shape [{capacity}, kv_heads, {head_dim}], got {tuple(keys.shape)}")
     kv_heads = keys.shape[1]
     heads = q.numel() // head_dim
-    scores = np.empty(capacity, dtype=np.float32)
+    scores = np.empty(heads * capacity, dtype=np.float32)
     attend = _C.attend_one
     q_np, k_np, v_np, cos_np, sin_np, keys_np, values_np, out_np = arrays.values()
-    scale = float(scale)
+    scale, threads = float(scale), torch.get_num_threads()
 
     def call(position: int) -> None:
         attend(q_np, k_np, v_np, cos_np, sin_np, keys_np, values_np, scores, out_np, heads=heads, kv_heads=kv_heads,
-               position=position, scale=scale)
+               position=position, scale=scale, num_threads=threads)
 
     return call
 

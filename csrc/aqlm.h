@@ -241,12 +241,13 @@ aqlm_status aqlm_silu_mul(int64_t n, float *gate, const float *up, aqlm_error *e
  *     the rotary tables cos and sin [capacity, D] at row `position` (x cos + rotate_half(x) sin);
  *   keys and values [capacity, kv_heads, D]: rows 0..position-1 hold earlier tokens; the rotated
  *     k and v are stored at row `position`;
- *   scores: work space of capacity floats;
+ *   scores: work space of heads * capacity floats;
  *   out [heads, D] = softmax(scale q K^T) V over rows 0..position, head h reading kv head
- *     h / (heads / kv_heads). */
+ *     h / (heads / kv_heads);
+ * up to num_threads threads split the heads once the cache is long (the same bits on any count). */
 aqlm_status aqlm_attend_one(int64_t heads, int64_t kv_heads, int64_t D, int64_t capacity, int64_t position, float *q,
                             float *k, const float *v, const float *cos, const float *sin, float scale, float *keys,
-                            float *values, float *scores, float *out, aqlm_error *err);
+                            float *values, float *scores, float *out, int num_threads, aqlm_error *err);
 
 #ifdef __cplusplus
 }

@@ -1367,20 +1367,22 @@ static PyObject *py_silu_mul(PyObject *module, PyObject *args) {
 }
 
 PyDoc_STRVAR(attend_one_doc,
-"attend_one(q, k, v, cos, sin, keys, values, scores, out, *, heads, kv_heads, position, scale)\n--\n\n"
+"attend_one(q, k, v, cos, sin, keys, values, scores, out, *, heads, kv_heads, position, scale, num_threads)\n--\n\n"
 "One token's attention at `position` (see aqlm_attend_one in aqlm.h): rotates q [heads, D] and\n"
 "k [kv_heads, D] in place, stores k and v at row `position` of keys and values [capacity, kv_heads, D],\n"
 "and writes softmax(scale q K^T) V over rows 0..position into out [heads, D]. cos and sin: [capacity, D];\n"
-"scores: capacity floats of work space. All float32 and C-contiguous.");
+"scores: heads * capacity floats of work space. All float32 and C-contiguous. Up to num_threads threads\n"
+"split the heads once the cache is long; the result does not depend on their number.");
 static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"q", "k", "v", "cos", "sin", "keys", "values", "scores", "out", "heads", "kv_heads",
-                               "position", "scale", NULL};
+                               "position", "scale", "num_threads", NULL};
     PyObject *objects[9];
     long long heads, kv_heads, position;
     float scale;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO$LLLf:attend_one", keywords, &objects[0], &objects[1],
+    int num_threads;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO$LLLfi:attend_one", keywords, &objects[0], &objects[1],
                                      &objects[2], &objects[3], &objects[4], &objects[5], &objects[6], &objects[7],
-                                     &objects[8], &heads, &kv_heads, &position, &scale))
+                                     &objects[8], &heads, &kv_heads, &position, &scale, &num_threads))
         return NULL;
     if (!PyArray_Check(objects[3]) || PyArray_NDIM((PyArrayObject *)objects[3]) != 2) {
         PyErr_SetString(PyExc_ValueError, "cos must be a 2-D numpy.ndarray [capacity, head_dim]");
@@ -1394,7 +1396,7 @@ static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwarg
     step_array arrays[] = {
         {"q", NULL, heads * D, 1},         {"k", NULL, kv_heads * D, 1},   {"v", NULL, kv_heads * D, 0},
         {"cos", NULL, capacity * D, 0},    {"sin", NULL, capacity * D, 0}, {"keys", NULL, capacity * kv_heads * D, 1},
-        {"values", NULL, capacity * kv_heads * D, 1}, {"scores", NULL, capacity, 1}, {"out", NULL, heads * D, 1},
+        {"values", NULL, capacity * kv_heads * D, 1}, {"scores", NULL, heads * capacity, 1}, {"out", NULL, heads * D, 1},
     };
     for (int i = 0; i < 9; i++)
         if (step_array_parse(objects[i], &arrays[i]) < 0) return NULL;
@@ -1404,7 +1406,7 @@ static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwarg
     Py_BEGIN_ALLOW_THREADS
     status = aqlm_attend_one(heads, kv_heads, D, capacity, position, arrays[0].data, arrays[1].data, arrays[2].data,
                              arrays[3].data, arrays[4].data, scale, arrays[5].data, arrays[6].data, arrays[7].data,
-                             arrays[8].data, &err);
+                             arrays[8].data, num_threads, &err);
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
 }

@@ -87,6 +87,34 @@ def test_attend_one_matches_rotary_and_grouped_attention():
     torch.testing.assert_close(values[:length], vs, rtol=0, atol=0)
 
 
+def test_attend_one_gives_the_same_bits_on_any_thread_count(always_parallel):
+    """Threads split the heads of a long cache: each head is computed whole by one thread, so the
+    output has the same bits as on one thread, and matches grouped-query attention."""
+    heads, kv_heads, D, capacity, position = 8, 2, 68, 1500, 1497  # D not a multiple of 8: the dot's tail
+    generator = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(capacity, kv_heads, D, generator=generator), torch.randn(capacity, kv_heads, D, generator=generator)
+    q0, k0, v0 = torch.randn(heads, D, generator=generator), torch.randn(kv_heads, D, generator=generator), torch.randn(kv_heads, D, generator=generator)
+    cos, sin = torch.ones(capacity, D), torch.zeros(capacity, D)  # no rotation: the reference is plain attention
+    outputs, before = {}, torch.get_num_threads()
+    try:
+        for threads in (1, always_parallel):
+            torch.set_num_threads(threads)  # bound_attend_one reads the thread count when it binds
+            runs = []
+            for _ in range(5):  # threads racing on shared work space would not give the same bits every time
+                q, k, v, out = q0.clone(), k0.clone(), v0.clone(), torch.empty(heads, D)
+                ops.bound_attend_one(q, k, v, cos, sin, keys.clone(), values.clone(), out, 0.2)(position)
+                runs.append(out)
+            assert all(torch.equal(run, runs[0]) for run in runs)
+            outputs[threads] = runs[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outputs[1], outputs[always_parallel])
+    keys[position], values[position] = k0, v0
+    expected = F.scaled_dot_product_attention(q0[None, :, None], repeat_kv(keys[: position + 1].transpose(0, 1)[None], 4),
+                                              repeat_kv(values[: position + 1].transpose(0, 1)[None], 4), scale=0.2)
+    torch.testing.assert_close(outputs[1], expected[0, :, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_step_kernels_reject_bad_buffers_with_named_errors():
     h, weight, out = torch.zeros(8), torch.ones(8), torch.zeros(8)
     with pytest.raises(ValueError, match="out must have as many elements as h"):
