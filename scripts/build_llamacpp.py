@@ -55,7 +55,7 @@ def installed_version() -> str:
 
 def sdist_url(version: str) -> tuple[str, str]:
     """The file name and address of llama-cpp-python ``version``'s source release, from PyPI's
-    simple index (its JSON form, PEP 691: the API that pip itself reads, served by mirrors too)."""
+    simple index (its JSON form, PEP 691: the index that pip itself reads)."""
     request = urllib.request.Request(f"https://pypi.org/simple/{PACKAGE}/",
                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(request, timeout=60) as response:
