@@ -48,24 +48,17 @@ def measure(fn, repeat: int) -> float:
 
 def measure_interleaved(fns: dict, repeat: int) -> dict:
     """Median wall time of each function, calls interleaved so that load changes hit all alike."""
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return measure_round_robin({name: [fn] for name, fn in fns.items()}, repeat, warmup=3)
 
 
-def measure_round_robin(sets: dict, repeat: int) -> dict:
+def measure_round_robin(sets: dict, repeat: int, warmup: int = 1) -> dict:
     """For each name, the median over ``repeat`` rounds of the mean time per call when its
-    functions (each on its own weight) are called in turn; rounds of the sets interleaved."""
+    functions (each on its own weight) are called in turn, after ``warmup`` untimed rounds;
+    rounds of the sets interleaved, so that load changes hit all alike."""
     for fns in sets.values():
-        for fn in fns:
-            fn()
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
     times = {name: [] for name in sets}
     for _ in range(repeat):
         for name, fns in sets.items():
