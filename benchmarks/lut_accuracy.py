@@ -1,5 +1,5 @@
 """Perplexity of an AQLM checkpoint decoded token by token (KV cache), exact fp32 tables against
-the default quantized tables (15-bit entries in two int8 tables): the decode path that
+the default quantized tables (16-bit entries in two int8 tables): the decode path that
 prefill-based perplexity never exercises.
 
     python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2]

@@ -110,12 +110,12 @@ aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_d
                                  const void *codebooks, const void *scales, const void *bias,
                                  void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
 
-/* Quantized lookup tables (15-bit entries stored as high and low int8 tables, one fp32 step per
+/* Quantized lookup tables (16-bit entries stored as high and low int8 tables, one fp32 step per
  * `group` input groups and codebook, exact integer sums): the fast path for few tokens. Needs
  * nbits <= 8 and out_group_size 1, and the codes repacked once by aqlm_lutq_pack_codes into
  * aqlm_lutq_packed_size(f) bytes. For each output, |y - exact| <= |scale| * sum over chunks b and
  * codebooks m of |b| * s[b, m] / 2 (plus float rounding), s[b, m] = max |exact table entry| over
- * the chunk / (254 * 127). 1 <= group <= 256. codebooks_t: the codebooks once transposed to
+ * the chunk / 32639 (127 * 256 + 127). 1 <= group <= 256. codebooks_t: the codebooks once transposed to
  * float32 [M, ig, K] (aqlm_lutq_transpose_codebooks), or NULL to transpose them at each call. */
 size_t aqlm_lutq_packed_size(const aqlm_format *f);
 aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,

@@ -4,21 +4,23 @@
  * For every token t, input group j and codebook m the exact table is
  *     T[t, j, m, c] = sum_i x[t, j*ig + i] * codebooks[m, c, 0, i]            (c < K <= 256).
  * Groups are taken `group` at a time (a "chunk" b); each (t, b, m) gets one fp32 step
- *     s[t, b, m] = max over j in b, c of |T[t, j, m, c]| / LEVELS,   LEVELS = 254 * 127 = 32258,
+ *     s[t, b, m] = max over j in b, c of |T[t, j, m, c]| / LEVELS,   LEVELS = 127 * 256 + 127 = 32639,
  * and every entry becomes the integer E = round_to_nearest_even(T * (LEVELS / amax)), |E| <= LEVELS,
- * stored as two int8 tables ("high" and "low" bytes, 15 bits in all):
- *     hi = round_to_nearest_even((float)E * (1 / 254)),  lo = E - 254 * hi,  |hi|, |lo| <= 127
- * (hi is E / 254 correctly rounded except at ties, where either neighbour leaves |lo| = 127).
+ * stored as two int8 tables ("high" and "low" bytes, 16 bits in all):
+ *     hi = floor((E + 128) / 256),  lo = E - 256 * hi,  so |hi| <= 127 and -128 <= lo <= 127
+ * (LEVELS = 127 * 256 + 127 keeps hi within int8). Offset by 128, these are the two bytes of the
+ * uint16 E + ENTRY_OFFSET (ENTRY_OFFSET = 128 * 256 + 128): hi + 128 its high byte, lo + 128 its
+ * low one, which is how the SIMD kernels split an entry (two instructions, no division).
  * A kernel set's quantize writes its tables in the byte form its own accumulate reads: the
  * scalar reference stores hi and lo as they are, the AVX2 and AVX-512 VBMI kernels offset by 128.
  * An output row o sums
  *     acc[t, o] = sum over b (in order), m (in order) of  fma(s[t, b, m], (float)I[t, b, m, o], acc)
- *     I = 254 * Hi + Lo,  Hi/Lo[t, b, m, o] = sum_{j in b} hi/lo[t, j, m, code(o, j, m)]   (exact integers)
- * and y[t, o] = acc * scale[o] + bias[o]. |Hi|, |Lo| <= 127 * group <= 32512 < 2**15, so each fits
- * the int16 lanes the SIMD kernels accumulate in, whatever the codes (hence group <= 256), and
- * |I| <= 255 * 32512 < 2**24 converts to fp32 exactly. Every entry is off by at most s/2 (plus the
- * float rounding of T * (LEVELS / amax)), so |y - y_exact| <= |scale[o]| * sum_{b,m} |b| s[t,b,m] / 2
- * plus float rounding: 254x finer than one int8 table at the same chunking. All versions compute
+ *     I = 256 * Hi + Lo,  Hi/Lo[t, b, m, o] = sum_{j in b} hi/lo[t, j, m, code(o, j, m)]   (exact integers)
+ * and y[t, o] = acc * scale[o] + bias[o]. -128 * group <= Hi, Lo <= 127 * group, within int16
+ * for group <= 256 (hence that limit), whatever the codes, and |I| <= 256 * 32512 + 32768 < 2**24
+ * converts to fp32 exactly. Every entry is off by at most s/2 (plus the float rounding of
+ * T * (LEVELS / amax)), so |y - y_exact| <= |scale[o]| * sum_{b,m} |b| s[t,b,m] / 2
+ * plus float rounding: 257x finer than one int8 table at the same chunking. All versions compute
  * the same integers and the same fp32 operations in the same order, so every SIMD level gives the
  * scalar reference's bits.
  *
@@ -32,7 +34,7 @@
  * pieces' (the same float: max does not depend on order) and every table is quantized to the
  * same integers as one thread would. Each thread then writes, for its pieces k and every row,
  * the exact int32 partial
- *     partials[((k * n + t) * M + m) * stride + o] = 254 * Hi + Lo over the groups of piece k
+ *     partials[((k * n + t) * M + m) * stride + o] = 256 * Hi + Lo over the groups of piece k
  * (stride = tiles * 64 rows; rows past out hold sums of code 0 and are never stored), and after
  * a second barrier the rows are split between threads: I[t, b, m, o] is the (exact) sum of its
  * pieces' partials, and acc and y follow as above. Results do not depend on the thread count.
@@ -64,8 +66,9 @@ enum {
     AQLM_LUTQ_PAD = 256,
     AQLM_LUTQ_SLAB_BYTES = 1 << 19, /* one thread's tables (all tokens) swept at a time: stay in L2 */
     AQLM_LUTQ_ROW_BLOCK = 16,  /* rows of the final sums: a unit of the threads' row split */
-    AQLM_LUTQ_LOW_RADIX = 254,               /* E = 254 * hi + lo */
-    AQLM_LUTQ_LEVELS = 254 * 127,            /* |E| <= this */
+    AQLM_LUTQ_LOW_RADIX = 256,               /* E = 256 * hi + lo */
+    AQLM_LUTQ_LEVELS = 127 * 256 + 127,      /* |E| <= this */
+    AQLM_LUTQ_ENTRY_OFFSET = 128 * 256 + 128, /* E + this: hi + 128 and lo + 128 as the two bytes of a uint16 */
 };
 
 static inline int64_t aqlm_lutq_table_stride(int64_t K) { return K < 16 ? 16 : K; }
@@ -125,7 +128,7 @@ typedef void (*aqlm_lutq_quantize_fn)(const aqlm_block_shape *s, int64_t groups,
 
 /* For `tiles` tiles of packed codes (from the first given), n <= AQLM_LUTQ_MAX_TOKENS tokens and
  * input groups [j0, j1): for every chunk b meeting [j0, j1) (piece k = b - j0 / group), writes
- *     partials[((k * n + t) * M + m) * stride + tile * 64 + lane] = 254 * Hi + Lo
+ *     partials[((k * n + t) * M + m) * stride + tile * 64 + lane] = 256 * Hi + Lo
  * summed over the groups of b within [j0, j1) (layout above; qhi, qlo: the tables of all n tokens). */
 typedef void (*aqlm_lutq_accumulate_fn)(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                                         const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
@@ -162,9 +165,7 @@ void aqlm_lutq_finish_ref(int64_t M, int64_t chunks, const int64_t *restrict fir
                           const float *restrict qscale, float *restrict acc);
 void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
                            const float *restrict cbt, float *restrict work, float *restrict amax);
-void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
-/* The same, each byte then offset by 128: the tables of the AVX2 and AVX-512 VBMI kernels. */
+/* The tables in the offset byte form of the AVX2 and AVX-512 VBMI kernels. */
 void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                                     const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
 void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,

@@ -20,20 +20,19 @@
 #include <immintrin.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+_Static_assert(AQLM_LUTQ_LOW_RADIX == 256, "combine() multiplies by the radix with a shift by 8");
 
-/* 32 entries of one table in fp32 -> high and low bytes of E (lutq.h), in order. */
+/* 32 entries of one table in fp32 -> the offset high and low bytes of E (lutq.h), in order: the
+ * two bytes of E + ENTRY_OFFSET as uint16. */
 ALWAYS_INLINE void split_entries(const float *restrict row, __m256 inverse, int8_t *restrict high, int8_t *restrict low) {
-    const __m256 radix_inverse = _mm256_set1_ps(1.0f / AQLM_LUTQ_LOW_RADIX);
-    const __m256i radix = _mm256_set1_epi32(AQLM_LUTQ_LOW_RADIX);
+    const __m256i entry_offset = _mm256_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET), low_byte = _mm256_set1_epi16(0xff);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    __m256i hi[4], lo[4];
-    for (int k = 0; k < 4; k++) {
-        const __m256i entry = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + 8 * k), inverse));
-        hi[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(entry), radix_inverse));
-        lo[k] = _mm256_sub_epi32(entry, _mm256_mullo_epi32(hi[k], radix));
-    }
-    const __m256i hi_bytes = _mm256_packs_epi16(_mm256_packs_epi32(hi[0], hi[1]), _mm256_packs_epi32(hi[2], hi[3]));
-    const __m256i lo_bytes = _mm256_packs_epi16(_mm256_packs_epi32(lo[0], lo[1]), _mm256_packs_epi32(lo[2], lo[3]));
+    __m256i u[4];
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + 8 * k), inverse)), entry_offset);
+    const __m256i first = _mm256_packus_epi32(u[0], u[1]), second = _mm256_packus_epi32(u[2], u[3]);
+    const __m256i hi_bytes = _mm256_packus_epi16(_mm256_srli_epi16(first, 8), _mm256_srli_epi16(second, 8));
+    const __m256i lo_bytes = _mm256_packus_epi16(_mm256_and_si256(first, low_byte), _mm256_and_si256(second, low_byte));
     _mm256_storeu_si256((__m256i *)high, _mm256_permutevar8x32_epi32(hi_bytes, order));
     _mm256_storeu_si256((__m256i *)low, _mm256_permutevar8x32_epi32(lo_bytes, order));
 }
@@ -63,12 +62,23 @@ void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, co
         }
 }
 
-/* Quantizes fp32 tables exactly as the reference does (K a multiple of 8). */
-void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
+/* Every byte of `count` XOR 0x80: int8 v -> the offset byte v + 128. */
+static void offset_bytes(int8_t *restrict bytes, int64_t count) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    int64_t at = 0;
+    for (; at + 32 <= count; at += 32)
+        _mm256_storeu_si256((__m256i *)(bytes + at), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bytes + at)), flip));
+    for (; at < count; at++) bytes[at] = (int8_t)((uint8_t)bytes[at] ^ 0x80u);
+}
+
+/* Quantizes fp32 tables exactly as the reference does, into offset bytes (lutq.h). */
+void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
+                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     if (K % 8 != 0) {
         aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
+        offset_bytes(qhi, groups * M * KS);
+        offset_bytes(qlo, groups * M * KS);
         return;
     }
     for (int64_t m = 0; m < M; m++) {
@@ -80,31 +90,13 @@ void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const fl
             int64_t c = 0;
             for (; c + 32 <= K; c += 32) split_entries(row + c, vinverse, high + c, low + c);
             for (; c < K; c++) {
-                const int entry = _mm_cvtss_si32(_mm_set_ss(row[c] * inverse));
-                const int hi = _mm_cvtss_si32(_mm_set_ss((float)entry * (1.0f / AQLM_LUTQ_LOW_RADIX)));
-                high[c] = (int8_t)hi;
-                low[c] = (int8_t)(entry - AQLM_LUTQ_LOW_RADIX * hi);
+                const int u = _mm_cvtss_si32(_mm_set_ss(row[c] * inverse)) + AQLM_LUTQ_ENTRY_OFFSET;
+                high[c] = (int8_t)(uint8_t)(u >> 8);
+                low[c] = (int8_t)(uint8_t)(u & 0xff);
             }
-            for (; c < KS; c++) high[c] = low[c] = 0;
+            for (; c < KS; c++) high[c] = low[c] = (int8_t)0x80; /* the offset form of 0 */
         }
     }
-}
-
-/* Every byte of `count` XOR 0x80: int8 v -> the offset byte v + 128. */
-static void offset_bytes(int8_t *restrict bytes, int64_t count) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    int64_t at = 0;
-    for (; at + 32 <= count; at += 32)
-        _mm256_storeu_si256((__m256i *)(bytes + at), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bytes + at)), flip));
-    for (; at < count; at++) bytes[at] = (int8_t)((uint8_t)bytes[at] ^ 0x80u);
-}
-
-void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
-    aqlm_lutq_quantize_avx2(s, groups, work, amax, qhi, qlo);
-    const int64_t count = groups * s->M * aqlm_lutq_table_stride(s->K);
-    offset_bytes(qhi, count);
-    offset_bytes(qlo, count);
 }
 
 /* 32 int8 lookups of idx in the table at `table` (slices 16-entry slices). */
@@ -120,10 +112,10 @@ ALWAYS_INLINE __m256i lookup32(const int slices, __m256i idx, const int8_t *rest
     return result;
 }
 
-/* 254 * high + low in int32 of 8 rows' offset sums (uint16, header), the offsets removed (exact: lutq.h). */
+/* 256 * high + low in int32 of 8 rows' offset sums (uint16, header), the offsets removed (exact: lutq.h). */
 ALWAYS_INLINE __m256i combine(__m128i high, __m128i low, __m256i offsets) {
     const __m256i hi = _mm256_sub_epi32(_mm256_cvtepu16_epi32(high), offsets), lo = _mm256_sub_epi32(_mm256_cvtepu16_epi32(low), offsets);
-    return _mm256_add_epi32(_mm256_mullo_epi32(hi, _mm256_set1_epi32(AQLM_LUTQ_LOW_RADIX)), lo);
+    return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), lo); /* 256 = AQLM_LUTQ_LOW_RADIX */
 }
 
 /* The 16 int32 sums of rows 0..15 of a half tile from its even rows (0, 2, .., 14) and odd rows
@@ -230,11 +222,6 @@ const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
 void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
                            const float *restrict cbt, float *restrict work, float *restrict amax) {
     aqlm_lutq_tables_ref(s, j0, j1, x, cbt, work, amax);
-}
-
-void aqlm_lutq_quantize_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
-    aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
 }
 
 void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,

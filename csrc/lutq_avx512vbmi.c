@@ -12,7 +12,7 @@
  * five sign extensions and adds), since a piece sums at most 256 groups and 255 * 256 < 2**16:
  *     odd = sum of (word >> 8),   even = (sum of words) - 256 * odd   (mod 2**16),
  * and the true sums are even - 128 * groups and odd - 128 * groups. They are combined as
- * 254 * high + low in int32: one exact partial sum per piece of a chunk, codebook and row
+ * 256 * high + low in int32: one exact partial sum per piece of a chunk, codebook and row
  * (lutq.h), the same integers as the reference's, which the driver's final pass scales to fp32.
  * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
  */
@@ -26,6 +26,7 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 enum { TILE_STEP = AQLM_LUTQ_TILE_STEP }; /* tiles sharing each table load */
+_Static_assert(AQLM_LUTQ_LOW_RADIX == 256, "combine() multiplies by the radix with a shift by 8");
 
 /* fp32 tables of groups [j0, j1): V independent FMA chains of 16 codewords each hide the FMA
  * latency; each chain adds x[i] * codeword[i] in order i = 0, 1, ... like the reference. The
@@ -59,12 +60,6 @@ ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t 
         }
 }
 
-/* The low bytes of the int32 lanes of a, b, c, d, in that order (values already in int8 range). */
-ALWAYS_INLINE __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_epi32(order, _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)));
-}
-
 /* fp32 tables (K a multiple of 16) and their per-codebook max |entry|. */
 static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
                                const float *restrict cbt, float *restrict work, float *restrict amax) {
@@ -75,7 +70,22 @@ static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1
     else build_tables(1, s, j0, j1, x, cbt, work, amax);
 }
 
-/* Quantized exactly as the reference does (K a multiple of 16). */
+/* The byte positions, in two registers of 32 uint16 words each packed by vpackusdw from four
+ * vectors of 16 entries, of entries 0..63 in order: their low bytes (high = 0) or high bytes
+ * (high = 1). vpackusdw interleaves its sources per 128-bit lane: word 8L + r of the first
+ * register is entry 4L + r of the first source (r < 4), word 8L + 4 + r entry 4L + r of the second. */
+ALWAYS_INLINE __m512i entry_bytes(int high) {
+    uint8_t index[64];
+    for (int entry = 0; entry < 64; entry++) {
+        const int source = entry / 16, lane = entry % 16 / 4, r = entry % 4;
+        const int word = 8 * lane + 4 * (source % 2) + r;
+        index[entry] = (uint8_t)(64 * (source / 2) + 2 * word + high);
+    }
+    return _mm512_loadu_si512(index);
+}
+
+/* Quantized exactly as the reference does (K a multiple of 16): E + ENTRY_OFFSET as uint16, whose
+ * two bytes are the offset high and low bytes (lutq.h). */
 static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                                  const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
@@ -83,29 +93,29 @@ static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, cons
         aqlm_lutq_quantize_offset_avx2(s, groups, work, amax, qhi, qlo);
         return;
     }
-    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    const __m512i entry_offset = _mm512_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET);
+    const __m512i low_bytes = entry_bytes(0), high_bytes = entry_bytes(1);
     for (int64_t m = 0; m < M; m++) {
         const float largest = amax[m];
         const float inverse = largest > 0.0f ? (float)AQLM_LUTQ_LEVELS / largest : 0.0f;
-        const __m512 vinverse = _mm512_set1_ps(inverse), radix_inverse = _mm512_set1_ps(1.0f / AQLM_LUTQ_LOW_RADIX);
-        const __m512i radix = _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX);
+        const __m512 vinverse = _mm512_set1_ps(inverse);
         for (int64_t j = 0; j < groups; j++) {
             const float *row = work + (j * M + m) * K;
             int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
-            for (int64_t c = 0; c < K; c += 16 * (K % 64 == 0 ? 4 : 1)) {
-                __m512i hi[4], lo[4];
-                const int parts = K % 64 == 0 ? 4 : 1;
-                for (int q = 0; q < parts; q++) {
-                    const __m512i entry = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c + 16 * q), vinverse));
-                    hi[q] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(entry), radix_inverse));
-                    lo[q] = _mm512_sub_epi32(entry, _mm512_mullo_epi32(hi[q], radix));
+            if (K % 64 == 0) {
+                for (int64_t c = 0; c < K; c += 64) {
+                    __m512i u[4];
+                    for (int q = 0; q < 4; q++)
+                        u[q] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c + 16 * q), vinverse)), entry_offset);
+                    const __m512i first = _mm512_packus_epi32(u[0], u[1]), second = _mm512_packus_epi32(u[2], u[3]);
+                    _mm512_storeu_si512(high + c, _mm512_permutex2var_epi8(first, high_bytes, second));
+                    _mm512_storeu_si512(low + c, _mm512_permutex2var_epi8(first, low_bytes, second));
                 }
-                if (parts == 4) {
-                    _mm512_storeu_si512(high + c, _mm512_xor_si512(pack_bytes(hi[0], hi[1], hi[2], hi[3]), offset));
-                    _mm512_storeu_si512(low + c, _mm512_xor_si512(pack_bytes(lo[0], lo[1], lo[2], lo[3]), offset));
-                } else {
-                    _mm_storeu_si128((__m128i *)(high + c), _mm_xor_si128(_mm512_cvtepi32_epi8(hi[0]), _mm512_castsi512_si128(offset)));
-                    _mm_storeu_si128((__m128i *)(low + c), _mm_xor_si128(_mm512_cvtepi32_epi8(lo[0]), _mm512_castsi512_si128(offset)));
+            } else {
+                for (int64_t c = 0; c < K; c += 16) {
+                    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c), vinverse)), entry_offset);
+                    _mm_storeu_si128((__m128i *)(high + c), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+                    _mm_storeu_si128((__m128i *)(low + c), _mm512_cvtepi32_epi8(u));
                 }
             }
         }
@@ -120,11 +130,11 @@ ALWAYS_INLINE __m512i lookup64(const int K, __m512i idx, __m512i a, __m512i b, _
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), low, high);
 }
 
-/* 254 * high + low in int32 of 16 rows' offset sums (uint16, header) over `groups` lookups each:
+/* 256 * high + low in int32 of 16 rows' offset sums (uint16, header) over `groups` lookups each:
  * the offsets removed, exact (lutq.h). */
 ALWAYS_INLINE __m512i combine(__m256i high, __m256i low, __m512i offsets) {
     const __m512i hi = _mm512_sub_epi32(_mm512_cvtepu16_epi32(high), offsets), lo = _mm512_sub_epi32(_mm512_cvtepu16_epi32(low), offsets);
-    return _mm512_add_epi32(_mm512_mullo_epi32(hi, _mm512_set1_epi32(AQLM_LUTQ_LOW_RADIX)), lo);
+    return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo); /* 256 = AQLM_LUTQ_LOW_RADIX */
 }
 
 /* The sums of one tile, modulo 2**16: of the looked-up vectors as uint16 words ("words") and of
@@ -145,7 +155,7 @@ ALWAYS_INLINE tile_sums zero_sums(void) {
     return (tile_sums){zero, zero, zero, zero};
 }
 
-/* out[u * 64 + row] = 254 * high + low of tile u's sums over `groups` lookups, in row order, for NT tiles. */
+/* out[u * 64 + row] = 256 * high + low of tile u's sums over `groups` lookups, in row order, for NT tiles. */
 ALWAYS_INLINE void store_sums(const int NT, const tile_sums *sums, int64_t groups, int32_t *restrict out) {
     /* rows 2i, 2i + 1 from even[i], odd[i]: first 8 lane pairs, then the next 8 */
     const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);

@@ -2,7 +2,7 @@
  * lutq_matmul.c - y = x W^T + b for few tokens by quantized lookup tables (see lutq.h).
  *
  * The exact fp32 gather of lut_matmul.c does one table load per code and stalls on the load
- * ports. Here each table is two int8 tables (the high and low bytes of 15-bit entries) with one
+ * ports. Here each table is two int8 tables (the high and low bytes of 16-bit entries) with one
  * fp32 step per chunk of input groups and codebook, small enough to sit in vector registers: one
  * in-register permute looks up 64 (AVX-512 VBMI) or 32 (AVX2) output rows at once, summed exactly
  * in int16 and scaled to fp32 once per chunk.

@@ -22,7 +22,7 @@ void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, con
 }
 
 /* step = amax / LEVELS (the caller's), E = round(T * (LEVELS / amax)), split into high and low
- * bytes (lutq.h). */
+ * bytes: hi = floor((E + 128) / 256), lo = E - 256 * hi (lutq.h). */
 void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
                             const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
     const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
@@ -32,7 +32,8 @@ void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const flo
             int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
             for (int64_t c = 0; c < K; c++) {
                 const long entry = lrintf(work[(j * M + m) * K + c] * inverse);
-                const long hi = lrintf((float)entry * (1.0f / AQLM_LUTQ_LOW_RADIX));
+                /* entry + ENTRY_OFFSET >= 0, so this division is the floor of (entry + 128) / 256 */
+                const long hi = (entry + AQLM_LUTQ_ENTRY_OFFSET) / AQLM_LUTQ_LOW_RADIX - 128;
                 high[c] = (int8_t)hi;
                 low[c] = (int8_t)(entry - AQLM_LUTQ_LOW_RADIX * hi);
             }

@@ -481,7 +481,7 @@ static int check_codebooks_t(PyObject *object, const npy_intp *cb) {
 PyDoc_STRVAR(lutq_matmul_doc,
 "lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, codebooks_t=None)\n"
 "--\n\n"
-"out [n, out_features] = x [n, in_features] @ W.T + bias by lookup tables of 15-bit entries (high\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias by lookup tables of 16-bit entries (high\n"
 "and low int8 tables) with one fp32 step per `group` input groups and codebook (1 <= group <= 256).\n"
 "packed: from lutq_pack_codes.\n"
 "codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.\n"

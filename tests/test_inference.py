@@ -206,7 +206,7 @@ def test_min_parallel_work_is_a_checked_process_wide_setting():
 @pytest.mark.parametrize("shape", [(1,), (3,), (2, 5), (300,)])
 @pytest.mark.parametrize("quantized_lut", ["0", "1"])
 def test_quantized_linear_cpu_matches_torch_path(config, shape, quantized_lut, monkeypatch):
-    """With exact tables to float rounding; with the default quantized tables (15-bit entries, see
+    """With exact tables to float rounding; with the default quantized tables (16-bit entries, see
     csrc/lutq.h) to 1e-3 of the output's norm."""
     monkeypatch.setenv("AQLM_QUANTIZED_LUT", quantized_lut)
     out, inp, M, nbits, og, ig = config

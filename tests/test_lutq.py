@@ -13,6 +13,7 @@ from aqlm import ops
 from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
+LEVELS = 127 * 256 + 127  # csrc/lutq.h: |E| <= LEVELS, E = 256 * hi + lo
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # (out, in, num_codebooks, nbits, in_group_size): rows not a multiple of 64 or of 4 tiles, chunk
@@ -71,7 +72,7 @@ def run_lutq(x, codes, codebooks, scales, bias, group, simd, num_threads=2):
 
 
 def error_bound(x, codes, codebooks, scales, bias, group):
-    """lutq.h: |y - exact| <= |scale| * sum_{b, m} |b| * s[b, m] / 2, s = max |table entry| / (254 * 127),
+    """lutq.h: |y - exact| <= |scale| * sum_{b, m} |b| * s[b, m] / 2, s = max |table entry| / LEVELS,
     plus float rounding (relative 1e-5 of the sum of |entries| the output adds up)."""
     nbits = codebooks.shape[1].bit_length() - 1
     M, K, _, ig = codebooks.shape
@@ -82,7 +83,7 @@ def error_bound(x, codes, codebooks, scales, bias, group):
     step = torch.zeros(x.shape[0], G, M, dtype=torch.float64)  # s of each group's chunk
     for b in range(chunks):
         j0, j1 = b * group, min((b + 1) * group, G)
-        step[:, j0:j1] = tables[:, j0:j1].abs().amax(dim=(1, 3), keepdim=False)[:, None, :] / (254 * 127)
+        step[:, j0:j1] = tables[:, j0:j1].abs().amax(dim=(1, 3), keepdim=False)[:, None, :] / LEVELS
     unpacked = ops.unpack_codes(codes, nbits).long()  # [out, G, M]
     picked = tables[:, torch.arange(G)[None, :, None], torch.arange(M)[None, None, :], unpacked]  # [n, out, G, M]
     scale = scales.double().abs().view(1, -1)
@@ -116,8 +117,8 @@ def test_every_level_gives_the_scalar_bits_and_stays_within_the_bound(config, to
 
 
 def test_sums_at_the_largest_chunk_and_table_extremes_stay_exact(always_parallel):
-    """Every table entry at +-amax (high byte +-127) over a chunk of 256 groups, the most one
-    step may cover: the int16 sums reach +-127 * 256, and the AVX-512 kernels' offset bytes
+    """Every table entry at +-amax (high and low bytes +-127) over a chunk of 256 groups, the most
+    one step may cover: the int16 sums reach +-127 * 256, and the SIMD kernels' offset bytes
     (csrc/lutq_avx512vbmi.c) sum to 255 * 256, beyond int16 but within uint16."""
     K, ig, groups, M = 256, 8, 256, 2
     codebooks = torch.ones(M, K, 1, ig)
