@@ -144,6 +144,34 @@ static void fill_split(int64_t G, int64_t group, group_split *split) {
  * / 24 = 10923 by default; aqlm_set_min_parallel_work(0) still forces teams). */
 enum { LUTQ_WORK_WEIGHT = 24 };
 
+/* Codes each thread streams into L2 while it builds its first token's tables: all of its share
+ * of a layer of SmolLM2's size (at most 110 KiB there), and a part of a larger one's, small enough
+ * for any L2 of 256 KiB or more next to the tables. */
+enum { EARLY_CODE_BYTES = 128 << 10 };
+
+/* The codes of input groups [g0, g1) in the order the accumulate kernels read them (tile after
+ * tile, each tile's run of those groups), as a sequence of cache lines to prefetch a few at a
+ * time: from `next` (a line number), `count` lines, stopping at `total` lines. */
+typedef struct {
+    const uint8_t *packed;
+    int64_t tile_bytes, first, run, next, total;
+} code_stream;
+
+static code_stream code_stream_of(const aqlm_block_shape *s, int64_t tiles, const uint8_t *packed, int64_t g0, int64_t g1) {
+    const int64_t line = (aqlm_lutq_nibbles(s) ? s->M / 2 : s->M) * AQLM_LUTQ_TILE; /* one group's codes in a tile */
+    const int64_t run = (g1 - g0) * line, lines = (run * tiles + 63) / 64;
+    const int64_t budget = EARLY_CODE_BYTES / 64;
+    return (code_stream){.packed = packed, .tile_bytes = s->in_groups * line, .first = g0 * line, .run = run,
+                         .next = 0, .total = lines < budget ? lines : budget};
+}
+
+static void prefetch_codes(code_stream *stream, int64_t count) {
+    for (; count > 0 && stream->next < stream->total; count--, stream->next++) {
+        const int64_t byte = stream->next * 64, tile = byte / stream->run;
+        aqlm_lutq_prefetch(stream->packed, tile * stream->tile_bytes + stream->first + byte % stream->run);
+    }
+}
+
 /* Threads for a call: never more than there are input groups (each thread takes at least one). */
 static int lutq_threads(int num_threads, double work, int64_t G) {
     const int threads = aqlm_threads_for(num_threads, work * LUTQ_WORK_WEIGHT);
@@ -215,6 +243,12 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             const int member = omp_get_thread_num(), team = omp_get_num_threads();
             for (int p = member; p < P; p += team) { /* 1: fp32 tables and their maxima; whole chunks quantized */
                 const int64_t g0 = split.bounds[p], g1 = split.bounds[p + 1];
+                /* The first token's tables are built one group at a time, with a few lines of this
+                 * thread's codes prefetched after each: they stream in from memory while the tables
+                 * compute, where a layer the others have evicted would otherwise have the lookups
+                 * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster). */
+                code_stream stream = code_stream_of(&s, tiles, packed, g0, g1);
+                const int64_t lines_per_group = (stream.total + (g1 - g0) - 1) / (g1 - g0);
                 float *scratch = scratch_all + (size_t)p * (size_t)(group * M * K);
                 float *kept = kept_all + split.kept0[p] * T * M * K;
                 for (int64_t t = 0; t < tokens; t++)
@@ -227,7 +261,13 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                         float amax[AQLM_LUTQ_MAX_CODEBOOKS];
                         float *tables = whole ? scratch : kept;
                         for (int64_t m = 0; m < M; m++) amax[m] = 0.0f;
-                        kernels->tables(&s, from, to, x32 + t * in, cbt, tables, amax);
+                        if (t0 == 0 && t == 0)
+                            for (int64_t j = from; j < to; j++) {
+                                kernels->tables(&s, j, j + 1, x32, cbt, tables + (j - from) * M * K, amax);
+                                prefetch_codes(&stream, lines_per_group);
+                            }
+                        else
+                            kernels->tables(&s, from, to, x32 + t * in, cbt, tables, amax);
                         memcpy(amax_all + ((split.piece0[p] + b - g0 / group) * T + t) * M, amax, (size_t)M * sizeof(float));
                         if (whole) {
                             kernels->quantize(&s, to - from, tables, amax, qhi + (t * G + from) * M * KS, qlo + (t * G + from) * M * KS);
