@@ -257,14 +257,15 @@ ALWAYS_INLINE void accumulate_vbmi(const int K, const aqlm_block_shape *s, int64
         const int64_t count = tiles - tile < TILE_STEP ? tiles - tile : TILE_STEP;
         const uint8_t *codes = packed + tile * tile_stride;
         int32_t *out = partials + tile * AQLM_LUTQ_TILE;
+        /* the last tiles of a layer whose count is not a multiple of TILE_STEP share their table loads too */
         if (nibbles && count == TILE_STEP) accumulate_tiles_nibbles(TILE_STEP, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
-        else if (nibbles)
-            for (int64_t u = 0; u < count; u++)
-                accumulate_tiles_nibbles(1, s, group, j0, j1, codes + u * tile_stride, n, qhi, qlo, out + u * AQLM_LUTQ_TILE, stride);
+        else if (nibbles && count == 3) accumulate_tiles_nibbles(3, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
+        else if (nibbles && count == 2) accumulate_tiles_nibbles(2, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
+        else if (nibbles) accumulate_tiles_nibbles(1, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
         else if (count == TILE_STEP) accumulate_tiles(K, TILE_STEP, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
-        else
-            for (int64_t u = 0; u < count; u++)
-                accumulate_tiles(K, 1, s, group, j0, j1, codes + u * tile_stride, n, qhi, qlo, out + u * AQLM_LUTQ_TILE, stride);
+        else if (count == 3) accumulate_tiles(K, 3, s, group, j0, j1, codes, n, qhi, qlo, out, stride); /* e.g. 192 rows */
+        else if (count == 2) accumulate_tiles(K, 2, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
+        else accumulate_tiles(K, 1, s, group, j0, j1, codes, n, qhi, qlo, out, stride);
     }
 }
 
