@@ -5,8 +5,12 @@ objects, masks, hooks and some forty small torch calls per decoder layer. This l
 model (its own parameters, no copies of the linear weights) with everything a token needs made
 once: a key/value cache of ``max_length`` positions, one set of activation buffers, the rotary
 tables, and every :class:`aqlm.QuantizedLinear` bound to its C kernel with those buffers
-(:func:`aqlm.ops.bound_linear_cpu`). A decoding step is then 11 C calls per layer (7 matrix
-products, 2 residual-and-norm steps, one attention step, one SiLU gate), and one matrix-vector product for the LM head.
+(:func:`aqlm.ops.bound_linear_cpu`). A decoding step is then 11 calls per layer (7 matrix
+products, 2 residual-and-norm steps, one attention step, one SiLU gate), all run by one C call
+(:func:`aqlm.ops.step_program`) when every linear is a CPU ``QuantizedLinear`` (else one by one
+from Python), and one matrix-vector product for the LM head. Each quantized linear also names
+the one that runs after it, for its kernel to prefetch what that one reads first
+(:func:`aqlm.ops.chain_bound_linears`).
 
 The prompt goes through the layers' own forward in one pass; each new token through the bound
 kernels. Logits match the model's own forward to float32 rounding (tested).
@@ -233,8 +237,9 @@ class LlamaDecoder:
                 self.programs[count] = self._bind_steps()
         self.thread_choice = _ThreadChoice(self.threads) if self.threads > 1 else None
 
-    def _bind_steps(self) -> tuple[list, Callable[[], None]]:
-        """Every layer's bound calls, and the final norm's, for torch's current thread count."""
+    def _bind_steps(self) -> tuple[list, Callable[[], None], Optional[Callable[[int], None]]]:
+        """Every layer's bound calls, the final norm's, and all of them as one C call where every
+        linear has a C kernel (ops.step_program; else None), for torch's current thread count."""
         steps = []
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
@@ -256,8 +261,11 @@ class LlamaDecoder:
                     _bind(mlp.down_proj, self.gate, self.mlp_out),
                 )
             )
+        # The linears in the order a step runs them: each quantized one prefetches what the next reads first.
+        ops.chain_bound_linears([layer[i] for layer in steps for i in (1, 2, 3, 5, 7, 8, 10)])
         final_weight, final_eps = _norm_weight(self.final_norm, "norm")
-        return steps, ops.bound_residual_rms_norm(self.h, self.mlp_out, final_weight, self.final_x, final_eps)
+        final_step = ops.bound_residual_rms_norm(self.h, self.mlp_out, final_weight, self.final_x, final_eps)
+        return steps, final_step, ops.step_program([call for layer in steps for call in layer] + [final_step])
 
     def reset(self) -> None:
         """Forget every position (the cache is reused, not reallocated)."""
@@ -309,9 +317,13 @@ class LlamaDecoder:
     def _step(self, token: int, threads: Optional[int] = None) -> torch.Tensor:
         """One new token through the bound kernels (those bound for ``threads``: the decoder's
         own count by default); its final normed hidden state [1, hidden]."""
-        steps, final_step = self.programs[threads or self.threads]
+        steps, final_step, program = self.programs[threads or self.threads]
         position = self.length
         self.h.copy_(self.embedding[token])
+        if program is not None:  # one C call for the whole step
+            program(position)
+            self.length += 1
+            return self.final_x
         for input_norm, q_proj, k_proj, v_proj, attend, o_proj, post_norm, gate_proj, up_proj, silu_mul, down_proj in steps:
             input_norm()
             q_proj(), k_proj(), v_proj()

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -834,7 +834,21 @@ def _kernel_call(kernel: str, x: torch.Tensor, out: torch.Tensor, codes, codeboo
         call(x_address, out_address)
 
     bound_call.buffers = (x, out)  # the addresses point into these: they live as long as the call
+    bound_call.bound = call.args[0]  # the C call, for chain_bound_linears
+    if x.dtype == torch.float32:  # the C step of step_program (float32 activations only)
+        bound_call.step = ("linear", call.args[0], _numpy_view(x), _numpy_view(out))
     return bound_call
+
+
+def chain_bound_linears(calls: Sequence[Callable[[], None]]) -> None:
+    """Tells each call of ``calls`` (from :func:`bound_linear_cpu`, in the order a loop runs them,
+    as a decoding step does at every token) which one runs next, so that a quantized-table call
+    prefetches what the next one reads first while it builds its own tables (``aqlm_lutq_next`` in
+    csrc/aqlm.h). Only a hint: results do not change; other callables are left as they are."""
+    bounds = [getattr(call, "bound", None) for call in calls]
+    for bound, following in zip(bounds, bounds[1:] + [None]):
+        if bound is not None:
+            _C.bind_next(bound, following)
 
 
 def _step_view(name: str, tensor: torch.Tensor) -> np.ndarray:
@@ -861,7 +875,12 @@ def bound_residual_rms_norm(
             raise ValueError(f"{name} must have as many elements as h ({h_np.size}), got {array.size}")
     eps = float(eps)
     norm = _C.residual_rms_norm
-    return lambda: norm(h_np, delta_view, weight_np, out_np, eps=eps)
+
+    def call() -> None:
+        norm(h_np, delta_view, weight_np, out_np, eps=eps)
+
+    call.step = ("norm", h_np, delta_view, weight_np, out_np, eps)  # the C step of step_program
+    return call
 
 
 def bound_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> Callable[[], None]:
@@ -870,7 +889,12 @@ def bound_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> Callable[[], None]:
     if gate_np.size != up_np.size:
         raise ValueError(f"gate and up must have the same number of elements, got {gate_np.size} and {up_np.size}")
     silu_mul = _C.silu_mul
-    return lambda: silu_mul(gate_np, up_np)
+
+    def call() -> None:
+        silu_mul(gate_np, up_np)
+
+    call.step = ("silu", gate_np, up_np)  # the C step of step_program
+    return call
 
 
 def bound_attend_one(
@@ -914,7 +938,28 @@ def bound_attend_one(
         attend(q_np, k_np, v_np, cos_np, sin_np, keys_np, values_np, scores, out_np, heads=heads, kv_heads=kv_heads,
                position=position, scale=scale, num_threads=threads)
 
+    # the C step of step_program, at the position the program runs at
+    call.step = ("attend", q_np, k_np, v_np, cos_np, sin_np, keys_np, values_np, scores, out_np, heads, kv_heads, scale,
+                 threads)
     return call
+
+
+def step_program(calls: Sequence[Callable]) -> Optional[Callable[[int], None]]:
+    """``run(position)``: every call of ``calls`` in order, in one C call with the GIL released
+    once, attention calls at ``position``: the same kernels on the same buffers, so the same bits
+    as calling them one by one, without the Python between them. ``calls`` come from
+    :func:`bound_linear_cpu` (float32 activations), :func:`bound_residual_rms_norm`,
+    :func:`bound_silu_mul` and :func:`bound_attend_one`; None when any other callable is among
+    them (a dense layer's torch call, say), which the caller then runs one by one."""
+    steps = [getattr(call, "step", None) for call in calls]
+    if any(step is None for step in steps):
+        return None
+    program, run = _C.bind_step_program(steps), _C.run_step_program
+
+    def run_program(position: int) -> None:
+        run(program, position)
+
+    return run_program
 
 
 @quantized_matmul.register_kernel("cpu")

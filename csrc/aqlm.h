@@ -121,10 +121,19 @@ size_t aqlm_lutq_packed_size(const aqlm_format *f);
 aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
                                           float *codebooks_t, aqlm_error *err);
 aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_t *packed, aqlm_error *err);
+/* What the next quantized-table call will read first (its transposed codebooks and its codes), for
+ * this one to prefetch while it builds its tables: a decoding step runs the same weights in the
+ * same order at every token. Only a hint: its addresses are prefetched, never read, so any
+ * values are safe (a call that no longer exists included); `next` may be NULL. */
+typedef struct {
+    aqlm_format format;
+    const uint8_t *packed;
+    const float *codebooks_t; /* NULL: transposed at that call, nothing to prefetch */
+} aqlm_lutq_next;
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
                              const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
-                             void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
+                             void *y, const aqlm_lutq_next *next, aqlm_simd simd, int num_threads, aqlm_error *err);
 /* The quantized-table kernels a call at `level` uses here: "scalar", "avx2" or "avx512vbmi". */
 const char *aqlm_lutq_kernel_name(aqlm_simd level);
 

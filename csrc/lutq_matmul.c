@@ -146,29 +146,38 @@ enum { LUTQ_WORK_WEIGHT = 24 };
 
 /* Codes each thread streams into L2 while it builds its first token's tables: all of its share
  * of a layer of SmolLM2's size (at most 110 KiB there), and a part of a larger one's, small enough
- * for any L2 of 256 KiB or more next to the tables. */
-enum { EARLY_CODE_BYTES = 128 << 10 };
+ * for any L2 of 256 KiB or more next to the tables. Of the next call's codes (aqlm_lutq_next), the
+ * first NEXT_CODE_BYTES of the same thread's share, beside all of its transposed codebooks. */
+enum { EARLY_CODE_BYTES = 128 << 10, NEXT_CODE_BYTES = 8 << 10 };
 
-/* The codes of input groups [g0, g1) in the order the accumulate kernels read them (tile after
- * tile, each tile's run of those groups), as a sequence of cache lines to prefetch a few at a
- * time: from `next` (a line number), `count` lines, stopping at `total` lines. */
+/* Cache lines to prefetch a few at a time, in order: `runs` runs of `run` bytes, `stride` apart
+ * from `first` (a thread's codes: each tile's run of its input groups, tile after tile, the order
+ * the accumulate kernels read them), up to `total` lines. */
 typedef struct {
-    const uint8_t *packed;
-    int64_t tile_bytes, first, run, next, total;
-} code_stream;
+    const uint8_t *first;
+    int64_t run, stride, next, total;
+} line_stream;
 
-static code_stream code_stream_of(const aqlm_block_shape *s, int64_t tiles, const uint8_t *packed, int64_t g0, int64_t g1) {
-    const int64_t line = (aqlm_lutq_nibbles(s) ? s->M / 2 : s->M) * AQLM_LUTQ_TILE; /* one group's codes in a tile */
+/* Thread p's codes of a P-thread call on weight f (packed codes), at most `budget` bytes. */
+static line_stream code_lines(const aqlm_format *f, const uint8_t *packed, int P, int p, int64_t budget) {
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int64_t G = s.in_groups, g0 = G * p / P, g1 = G * (p + 1) / P;
+    const int64_t tiles = (f->out_features + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE;
+    const int64_t line = (aqlm_lutq_nibbles(&s) ? s.M / 2 : s.M) * AQLM_LUTQ_TILE; /* one group's codes in a tile */
     const int64_t run = (g1 - g0) * line, lines = (run * tiles + 63) / 64;
-    const int64_t budget = EARLY_CODE_BYTES / 64;
-    return (code_stream){.packed = packed, .tile_bytes = s->in_groups * line, .first = g0 * line, .run = run,
-                         .next = 0, .total = lines < budget ? lines : budget};
+    return (line_stream){.first = packed + g0 * line, .run = run > 0 ? run : 1, .stride = G * line, .next = 0,
+                         .total = lines < budget / 64 ? lines : budget / 64};
 }
 
-static void prefetch_codes(code_stream *stream, int64_t count) {
+/* `bytes` bytes from `first`, as one run. */
+static line_stream flat_lines(const void *first, int64_t bytes) {
+    return (line_stream){.first = first, .run = bytes > 0 ? bytes : 1, .stride = 0, .next = 0, .total = (bytes + 63) / 64};
+}
+
+static void prefetch_lines(line_stream *stream, int64_t count) {
     for (; count > 0 && stream->next < stream->total; count--, stream->next++) {
-        const int64_t byte = stream->next * 64, tile = byte / stream->run;
-        aqlm_lutq_prefetch(stream->packed, tile * stream->tile_bytes + stream->first + byte % stream->run);
+        const int64_t byte = stream->next * 64;
+        aqlm_lutq_prefetch(stream->first, byte / stream->run * stream->stride + byte % stream->run);
     }
 }
 
@@ -181,7 +190,7 @@ static int lutq_threads(int num_threads, double work, int64_t G) {
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
                              const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
-                             void *y, aqlm_simd simd, int num_threads, aqlm_error *err) {
+                             void *y, const aqlm_lutq_next *next, aqlm_simd simd, int num_threads, aqlm_error *err) {
     aqlm_status status = check_lutq_format(f, err);
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, group >= 1 && group <= AQLM_LUTQ_MAX_GROUP,
@@ -246,9 +255,16 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                 /* The first token's tables are built one group at a time, with a few lines of this
                  * thread's codes prefetched after each: they stream in from memory while the tables
                  * compute, where a layer the others have evicted would otherwise have the lookups
-                 * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster). */
-                code_stream stream = code_stream_of(&s, tiles, packed, g0, g1);
-                const int64_t lines_per_group = (stream.total + (g1 - g0) - 1) / (g1 - g0);
+                 * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster).
+                 * So do the next call's first lines (aqlm_lutq_next), for the same thread. */
+                line_stream streams[3] = {code_lines(f, packed, P, p, EARLY_CODE_BYTES), flat_lines(NULL, 0), flat_lines(NULL, 0)};
+                if (next != NULL && next->codebooks_t != NULL) {
+                    const aqlm_block_shape ns = aqlm_block_shape_of(&next->format);
+                    streams[1] = flat_lines(next->codebooks_t, ns.M * ns.ig * ns.K * (int64_t)sizeof(float));
+                    streams[2] = code_lines(&next->format, next->packed, P, p, NEXT_CODE_BYTES);
+                }
+                int64_t lines_per_group[3];
+                for (int r = 0; r < 3; r++) lines_per_group[r] = (streams[r].total + (g1 - g0) - 1) / (g1 - g0);
                 float *scratch = scratch_all + (size_t)p * (size_t)(group * M * K);
                 float *kept = kept_all + split.kept0[p] * T * M * K;
                 for (int64_t t = 0; t < tokens; t++)
@@ -264,7 +280,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                         if (t0 == 0 && t == 0)
                             for (int64_t j = from; j < to; j++) {
                                 kernels->tables(&s, j, j + 1, x32, cbt, tables + (j - from) * M * K, amax);
-                                prefetch_codes(&stream, lines_per_group);
+                                for (int r = 0; r < 3; r++) prefetch_lines(&streams[r], lines_per_group[r]);
                             }
                         else
                             kernels->tables(&s, from, to, x32 + t * in, cbt, tables, amax);
@@ -313,7 +329,20 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                 const int64_t row0 = units * p / P * AQLM_LUTQ_ROW_BLOCK, row1 = units * (p + 1) / P * AQLM_LUTQ_ROW_BLOCK;
                 if (row0 == row1) continue;
                 kernels->finish(M, chunks, split.first, tokens, partials, stride, row0, row1, qscale, acc);
-                for (int64_t row = row0; row < row1 && row < out; row++) {
+                const int64_t last = row1 < out ? row1 : out;
+                if (x_dtype == AQLM_F32 && param_dtype == AQLM_F32) { /* the same, in loops that vectorize */
+                    const float *scale = (const float *)scales, *shift = (const float *)bias;
+                    for (int64_t t = 0; t < tokens; t++) {
+                        float *target = (float *)y + (t0 + t) * out;
+                        const float *sums = acc + t * stride;
+                        if (shift)
+                            for (int64_t row = row0; row < last; row++) target[row] = sums[row] * scale[row] + shift[row];
+                        else
+                            for (int64_t row = row0; row < last; row++) target[row] = sums[row] * scale[row] + 0.0f;
+                    }
+                    continue;
+                }
+                for (int64_t row = row0; row < last; row++) {
                     const float scale = aqlm_load(param_dtype, scales, row);
                     const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
                     for (int64_t t = 0; t < tokens; t++)

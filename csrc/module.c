@@ -572,7 +572,7 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
                               PyArray_DATA((PyArrayObject *)packed), a.param_dtype, PyArray_DATA(a.codebooks),
                               codebooks_t != Py_None ? PyArray_DATA((PyArrayObject *)codebooks_t) : NULL,
                               PyArray_DATA(a.scales), a.bias ? PyArray_DATA(a.bias) : NULL,
-                              PyArray_DATA((PyArrayObject *)out), a.simd, num_threads, &err);
+                              PyArray_DATA((PyArrayObject *)out), NULL, a.simd, num_threads, &err);
     Py_END_ALLOW_THREADS
     result = none_or_raise(status, &err);
 done:
@@ -634,6 +634,8 @@ typedef struct {
     size_t x_bytes, out_bytes;
     const char *weight_first[BOUND_WEIGHT_ARRAYS], *weight_end[BOUND_WEIGHT_ARRAYS]; /* by slot; NULL: absent */
     PyObject *arrays; /* a tuple holding the weight arrays, so that the pointers above stay valid */
+    int has_next;        /* BOUND_LUTQ: next holds the call that follows (bind_next) */
+    aqlm_lutq_next next; /* only prefetched, never read: valid even once that call is gone */
 } bound_matmul;
 
 static const char BOUND_MATMUL_CAPSULE[] = "aqlm._C.bound_matmul";
@@ -752,6 +754,25 @@ static int ranges_overlap(const char *first, size_t bytes, const char *other_fir
     return other_first != NULL && first < other_end && other_first < first + bytes;
 }
 
+/* Runs bound call b on x and out (checked by the caller). */
+static aqlm_status bound_matmul_run(const bound_matmul *b, const char *x, char *out, aqlm_error *err) {
+    const void *const *weight = (const void *const *)b->weight_first;
+    switch (b->kind) {
+    case BOUND_LUTQ:
+        return aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                                weight[SLOT_CODEBOOKS], weight[SLOT_CODEBOOKS_T], weight[SLOT_SCALES],
+                                weight[SLOT_BIAS], out, b->has_next ? &b->next : NULL, b->simd, b->num_threads, err);
+    case BOUND_LUTW:
+        return aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                                weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
+                                b->num_threads, err);
+    default:
+        return b->codes_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                           weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
+                           b->num_threads, err);
+    }
+}
+
 PyDoc_STRVAR(run_bound_matmul_doc,
 "run_bound_matmul(bound, x_address, out_address)\n"
 "--\n\n"
@@ -780,28 +801,36 @@ static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py
             PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
             return NULL;
         }
-    const void *const *weight = (const void *const *)b->weight_first;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    switch (b->kind) {
-    case BOUND_LUTQ:
-        status = aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
-                                  weight[SLOT_CODEBOOKS], weight[SLOT_CODEBOOKS_T], weight[SLOT_SCALES],
-                                  weight[SLOT_BIAS], out, b->simd, b->num_threads, &err);
-        break;
-    case BOUND_LUTW:
-        status = aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
-                                  weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
-                                  b->num_threads, &err);
-        break;
-    default:
-        status = b->codes_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
-                             weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
-                             b->num_threads, &err);
-    }
+    status = bound_matmul_run(b, x, out, &err);
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
+}
+
+PyDoc_STRVAR(bind_next_doc,
+"bind_next(bound, next)\n"
+"--\n\n"
+"Tells the bound call `bound` which bound call runs after it (`next`, or None for none): a 'lutq'\n"
+"call then prefetches the first memory a 'lutq' next reads (its transposed codebooks and first codes)\n"
+"while it builds its own tables. Only a hint, for a loop that runs the same calls in the same order\n"
+"(a decoding step): results do not change, and other kernels ignore it.");
+
+static PyObject *py_bind_next(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "bind_next takes 2 arguments (bound, next), got %zd", nargs);
+        return NULL;
+    }
+    bound_matmul *b = PyCapsule_GetPointer(args[0], BOUND_MATMUL_CAPSULE);
+    if (b == NULL) return NULL;
+    const bound_matmul *next = NULL;
+    if (args[1] != Py_None && (next = PyCapsule_GetPointer(args[1], BOUND_MATMUL_CAPSULE)) == NULL) return NULL;
+    b->has_next = b->kind == BOUND_LUTQ && next != NULL && next->kind == BOUND_LUTQ;
+    if (b->has_next)
+        b->next = (aqlm_lutq_next){.format = next->format, .packed = (const uint8_t *)next->weight_first[SLOT_CODES],
+                                   .codebooks_t = (const float *)next->weight_first[SLOT_CODEBOOKS_T]};
+    Py_RETURN_NONE;
 }
 
 /* name_of(simd) for the optional `simd` argument; `format` is "|z:FUNCTION" (for its errors). */
@@ -1314,6 +1343,94 @@ static int step_arrays_disjoint(const step_array *arrays, int count) {
     return 0;
 }
 
+/* The arguments of one residual-add-and-norm, SiLU-gate or attention step, checked once: what the
+ * single calls below run, and what a step program (further below) holds per step. */
+typedef struct {
+    npy_intp n;
+    float *h, *delta, *weight, *out, eps;
+} norm_args;
+
+typedef struct {
+    npy_intp n;
+    float *gate, *up;
+} silu_args;
+
+typedef struct {
+    npy_intp heads, kv_heads, D, capacity;
+    float *q, *k, *v, *cos, *sin, *keys, *values, *scores, *out, scale;
+    int num_threads;
+} attend_args;
+
+static int norm_args_parse(PyObject *h_object, PyObject *delta_object, PyObject *weight_object, PyObject *out_object,
+                           float eps, norm_args *a) {
+    if (!PyArray_Check(h_object)) {
+        PyErr_Format(PyExc_TypeError, "h must be a numpy.ndarray, got %s", Py_TYPE(h_object)->tp_name);
+        return -1;
+    }
+    const npy_intp n = PyArray_SIZE((PyArrayObject *)h_object);
+    step_array arrays[] = {{"h", NULL, n, 1}, {"delta", NULL, n, 0}, {"weight", NULL, n, 0}, {"out", NULL, n, 1}};
+    if (step_array_parse(h_object, &arrays[0]) < 0 ||
+        (delta_object != Py_None && step_array_parse(delta_object, &arrays[1]) < 0) ||
+        step_array_parse(weight_object, &arrays[2]) < 0 || step_array_parse(out_object, &arrays[3]) < 0 ||
+        step_arrays_disjoint(arrays, 4) < 0)
+        return -1;
+    *a = (norm_args){.n = n, .h = arrays[0].data, .delta = arrays[1].data, .weight = arrays[2].data,
+                     .out = arrays[3].data, .eps = eps};
+    return 0;
+}
+
+static int silu_args_parse(PyObject *gate_object, PyObject *up_object, silu_args *a) {
+    if (!PyArray_Check(gate_object)) {
+        PyErr_Format(PyExc_TypeError, "gate must be a numpy.ndarray, got %s", Py_TYPE(gate_object)->tp_name);
+        return -1;
+    }
+    const npy_intp n = PyArray_SIZE((PyArrayObject *)gate_object);
+    step_array arrays[] = {{"gate", NULL, n, 1}, {"up", NULL, n, 0}};
+    if (step_array_parse(gate_object, &arrays[0]) < 0 || step_array_parse(up_object, &arrays[1]) < 0 ||
+        step_arrays_disjoint(arrays, 2) < 0)
+        return -1;
+    *a = (silu_args){.n = n, .gate = arrays[0].data, .up = arrays[1].data};
+    return 0;
+}
+
+/* objects: q, k, v, cos, sin, keys, values, scores, out */
+static int attend_args_parse(PyObject *objects[9], long long heads, long long kv_heads, float scale, int num_threads,
+                             attend_args *a) {
+    if (!PyArray_Check(objects[3]) || PyArray_NDIM((PyArrayObject *)objects[3]) != 2) {
+        PyErr_SetString(PyExc_ValueError, "cos must be a 2-D numpy.ndarray [capacity, head_dim]");
+        return -1;
+    }
+    const npy_intp capacity = PyArray_DIM((PyArrayObject *)objects[3], 0), D = PyArray_DIM((PyArrayObject *)objects[3], 1);
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
+        PyErr_Format(PyExc_ValueError, "heads (%lld) must be a positive multiple of kv_heads (%lld)", heads, kv_heads);
+        return -1;
+    }
+    step_array arrays[] = {
+        {"q", NULL, heads * D, 1},         {"k", NULL, kv_heads * D, 1},   {"v", NULL, kv_heads * D, 0},
+        {"cos", NULL, capacity * D, 0},    {"sin", NULL, capacity * D, 0}, {"keys", NULL, capacity * kv_heads * D, 1},
+        {"values", NULL, capacity * kv_heads * D, 1}, {"scores", NULL, heads * capacity, 1}, {"out", NULL, heads * D, 1},
+    };
+    for (int i = 0; i < 9; i++)
+        if (step_array_parse(objects[i], &arrays[i]) < 0) return -1;
+    if (step_arrays_disjoint(arrays, 9) < 0) return -1;
+    *a = (attend_args){.heads = heads, .kv_heads = kv_heads, .D = D, .capacity = capacity, .q = arrays[0].data,
+                       .k = arrays[1].data, .v = arrays[2].data, .cos = arrays[3].data, .sin = arrays[4].data,
+                       .keys = arrays[5].data, .values = arrays[6].data, .scores = arrays[7].data,
+                       .out = arrays[8].data, .scale = scale, .num_threads = num_threads};
+    return 0;
+}
+
+static aqlm_status norm_run(const norm_args *a, aqlm_error *err) {
+    return aqlm_residual_rms_norm(a->n, a->h, a->delta, a->weight, a->eps, a->out, err);
+}
+
+static aqlm_status silu_run(const silu_args *a, aqlm_error *err) { return aqlm_silu_mul(a->n, a->gate, a->up, err); }
+
+static aqlm_status attend_run(const attend_args *a, int64_t position, aqlm_error *err) {
+    return aqlm_attend_one(a->heads, a->kv_heads, a->D, a->capacity, position, a->q, a->k, a->v, a->cos, a->sin,
+                           a->scale, a->keys, a->values, a->scores, a->out, a->num_threads, err);
+}
+
 PyDoc_STRVAR(residual_rms_norm_doc,
 "residual_rms_norm(h, delta, weight, out, *, eps)\n--\n\n"
 "With delta (not None): h += delta, in place. Then out = weight * h / sqrt(mean(h**2) + eps).\n"
@@ -1325,21 +1442,12 @@ static PyObject *py_residual_rms_norm(PyObject *module, PyObject *args, PyObject
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO$f:residual_rms_norm", keywords, &h_object, &delta_object,
                                      &weight_object, &out_object, &eps))
         return NULL;
-    if (!PyArray_Check(h_object)) {
-        PyErr_Format(PyExc_TypeError, "h must be a numpy.ndarray, got %s", Py_TYPE(h_object)->tp_name);
-        return NULL;
-    }
-    const npy_intp n = PyArray_SIZE((PyArrayObject *)h_object);
-    step_array arrays[] = {{"h", NULL, n, 1}, {"delta", NULL, n, 0}, {"weight", NULL, n, 0}, {"out", NULL, n, 1}};
-    if (step_array_parse(h_object, &arrays[0]) < 0 ||
-        (delta_object != Py_None && step_array_parse(delta_object, &arrays[1]) < 0) ||
-        step_array_parse(weight_object, &arrays[2]) < 0 || step_array_parse(out_object, &arrays[3]) < 0 ||
-        step_arrays_disjoint(arrays, 4) < 0)
-        return NULL;
+    norm_args a;
+    if (norm_args_parse(h_object, delta_object, weight_object, out_object, eps, &a) < 0) return NULL;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = aqlm_residual_rms_norm(n, arrays[0].data, arrays[1].data, arrays[2].data, eps, arrays[3].data, &err);
+    status = norm_run(&a, &err);
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
 }
@@ -1349,19 +1457,12 @@ PyDoc_STRVAR(silu_mul_doc,
 static PyObject *py_silu_mul(PyObject *module, PyObject *args) {
     PyObject *gate_object, *up_object;
     if (!PyArg_ParseTuple(args, "OO:silu_mul", &gate_object, &up_object)) return NULL;
-    if (!PyArray_Check(gate_object)) {
-        PyErr_Format(PyExc_TypeError, "gate must be a numpy.ndarray, got %s", Py_TYPE(gate_object)->tp_name);
-        return NULL;
-    }
-    const npy_intp n = PyArray_SIZE((PyArrayObject *)gate_object);
-    step_array arrays[] = {{"gate", NULL, n, 1}, {"up", NULL, n, 0}};
-    if (step_array_parse(gate_object, &arrays[0]) < 0 || step_array_parse(up_object, &arrays[1]) < 0 ||
-        step_arrays_disjoint(arrays, 2) < 0)
-        return NULL;
+    silu_args a;
+    if (silu_args_parse(gate_object, up_object, &a) < 0) return NULL;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = aqlm_silu_mul(n, arrays[0].data, arrays[1].data, &err);
+    status = silu_run(&a, &err);
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
 }
@@ -1384,29 +1485,192 @@ static PyObject *py_attend_one(PyObject *module, PyObject *args, PyObject *kwarg
                                      &objects[2], &objects[3], &objects[4], &objects[5], &objects[6], &objects[7],
                                      &objects[8], &heads, &kv_heads, &position, &scale, &num_threads))
         return NULL;
-    if (!PyArray_Check(objects[3]) || PyArray_NDIM((PyArrayObject *)objects[3]) != 2) {
-        PyErr_SetString(PyExc_ValueError, "cos must be a 2-D numpy.ndarray [capacity, head_dim]");
-        return NULL;
-    }
-    const npy_intp capacity = PyArray_DIM((PyArrayObject *)objects[3], 0), D = PyArray_DIM((PyArrayObject *)objects[3], 1);
-    if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
-        PyErr_Format(PyExc_ValueError, "heads (%lld) must be a positive multiple of kv_heads (%lld)", heads, kv_heads);
-        return NULL;
-    }
-    step_array arrays[] = {
-        {"q", NULL, heads * D, 1},         {"k", NULL, kv_heads * D, 1},   {"v", NULL, kv_heads * D, 0},
-        {"cos", NULL, capacity * D, 0},    {"sin", NULL, capacity * D, 0}, {"keys", NULL, capacity * kv_heads * D, 1},
-        {"values", NULL, capacity * kv_heads * D, 1}, {"scores", NULL, heads * capacity, 1}, {"out", NULL, heads * D, 1},
-    };
-    for (int i = 0; i < 9; i++)
-        if (step_array_parse(objects[i], &arrays[i]) < 0) return NULL;
-    if (step_arrays_disjoint(arrays, 9) < 0) return NULL;
+    attend_args a;
+    if (attend_args_parse(objects, heads, kv_heads, scale, num_threads, &a) < 0) return NULL;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = aqlm_attend_one(heads, kv_heads, D, capacity, position, arrays[0].data, arrays[1].data, arrays[2].data,
-                             arrays[3].data, arrays[4].data, scale, arrays[5].data, arrays[6].data, arrays[7].data,
-                             arrays[8].data, num_threads, &err);
+    status = attend_run(&a, position, &err);
+    Py_END_ALLOW_THREADS
+    return none_or_raise(status, &err);
+}
+
+/* ---- step programs: a whole decoding step in one C call -------------------------------------- */
+
+/* One step of a program: a bound linear on x and out, a norm, a SiLU gate or an attention step. */
+typedef enum { STEP_LINEAR, STEP_NORM, STEP_SILU, STEP_ATTEND } step_kind;
+
+typedef struct {
+    step_kind kind;
+    union {
+        struct {
+            const bound_matmul *bound;
+            const char *x;
+            char *out;
+        } linear;
+        norm_args norm;
+        silu_args silu;
+        attend_args attend;
+    } as;
+} program_step;
+
+typedef struct {
+    Py_ssize_t count;
+    program_step *steps;
+    npy_intp capacity; /* the smallest attention cache of the program (positions must lie below); -1: none */
+    PyObject *held;    /* every object the steps point into */
+} step_program;
+
+static const char STEP_PROGRAM_CAPSULE[] = "aqlm._C.step_program";
+
+static void step_program_free(PyObject *capsule) {
+    step_program *p = PyCapsule_GetPointer(capsule, STEP_PROGRAM_CAPSULE);
+    if (p == NULL) return;
+    Py_XDECREF(p->held);
+    PyMem_Free(p->steps);
+    PyMem_Free(p);
+}
+
+/* A bound linear's step: float32 activations x and out of exactly the bound sizes, out apart from x and the weight. */
+static int linear_step_parse(PyObject *spec, program_step *step) {
+    PyObject *capsule, *x_object, *out_object;
+    const char *kind;
+    if (!PyArg_ParseTuple(spec, "sOOO:linear step", &kind, &capsule, &x_object, &out_object)) return -1;
+    const bound_matmul *b = PyCapsule_GetPointer(capsule, BOUND_MATMUL_CAPSULE);
+    if (b == NULL) return -1;
+    if (b->x_dtype != AQLM_F32) {
+        PyErr_SetString(PyExc_ValueError, "a step program's linears take float32 activations");
+        return -1;
+    }
+    step_array arrays[] = {{"x", NULL, (npy_intp)(b->x_bytes / sizeof(float)), 0},
+                           {"out", NULL, (npy_intp)(b->out_bytes / sizeof(float)), 1}};
+    if (step_array_parse(x_object, &arrays[0]) < 0 || step_array_parse(out_object, &arrays[1]) < 0 ||
+        step_arrays_disjoint(arrays, 2) < 0)
+        return -1;
+    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++)
+        if (ranges_overlap((const char *)arrays[1].data, b->out_bytes, b->weight_first[i], b->weight_end[i])) {
+            PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
+            return -1;
+        }
+    step->kind = STEP_LINEAR;
+    step->as.linear.bound = b, step->as.linear.x = (const char *)arrays[0].data, step->as.linear.out = (char *)arrays[1].data;
+    return 0;
+}
+
+static int program_step_parse(PyObject *spec, program_step *step, npy_intp *capacity) {
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 1 || !PyUnicode_Check(PyTuple_GET_ITEM(spec, 0))) {
+        PyErr_Format(PyExc_TypeError, "each step must be a tuple starting with its kind ('linear', 'norm', 'silu' or "
+                                      "'attend'), got %s", Py_TYPE(spec)->tp_name);
+        return -1;
+    }
+    const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(spec, 0));
+    if (kind == NULL) return -1;
+    if (strcmp(kind, "linear") == 0) return linear_step_parse(spec, step);
+    if (strcmp(kind, "norm") == 0) {
+        PyObject *h, *delta, *weight, *out;
+        float eps;
+        if (!PyArg_ParseTuple(spec, "sOOOOf:norm step", &kind, &h, &delta, &weight, &out, &eps)) return -1;
+        step->kind = STEP_NORM;
+        return norm_args_parse(h, delta, weight, out, eps, &step->as.norm);
+    }
+    if (strcmp(kind, "silu") == 0) {
+        PyObject *gate, *up;
+        if (!PyArg_ParseTuple(spec, "sOO:silu step", &kind, &gate, &up)) return -1;
+        step->kind = STEP_SILU;
+        return silu_args_parse(gate, up, &step->as.silu);
+    }
+    if (strcmp(kind, "attend") == 0) {
+        PyObject *objects[9];
+        long long heads, kv_heads;
+        float scale;
+        int num_threads;
+        if (!PyArg_ParseTuple(spec, "sOOOOOOOOOLLfi:attend step", &kind, &objects[0], &objects[1], &objects[2],
+                              &objects[3], &objects[4], &objects[5], &objects[6], &objects[7], &objects[8], &heads,
+                              &kv_heads, &scale, &num_threads))
+            return -1;
+        if (num_threads < 1) {
+            PyErr_Format(PyExc_ValueError, "num_threads must be >= 1, got %d", num_threads);
+            return -1;
+        }
+        step->kind = STEP_ATTEND;
+        if (attend_args_parse(objects, heads, kv_heads, scale, num_threads, &step->as.attend) < 0) return -1;
+        if (*capacity < 0 || step->as.attend.capacity < *capacity) *capacity = step->as.attend.capacity;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "a step's kind must be 'linear', 'norm', 'silu' or 'attend', got '%s'", kind);
+    return -1;
+}
+
+PyDoc_STRVAR(bind_step_program_doc,
+"bind_step_program(steps)\n"
+"--\n\n"
+"A program of decoding-step calls, checked now, for run_step_program to run in one C call. Each\n"
+"step is a tuple: ('linear', bound, x, out) with a bind_matmul call on float32 arrays x and out;\n"
+"('norm', h, delta, weight, out, eps) as residual_rms_norm; ('silu', gate, up) as silu_mul;\n"
+"('attend', q, k, v, cos, sin, keys, values, scores, out, heads, kv_heads, scale, num_threads) as\n"
+"attend_one, at the position given to run_step_program. Arrays are used in place; the program holds them.");
+
+static PyObject *py_bind_step_program(PyObject *module, PyObject *specs) {
+    PyObject *sequence = PySequence_Fast(specs, "steps must be a sequence of tuples");
+    if (sequence == NULL) return NULL;
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    step_program *p = PyMem_Calloc(1, sizeof *p);
+    program_step *steps = PyMem_Calloc(count > 0 ? (size_t)count : 1, sizeof *steps);
+    if (p == NULL || steps == NULL) {
+        PyMem_Free(p), PyMem_Free(steps), Py_DECREF(sequence);
+        return PyErr_NoMemory();
+    }
+    *p = (step_program){.count = count, .steps = steps, .capacity = -1, .held = sequence};
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (program_step_parse(PySequence_Fast_GET_ITEM(sequence, i), &steps[i], &p->capacity) < 0) {
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_Format(type ? type : PyExc_ValueError, "step %zd: %S", i, value ? value : Py_None);
+            Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(traceback);
+            Py_DECREF(sequence), PyMem_Free(steps), PyMem_Free(p);
+            return NULL;
+        }
+    PyObject *capsule = PyCapsule_New(p, STEP_PROGRAM_CAPSULE, step_program_free);
+    if (capsule == NULL) Py_DECREF(sequence), PyMem_Free(steps), PyMem_Free(p);
+    return capsule;
+}
+
+PyDoc_STRVAR(run_step_program_doc,
+"run_step_program(program, position)\n"
+"--\n\n"
+"Runs every step of a bind_step_program program in order, attention at cache row `position`, with\n"
+"the GIL released once. Stops at the first failing step and raises its error.");
+
+static PyObject *py_run_step_program(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "run_step_program takes 2 arguments (program, position), got %zd", nargs);
+        return NULL;
+    }
+    const step_program *p = PyCapsule_GetPointer(args[0], STEP_PROGRAM_CAPSULE);
+    if (p == NULL) return NULL;
+    const long long position = PyLong_AsLongLong(args[1]);
+    if (position == -1 && PyErr_Occurred()) return NULL;
+    if (position < 0 || (p->capacity >= 0 && position >= p->capacity)) {
+        PyErr_Format(PyExc_ValueError, "position %lld is outside the cache of %lld positions", position,
+                     (long long)p->capacity);
+        return NULL;
+    }
+    aqlm_error err;
+    aqlm_status status = AQLM_OK;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < p->count && status == AQLM_OK; i++) {
+        const program_step *step = &p->steps[i];
+        switch (step->kind) {
+        case STEP_LINEAR: {
+            const bound_matmul *b = step->as.linear.bound;
+            status = bound_matmul_run(b, step->as.linear.x, step->as.linear.out, &err);
+            break;
+        }
+        case STEP_NORM: status = norm_run(&step->as.norm, &err); break;
+        case STEP_SILU: status = silu_run(&step->as.silu, &err); break;
+        case STEP_ATTEND: status = attend_run(&step->as.attend, position, &err); break;
+        }
+    }
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
 }
@@ -1509,6 +1773,9 @@ static PyMethodDef methods[] = {
     {"lutw_matmul", (PyCFunction)(void (*)(void))py_lutw_matmul, METH_VARARGS | METH_KEYWORDS, lutw_matmul_doc},
     {"bind_matmul", (PyCFunction)(void (*)(void))py_bind_matmul, METH_VARARGS | METH_KEYWORDS, bind_matmul_doc},
     {"run_bound_matmul", (PyCFunction)(void (*)(void))py_run_bound_matmul, METH_FASTCALL, run_bound_matmul_doc},
+    {"bind_next", (PyCFunction)(void (*)(void))py_bind_next, METH_FASTCALL, bind_next_doc},
+    {"bind_step_program", py_bind_step_program, METH_O, bind_step_program_doc},
+    {"run_step_program", (PyCFunction)(void (*)(void))py_run_step_program, METH_FASTCALL, run_step_program_doc},
     {"bf16_matmul", (PyCFunction)(void (*)(void))py_bf16_matmul, METH_VARARGS | METH_KEYWORDS, bf16_matmul_doc},
     {"bf16_kernel", (PyCFunction)(void (*)(void))py_bf16_kernel, METH_VARARGS | METH_KEYWORDS, bf16_kernel_doc},
     {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},

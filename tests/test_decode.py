@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from aqlm import ops
+from aqlm import QuantizedLinear, _C, ops, pack_codes
 from aqlm import decode
 from aqlm.decode import LlamaDecoder, _ThreadChoice
 from parallel import always_parallel  # noqa: F401 (fixture)
@@ -168,6 +168,37 @@ def test_bound_linear_matches_the_eager_path():
                          layer.codebooks, layer.scales, layer.bias)()  # no tokens: nothing to do, no error
 
 
+def test_chained_bound_linears_give_the_same_bits():
+    """chain_bound_linears only adds prefetch hints (each call names the next, a freed one included):
+    every call still writes what it wrote unchained; wrong arguments raise named errors."""
+    generator = torch.Generator().manual_seed(3)
+    layers = []
+    for out, inp in ((96, 64), (64, 96), (40, 64)):  # 2x8g8
+        codes = pack_codes(torch.randint(0, 256, (out, inp // 8, 2), generator=generator), 8)
+        layers.append(QuantizedLinear.from_parts(codes, torch.randn(2, 256, 1, 8, generator=generator),
+                                                 torch.rand(out, 1, 1, 1, generator=generator) + 0.5, None))
+    xs = [torch.randn(1, layer.in_features, generator=generator) for layer in layers]
+    outs = [torch.empty(1, layer.out_features) for layer in layers]
+    calls = [ops.bound_linear_cpu(x, out, layer.codes, layer.codebooks, layer.scales, layer.bias)
+             for x, out, layer in zip(xs, outs, layers)]
+    for call in calls:
+        call()
+    before = [out.clone() for out in outs]
+    ops.chain_bound_linears(calls + [lambda: None])
+    for call in calls:
+        call()
+    assert all(torch.equal(a, b) for a, b in zip(before, outs))
+    ops.chain_bound_linears([calls[0], ops.bound_linear_cpu(xs[1], outs[1], layers[1].codes, layers[1].codebooks,
+                                                            layers[1].scales, layers[1].bias)])
+    gc.collect()  # the next call of calls[0] is gone: its hint points at freed memory, only prefetched
+    calls[0]()
+    assert torch.equal(outs[0], before[0])
+    with pytest.raises(TypeError, match="bind_next takes 2 arguments"):
+        _C.bind_next(calls[0].bound)
+    with pytest.raises(ValueError):
+        _C.bind_next(calls[0].bound, "not a bound call")
+
+
 def test_bound_linear_keeps_its_buffers_alive():
     """The bound call runs on data addresses: it must hold x and out, or a freed x is read."""
     model = tiny_llama()
@@ -198,6 +229,42 @@ def test_decoder_logits_match_transformers(kind, monkeypatch):
     decoder = LlamaDecoder(model, max_length=32)
     torch.testing.assert_close(decoder.logits(IDS), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(decoder.logits(IDS, one_by_one=True), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_step_program_gives_the_bits_of_the_calls_one_by_one():
+    """An all-quantized decoder runs each step as one C call (ops.step_program); a dense one has
+    no program. Without its program the same decoder steps from Python: the same logits, bit for bit."""
+    model = tiny_llama()
+    quantize_linears(model)
+    decoder = LlamaDecoder(model, max_length=32)
+    assert all(program is not None for _, _, program in decoder.programs.values())
+    assert LlamaDecoder(tiny_llama(), max_length=8).programs[torch.get_num_threads()][2] is None
+    in_c = decoder.logits(IDS, one_by_one=True)
+    decoder.programs = {count: (steps, final, None) for count, (steps, final, _) in decoder.programs.items()}
+    assert torch.equal(decoder.logits(IDS, one_by_one=True), in_c)
+
+
+def test_step_programs_reject_bad_steps_with_named_errors():
+    gate, up, h, weight = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
+    silu, norm = ops.bound_silu_mul(gate, up), ops.bound_residual_rms_norm(h, torch.ones(4), weight, torch.zeros(4), 1e-5)
+    with pytest.raises(ValueError, match="step 1: a step's kind must be 'linear', 'norm', 'silu' or 'attend', got 'relu'"):
+        _C.bind_step_program([silu.step, ("relu", gate)])
+    with pytest.raises(TypeError, match="step 0: each step must be a tuple"):
+        _C.bind_step_program([["silu", gate.numpy(), up.numpy()]])
+    with pytest.raises(ValueError, match="step 0: up must have 4 elements, got 5"):
+        _C.bind_step_program([("silu", gate.numpy(), torch.zeros(5).numpy())])
+    with pytest.raises(ValueError, match="step 0: gate must not overlap up"):
+        _C.bind_step_program([("silu", gate.numpy(), gate.numpy())])
+    q, k, v, o = torch.zeros(4, 8), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(4, 8)
+    table, cache = torch.zeros(3, 8), torch.zeros(3, 2, 8)
+    attend = ops.bound_attend_one(q, k, v, table, table.clone(), cache, cache.clone(), o, 0.5)
+    run = ops.step_program([norm, attend])
+    with pytest.raises(ValueError, match="position 3 is outside the cache of 3 positions"):
+        run(3)
+    assert torch.equal(h, torch.zeros(4))  # refused before any step ran (the norm adds its delta to h)
+    run(2)
+    assert torch.equal(h, torch.ones(4))
+    assert ops.step_program([norm, lambda: None]) is None
 
 
 def test_decoder_with_quantized_tables_stays_within_their_error(monkeypatch):
