@@ -150,9 +150,9 @@ enum { LUTQ_WORK_WEIGHT = 24 };
  * first NEXT_CODE_BYTES of the same thread's share, beside all of its transposed codebooks. */
 enum { EARLY_CODE_BYTES = 128 << 10, NEXT_CODE_BYTES = 8 << 10 };
 
-/* Cache lines to prefetch a few at a time, in order: `runs` runs of `run` bytes, `stride` apart
- * from `first` (a thread's codes: each tile's run of its input groups, tile after tile, the order
- * the accumulate kernels read them), up to `total` lines. */
+/* Cache lines to prefetch a few at a time, in order: runs of `run` bytes, `stride` apart from
+ * `first` (a thread's codes: each tile's run of its input groups, tile after tile, the order the
+ * accumulate kernels read them), up to `total` lines; `next` is the next line to prefetch. */
 typedef struct {
     const uint8_t *first;
     int64_t run, stride, next, total;
