@@ -145,9 +145,10 @@ static void fill_split(int64_t G, int64_t group, group_split *split) {
 enum { LUTQ_WORK_WEIGHT = 24 };
 
 /* Codes each thread streams into L2 while it builds its first token's tables: all of its share
- * of a layer of SmolLM2's size (at most 110 KiB there), and a part of a larger one's, small enough
- * for any L2 of 256 KiB or more next to the tables. Of the next call's codes (aqlm_lutq_next), the
- * first NEXT_CODE_BYTES of the same thread's share, beside all of its transposed codebooks. */
+ * of a layer of SmolLM2's size (at most 110 KiB there), the first part of a larger one's (128,
+ * 256 and 1024 KiB measured alike on SmolLM2; the kernels prefetch the rest as they go). Of the
+ * next call's codes (aqlm_lutq_next), the first NEXT_CODE_BYTES of the same thread's share,
+ * beside all of its transposed codebooks. */
 enum { EARLY_CODE_BYTES = 128 << 10, NEXT_CODE_BYTES = 8 << 10 };
 
 /* Cache lines to prefetch a few at a time, in order: runs of `run` bytes, `stride` apart from
