@@ -1611,9 +1611,12 @@ PyDoc_STRVAR(bind_step_program_doc,
 "attend_one, at the position given to run_step_program. Arrays are used in place; the program holds them.");
 
 static PyObject *py_bind_step_program(PyObject *module, PyObject *specs) {
-    PyObject *sequence = PySequence_Fast(specs, "steps must be a sequence of tuples");
-    if (sequence == NULL) return NULL;
-    const Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject *sequence = PySequence_Check(specs) ? PySequence_Tuple(specs) : NULL; /* a copy the caller cannot change */
+    if (sequence == NULL) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "steps must be a sequence of tuples, got %s", Py_TYPE(specs)->tp_name);
+        return NULL;
+    }
+    const Py_ssize_t count = PyTuple_GET_SIZE(sequence);
     step_program *p = PyMem_Calloc(1, sizeof *p);
     program_step *steps = PyMem_Calloc(count > 0 ? (size_t)count : 1, sizeof *steps);
     if (p == NULL || steps == NULL) {
@@ -1622,7 +1625,7 @@ static PyObject *py_bind_step_program(PyObject *module, PyObject *specs) {
     }
     *p = (step_program){.count = count, .steps = steps, .capacity = -1, .held = sequence};
     for (Py_ssize_t i = 0; i < count; i++)
-        if (program_step_parse(PySequence_Fast_GET_ITEM(sequence, i), &steps[i], &p->capacity) < 0) {
+        if (program_step_parse(PyTuple_GET_ITEM(sequence, i), &steps[i], &p->capacity) < 0) {
             PyObject *type, *value, *traceback;
             PyErr_Fetch(&type, &value, &traceback);
             PyErr_Format(type ? type : PyExc_ValueError, "step %zd: %S", i, value ? value : Py_None);

@@ -247,6 +247,15 @@ def test_step_program_gives_the_bits_of_the_calls_one_by_one():
 def test_step_programs_reject_bad_steps_with_named_errors():
     gate, up, h, weight = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
     silu, norm = ops.bound_silu_mul(gate, up), ops.bound_residual_rms_norm(h, torch.ones(4), weight, torch.zeros(4), 1e-5)
+    with pytest.raises(TypeError, match="steps must be a sequence of tuples, got int"):
+        _C.bind_step_program(5)
+    steps = [silu.step]
+    program = _C.bind_step_program(steps)
+    steps.clear()  # the program keeps its own copy of the steps and what they point into
+    del silu
+    gc.collect()
+    _C.run_step_program(program, 0)
+    silu = ops.bound_silu_mul(gate, up)
     with pytest.raises(ValueError, match="step 1: a step's kind must be 'linear', 'norm', 'silu' or 'attend', got 'relu'"):
         _C.bind_step_program([silu.step, ("relu", gate)])
     with pytest.raises(TypeError, match="step 0: each step must be a tuple"):
