@@ -27,15 +27,16 @@ aqlm_status aqlm_residual_rms_norm(int64_t n, float *h, const float *delta, cons
 
 /* e**x to within about 2 float ulps (Cephes' expf: x = n ln 2 + r, |r| <= ln(2) / 2, a degree-5
  * polynomial in r, times 2**n built in the exponent bits) for x clamped to [-87, 88], where 2**n
- * stays a normal float; four at a time in SSE2, which every x86-64 CPU has, so every CPU gives the
- * same bits (a scalar loop of the same operations elsewhere). libm's expf does not vectorize; a
+ * stays a normal float (a NaN stays NaN); four at a time in SSE2, which every x86-64 CPU has, so
+ * every x86-64 CPU gives the same bits (libm's expf elsewhere). libm's expf does not vectorize; a
  * plain C version of this lets gcc split the clamped values onto a path that computes denormals,
- * 20x slower. (SmolLM2's SiLU gate, 1536 values: ~6 -> ~1.5 us.) */
+ * slower than libm. (SiLU: 3.8-5.9 -> 1.24 ns a value.) */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 
 static inline __m128 exp4(__m128 x) {
-    x = _mm_min_ps(_mm_max_ps(x, _mm_set1_ps(-87.0f)), _mm_set1_ps(88.0f));
+    /* maxps and minps return their second operand when either is NaN: x second keeps a NaN */
+    x = _mm_min_ps(_mm_set1_ps(88.0f), _mm_max_ps(_mm_set1_ps(-87.0f), x));
     const __m128i n = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f))); /* round to nearest */
     const __m128 nf = _mm_cvtepi32_ps(n);
     /* ln 2 in two parts: n * 0.693359375 is exact */

@@ -73,6 +73,23 @@ def test_silu_mul_keeps_its_exp_within_two_ulps_over_the_whole_range(size):
     relative = ((gate.double() - expected).abs() / expected.abs().clamp_min(1e-30))[~tiny]
     assert float(relative.max()) < 2.4e-7
     assert torch.isfinite(gate).all() and float(gate[tiny].abs().max() if tiny.any() else 0.0) < 1e-30
+    nan = torch.tensor([float("nan"), 1.0, float("nan"), -200.0, 2.0])  # a NaN stays NaN, its neighbours exact
+    ops.bound_silu_mul(nan, torch.ones(5))()
+    assert nan[0].isnan() and nan[2].isnan() and torch.isfinite(nan[[1, 3, 4]]).all()
+
+
+def test_attend_one_keeps_a_nan_score_nan():
+    """The clamped exp of csrc/decode_step.c must not turn a NaN attention score into a weight of
+    e**-87: a head whose query holds a NaN gives NaN outputs, the other heads finite ones."""
+    generator = torch.Generator().manual_seed(5)
+    heads, kv_heads, D, capacity = 4, 2, 8, 6
+    q, k, v = (torch.randn(n, D, generator=generator) for n in (heads, kv_heads, kv_heads))
+    q[1, 3] = float("nan")
+    table = torch.ones(capacity, D)
+    keys, values = torch.randn(capacity, kv_heads, D, generator=generator), torch.randn(capacity, kv_heads, D, generator=generator)
+    out = torch.empty(heads, D)
+    ops.bound_attend_one(q, k, v, table, torch.zeros(capacity, D), keys, values, out, 0.5)(4)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
 
 
 def test_attend_one_matches_rotary_and_grouped_attention():
