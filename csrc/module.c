@@ -754,6 +754,16 @@ static int ranges_overlap(const char *first, size_t bytes, const char *other_fir
     return other_first != NULL && first < other_end && other_first < first + bytes;
 }
 
+/* Rejects an out that shares bytes with any of bound call b's weight arrays. */
+static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
+    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++)
+        if (ranges_overlap(out, b->out_bytes, b->weight_first[i], b->weight_end[i])) {
+            PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
+            return -1;
+        }
+    return 0;
+}
+
 /* Runs bound call b on x and out (checked by the caller). */
 static aqlm_status bound_matmul_run(const bound_matmul *b, const char *x, char *out, aqlm_error *err) {
     const void *const *weight = (const void *const *)b->weight_first;
@@ -796,11 +806,7 @@ static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py
         PyErr_SetString(PyExc_ValueError, "out must not overlap x in memory");
         return NULL;
     }
-    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++)
-        if (ranges_overlap(out, b->out_bytes, b->weight_first[i], b->weight_end[i])) {
-            PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
-            return NULL;
-        }
+    if (check_out_apart_from_weight(b, out) < 0) return NULL;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
@@ -1405,6 +1411,7 @@ static int attend_args_parse(PyObject *objects[9], long long heads, long long kv
         PyErr_Format(PyExc_ValueError, "heads (%lld) must be a positive multiple of kv_heads (%lld)", heads, kv_heads);
         return -1;
     }
+    if (check_threads(num_threads) < 0) return -1;
     step_array arrays[] = {
         {"q", NULL, heads * D, 1},         {"k", NULL, kv_heads * D, 1},   {"v", NULL, kv_heads * D, 0},
         {"cos", NULL, capacity * D, 0},    {"sin", NULL, capacity * D, 0}, {"keys", NULL, capacity * kv_heads * D, 1},
@@ -1545,13 +1552,8 @@ static int linear_step_parse(PyObject *spec, program_step *step) {
     step_array arrays[] = {{"x", NULL, (npy_intp)(b->x_bytes / sizeof(float)), 0},
                            {"out", NULL, (npy_intp)(b->out_bytes / sizeof(float)), 1}};
     if (step_array_parse(x_object, &arrays[0]) < 0 || step_array_parse(out_object, &arrays[1]) < 0 ||
-        step_arrays_disjoint(arrays, 2) < 0)
+        step_arrays_disjoint(arrays, 2) < 0 || check_out_apart_from_weight(b, (const char *)arrays[1].data) < 0)
         return -1;
-    for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++)
-        if (ranges_overlap((const char *)arrays[1].data, b->out_bytes, b->weight_first[i], b->weight_end[i])) {
-            PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
-            return -1;
-        }
     step->kind = STEP_LINEAR;
     step->as.linear.bound = b, step->as.linear.x = (const char *)arrays[0].data, step->as.linear.out = (char *)arrays[1].data;
     return 0;
@@ -1588,10 +1590,6 @@ static int program_step_parse(PyObject *spec, program_step *step, npy_intp *capa
                               &objects[3], &objects[4], &objects[5], &objects[6], &objects[7], &objects[8], &heads,
                               &kv_heads, &scale, &num_threads))
             return -1;
-        if (num_threads < 1) {
-            PyErr_Format(PyExc_ValueError, "num_threads must be >= 1, got %d", num_threads);
-            return -1;
-        }
         step->kind = STEP_ATTEND;
         if (attend_args_parse(objects, heads, kv_heads, scale, num_threads, &step->as.attend) < 0) return -1;
         if (*capacity < 0 || step->as.attend.capacity < *capacity) *capacity = step->as.attend.capacity;
