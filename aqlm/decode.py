@@ -261,11 +261,11 @@ class LlamaDecoder:
                     _bind(mlp.down_proj, self.gate, self.mlp_out),
                 )
             )
-        # The linears in the order a step runs them: each quantized one prefetches what the next reads first.
-        ops.chain_bound_linears([layer[i] for layer in steps for i in (1, 2, 3, 5, 7, 8, 10)])
         final_weight, final_eps = _norm_weight(self.final_norm, "norm")
         final_step = ops.bound_residual_rms_norm(self.h, self.mlp_out, final_weight, self.final_x, final_eps)
-        return steps, final_step, ops.step_program([call for layer in steps for call in layer] + [final_step])
+        in_order = [call for layer in steps for call in layer] + [final_step]
+        ops.chain_bound_linears(in_order)  # each quantized linear prefetches what the next one reads first
+        return steps, final_step, ops.step_program(in_order)
 
     def reset(self) -> None:
         """Forget every position (the cache is reused, not reallocated)."""

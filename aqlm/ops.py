@@ -841,14 +841,14 @@ def _kernel_call(kernel: str, x: torch.Tensor, out: torch.Tensor, codes, codeboo
 
 
 def chain_bound_linears(calls: Sequence[Callable[[], None]]) -> None:
-    """Tells each call of ``calls`` (from :func:`bound_linear_cpu`, in the order a loop runs them,
-    as a decoding step does at every token) which one runs next, so that a quantized-table call
-    prefetches what the next one reads first while it builds its own tables (``aqlm_lutq_next`` in
-    csrc/aqlm.h). Only a hint: results do not change; other callables are left as they are."""
-    bounds = [getattr(call, "bound", None) for call in calls]
+    """Tells each call of ``calls`` from :func:`bound_linear_cpu` (in the order a loop runs them,
+    as a decoding step does at every token) which such call runs next, so that a quantized-table
+    call prefetches what the next one reads first while it builds its own tables
+    (``aqlm_lutq_next`` in csrc/aqlm.h). Only a hint: results do not change; other callables
+    among ``calls`` (norms, attention, a dense layer) are skipped."""
+    bounds = [call.bound for call in calls if hasattr(call, "bound")]
     for bound, following in zip(bounds, bounds[1:] + [None]):
-        if bound is not None:
-            _C.bind_next(bound, following)
+        _C.bind_next(bound, following)
 
 
 def _step_view(name: str, tensor: torch.Tensor) -> np.ndarray:
