@@ -115,6 +115,59 @@ static float dot(int64_t n, const float *restrict a, const float *restrict b) {
     return sum;
 }
 
+/* dot() of a with four rows b[r * stride] at once (out[r]), each by exactly dot's operations:
+ * four independent chains of adds, where one dot at a time waits on its own chain. In SSE2 (lanes
+ * 0-3 and 4-7 of dot as two registers a row), as gcc keeps a plain C version's lanes in memory. */
+static void dot4(int64_t n, const float *restrict a, const float *restrict b, int64_t stride, float *restrict out) {
+    int64_t i = 0;
+#if defined(__SSE2__)
+    __m128 low[4], high[4];
+    for (int r = 0; r < 4; r++) low[r] = high[r] = _mm_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m128 a_low = _mm_loadu_ps(a + i), a_high = _mm_loadu_ps(a + i + 4);
+        for (int r = 0; r < 4; r++) {
+            low[r] = _mm_add_ps(low[r], _mm_mul_ps(a_low, _mm_loadu_ps(b + r * stride + i)));
+            high[r] = _mm_add_ps(high[r], _mm_mul_ps(a_high, _mm_loadu_ps(b + r * stride + i + 4)));
+        }
+    }
+    float lane[4][8];
+    for (int r = 0; r < 4; r++) _mm_storeu_ps(lane[r], low[r]), _mm_storeu_ps(lane[r] + 4, high[r]);
+#else
+    float lane[4][8] = {{0.0f}};
+    for (; i + 8 <= n; i += 8)
+        for (int r = 0; r < 4; r++)
+            for (int l = 0; l < 8; l++) lane[r][l] += a[i + l] * b[r * stride + i + l];
+#endif
+    for (int r = 0; r < 4; r++) {
+        const float *f = lane[r];
+        float sum = ((f[0] + f[4]) + (f[1] + f[5])) + ((f[2] + f[6]) + (f[3] + f[7]));
+        for (int64_t k = i; k < n; k++) sum += a[k] * b[r * stride + k];
+        out[r] = sum;
+    }
+}
+
+/* row[i] = sum over t (in order) of weights[t] * values[t * stride + i], i < D: VALUE_SLICE values
+ * of the row at a time held in registers over all t (the value rows stream past once), each
+ * element summed in the order t = 0, 1, ... of one running sum per element. */
+enum { VALUE_SLICE = 16 };
+static void weigh_values(int64_t D, int64_t stride, int64_t length, const float *restrict weights,
+                         const float *restrict values, float *restrict row) {
+    int64_t i0 = 0;
+    for (; i0 + VALUE_SLICE <= D; i0 += VALUE_SLICE) {
+        float sum[VALUE_SLICE] = {0.0f};
+        for (int64_t t = 0; t < length; t++) {
+            const float *value = values + t * stride + i0, weight = weights[t];
+            for (int k = 0; k < VALUE_SLICE; k++) sum[k] += weight * value[k];
+        }
+        for (int k = 0; k < VALUE_SLICE; k++) row[i0 + k] = sum[k];
+    }
+    for (int64_t i = i0; i < D; i++) {
+        float sum = 0.0f;
+        for (int64_t t = 0; t < length; t++) sum += weights[t] * values[t * stride + i];
+        row[i] = sum;
+    }
+}
+
 aqlm_status aqlm_attend_one(int64_t heads, int64_t kv_heads, int64_t D, int64_t capacity, int64_t position, float *q,
                             float *k, const float *v, const float *cos, const float *sin, float scale, float *keys,
                             float *values, float *scores, float *out, int num_threads, aqlm_error *err) {
@@ -140,20 +193,20 @@ aqlm_status aqlm_attend_one(int64_t heads, int64_t kv_heads, int64_t D, int64_t 
         float *weights = scores + head * capacity;
         const int64_t kv = head / group;
         float top = -INFINITY;
-        for (int64_t t = 0; t < length; t++) {
-            weights[t] = dot(D, query, keys + (t * kv_heads + kv) * D) * scale;
-            top = weights[t] > top ? weights[t] : top;
+        int64_t t = 0;
+        for (; t + 4 <= length; t += 4) {
+            float products[4];
+            dot4(D, query, keys + (t * kv_heads + kv) * D, kv_heads * D, products);
+            for (int r = 0; r < 4; r++) weights[t + r] = products[r] * scale;
         }
+        for (; t < length; t++) weights[t] = dot(D, query, keys + (t * kv_heads + kv) * D) * scale;
+        for (t = 0; t < length; t++) top = weights[t] > top ? weights[t] : top;
         float total = 0.0f;
         for (int64_t t = 0; t < length; t++) weights[t] -= top;
         exp_in_place(length, weights);
         for (int64_t t = 0; t < length; t++) total += weights[t];
-        float *row = out + head * D;
-        for (int64_t i = 0; i < D; i++) row[i] = 0.0f;
-        for (int64_t t = 0; t < length; t++) {
-            const float *value = values + (t * kv_heads + kv) * D, weight = weights[t] / total;
-            for (int64_t i = 0; i < D; i++) row[i] += weight * value[i];
-        }
+        for (int64_t t = 0; t < length; t++) weights[t] /= total;
+        weigh_values(D, kv_heads * D, length, weights, values + kv * D, out + head * D);
     }
     return AQLM_OK;
 }

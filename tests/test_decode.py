@@ -1,6 +1,7 @@
 """aqlm.decode.LlamaDecoder and the C decoding-step kernels, against Transformers and torch formulas."""
 import gc
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,26 @@ def test_attend_one_keeps_a_nan_score_nan():
     out = torch.empty(heads, D)
     ops.bound_attend_one(q, k, v, table, torch.zeros(capacity, D), keys, values, out, 0.5)(4)
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("D", [16, 20])
+def test_attend_one_scores_a_key_alike_at_any_position(D):
+    """Scores go four cached positions at a time (csrc/decode_step.c: dot4) and the last few one
+    at a time (dot), by the same operations in the same order: a key cached at positions 0 and 4
+    (1 and 5) gets bit-identical weights, read back from the scores work array."""
+    generator = torch.Generator().manual_seed(7)
+    heads, kv_heads, capacity, position = 4, 2, 8, 5
+    q = torch.randn(heads, D, generator=generator)
+    keys, values = torch.randn(capacity, kv_heads, D, generator=generator), torch.randn(capacity, kv_heads, D, generator=generator)
+    keys[4] = keys[0]
+    k, v = keys[1].clone(), torch.randn(kv_heads, D, generator=generator)  # stored at row 5
+    cos, sin = torch.ones(capacity, D), torch.zeros(capacity, D)  # no rotation
+    scores, out = np.zeros(heads * capacity, dtype=np.float32), torch.empty(heads, D)
+    _C.attend_one(q.numpy(), k.numpy(), v.numpy(), cos.numpy(), sin.numpy(), keys.numpy(), values.numpy(), scores,
+                  out.numpy(), heads=heads, kv_heads=kv_heads, position=position, scale=0.3, num_threads=1)
+    weights = scores.reshape(heads, capacity)[:, : position + 1]
+    assert np.array_equal(weights[:, 0], weights[:, 4]) and np.array_equal(weights[:, 1], weights[:, 5])
+    assert not np.array_equal(weights[:, 0], weights[:, 1])
 
 
 def test_attend_one_matches_rotary_and_grouped_attention():
