@@ -548,6 +548,13 @@ def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Ten
     return packed
 
 
+def lutq_prepare_codebooks(codebooks: np.ndarray, param_dtype: str = "float32") -> np.ndarray:
+    """The codebooks [M, K, 1, in_group_size] (a NumPy array in ``param_dtype``; bfloat16 as its
+    int16 view) prepared for ``_C.lutq_matmul``'s ``prepared`` argument: transposed to float32
+    [M, in_group_size, K], then the bounds that set the table steps (csrc/lutq.h), one 1-D array."""
+    return _C.lutq_prepare_codebooks(codebooks, param_dtype=param_dtype)
+
+
 def quantized_matmul_cpu(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -701,13 +708,12 @@ class _CpuPlan:
             self.kernel_param_dtype = torch.float32
         else:
             self.kernel_arrays, self.kernel_param_dtype = self.arrays, self.param_dtype
-        # The quantized-table kernel reads the codebooks transposed ([M, in_group_size, K]):
-        # transposed once here rather than at every call (same values, so the same bits).
-        self.codebooks_t = None
+        # The quantized-table kernel reads the codebooks transposed ([M, in_group_size, K]) and
+        # the bounds that set its table steps: prepared once here rather than at every call (the
+        # same values, so the same bits).
+        self.prepared = None
         if self.packed is not None and nbits <= 8:
-            float_codebooks = self.kernel_arrays[1]
-            M, K, _, ig = float_codebooks.shape
-            self.codebooks_t = _arena_copy(float_codebooks.reshape(M, K, ig).transpose(0, 2, 1))
+            self.prepared = _arena_copy(lutq_prepare_codebooks(self.kernel_arrays[1]))
         self.calls = {}
 
     def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int, tokens: int) -> Callable[[int, int], None]:
@@ -727,7 +733,7 @@ class _CpuPlan:
         if kernel in ("lutq", "lutw"):
             weights = self.packed
         if kernel == "lutq":
-            options.update(group=LUTQ_GROUP, codebooks_t=self.codebooks_t)
+            options.update(group=LUTQ_GROUP, prepared=self.prepared)
         x_template = _numpy_view(torch.empty(tokens, self.in_features, dtype=x_dtype))
         out_template = _numpy_view(torch.empty(tokens, self.out_features, dtype=x_dtype))
         bound = _C.bind_matmul(kernel, x_template, weights, codebooks_np, scales_np, bias_np, out_template, **options)

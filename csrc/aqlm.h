@@ -114,25 +114,29 @@ aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_d
  * `group` input groups and codebook, exact integer sums): the fast path for few tokens. Needs
  * nbits <= 8 and out_group_size 1, and the codes repacked once by aqlm_lutq_pack_codes into
  * aqlm_lutq_packed_size(f) bytes. For each output, |y - exact| <= |scale| * sum over chunks b and
- * codebooks m of |b| * s[b, m] / 2 (plus float rounding), s[b, m] = max |exact table entry| over
- * the chunk / 32639 (127 * 256 + 127). 1 <= group <= 256. codebooks_t: the codebooks once transposed to
- * float32 [M, ig, K] (aqlm_lutq_transpose_codebooks), or NULL to transpose them at each call. */
+ * codebooks m of |b| * s[b, m] / 2 (plus float rounding), s[b, m] = a bound on the chunk's exact
+ * table entries from x and the codebooks / 32639 (127 * 256 + 127; csrc/lutq.h). 1 <= group <= 256.
+ * prepared: the codebooks once prepared by aqlm_lutq_prepare_codebooks into
+ * aqlm_lutq_prepared_size(f) floats (transposed to [M, ig, K], then the largest |value| of each
+ * codebook's column i [M, ig] and the largest codeword norm of each codebook [M]), or NULL to
+ * prepare them at each call. */
 size_t aqlm_lutq_packed_size(const aqlm_format *f);
-aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
-                                          float *codebooks_t, aqlm_error *err);
+size_t aqlm_lutq_prepared_size(const aqlm_format *f);
+aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                                        float *prepared, aqlm_error *err);
 aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_t *packed, aqlm_error *err);
-/* What the next quantized-table call will read first (its transposed codebooks and its codes), for
+/* What the next quantized-table call will read first (its prepared codebooks and its codes), for
  * this one to prefetch while it builds its tables: a decoding step runs the same weights in the
  * same order at every token. Only a hint: its addresses are prefetched, never read, so any
  * values are safe (a call that no longer exists included); `next` may be NULL. */
 typedef struct {
     aqlm_format format;
     const uint8_t *packed;
-    const float *codebooks_t; /* NULL: transposed at that call, nothing to prefetch */
+    const float *prepared; /* NULL: prepared at that call, nothing to prefetch */
 } aqlm_lutq_next;
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
-                             const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
+                             const void *codebooks, const float *prepared, const void *scales, const void *bias,
                              void *y, const aqlm_lutq_next *next, aqlm_simd simd, int num_threads, aqlm_error *err);
 /* The quantized-table kernels a call at `level` uses here: "scalar", "avx2" or "avx512vbmi". */
 const char *aqlm_lutq_kernel_name(aqlm_simd level);

@@ -3,23 +3,32 @@
  *
  * For every token t, input group j and codebook m the exact table is
  *     T[t, j, m, c] = sum_i x[t, j*ig + i] * codebooks[m, c, 0, i]            (c < K <= 256).
- * Groups are taken `group` at a time (a "chunk" b); each (t, b, m) gets one fp32 step
- *     s[t, b, m] = max over j in b, c of |T[t, j, m, c]| / LEVELS,   LEVELS = 127 * 256 + 127 = 32639,
- * and every entry becomes the integer E = round_to_nearest_even(T * (LEVELS / amax)), |E| <= LEVELS,
- * stored as two int8 tables ("high" and "low" bytes, 16 bits in all):
- *     hi = floor((E + 128) / 256),  lo = E - 256 * hi,  so |hi| <= 127 and -128 <= lo <= 127
+ * Groups are taken `group` at a time (a "chunk" b); each (t, b, m) gets one fp32 step from a
+ * bound on its entries that x and the codebooks give without building the tables:
+ *     B[t, j, m] = min(sum_i |x[t, j*ig + i]| * cmax[m, i],  ||x[t, group j]|| * nmax[m])
+ *     cmax[m, i] = max_c |codebooks[m, c, 0, i]|,  nmax[m] = max_c ||codebooks[m, c, 0, :]||
+ *     bound[t, b, m] = max over j in b of B[t, j, m] >= every |T[t, j, m, c]| of the chunk,
+ *     s[t, b, m] = bound / LEVELS,   LEVELS = 127 * 256 + 127 = 32639,
+ * (on SmolLM2's real inputs the bound is 1.48x the largest |entry| on average: steps that much
+ * coarser than the exact maximum would give, but each thread knows every chunk's step at once,
+ * before and without the tables, so it quantizes each table as it computes it; lutq_bound_of)
+ * and every entry becomes the integer E = round_to_nearest_even(T * (LEVELS / bound)), held to
+ * -ENTRY_OFFSET <= E <= LEVELS (float rounding could take |T| a few ulps past the bound; the
+ * SIMD kernels' unsigned 16-bit saturation does just this), stored as two int8 tables ("high" and
+ * "low" bytes, 16 bits in all):
+ *     hi = floor((E + 128) / 256),  lo = E - 256 * hi,  so -128 <= hi <= 127 and -128 <= lo <= 127
  * (LEVELS = 127 * 256 + 127 keeps hi within int8). Offset by 128, these are the two bytes of the
  * uint16 E + ENTRY_OFFSET (ENTRY_OFFSET = 128 * 256 + 128): hi + 128 its high byte, lo + 128 its
  * low one, which is how the SIMD kernels split an entry (two instructions, no division).
- * A kernel set's quantize writes its tables in the byte form its own accumulate reads: the
+ * A kernel set's tables writes its tables in the byte form its own accumulate reads: the
  * scalar reference stores hi and lo as they are, the AVX2 and AVX-512 VBMI kernels offset by 128.
  * An output row o sums
  *     acc[t, o] = sum over b (in order), m (in order) of  fma(s[t, b, m], (float)I[t, b, m, o], acc)
  *     I = 256 * Hi + Lo,  Hi/Lo[t, b, m, o] = sum_{j in b} hi/lo[t, j, m, code(o, j, m)]   (exact integers)
  * and y[t, o] = acc * scale[o] + bias[o]. -128 * group <= Hi, Lo <= 127 * group, within int16
- * for group <= 256 (hence that limit), whatever the codes, and |I| <= 256 * 32512 + 32768 < 2**24
+ * for group <= 256 (hence that limit), whatever the codes, and |I| <= 256 * 32768 + 32768 < 2**24
  * converts to fp32 exactly. Every entry is off by at most s/2 (plus the float rounding of
- * T * (LEVELS / amax)), so |y - y_exact| <= |scale[o]| * sum_{b,m} |b| s[t,b,m] / 2
+ * T * (LEVELS / bound)), so |y - y_exact| <= |scale[o]| * sum_{b,m} |b| s[t,b,m] / 2
  * plus float rounding: 257x finer than one int8 table at the same chunking. All versions compute
  * the same integers and the same fp32 operations in the same order, so every SIMD level gives the
  * scalar reference's bits.
@@ -29,15 +38,13 @@
  * (or more) threads' ranges; the part of chunk b in one thread's range is a "piece", and pieces
  * are numbered in order of thread then chunk, which is also the order of chunk (ranges are
  * contiguous and increasing), so the pieces of chunk b are pieces [first[b], first[b + 1]).
- * A piece's step needs the max over the whole chunk: each thread builds its fp32 tables and the
- * max |entry| of each of its pieces; after a barrier a straddled chunk's max is the max of its
- * pieces' (the same float: max does not depend on order) and every table is quantized to the
- * same integers as one thread would. Each thread then writes, for its pieces k and every row,
- * the exact int32 partial
+ * Each thread computes the bound of every chunk it meets over the whole chunk (the same float on
+ * every thread), builds and quantizes the tables of its own groups, and writes, for its pieces k
+ * and every row, the exact int32 partial
  *     partials[((k * n + t) * M + m) * stride + o] = 256 * Hi + Lo over the groups of piece k
- * (stride = tiles * 64 rows; rows past out hold sums of code 0 and are never stored), and after
- * a second barrier the rows are split between threads: I[t, b, m, o] is the (exact) sum of its
- * pieces' partials, and acc and y follow as above. Results do not depend on the thread count.
+ * (stride = tiles * 64 rows; rows past out hold sums of code 0 and are never stored). After one
+ * barrier the rows are split between threads: I[t, b, m, o] is the (exact) sum of its pieces'
+ * partials, and acc and y follow as above. Results do not depend on the thread count.
  * In nibble mode (below) M is even, so every range starts at an even slot and never splits a
  * packed byte.
  *
@@ -114,17 +121,13 @@ aqlm_status aqlm_check_packed_format(const aqlm_format *f, const char *tables, a
 /* Whether two codes share each packed byte (K <= 16 and M even). */
 static inline int aqlm_lutq_nibbles(const aqlm_block_shape *s) { return s->K <= 16 && s->M % 2 == 0; }
 
-/* fp32 tables of one token for input groups [j0, j1) (x: the token [in] fp32; cbt: the
- * codebooks transposed to [M, ig, K] fp32) into work[((j - j0) * M + m) * K + c], and
- * amax[m] = max(amax[m], max over those groups and c of |table entry|) for m < M. */
+/* The tables of one token for input groups [j0, j1) (x: the token [in] fp32; cbt: the codebooks
+ * transposed to [M, ig, K] fp32), quantized as they are computed with inverse[m] = LEVELS / bound
+ * of the chunk (lutq.h formula) into qhi and qlo (the tables of group j0 first), in the byte form
+ * of the same kernel set's accumulate (above). */
 typedef void (*aqlm_lutq_tables_fn)(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                                    const float *restrict cbt, float *restrict work, float *restrict amax);
-
-/* The fp32 tables of `groups` consecutive groups (work, as tables writes them) quantized with
- * the chunk maxima amax[m] (lutq.h formula) into qhi and qlo (the tables of the first group), in
- * the byte form of the same kernel set's accumulate (above). */
-typedef void (*aqlm_lutq_quantize_fn)(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                      const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+                                    const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                    int8_t *restrict qlo);
 
 /* For `tiles` tiles of packed codes (from the first given), n <= AQLM_LUTQ_MAX_TOKENS tokens and
  * input groups [j0, j1): for every chunk b meeting [j0, j1) (piece k = b - j0 / group), writes
@@ -144,7 +147,6 @@ typedef void (*aqlm_lutq_finish_fn)(int64_t M, int64_t chunks, const int64_t *re
 typedef struct {
     const char *name; /* "scalar", "avx2", "avx512vbmi" */
     aqlm_lutq_tables_fn tables;
-    aqlm_lutq_quantize_fn quantize;
     aqlm_lutq_accumulate_fn accumulate;
     aqlm_lutq_finish_fn finish;
 } aqlm_lutq_kernels;
@@ -154,20 +156,18 @@ const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level);
 
 /* The scalar reference (lutq_ref.c), and the AVX2 versions the AVX-512 file falls back to. */
 void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, float *restrict amax);
-void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                            const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+                          const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                          int8_t *restrict qlo);
 void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                               const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
                               const int8_t *restrict qlo, int32_t *restrict partials, int64_t stride);
 void aqlm_lutq_finish_ref(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
                           const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
                           const float *restrict qscale, float *restrict acc);
-void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                           const float *restrict cbt, float *restrict work, float *restrict amax);
-/* The tables in the offset byte form of the AVX2 and AVX-512 VBMI kernels. */
-void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo);
+/* The tables in the offset byte form of the AVX2 and AVX-512 VBMI kernels (any K). */
+void aqlm_lutq_tables_offset_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                                  const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                  int8_t *restrict qlo);
 void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict first, int64_t n,
                            const int32_t *restrict partials, int64_t stride, int64_t row0, int64_t row1,
                            const float *restrict qscale, float *restrict acc);

@@ -6,8 +6,8 @@
  * take one per 16-entry slice of the table: slice h sees index (code - 16h) + 0x70 with unsigned
  * saturation, whose bit 7 is clear exactly when code lies in [16h, 16h + 16), and the slices'
  * results are OR-ed. Each code is looked up in the high-byte and the low-byte table. The tables
- * of these kernels hold their bytes offset by 128 (u = v + 128, 1 <= u <= 255: never the 0 an
- * out-of-slice shuffle gives), so a looked-up vector read as uint16 words holds 256 * u(odd row)
+ * of these kernels hold their bytes offset by 128 (u = v + 128, 0 <= u <= 255; an out-of-slice
+ * shuffle gives 0, which the OR of the slices leaves to the one slice that holds the code), so a looked-up vector read as uint16 words holds 256 * u(odd row)
  * + u(even row); the sums of the words and of the words shifted right by 8, modulo 2**16, give
  * both rows' sums exactly for up to 256 groups a step (as in lutq_avx512vbmi.c, lutq.h).
  * Also used on AVX-512 CPUs without VBMI.
@@ -22,44 +22,19 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 _Static_assert(AQLM_LUTQ_LOW_RADIX == 256, "combine() multiplies by the radix with a shift by 8");
 
-/* 32 entries of one table in fp32 -> the offset high and low bytes of E (lutq.h), in order: the
- * two bytes of E + ENTRY_OFFSET as uint16. */
-ALWAYS_INLINE void split_entries(const float *restrict row, __m256 inverse, int8_t *restrict high, int8_t *restrict low) {
+/* 32 entries of one table in fp32 (four vectors of 8, in order) -> the offset high and low bytes
+ * of E (lutq.h), in order: the two bytes of E + ENTRY_OFFSET as uint16, whose unsigned saturation
+ * holds E to [-ENTRY_OFFSET, LEVELS] as the reference does. */
+ALWAYS_INLINE void split_entries(const __m256 value[4], __m256 inverse, int8_t *restrict high, int8_t *restrict low) {
     const __m256i entry_offset = _mm256_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET), low_byte = _mm256_set1_epi16(0xff);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     __m256i u[4];
-    for (int k = 0; k < 4; k++)
-        u[k] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + 8 * k), inverse)), entry_offset);
+    for (int k = 0; k < 4; k++) u[k] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(value[k], inverse)), entry_offset);
     const __m256i first = _mm256_packus_epi32(u[0], u[1]), second = _mm256_packus_epi32(u[2], u[3]);
     const __m256i hi_bytes = _mm256_packus_epi16(_mm256_srli_epi16(first, 8), _mm256_srli_epi16(second, 8));
     const __m256i lo_bytes = _mm256_packus_epi16(_mm256_and_si256(first, low_byte), _mm256_and_si256(second, low_byte));
     _mm256_storeu_si256((__m256i *)high, _mm256_permutevar8x32_epi32(hi_bytes, order));
     _mm256_storeu_si256((__m256i *)low, _mm256_permutevar8x32_epi32(lo_bytes, order));
-}
-
-/* fp32 tables (K a multiple of 8) and their per-codebook max |entry|, as the reference. */
-void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                           const float *restrict cbt, float *restrict work, float *restrict amax) {
-    const int64_t ig = s->ig, M = s->M, K = s->K;
-    if (K % 8 != 0) {
-        aqlm_lutq_tables_ref(s, j0, j1, x, cbt, work, amax);
-        return;
-    }
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++) {
-            __m256 vmax = _mm256_setzero_ps();
-            for (int64_t c = 0; c < K; c += 8) {
-                __m256 value = _mm256_setzero_ps();
-                for (int64_t i = 0; i < ig; i++)
-                    value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
-                _mm256_storeu_ps(work + ((j - j0) * M + m) * K + c, value);
-                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, value));
-            }
-            float lanes[8];
-            _mm256_storeu_ps(lanes, vmax);
-            for (int lane = 0; lane < 8; lane++) amax[m] = fmaxf(amax[m], lanes[lane]);
-        }
 }
 
 /* Every byte of `count` XOR 0x80: int8 v -> the offset byte v + 128. */
@@ -71,32 +46,49 @@ static void offset_bytes(int8_t *restrict bytes, int64_t count) {
     for (; at < count; at++) bytes[at] = (int8_t)((uint8_t)bytes[at] ^ 0x80u);
 }
 
-/* Quantizes fp32 tables exactly as the reference does, into offset bytes (lutq.h). */
-void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
-    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+/* The 8 entries of codewords c..c+7 of codebook m for group j, FMAs in the reference's order. */
+ALWAYS_INLINE __m256 entries8(int64_t ig, int64_t K, int64_t j, int64_t m, int64_t c, const float *restrict x,
+                              const float *restrict cbt) {
+    __m256 value = _mm256_setzero_ps();
+    for (int64_t i = 0; i < ig; i++)
+        value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
+    return value;
+}
+
+/* Tables quantized as the reference does, into offset bytes (lutq.h); 32 entries at a time go
+ * from registers to bytes, the rest (K of 8 or 16) one by one. */
+void aqlm_lutq_tables_offset_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                                  const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                  int8_t *restrict qlo) {
+    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     if (K % 8 != 0) {
-        aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
-        offset_bytes(qhi, groups * M * KS);
-        offset_bytes(qlo, groups * M * KS);
+        aqlm_lutq_tables_ref(s, j0, j1, x, cbt, inverse, qhi, qlo);
+        offset_bytes(qhi, (j1 - j0) * M * KS);
+        offset_bytes(qlo, (j1 - j0) * M * KS);
         return;
     }
-    for (int64_t m = 0; m < M; m++) {
-        const float inverse = amax[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax[m] : 0.0f;
-        const __m256 vinverse = _mm256_set1_ps(inverse);
-        for (int64_t j = 0; j < groups; j++) {
-            const float *row = work + (j * M + m) * K;
-            int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++) {
+            const __m256 vinverse = _mm256_set1_ps(inverse[m]);
+            int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
             int64_t c = 0;
-            for (; c + 32 <= K; c += 32) split_entries(row + c, vinverse, high + c, low + c);
-            for (; c < K; c++) {
-                const int u = _mm_cvtss_si32(_mm_set_ss(row[c] * inverse)) + AQLM_LUTQ_ENTRY_OFFSET;
-                high[c] = (int8_t)(uint8_t)(u >> 8);
-                low[c] = (int8_t)(uint8_t)(u & 0xff);
+            for (; c + 32 <= K; c += 32) {
+                __m256 value[4];
+                for (int k = 0; k < 4; k++) value[k] = entries8(ig, K, j, m, c + 8 * k, x, cbt);
+                split_entries(value, vinverse, high + c, low + c);
+            }
+            for (; c < K; c += 8) {
+                float row[8];
+                _mm256_storeu_ps(row, entries8(ig, K, j, m, c, x, cbt));
+                for (int k = 0; k < 8; k++) {
+                    int u = _mm_cvtss_si32(_mm_set_ss(row[k] * inverse[m])) + AQLM_LUTQ_ENTRY_OFFSET;
+                    u = u < 0 ? 0 : u > 0xffff ? 0xffff : u; /* the saturation of split_entries */
+                    high[c + k] = (int8_t)(uint8_t)(u >> 8);
+                    low[c + k] = (int8_t)(uint8_t)(u & 0xff);
+                }
             }
             for (; c < KS; c++) high[c] = low[c] = (int8_t)0x80; /* the offset form of 0 */
         }
-    }
 }
 
 /* 32 int8 lookups of idx in the table at `table` (slices 16-entry slices). */
@@ -211,23 +203,18 @@ void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict fi
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
     .name = "avx2",
-    .tables = aqlm_lutq_tables_avx2,
-    .quantize = aqlm_lutq_quantize_offset_avx2,
+    .tables = aqlm_lutq_tables_offset_avx2,
     .accumulate = lutq_accumulate_avx2,
     .finish = aqlm_lutq_finish_avx2,
 };
 
 #else /* built without AVX2: never chosen */
 
-void aqlm_lutq_tables_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                           const float *restrict cbt, float *restrict work, float *restrict amax) {
-    aqlm_lutq_tables_ref(s, j0, j1, x, cbt, work, amax);
-}
-
-void aqlm_lutq_quantize_offset_avx2(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                    const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
-    aqlm_lutq_quantize_ref(s, groups, work, amax, qhi, qlo);
-    for (int64_t at = 0; at < groups * s->M * aqlm_lutq_table_stride(s->K); at++) {
+void aqlm_lutq_tables_offset_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                                  const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                  int8_t *restrict qlo) {
+    aqlm_lutq_tables_ref(s, j0, j1, x, cbt, inverse, qhi, qlo);
+    for (int64_t at = 0; at < (j1 - j0) * s->M * aqlm_lutq_table_stride(s->K); at++) {
         qhi[at] = (int8_t)((uint8_t)qhi[at] ^ 0x80u);
         qlo[at] = (int8_t)((uint8_t)qlo[at] ^ 0x80u);
     }
@@ -241,7 +228,6 @@ void aqlm_lutq_finish_avx2(int64_t M, int64_t chunks, const int64_t *restrict fi
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {.name = NULL,
                                                   .tables = aqlm_lutq_tables_ref,
-                                                  .quantize = aqlm_lutq_quantize_ref,
                                                   .accumulate = aqlm_lutq_accumulate_ref,
                                                   .finish = aqlm_lutq_finish_ref};
 

@@ -6,7 +6,7 @@
  * the code's top bit. One lookup instruction thus serves 64 output rows. Each code is looked up
  * in the high-byte and the low-byte table; the eight registers of a (group, codebook) table pair
  * are loaded once for TILE_STEP tiles. These kernels store every table byte offset by 128 (the
- * unsigned byte u = v + 128, 1 <= u <= 255), so a looked-up vector read as 32 uint16 words holds
+ * unsigned byte u = v + 128, 0 <= u <= 255), so a looked-up vector read as 32 uint16 words holds
  * 256 * u(odd row) + u(even row): two sums per table, of the words and of the words shifted right
  * by 8, both modulo 2**16, give both rows' sums exactly (three instructions per lookup instead of
  * five sign extensions and adds), since a piece sums at most 256 groups and 255 * 256 < 2**16:
@@ -28,48 +28,6 @@
 enum { TILE_STEP = AQLM_LUTQ_TILE_STEP }; /* tiles sharing each table load */
 _Static_assert(AQLM_LUTQ_LOW_RADIX == 256, "combine() multiplies by the radix with a shift by 8");
 
-/* fp32 tables of groups [j0, j1): V independent FMA chains of 16 codewords each hide the FMA
- * latency; each chain adds x[i] * codeword[i] in order i = 0, 1, ... like the reference. The
- * largest |entry| of each codebook is gathered on the way (into amax[m]), so the tables are not
- * read again to find it. */
-ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1,
-                                const float *restrict x, const float *restrict cbt, float *restrict work,
-                                float *restrict amax) {
-    const int64_t ig = s->ig, M = s->M, K = s->K;
-    for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++) {
-            __m512 largest = _mm512_setzero_ps();
-            for (int64_t c0 = 0; c0 < K; c0 += 16 * V) {
-                __m512 value[16];
-                for (int v = 0; v < V; v++) value[v] = _mm512_setzero_ps();
-                for (int64_t i = 0; i < ig; i++) {
-                    const __m512 xi = _mm512_set1_ps(x[j * ig + i]);
-                    const float *column = cbt + (m * ig + i) * K + c0;
-                    for (int v = 0; v < V; v++) value[v] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(column + 16 * v), value[v]);
-                }
-                __m512 magnitude[16];
-                for (int v = 0; v < V; v++) {
-                    _mm512_storeu_ps(work + ((j - j0) * M + m) * K + c0 + 16 * v, value[v]);
-                    magnitude[v] = _mm512_abs_ps(value[v]);
-                }
-                for (int width = V / 2; width >= 1; width /= 2) /* a tree: no chain of dependent maxima */
-                    for (int v = 0; v < width; v++) magnitude[v] = _mm512_max_ps(magnitude[v], magnitude[v + width]);
-                largest = _mm512_max_ps(largest, magnitude[0]);
-            }
-            amax[m] = fmaxf(amax[m], _mm512_reduce_max_ps(largest));
-        }
-}
-
-/* fp32 tables (K a multiple of 16) and their per-codebook max |entry|. */
-static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                               const float *restrict cbt, float *restrict work, float *restrict amax) {
-    const int64_t K = s->K;
-    if (K % 16 != 0) aqlm_lutq_tables_avx2(s, j0, j1, x, cbt, work, amax);
-    else if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, work, amax);
-    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, work, amax);
-    else build_tables(1, s, j0, j1, x, cbt, work, amax);
-}
-
 /* The byte positions, in two registers of 32 uint16 words each packed by vpackusdw from four
  * vectors of 16 entries, of entries 0..63 in order: their low bytes (high = 0) or high bytes
  * (high = 1). vpackusdw interleaves its sources per 128-bit lane: word 8L + r of the first
@@ -84,42 +42,62 @@ ALWAYS_INLINE __m512i entry_bytes(int high) {
     return _mm512_loadu_si512(index);
 }
 
-/* Quantized exactly as the reference does (K a multiple of 16): E + ENTRY_OFFSET as uint16, whose
- * two bytes are the offset high and low bytes (lutq.h). */
-static void lutq_quantize_avx512(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                                 const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
-    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
-    if (K % 16 != 0) { /* narrow tables: the AVX2 version, which offsets its bytes as these kernels do */
-        aqlm_lutq_quantize_offset_avx2(s, groups, work, amax, qhi, qlo);
-        return;
-    }
-    const __m512i entry_offset = _mm512_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET);
+/* E + ENTRY_OFFSET (lutq.h) of 16 entries, as int32: held to the uint16 range by the caller. */
+ALWAYS_INLINE __m512i offset_entries(__m512 value, __m512 inverse) {
+    return _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(value, inverse)), _mm512_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET));
+}
+
+/* Tables of groups [j0, j1), quantized as the reference does (K a multiple of 16): V independent
+ * FMA chains of 16 codewords each hide the FMA latency; each chain adds x[i] * codeword[i] in order
+ * i = 0, 1, ... like the reference. The entries go from registers to bytes: E + ENTRY_OFFSET as
+ * uint16 (vpackusdw's unsigned saturation holds E to [-ENTRY_OFFSET, LEVELS], as the reference
+ * does), whose two bytes are the offset high and low bytes, 64 entries by two vpermt2b. */
+ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1,
+                                const float *restrict x, const float *restrict cbt, const float *restrict inverse,
+                                int8_t *restrict qhi, int8_t *restrict qlo) {
+    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     const __m512i low_bytes = entry_bytes(0), high_bytes = entry_bytes(1);
-    for (int64_t m = 0; m < M; m++) {
-        const float largest = amax[m];
-        const float inverse = largest > 0.0f ? (float)AQLM_LUTQ_LEVELS / largest : 0.0f;
-        const __m512 vinverse = _mm512_set1_ps(inverse);
-        for (int64_t j = 0; j < groups; j++) {
-            const float *row = work + (j * M + m) * K;
-            int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
-            if (K % 64 == 0) {
-                for (int64_t c = 0; c < K; c += 64) {
-                    __m512i u[4];
-                    for (int q = 0; q < 4; q++)
-                        u[q] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c + 16 * q), vinverse)), entry_offset);
-                    const __m512i first = _mm512_packus_epi32(u[0], u[1]), second = _mm512_packus_epi32(u[2], u[3]);
-                    _mm512_storeu_si512(high + c, _mm512_permutex2var_epi8(first, high_bytes, second));
-                    _mm512_storeu_si512(low + c, _mm512_permutex2var_epi8(first, low_bytes, second));
+    const __m512i zero = _mm512_setzero_si512(), most = _mm512_set1_epi32(0xffff);
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++) {
+            const __m512 vinverse = _mm512_set1_ps(inverse[m]);
+            int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
+            for (int64_t c0 = 0; c0 < K; c0 += 16 * V) {
+                __m512 value[16];
+                for (int v = 0; v < V; v++) value[v] = _mm512_setzero_ps();
+                for (int64_t i = 0; i < ig; i++) {
+                    const __m512 xi = _mm512_set1_ps(x[j * ig + i]);
+                    const float *column = cbt + (m * ig + i) * K + c0;
+                    for (int v = 0; v < V; v++) value[v] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(column + 16 * v), value[v]);
                 }
-            } else {
-                for (int64_t c = 0; c < K; c += 16) {
-                    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c), vinverse)), entry_offset);
-                    _mm_storeu_si128((__m128i *)(high + c), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
-                    _mm_storeu_si128((__m128i *)(low + c), _mm512_cvtepi32_epi8(u));
+                if (V % 4 == 0) {
+                    for (int v = 0; v < V; v += 4) {
+                        const __m512i first = _mm512_packus_epi32(offset_entries(value[v], vinverse), offset_entries(value[v + 1], vinverse));
+                        const __m512i second = _mm512_packus_epi32(offset_entries(value[v + 2], vinverse), offset_entries(value[v + 3], vinverse));
+                        _mm512_storeu_si512(high + c0 + 16 * v, _mm512_permutex2var_epi8(first, high_bytes, second));
+                        _mm512_storeu_si512(low + c0 + 16 * v, _mm512_permutex2var_epi8(first, low_bytes, second));
+                    }
+                } else {
+                    for (int v = 0; v < V; v++) {
+                        const __m512i u = _mm512_min_epi32(_mm512_max_epi32(offset_entries(value[v], vinverse), zero), most);
+                        _mm_storeu_si128((__m128i *)(high + c0 + 16 * v), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+                        _mm_storeu_si128((__m128i *)(low + c0 + 16 * v), _mm512_cvtepi32_epi8(u));
+                    }
                 }
             }
+            for (int64_t c = K; c < KS; c++) high[c] = low[c] = (int8_t)0x80; /* the offset form of 0 */
         }
-    }
+}
+
+/* Quantized tables in the offset byte form of the VBMI lookups (any K). */
+static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
+                               const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                               int8_t *restrict qlo) {
+    const int64_t K = s->K;
+    if (K % 16 != 0) aqlm_lutq_tables_offset_avx2(s, j0, j1, x, cbt, inverse, qhi, qlo);
+    else if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, inverse, qhi, qlo);
+    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, inverse, qhi, qlo);
+    else build_tables(1, s, j0, j1, x, cbt, inverse, qhi, qlo);
 }
 
 /* 64 int8 lookups of idx; a holds table entries 0-63, a..b 0-127, c..d 128-255. */
@@ -298,7 +276,6 @@ static void lutq_finish_avx512(int64_t M, int64_t chunks, const int64_t *restric
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {
     .name = "avx512vbmi",
     .tables = lutq_tables_avx512,
-    .quantize = lutq_quantize_avx512,
     .accumulate = lutq_accumulate_vbmi,
     .finish = lutq_finish_avx512,
 };
@@ -307,7 +284,6 @@ const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {
 
 const aqlm_lutq_kernels aqlm_lutq_kernels_avx512vbmi = {.name = NULL,
                                                         .tables = aqlm_lutq_tables_ref,
-                                                        .quantize = aqlm_lutq_quantize_ref,
                                                         .accumulate = aqlm_lutq_accumulate_ref,
                                                         .finish = aqlm_lutq_finish_ref};
 

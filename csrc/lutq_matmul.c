@@ -8,12 +8,13 @@
  * in int16 and scaled to fp32 once per chunk.
  * Codes must first be repacked (aqlm_lutq_pack_codes) so the rows of a tile lie side by side.
  *
- * Per pass of up to 8 tokens the threads split the input groups (lutq.h): each builds the fp32
- * tables of its groups, quantizes them once the maxima of the chunks it shares are known (first
- * barrier), and looks them up for every output row, one slab of chunks at a time, into exact
- * int32 partial sums; after the second barrier each thread adds up the partials of its share of
- * the rows and scales them. So every thread pulls only its share of each row's codes, and even
- * a layer of a few hundred rows keeps every thread busy.
+ * Per pass of up to 8 tokens the threads split the input groups (lutq.h): each computes the step
+ * of every chunk it meets from a bound that x and the codebooks give (so no thread waits for
+ * another's tables), builds and quantizes the tables of its groups in one go, and looks them up
+ * for every output row, one slab of chunks at a time, into exact int32 partial sums; after the
+ * one barrier each thread adds up the partials of its share of the rows and scales them. So
+ * every thread pulls only its share of each row's codes, and even a layer of a few hundred rows
+ * keeps every thread busy.
  */
 #include <math.h>
 #include <omp.h>
@@ -65,68 +66,92 @@ aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_
     return AQLM_OK;
 }
 
-aqlm_status aqlm_lutq_transpose_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
-                                          float *codebooks_t, aqlm_error *err) {
+size_t aqlm_lutq_prepared_size(const aqlm_format *f) {
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    return (size_t)(s.M * s.ig * s.K + s.M * s.ig + s.M);
+}
+
+aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                                        float *prepared, aqlm_error *err) {
     aqlm_status status = check_lutq_format(f, err);
     if (status != AQLM_OK) return status;
-    AQLM_CHECK(err, codebooks != NULL && codebooks_t != NULL, "codebooks and codebooks_t must not be NULL");
+    AQLM_CHECK(err, codebooks != NULL && prepared != NULL, "codebooks and prepared must not be NULL");
     const aqlm_block_shape s = aqlm_block_shape_of(f);
-    for (int64_t m = 0; m < s.M; m++)
-        for (int64_t c = 0; c < s.K; c++)
-            for (int64_t i = 0; i < s.ig; i++)
-                codebooks_t[(m * s.ig + i) * s.K + c] = aqlm_load(param_dtype, codebooks, (m * s.K + c) * s.ig + i);
+    const int64_t M = s.M, K = s.K, ig = s.ig;
+    float *column_max = prepared + M * ig * K, *norm_max = column_max + M * ig;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c++)
+            for (int64_t i = 0; i < ig; i++)
+                prepared[(m * ig + i) * K + c] = aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i);
+    for (int64_t m = 0; m < M; m++) {
+        norm_max[m] = 0.0f;
+        for (int64_t i = 0; i < ig; i++) {
+            column_max[m * ig + i] = 0.0f;
+            for (int64_t c = 0; c < K; c++) column_max[m * ig + i] = fmaxf(column_max[m * ig + i], fabsf(prepared[(m * ig + i) * K + c]));
+        }
+        for (int64_t c = 0; c < K; c++) {
+            float square = 0.0f;
+            for (int64_t i = 0; i < ig; i++) square += prepared[(m * ig + i) * K + c] * prepared[(m * ig + i) * K + c];
+            norm_max[m] = fmaxf(norm_max[m], sqrtf(square));
+        }
+    }
     return AQLM_OK;
+}
+
+/* bound[m] of input groups [j0, j1) of one token x (lutq.h): the largest over the groups of
+ * min(sum_i |x_i| column_max[m, i], ||x_group|| norm_max[m]). Sums run over 4 lanes (lane l takes
+ * i = l, l + 4, ...) added in a fixed order, then the tail: the same floats on every CPU and
+ * thread, in a form the compiler vectorizes (this runs over a whole chunk on each thread that
+ * meets it, about a tenth of the time of a group's tables). */
+static void chunk_bound(int64_t ig, int64_t M, int64_t j0, int64_t j1, const float *restrict x,
+                        const float *restrict column_max, const float *restrict norm_max, float *restrict bound) {
+    for (int64_t m = 0; m < M; m++) bound[m] = 0.0f;
+    const int64_t body = ig / 4 * 4;
+    for (int64_t j = j0; j < j1; j++) {
+        const float *group = x + j * ig;
+        float lane[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t i = 0; i < body; i += 4)
+            for (int l = 0; l < 4; l++) lane[l] += group[i + l] * group[i + l];
+        float square = (lane[0] + lane[2]) + (lane[1] + lane[3]);
+        for (int64_t i = body; i < ig; i++) square += group[i] * group[i];
+        const float norm = sqrtf(square);
+        for (int64_t m = 0; m < M; m++) {
+            const float *maxima = column_max + m * ig;
+            float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t i = 0; i < body; i += 4)
+                for (int l = 0; l < 4; l++) part[l] += fabsf(group[i + l]) * maxima[i + l];
+            float sum = (part[0] + part[2]) + (part[1] + part[3]);
+            for (int64_t i = body; i < ig; i++) sum += fabsf(group[i]) * maxima[i];
+            bound[m] = fmaxf(bound[m], fminf(sum, norm * norm_max[m]));
+        }
+    }
 }
 
 /* The first of thread p's input groups when G groups are split between P threads as evenly as
  * can be (p = P gives G). */
 static int64_t range_start(int64_t G, int P, int p) { return G * p / P; }
 
-/* Whether chunk b's groups all lie in [g0, g1) (then its max needs no other thread). */
-static int chunk_is_whole(int64_t b, int64_t group, int64_t G, int64_t g0, int64_t g1) {
-    const int64_t end = (b + 1) * group < G ? (b + 1) * group : G;
-    return b * group >= g0 && end <= g1;
-}
-
-/* Groups of [g0, g1) in chunks that also have groups outside: their fp32 tables wait for the
- * other threads' maxima. */
-static int64_t straddled_groups(int64_t g0, int64_t g1, int64_t group, int64_t G) {
-    int64_t count = 0;
-    for (int64_t b = g0 / group; b * group < g1; b++) {
-        if (chunk_is_whole(b, group, G, g0, g1)) continue;
-        int64_t from, to;
-        aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
-        count += to - from;
-    }
-    return count;
-}
-
 /* How the input groups are split (lutq.h): thread p takes groups [bounds[p], bounds[p + 1]) and
- * pieces [piece0[p], piece0[p + 1]); chunk b has pieces [first[b], first[b + 1]); kept0[p] counts
- * the straddled groups of the threads before p (their fp32 tables per token, kept to the barrier). */
+ * pieces [piece0[p], piece0[p + 1]); chunk b has pieces [first[b], first[b + 1]). */
 typedef struct {
     int threads;
-    int64_t *bounds, *piece0, *first, *kept0; /* [threads + 1], [threads + 1], [chunks + 1], [threads + 1] */
+    int64_t *bounds, *piece0, *first; /* [threads + 1], [threads + 1], [chunks + 1] */
 } group_split;
 
-/* Pieces and straddled groups of all threads, to size the buffers. */
-static void count_split(int64_t G, int64_t group, int P, int64_t *pieces, int64_t *straddled) {
-    *pieces = *straddled = 0;
-    for (int p = 0; p < P; p++) {
-        const int64_t g0 = range_start(G, P, p), g1 = range_start(G, P, p + 1);
-        *pieces += aqlm_lutq_pieces(g0, g1, group);
-        *straddled += straddled_groups(g0, g1, group, G);
-    }
+/* Pieces of all threads, to size the buffers. */
+static int64_t count_pieces(int64_t G, int64_t group, int P) {
+    int64_t pieces = 0;
+    for (int p = 0; p < P; p++) pieces += aqlm_lutq_pieces(range_start(G, P, p), range_start(G, P, p + 1), group);
+    return pieces;
 }
 
 static void fill_split(int64_t G, int64_t group, group_split *split) {
     const int P = split->threads;
-    split->piece0[0] = split->kept0[0] = 0;
+    split->piece0[0] = 0;
     for (int p = 0; p < P; p++) {
         const int64_t g0 = range_start(G, P, p), g1 = range_start(G, P, p + 1);
         split->bounds[p] = g0;
         split->piece0[p + 1] = split->piece0[p] + aqlm_lutq_pieces(g0, g1, group);
-        split->kept0[p + 1] = split->kept0[p] + straddled_groups(g0, g1, group, G);
         /* pieces are numbered by thread then chunk, which is chunk order: a chunk's first piece is
          * the one of the first thread whose range meets it */
         for (int64_t b = g0 / group; b * group < g1; b++)
@@ -190,7 +215,7 @@ static int lutq_threads(int num_threads, double work, int64_t G) {
 
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
-                             const void *codebooks, const float *codebooks_t, const void *scales, const void *bias,
+                             const void *codebooks, const float *prepared, const void *scales, const void *bias,
                              void *y, const aqlm_lutq_next *next, aqlm_simd simd, int num_threads, aqlm_error *err) {
     aqlm_status status = check_lutq_format(f, err);
     if (status != AQLM_OK) return status;
@@ -211,36 +236,32 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     /* Lookups are ~8 per vector operation (two tables), table entries ~8 per FMA. */
     const double work = (double)T * ((double)out * G * M / 8 + (double)G * M * K * ig / 8);
     const int P = lutq_threads(num_threads, work, G);
-    int64_t pieces, straddled;
-    count_split(G, group, P, &pieces, &straddled);
+    const int64_t pieces = count_pieces(G, group, P);
 
     size_t bytes = 0;
-    const size_t at_cbt = aqlm_carve(&bytes, codebooks_t ? 0 : (size_t)(M * ig * K) * sizeof(float));
+    const size_t at_prepared = aqlm_carve(&bytes, prepared ? 0 : aqlm_lutq_prepared_size(f) * sizeof(float));
     const size_t at_x = aqlm_carve(&bytes, (size_t)(T * in) * sizeof(float));
     const size_t at_qhi = aqlm_carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
     const size_t at_qlo = aqlm_carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
     const size_t at_qscale = aqlm_carve(&bytes, (size_t)(T * chunks * M) * sizeof(float));
-    const size_t at_amax = aqlm_carve(&bytes, (size_t)(pieces * T * M) * sizeof(float));
-    const size_t at_scratch = aqlm_carve(&bytes, (size_t)P * (size_t)(group * M * K) * sizeof(float));
-    const size_t at_kept = aqlm_carve(&bytes, (size_t)(straddled * T * M * K) * sizeof(float));
     const size_t at_partials = aqlm_carve(&bytes, (size_t)(pieces * T * M * stride) * sizeof(int32_t));
     const size_t at_acc = aqlm_carve(&bytes, (size_t)(T * stride) * sizeof(float));
-    const size_t at_split = aqlm_carve(&bytes, (size_t)(3 * (P + 1) + chunks + 1) * sizeof(int64_t));
+    const size_t at_split = aqlm_carve(&bytes, (size_t)(2 * (P + 1) + chunks + 1) * sizeof(int64_t));
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
-    float *x32 = (float *)(base + at_x), *qscale = (float *)(base + at_qscale), *amax_all = (float *)(base + at_amax);
-    float *scratch_all = (float *)(base + at_scratch), *kept_all = (float *)(base + at_kept), *acc = (float *)(base + at_acc);
+    float *x32 = (float *)(base + at_x), *qscale = (float *)(base + at_qscale), *acc = (float *)(base + at_acc);
     int8_t *qhi = (int8_t *)(base + at_qhi), *qlo = (int8_t *)(base + at_qlo);
     int32_t *partials = (int32_t *)(base + at_partials);
     int64_t *split_arrays = (int64_t *)(base + at_split);
     group_split split = {.threads = P, .bounds = split_arrays, .piece0 = split_arrays + (P + 1),
-                               .kept0 = split_arrays + 2 * (P + 1), .first = split_arrays + 3 * (P + 1)};
+                         .first = split_arrays + 2 * (P + 1)};
     fill_split(G, group, &split);
-    if (!codebooks_t) aqlm_lutq_transpose_codebooks(f, param_dtype, codebooks, (float *)(base + at_cbt), err); /* f checked above */
-    const float *cbt = codebooks_t ? codebooks_t : (const float *)(base + at_cbt);
+    if (!prepared) aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, (float *)(base + at_prepared), err); /* f checked above */
+    const float *cbt = prepared ? prepared : (const float *)(base + at_prepared);
+    const float *column_max = cbt + M * ig * K, *norm_max = column_max + M * ig;
     memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
-    /* A chunk's fp32 tables (all tokens, high and low) per slab of lookups. */
+    /* A chunk's tables (all tokens, high and low) per slab of lookups. */
     const int64_t group_bytes = 2 * T * M * KS;
 
     for (int64_t t0 = 0; t0 < n; t0 += T) {
@@ -251,7 +272,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             /* The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): each member then
              * plays several of the P parts, the same work in the same places. */
             const int member = omp_get_thread_num(), team = omp_get_num_threads();
-            for (int p = member; p < P; p += team) { /* 1: fp32 tables and their maxima; whole chunks quantized */
+            for (int p = member; p < P; p += team) { /* 1: p's tables, then all of p's lookups */
                 const int64_t g0 = split.bounds[p], g1 = split.bounds[p + 1];
                 /* The first token's tables are built one group at a time, with a few lines of this
                  * thread's codes prefetched after each: they stream in from memory while the tables
@@ -259,60 +280,31 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                  * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster).
                  * So do the next call's first lines (aqlm_lutq_next), for the same thread. */
                 line_stream streams[3] = {code_lines(f, packed, P, p, EARLY_CODE_BYTES), flat_lines(NULL, 0), flat_lines(NULL, 0)};
-                if (next != NULL && next->codebooks_t != NULL) {
-                    const aqlm_block_shape ns = aqlm_block_shape_of(&next->format);
-                    streams[1] = flat_lines(next->codebooks_t, ns.M * ns.ig * ns.K * (int64_t)sizeof(float));
+                if (next != NULL && next->prepared != NULL) {
+                    streams[1] = flat_lines(next->prepared, (int64_t)aqlm_lutq_prepared_size(&next->format) * (int64_t)sizeof(float));
                     streams[2] = code_lines(&next->format, next->packed, P, p, NEXT_CODE_BYTES);
                 }
                 int64_t lines_per_group[3];
                 for (int r = 0; r < 3; r++) lines_per_group[r] = (streams[r].total + (g1 - g0) - 1) / (g1 - g0);
-                float *scratch = scratch_all + (size_t)p * (size_t)(group * M * K);
-                float *kept = kept_all + split.kept0[p] * T * M * K;
                 for (int64_t t = 0; t < tokens; t++)
                     for (int64_t b = g0 / group; b * group < g1; b++) {
                         int64_t from, to;
                         aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
-                        const int whole = chunk_is_whole(b, group, G, g0, g1);
-                        /* the maxima gather on p's own stack: the pieces' slots of all threads share
-                         * cache lines, which every group's update would bounce between cores */
-                        float amax[AQLM_LUTQ_MAX_CODEBOOKS];
-                        float *tables = whole ? scratch : kept;
-                        for (int64_t m = 0; m < M; m++) amax[m] = 0.0f;
+                        /* the whole chunk's bound, the same float on every thread that meets it */
+                        float bound[AQLM_LUTQ_MAX_CODEBOOKS], inverse[AQLM_LUTQ_MAX_CODEBOOKS];
+                        chunk_bound(ig, M, b * group, (b + 1) * group < G ? (b + 1) * group : G, x32 + t * in,
+                                    column_max, norm_max, bound);
+                        for (int64_t m = 0; m < M; m++) inverse[m] = bound[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / bound[m] : 0.0f;
+                        if (b * group >= g0) /* one writer per step: the thread holding the chunk's start */
+                            for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = bound[m] / (float)AQLM_LUTQ_LEVELS;
+                        int8_t *high = qhi + (t * G + from) * M * KS, *low = qlo + (t * G + from) * M * KS;
                         if (t0 == 0 && t == 0)
                             for (int64_t j = from; j < to; j++) {
-                                kernels->tables(&s, j, j + 1, x32, cbt, tables + (j - from) * M * K, amax);
+                                kernels->tables(&s, j, j + 1, x32, cbt, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
                                 for (int r = 0; r < 3; r++) prefetch_lines(&streams[r], lines_per_group[r]);
                             }
                         else
-                            kernels->tables(&s, from, to, x32 + t * in, cbt, tables, amax);
-                        memcpy(amax_all + ((split.piece0[p] + b - g0 / group) * T + t) * M, amax, (size_t)M * sizeof(float));
-                        if (whole) {
-                            kernels->quantize(&s, to - from, tables, amax, qhi + (t * G + from) * M * KS, qlo + (t * G + from) * M * KS);
-                            for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = amax[m] / (float)AQLM_LUTQ_LEVELS;
-                        } else {
-                            kept += (to - from) * M * K;
-                        }
-                    }
-            }
-#pragma omp barrier
-            for (int p = member; p < P; p += team) { /* 2: straddled chunks quantized, then all of p's lookups */
-                const int64_t g0 = split.bounds[p], g1 = split.bounds[p + 1];
-                const float *kept = kept_all + split.kept0[p] * T * M * K;
-                for (int64_t t = 0; t < tokens; t++)
-                    for (int64_t b = g0 / group; b * group < g1; b++) {
-                        if (chunk_is_whole(b, group, G, g0, g1)) continue;
-                        int64_t from, to;
-                        aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
-                        float amax[AQLM_LUTQ_MAX_CODEBOOKS];
-                        for (int64_t m = 0; m < M; m++) {
-                            amax[m] = 0.0f;
-                            for (int64_t k = split.first[b]; k < split.first[b + 1]; k++)
-                                amax[m] = fmaxf(amax[m], amax_all[(k * T + t) * M + m]);
-                        }
-                        kernels->quantize(&s, to - from, kept, amax, qhi + (t * G + from) * M * KS, qlo + (t * G + from) * M * KS);
-                        kept += (to - from) * M * K;
-                        if (b * group >= g0) /* one writer per step: the thread holding the chunk's start */
-                            for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = amax[m] / (float)AQLM_LUTQ_LEVELS;
+                            kernels->tables(&s, from, to, x32 + t * in, cbt, inverse, high, low);
                     }
                 /* Slabs of chunks whose tables stay in L2 while every tile's codes stream past. */
                 for (int64_t b0 = g0 / group; b0 * group < g1;) {
@@ -325,7 +317,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                 }
             }
 #pragma omp barrier
-            for (int p = member; p < P; p += team) { /* 3: the rows of p's share summed, scaled and stored */
+            for (int p = member; p < P; p += team) { /* 2: the rows of p's share summed, scaled and stored */
                 const int64_t units = stride / AQLM_LUTQ_ROW_BLOCK;
                 const int64_t row0 = units * p / P * AQLM_LUTQ_ROW_BLOCK, row1 = units * (p + 1) / P * AQLM_LUTQ_ROW_BLOCK;
                 if (row0 == row1) continue;

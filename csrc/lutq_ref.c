@@ -8,30 +8,20 @@
 
 #include "lutq.h"
 
+/* E = round(T * inverse), held to [-ENTRY_OFFSET, LEVELS], split into high and low bytes:
+ * hi = floor((E + 128) / 256), lo = E - 256 * hi (lutq.h). */
 void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, float *restrict work, float *restrict amax) {
-    const int64_t ig = s->ig, M = s->M, K = s->K;
+                          const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                          int8_t *restrict qlo) {
+    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
     for (int64_t j = j0; j < j1; j++)
-        for (int64_t m = 0; m < M; m++)
+        for (int64_t m = 0; m < M; m++) {
+            int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
             for (int64_t c = 0; c < K; c++) {
                 float value = 0.0f;
                 for (int64_t i = 0; i < ig; i++) value = fmaf(x[j * ig + i], cbt[(m * ig + i) * K + c], value);
-                work[((j - j0) * M + m) * K + c] = value;
-                amax[m] = fmaxf(amax[m], fabsf(value));
-            }
-}
-
-/* step = amax / LEVELS (the caller's), E = round(T * (LEVELS / amax)), split into high and low
- * bytes: hi = floor((E + 128) / 256), lo = E - 256 * hi (lutq.h). */
-void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const float *restrict work,
-                            const float *restrict amax, int8_t *restrict qhi, int8_t *restrict qlo) {
-    const int64_t M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
-    for (int64_t m = 0; m < M; m++) {
-        const float inverse = amax[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / amax[m] : 0.0f;
-        for (int64_t j = 0; j < groups; j++) {
-            int8_t *high = qhi + (j * M + m) * KS, *low = qlo + (j * M + m) * KS;
-            for (int64_t c = 0; c < K; c++) {
-                const long entry = lrintf(work[(j * M + m) * K + c] * inverse);
+                long entry = lrintf(value * inverse[m]);
+                entry = entry < -AQLM_LUTQ_ENTRY_OFFSET ? -AQLM_LUTQ_ENTRY_OFFSET : entry > AQLM_LUTQ_LEVELS ? AQLM_LUTQ_LEVELS : entry;
                 /* entry + ENTRY_OFFSET >= 0, so this division is the floor of (entry + 128) / 256 */
                 const long hi = (entry + AQLM_LUTQ_ENTRY_OFFSET) / AQLM_LUTQ_LOW_RADIX - 128;
                 high[c] = (int8_t)hi;
@@ -39,7 +29,6 @@ void aqlm_lutq_quantize_ref(const aqlm_block_shape *s, int64_t groups, const flo
             }
             for (int64_t c = K; c < KS; c++) high[c] = low[c] = 0;
         }
-    }
 }
 
 void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
@@ -93,7 +82,6 @@ void aqlm_lutq_finish_ref(int64_t M, int64_t chunks, const int64_t *restrict fir
 const aqlm_lutq_kernels aqlm_lutq_kernels_scalar = {
     .name = "scalar",
     .tables = aqlm_lutq_tables_ref,
-    .quantize = aqlm_lutq_quantize_ref,
     .accumulate = aqlm_lutq_accumulate_ref,
     .finish = aqlm_lutq_finish_ref,
 };

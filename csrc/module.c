@@ -465,28 +465,81 @@ static PyObject *py_lutq_packed_size(PyObject *module, PyObject *args) {
     return PyLong_FromSize_t(aqlm_lutq_packed_size(&format));
 }
 
-/* codebooks_t: float32, C-contiguous, [M, in_group_size, K] for codebooks [M, K, 1, in_group_size]. */
-static int check_codebooks_t(PyObject *object, const npy_intp *cb) {
+/* prepared: float32, C-contiguous, 1-D, of aqlm_lutq_prepared_size(format) values. */
+static int check_prepared(PyObject *object, const aqlm_format *format) {
+    const size_t size = aqlm_lutq_prepared_size(format);
     if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) || PyArray_NDIM((PyArrayObject *)object) != 3 ||
-        PyArray_DIM((PyArrayObject *)object, 0) != cb[0] || PyArray_DIM((PyArrayObject *)object, 1) != cb[3] ||
-        PyArray_DIM((PyArrayObject *)object, 2) != cb[1]) {
-        PyErr_Format(PyExc_ValueError, "codebooks_t must be a C-contiguous float32 array of shape (%zd, %zd, %zd)",
-                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[3], (Py_ssize_t)cb[1]);
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) || PyArray_NDIM((PyArrayObject *)object) != 1 ||
+        (size_t)PyArray_DIM((PyArrayObject *)object, 0) != size) {
+        PyErr_Format(PyExc_ValueError, "prepared must be a C-contiguous 1-D float32 array of %zu values (from "
+                                       "lutq_prepare_codebooks of these codebooks)", size);
         return -1;
     }
     return 0;
 }
 
+PyDoc_STRVAR(lutq_prepare_codebooks_doc,
+"lutq_prepare_codebooks(codebooks, *, param_dtype='float32')\n"
+"--\n\n"
+"The codebooks [M, K <= 256, 1, in_group_size] as lutq_matmul reads them, prepared once: a new\n"
+"1-D float32 array of the codebooks transposed to [M, in_group_size, K], then the largest |value|\n"
+"of each codebook's column [M, in_group_size], then the largest codeword norm of each codebook [M]\n"
+"(the bounds that set the table steps).");
+
+static PyObject *py_lutq_prepare_codebooks(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"codebooks", "param_dtype", NULL};
+    PyObject *codebooks_object;
+    const char *param_dtype_name = "float32";
+    aqlm_dtype param_dtype;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$s:lutq_prepare_codebooks", keywords, &codebooks_object,
+                                     &param_dtype_name) ||
+        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
+        return NULL;
+    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
+    if (codebooks == NULL) return NULL;
+    const npy_intp *cb = PyArray_DIMS(codebooks);
+    const int nbits = codebook_bits(cb[1], 8);
+    if (nbits < 0 || cb[2] != 1 || cb[3] < 1) {
+        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in "
+                                       "[2, 256], got [%zd, %zd, %zd, %zd]",
+                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    const aqlm_format format = {1, cb[3], 1, cb[3], cb[0], nbits, 8};
+    aqlm_error err;
+    if (aqlm_format_check(&format, &err) != AQLM_OK) {
+        Py_DECREF(codebooks);
+        return raise_status(AQLM_ERR_ARGUMENT, &err);
+    }
+    npy_intp size = (npy_intp)aqlm_lutq_prepared_size(&format);
+    PyObject *prepared = PyArray_SimpleNew(1, &size, NPY_FLOAT32);
+    if (prepared == NULL) {
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_lutq_prepare_codebooks(&format, param_dtype, PyArray_DATA(codebooks),
+                                         PyArray_DATA((PyArrayObject *)prepared), &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(codebooks);
+    if (status != AQLM_OK) {
+        Py_DECREF(prepared);
+        return raise_status(status, &err);
+    }
+    return prepared;
+}
+
 PyDoc_STRVAR(lutq_matmul_doc,
-"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, codebooks_t=None)\n"
+"lutq_matmul(x, packed, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, prepared=None)\n"
 "--\n\n"
 "out [n, out_features] = x [n, in_features] @ W.T + bias by lookup tables of 16-bit entries (high\n"
 "and low int8 tables) with one fp32 step per `group` input groups and codebook (1 <= group <= 256).\n"
 "packed: from lutq_pack_codes.\n"
 "codebooks [M, K <= 256, 1, in_group_size]; out_features = scales.size. bias may be None.\n"
-"codebooks_t: the codebooks transposed once to float32 [M, in_group_size, K] (same values), or None to\n"
-"transpose them at each call.");
+"prepared: lutq_prepare_codebooks(codebooks) made once (the same values), or None to prepare them at\n"
+"each call.");
 
 /* The arguments lutq_matmul and lutw_matmul share, converted and checked (the GIL held). */
 typedef struct {
@@ -548,29 +601,29 @@ fail:
 
 static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"x", "packed", "codebooks", "scales", "bias", "out", "group", "x_dtype", "param_dtype",
-                               "simd", "num_threads", "codebooks_t", NULL};
-    PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out, *codebooks_t = Py_None;
+                               "simd", "num_threads", "prepared", NULL};
+    PyObject *x_object, *packed, *codebooks_object, *scales_object, *bias_object, *out, *prepared = Py_None;
     long long group = 64;
     const char *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
     int num_threads = omp_get_max_threads();
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$LssziO:lutq_matmul", keywords, &x_object, &packed,
                                      &codebooks_object, &scales_object, &bias_object, &out, &group, &x_dtype_name,
-                                     &param_dtype_name, &simd_name, &num_threads, &codebooks_t))
+                                     &param_dtype_name, &simd_name, &num_threads, &prepared))
         return NULL;
     packed_matmul_args a;
     if (packed_matmul_parse(module, &a, x_object, packed, codebooks_object, scales_object, bias_object, out,
                             x_dtype_name, param_dtype_name, simd_name, num_threads) < 0)
         return NULL;
     PyObject *result = NULL;
-    if (codebooks_t != Py_None && (check_codebooks_t(codebooks_t, PyArray_DIMS(a.codebooks)) < 0 ||
-                                   check_no_overlap(out, "out", (PyArrayObject *)codebooks_t, "codebooks_t") < 0))
+    if (prepared != Py_None && (check_prepared(prepared, &a.format) < 0 ||
+                                check_no_overlap(out, "out", (PyArrayObject *)prepared, "prepared") < 0))
         goto done;
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
     status = aqlm_lutq_matmul(&a.format, group, PyArray_DIM(a.x, 0), a.x_dtype, PyArray_DATA(a.x),
                               PyArray_DATA((PyArrayObject *)packed), a.param_dtype, PyArray_DATA(a.codebooks),
-                              codebooks_t != Py_None ? PyArray_DATA((PyArrayObject *)codebooks_t) : NULL,
+                              prepared != Py_None ? PyArray_DATA((PyArrayObject *)prepared) : NULL,
                               PyArray_DATA(a.scales), a.bias ? PyArray_DATA(a.bias) : NULL,
                               PyArray_DATA((PyArrayObject *)out), NULL, a.simd, num_threads, &err);
     Py_END_ALLOW_THREADS
@@ -621,7 +674,7 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
  * per token, and checking NumPy arguments costs microseconds a call). */
 typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_CODES } bound_kind;
 /* The weight arrays a bound call holds, by slot (codes: the packed codes for lutq/lutw). */
-enum { SLOT_CODES, SLOT_CODEBOOKS, SLOT_SCALES, SLOT_BIAS, SLOT_CODEBOOKS_T, BOUND_WEIGHT_ARRAYS };
+enum { SLOT_CODES, SLOT_CODEBOOKS, SLOT_SCALES, SLOT_BIAS, SLOT_PREPARED, BOUND_WEIGHT_ARRAYS };
 
 typedef struct {
     bound_kind kind;
@@ -662,7 +715,7 @@ static int bound_matmul_hold(bound_matmul *b, PyArrayObject *held[BOUND_WEIGHT_A
 }
 
 PyDoc_STRVAR(bind_matmul_doc,
-"bind_matmul(kernel, x, weights, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, codebooks_t=None)\n"
+"bind_matmul(kernel, x, weights, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, prepared=None)\n"
 "--\n\n"
 "A bound call of one few-token kernel ('lutq', 'lutw': weights are the packed codes, as for\n"
 "lutq_matmul; 'lut', 'decode', 'bf16': weights are the codes, as for lut_matmul, codebook_matmul,\n"
@@ -671,14 +724,14 @@ PyDoc_STRVAR(bind_matmul_doc,
 
 static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"kernel", "x", "weights", "codebooks", "scales", "bias", "out", "group", "x_dtype",
-                               "param_dtype", "simd", "num_threads", "codebooks_t", NULL};
+                               "param_dtype", "simd", "num_threads", "prepared", NULL};
     const char *kernel, *x_dtype_name = "float32", *param_dtype_name = "float32", *simd_name = NULL;
-    PyObject *x_object, *weights, *codebooks_object, *scales_object, *bias_object, *out, *codebooks_t = Py_None;
+    PyObject *x_object, *weights, *codebooks_object, *scales_object, *bias_object, *out, *prepared = Py_None;
     long long group = 64;
     int num_threads = omp_get_max_threads();
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOOOOO|$LssziO:bind_matmul", keywords, &kernel, &x_object,
                                      &weights, &codebooks_object, &scales_object, &bias_object, &out, &group,
-                                     &x_dtype_name, &param_dtype_name, &simd_name, &num_threads, &codebooks_t))
+                                     &x_dtype_name, &param_dtype_name, &simd_name, &num_threads, &prepared))
         return NULL;
     bound_matmul *b = PyMem_Calloc(1, sizeof *b);
     if (b == NULL) return PyErr_NoMemory();
@@ -690,7 +743,7 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
                                 x_dtype_name, param_dtype_name, simd_name, num_threads) < 0)
             goto fail;
         const int lutq = kernel[3] == 'q';
-        if (lutq && codebooks_t != Py_None && check_codebooks_t(codebooks_t, PyArray_DIMS(a.codebooks)) < 0) {
+        if (lutq && prepared != Py_None && check_prepared(prepared, &a.format) < 0) {
             packed_matmul_release(&a);
             goto fail;
         }
@@ -700,7 +753,7 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
         Py_DECREF(a.x);
         held[SLOT_CODES] = (PyArrayObject *)Py_NewRef(weights), held[SLOT_CODEBOOKS] = a.codebooks;
         held[SLOT_SCALES] = a.scales, held[SLOT_BIAS] = a.bias;
-        if (lutq && codebooks_t != Py_None) held[SLOT_CODEBOOKS_T] = (PyArrayObject *)Py_NewRef(codebooks_t);
+        if (lutq && prepared != Py_None) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
     } else {
         const matmul_fn fn = strcmp(kernel, "lut") == 0      ? aqlm_lut_matmul
                              : strcmp(kernel, "decode") == 0 ? aqlm_codebook_matmul
@@ -770,7 +823,7 @@ static aqlm_status bound_matmul_run(const bound_matmul *b, const char *x, char *
     switch (b->kind) {
     case BOUND_LUTQ:
         return aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
-                                weight[SLOT_CODEBOOKS], weight[SLOT_CODEBOOKS_T], weight[SLOT_SCALES],
+                                weight[SLOT_CODEBOOKS], weight[SLOT_PREPARED], weight[SLOT_SCALES],
                                 weight[SLOT_BIAS], out, b->has_next ? &b->next : NULL, b->simd, b->num_threads, err);
     case BOUND_LUTW:
         return aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
@@ -835,7 +888,7 @@ static PyObject *py_bind_next(PyObject *module, PyObject *const *args, Py_ssize_
     b->has_next = b->kind == BOUND_LUTQ && next != NULL && next->kind == BOUND_LUTQ;
     if (b->has_next)
         b->next = (aqlm_lutq_next){.format = next->format, .packed = (const uint8_t *)next->weight_first[SLOT_CODES],
-                                   .codebooks_t = (const float *)next->weight_first[SLOT_CODEBOOKS_T]};
+                                   .prepared = (const float *)next->weight_first[SLOT_PREPARED]};
     Py_RETURN_NONE;
 }
 
@@ -1769,6 +1822,8 @@ static PyMethodDef methods[] = {
     {"codebook_matmul", (PyCFunction)(void (*)(void))py_codebook_matmul, METH_VARARGS | METH_KEYWORDS, codebook_matmul_doc},
     {"lutq_pack_codes", (PyCFunction)(void (*)(void))py_lutq_pack_codes, METH_VARARGS | METH_KEYWORDS, lutq_pack_codes_doc},
     {"lutq_packed_size", py_lutq_packed_size, METH_VARARGS, lutq_packed_size_doc},
+    {"lutq_prepare_codebooks", (PyCFunction)(void (*)(void))py_lutq_prepare_codebooks, METH_VARARGS | METH_KEYWORDS,
+     lutq_prepare_codebooks_doc},
     {"lutq_matmul", (PyCFunction)(void (*)(void))py_lutq_matmul, METH_VARARGS | METH_KEYWORDS, lutq_matmul_doc},
     {"lutq_kernel", (PyCFunction)(void (*)(void))py_lutq_kernel, METH_VARARGS | METH_KEYWORDS, lutq_kernel_doc},
     {"lutw_matmul", (PyCFunction)(void (*)(void))py_lutw_matmul, METH_VARARGS | METH_KEYWORDS, lutw_matmul_doc},

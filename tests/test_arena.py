@@ -71,7 +71,7 @@ def test_packed_codes_scales_and_the_int8_head_are_on_huge_page_memory(monkeypat
     monkeypatch.delenv(arena.HUGE_PAGES_ENV, raising=False)
     weight = layer()
     plan = ops._cpu_plan(weight.codes, weight.codebooks, weight.scales, weight.bias)
-    for array in (plan.packed, plan.codebooks_t, plan.kernel_arrays[2], plan.kernel_arrays[3]):
+    for array in (plan.packed, plan.prepared, plan.kernel_arrays[2], plan.kernel_arrays[3]):
         assert mapping_of(array.ctypes.data).get("THPeligible") == "1"
     q, _ = ops.int8_quantize_rows(torch.randn(3000, 1000))
     assert mapping_of(q.data_ptr()).get("THPeligible") == "1"
@@ -87,7 +87,7 @@ def test_turned_off_by_the_environment_and_same_bits_either_way(monkeypatch):
         own_chunk = arena._ARENA._chunk
         in_chunk = own_chunk is not None and any(
             own_chunk.ctypes.data <= array.ctypes.data < own_chunk.ctypes.data + own_chunk.size
-            for array in (plan.packed, plan.codebooks_t))
+            for array in (plan.packed, plan.prepared))
         assert in_chunk == (setting == "1")
         for kernel in ("lutq", "lut", "decode"):
             monkeypatch.setenv("AQLM_CPU_KERNEL", kernel)

@@ -71,19 +71,33 @@ def run_lutq(x, codes, codebooks, scales, bias, group, simd, num_threads=2):
     return call_matmul(_C.lutq_matmul, x, packed, codes.shape[0], codebooks, scales, bias, simd, num_threads, group=group)
 
 
+def table_bounds(x, codebooks):
+    """lutq.h's bound on each group's table entries, B[t, j, m] = min(sum_i |x_i| cmax[m, i],
+    ||x_group|| nmax[m]), in float64 [n, G, M]."""
+    M, K, _, ig = codebooks.shape
+    cb = codebooks.double()[:, :, 0, :]  # [M, K, ig]
+    xs = x.double().view(x.shape[0], -1, ig)
+    by_columns = torch.einsum("tji,mi->tjm", xs.abs(), cb.abs().amax(1))
+    by_norms = xs.norm(dim=2)[:, :, None] * cb.norm(dim=2).amax(1)[None, None, :]
+    return torch.minimum(by_columns, by_norms)
+
+
 def error_bound(x, codes, codebooks, scales, bias, group):
-    """lutq.h: |y - exact| <= |scale| * sum_{b, m} |b| * s[b, m] / 2, s = max |table entry| / LEVELS,
-    plus float rounding (relative 1e-5 of the sum of |entries| the output adds up)."""
+    """lutq.h: |y - exact| <= |scale| * sum_{b, m} |b| * s[b, m] / 2, s = the chunk's largest
+    table_bounds / LEVELS, plus float rounding (relative 1e-5 of the sum of |entries| the output
+    adds up). Checks on the way that the bounds do bound every table entry."""
     nbits = codebooks.shape[1].bit_length() - 1
     M, K, _, ig = codebooks.shape
     G = codes.shape[1]
     xs = x.double().view(x.shape[0], G, ig)
     tables = torch.einsum("tji,mki->tjmk", xs, codebooks.double()[:, :, 0, :])  # [n, G, M, K]
+    bounds = table_bounds(x, codebooks)
+    assert (tables.abs().amax(3) <= bounds * (1 + 1e-12)).all()
     chunks = (G + group - 1) // group
     step = torch.zeros(x.shape[0], G, M, dtype=torch.float64)  # s of each group's chunk
     for b in range(chunks):
         j0, j1 = b * group, min((b + 1) * group, G)
-        step[:, j0:j1] = tables[:, j0:j1].abs().amax(dim=(1, 3), keepdim=False)[:, None, :] / LEVELS
+        step[:, j0:j1] = bounds[:, j0:j1].amax(dim=1)[:, None, :] / LEVELS
     unpacked = ops.unpack_codes(codes, nbits).long()  # [out, G, M]
     picked = tables[:, torch.arange(G)[None, :, None], torch.arange(M)[None, None, :], unpacked]  # [n, out, G, M]
     scale = scales.double().abs().view(1, -1)
@@ -245,17 +259,24 @@ def test_lookups_in_several_slabs_of_tables_give_the_bits_of_one_sweep():
 
 @pytest.mark.parametrize("level", simd_params())
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_codebooks_transposed_once_give_the_same_bits(level, dtype):
-    """codebooks_t (the codebooks transposed once to float32 [M, ig, K], as the eager plan keeps
-    them) gives the bits of the per-call transposition; a wrong layout is refused by name."""
+def test_codebooks_prepared_once_give_the_same_bits(level, dtype):
+    """prepared (the codebooks prepared once, as the eager plan keeps them: transposed to float32
+    [M, ig, K], then their bounds) gives the bits of the per-call preparation; a wrong size is
+    refused by name."""
     codes, codebooks, scales, bias = random_weight(200, 96, 2, 8, 8, dtype=DTYPES[dtype], seed=4)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5))
     expected = run_lutq(x, codes, codebooks, scales, bias, 64, level)
     packed = ops.packed_codes(codes, codebooks, scales)
-    transposed = codebooks.float()[:, :, 0, :].transpose(1, 2).contiguous()
+    prepared = ops.lutq_prepare_codebooks(np_view(codebooks), dtype)
+    cb = codebooks.double()[:, :, 0, :]  # [M, K, ig]
+    M, K, ig = cb.shape
+    assert prepared.shape == (M * ig * K + M * ig + M,)
+    assert np.array_equal(prepared[: M * ig * K], cb.transpose(1, 2).float().flatten().numpy())
+    assert np.array_equal(prepared[M * ig * K : -M], cb.abs().amax(1).float().flatten().numpy())
+    np.testing.assert_allclose(prepared[-M:], cb.norm(dim=2).amax(1).numpy(), rtol=1e-6)
     out = torch.empty(3, 200)
     args = (x.numpy(), packed.numpy(), np_view(codebooks), np_view(scales), np_view(bias))
-    _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, simd=level, codebooks_t=transposed.numpy())
+    _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, simd=level, prepared=prepared)
     assert torch.equal(out, expected)
-    with pytest.raises(ValueError, match=r"codebooks_t must be a C-contiguous float32 array of shape \(2, 8, 256\)"):
-        _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, codebooks_t=transposed.transpose(1, 2).numpy())
+    with pytest.raises(ValueError, match=r"prepared must be a C-contiguous 1-D float32 array of 4114 values"):
+        _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, prepared=prepared[:-1].copy())
