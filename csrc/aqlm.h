@@ -134,10 +134,16 @@ typedef struct {
     const uint8_t *packed;
     const float *prepared; /* NULL: prepared at that call, nothing to prefetch */
 } aqlm_lutq_next;
+/* workspace: work memory of workspace_bytes bytes, 64-byte aligned, that no other call uses
+ * meanwhile, or NULL: each call then allocates its own (as it does when the memory is too small).
+ * aqlm_lutq_workspace_size gives what any call on n tokens of x_dtype needs on up to num_threads
+ * threads, prepared or not. */
+size_t aqlm_lutq_workspace_size(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype, int num_threads);
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
                              const void *codebooks, const float *prepared, const void *scales, const void *bias,
-                             void *y, const aqlm_lutq_next *next, aqlm_simd simd, int num_threads, aqlm_error *err);
+                             void *y, const aqlm_lutq_next *next, void *workspace, size_t workspace_bytes,
+                             aqlm_simd simd, int num_threads, aqlm_error *err);
 /* The quantized-table kernels a call at `level` uses here: "scalar", "avx2" or "avx512vbmi". */
 const char *aqlm_lutq_kernel_name(aqlm_simd level);
 

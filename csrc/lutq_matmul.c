@@ -213,10 +213,47 @@ static int lutq_threads(int num_threads, double work, int64_t G) {
     return threads < G ? threads : (int)G;
 }
 
+/* Where each buffer of a call lies in its work memory (offsets from a 64-byte aligned base). */
+typedef struct {
+    size_t prepared, x, qhi, qlo, qscale, partials, acc, split, bytes;
+} lutq_layout;
+
+/* The layout for up to T tokens a pass and P threads; x32 (a float32 copy of x) only for other
+ * dtypes, the prepared codebooks only when the caller has none. */
+static lutq_layout layout_of(const aqlm_format *f, int64_t group, int64_t T, int P, int copy_x, int prepare) {
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int64_t G = s.in_groups, M = s.M, KS = aqlm_lutq_table_stride(s.K), chunks = (G + group - 1) / group;
+    const int64_t tiles = (f->out_features + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE, stride = tiles * AQLM_LUTQ_TILE;
+    const int64_t pieces = count_pieces(G, group, P);
+    lutq_layout l;
+    l.bytes = 0;
+    l.prepared = aqlm_carve(&l.bytes, prepare ? aqlm_lutq_prepared_size(f) * sizeof(float) : 0);
+    l.x = aqlm_carve(&l.bytes, copy_x ? (size_t)(T * f->in_features) * sizeof(float) : 0);
+    l.qhi = aqlm_carve(&l.bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
+    l.qlo = aqlm_carve(&l.bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
+    l.qscale = aqlm_carve(&l.bytes, (size_t)(T * chunks * M) * sizeof(float));
+    l.partials = aqlm_carve(&l.bytes, (size_t)(pieces * T * M * stride) * sizeof(int32_t));
+    l.acc = aqlm_carve(&l.bytes, (size_t)(T * stride) * sizeof(float));
+    l.split = aqlm_carve(&l.bytes, (size_t)(2 * (P + 1) + chunks + 1) * sizeof(int64_t));
+    return l;
+}
+
+size_t aqlm_lutq_workspace_size(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype, int num_threads) {
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    const int64_t T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
+    size_t most = 0; /* the pieces, and so the partials, depend on the thread count */
+    for (int P = 1; P <= num_threads && P <= s.in_groups; P++) {
+        const size_t bytes = layout_of(f, group, T, P, x_dtype != AQLM_F32, 1).bytes;
+        most = bytes > most ? bytes : most;
+    }
+    return most;
+}
+
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
                              const void *codebooks, const float *prepared, const void *scales, const void *bias,
-                             void *y, const aqlm_lutq_next *next, aqlm_simd simd, int num_threads, aqlm_error *err) {
+                             void *y, const aqlm_lutq_next *next, void *workspace, size_t workspace_bytes,
+                             aqlm_simd simd, int num_threads, aqlm_error *err) {
     aqlm_status status = check_lutq_format(f, err);
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, group >= 1 && group <= AQLM_LUTQ_MAX_GROUP,
@@ -236,28 +273,21 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     /* Lookups are ~8 per vector operation (two tables), table entries ~8 per FMA. */
     const double work = (double)T * ((double)out * G * M / 8 + (double)G * M * K * ig / 8);
     const int P = lutq_threads(num_threads, work, G);
-    const int64_t pieces = count_pieces(G, group, P);
+    const int copy_x = x_dtype != AQLM_F32; /* float32 x is read where it is */
 
-    size_t bytes = 0;
-    const size_t at_prepared = aqlm_carve(&bytes, prepared ? 0 : aqlm_lutq_prepared_size(f) * sizeof(float));
-    const size_t at_x = aqlm_carve(&bytes, (size_t)(T * in) * sizeof(float));
-    const size_t at_qhi = aqlm_carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
-    const size_t at_qlo = aqlm_carve(&bytes, (size_t)(T * G * M * KS) + AQLM_LUTQ_PAD);
-    const size_t at_qscale = aqlm_carve(&bytes, (size_t)(T * chunks * M) * sizeof(float));
-    const size_t at_partials = aqlm_carve(&bytes, (size_t)(pieces * T * M * stride) * sizeof(int32_t));
-    const size_t at_acc = aqlm_carve(&bytes, (size_t)(T * stride) * sizeof(float));
-    const size_t at_split = aqlm_carve(&bytes, (size_t)(2 * (P + 1) + chunks + 1) * sizeof(int64_t));
-    char *base = aligned_alloc(64, bytes);
-    if (!base) return aqlm_nomem(err, bytes);
-    float *x32 = (float *)(base + at_x), *qscale = (float *)(base + at_qscale), *acc = (float *)(base + at_acc);
-    int8_t *qhi = (int8_t *)(base + at_qhi), *qlo = (int8_t *)(base + at_qlo);
-    int32_t *partials = (int32_t *)(base + at_partials);
-    int64_t *split_arrays = (int64_t *)(base + at_split);
+    const lutq_layout l = layout_of(f, group, T, P, copy_x, prepared == NULL);
+    const int own = workspace == NULL || workspace_bytes < l.bytes || ((uintptr_t)workspace & 63) != 0;
+    char *base = own ? aligned_alloc(64, l.bytes) : workspace;
+    if (!base) return aqlm_nomem(err, l.bytes);
+    float *x32 = (float *)(base + l.x), *qscale = (float *)(base + l.qscale), *acc = (float *)(base + l.acc);
+    int8_t *qhi = (int8_t *)(base + l.qhi), *qlo = (int8_t *)(base + l.qlo);
+    int32_t *partials = (int32_t *)(base + l.partials);
+    int64_t *split_arrays = (int64_t *)(base + l.split);
     group_split split = {.threads = P, .bounds = split_arrays, .piece0 = split_arrays + (P + 1),
                          .first = split_arrays + 2 * (P + 1)};
     fill_split(G, group, &split);
-    if (!prepared) aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, (float *)(base + at_prepared), err); /* f checked above */
-    const float *cbt = prepared ? prepared : (const float *)(base + at_prepared);
+    if (!prepared) aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, (float *)(base + l.prepared), err); /* f checked above */
+    const float *cbt = prepared ? prepared : (const float *)(base + l.prepared);
     const float *column_max = cbt + M * ig * K, *norm_max = column_max + M * ig;
     memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
@@ -266,7 +296,9 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
 
     for (int64_t t0 = 0; t0 < n; t0 += T) {
         const int64_t tokens = n - t0 < T ? n - t0 : T;
-        for (int64_t index = 0; index < tokens * in; index++) x32[index] = aqlm_load(x_dtype, x, t0 * in + index);
+        const float *xs = copy_x ? x32 : (const float *)x + t0 * in; /* this pass's tokens in float32 */
+        if (copy_x)
+            for (int64_t index = 0; index < tokens * in; index++) x32[index] = aqlm_load(x_dtype, x, t0 * in + index);
 #pragma omp parallel num_threads(P)
         {
             /* The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): each member then
@@ -292,7 +324,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                         aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
                         /* the whole chunk's bound, the same float on every thread that meets it */
                         float bound[AQLM_LUTQ_MAX_CODEBOOKS], inverse[AQLM_LUTQ_MAX_CODEBOOKS];
-                        chunk_bound(ig, M, b * group, (b + 1) * group < G ? (b + 1) * group : G, x32 + t * in,
+                        chunk_bound(ig, M, b * group, (b + 1) * group < G ? (b + 1) * group : G, xs + t * in,
                                     column_max, norm_max, bound);
                         for (int64_t m = 0; m < M; m++) inverse[m] = bound[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / bound[m] : 0.0f;
                         if (b * group >= g0) /* one writer per step: the thread holding the chunk's start */
@@ -300,11 +332,11 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                         int8_t *high = qhi + (t * G + from) * M * KS, *low = qlo + (t * G + from) * M * KS;
                         if (t0 == 0 && t == 0)
                             for (int64_t j = from; j < to; j++) {
-                                kernels->tables(&s, j, j + 1, x32, cbt, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
+                                kernels->tables(&s, j, j + 1, xs, cbt, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
                                 for (int r = 0; r < 3; r++) prefetch_lines(&streams[r], lines_per_group[r]);
                             }
                         else
-                            kernels->tables(&s, from, to, x32 + t * in, cbt, inverse, high, low);
+                            kernels->tables(&s, from, to, xs + t * in, cbt, inverse, high, low);
                     }
                 /* Slabs of chunks whose tables stay in L2 while every tile's codes stream past. */
                 for (int64_t b0 = g0 / group; b0 * group < g1;) {
@@ -344,6 +376,6 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
             }
         }
     }
-    free(base);
+    if (own) free(base);
     return AQLM_OK;
 }

@@ -17,6 +17,8 @@
 #define NPY_NO_DEPRECATED_API NPY_1_23_API_VERSION
 #include <numpy/arrayobject.h>
 #include <omp.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 
 #include "aqlm.h"
 #include "internal.h"
@@ -625,7 +627,7 @@ static PyObject *py_lutq_matmul(PyObject *module, PyObject *args, PyObject *kwar
                               PyArray_DATA((PyArrayObject *)packed), a.param_dtype, PyArray_DATA(a.codebooks),
                               prepared != Py_None ? PyArray_DATA((PyArrayObject *)prepared) : NULL,
                               PyArray_DATA(a.scales), a.bias ? PyArray_DATA(a.bias) : NULL,
-                              PyArray_DATA((PyArrayObject *)out), NULL, a.simd, num_threads, &err);
+                              PyArray_DATA((PyArrayObject *)out), NULL, NULL, 0, a.simd, num_threads, &err);
     Py_END_ALLOW_THREADS
     result = none_or_raise(status, &err);
 done:
@@ -689,6 +691,9 @@ typedef struct {
     PyObject *arrays; /* a tuple holding the weight arrays, so that the pointers above stay valid */
     int has_next;        /* BOUND_LUTQ: next holds the call that follows (bind_next) */
     aqlm_lutq_next next; /* only prefetched, never read: valid even once that call is gone */
+    void *workspace;     /* BOUND_LUTQ: work memory of workspace_bytes for one call at a time, or NULL */
+    size_t workspace_bytes;
+    _Atomic int workspace_busy; /* a call is using it: another, at the same time, allocates its own */
 } bound_matmul;
 
 static const char BOUND_MATMUL_CAPSULE[] = "aqlm._C.bound_matmul";
@@ -697,6 +702,7 @@ static void bound_matmul_free(PyObject *capsule) {
     bound_matmul *b = PyCapsule_GetPointer(capsule, BOUND_MATMUL_CAPSULE);
     if (b == NULL) return;
     Py_XDECREF(b->arrays);
+    free(b->workspace);
     PyMem_Free(b);
 }
 
@@ -778,11 +784,17 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
         held[SLOT_BIAS] = w.bias;
     }
     if (bound_matmul_hold(b, held) < 0) goto fail;
+    if (b->kind == BOUND_LUTQ) { /* without it (no memory), each call allocates its own */
+        const size_t bytes = aqlm_lutq_workspace_size(&b->format, b->group, b->tokens, b->x_dtype, b->num_threads);
+        b->workspace = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        b->workspace_bytes = b->workspace ? bytes : 0;
+    }
     b->x_bytes = (size_t)b->tokens * (size_t)b->format.in_features * aqlm_dtype_size(b->x_dtype);
     b->out_bytes = (size_t)b->tokens * (size_t)b->format.out_features * aqlm_dtype_size(b->x_dtype);
     PyObject *capsule = PyCapsule_New(b, BOUND_MATMUL_CAPSULE, bound_matmul_free);
     if (capsule == NULL) {
         Py_DECREF(b->arrays);
+        free(b->workspace);
         PyMem_Free(b);
     }
     return capsule;
@@ -818,13 +830,19 @@ static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
 }
 
 /* Runs bound call b on x and out (checked by the caller). */
-static aqlm_status bound_matmul_run(const bound_matmul *b, const char *x, char *out, aqlm_error *err) {
+static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, aqlm_error *err) {
     const void *const *weight = (const void *const *)b->weight_first;
     switch (b->kind) {
-    case BOUND_LUTQ:
-        return aqlm_lutq_matmul(&b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
-                                weight[SLOT_CODEBOOKS], weight[SLOT_PREPARED], weight[SLOT_SCALES],
-                                weight[SLOT_BIAS], out, b->has_next ? &b->next : NULL, b->simd, b->num_threads, err);
+    case BOUND_LUTQ: {
+        /* the bound workspace, unless another thread's call on this weight holds it now */
+        const int mine = b->workspace != NULL && atomic_exchange(&b->workspace_busy, 1) == 0;
+        const aqlm_status status = aqlm_lutq_matmul(
+            &b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype, weight[SLOT_CODEBOOKS],
+            weight[SLOT_PREPARED], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->has_next ? &b->next : NULL,
+            mine ? b->workspace : NULL, mine ? b->workspace_bytes : 0, b->simd, b->num_threads, err);
+        if (mine) atomic_store(&b->workspace_busy, 0);
+        return status;
+    }
     case BOUND_LUTW:
         return aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
                                 weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
@@ -849,7 +867,7 @@ static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py
                      nargs);
         return NULL;
     }
-    const bound_matmul *b = PyCapsule_GetPointer(args[0], BOUND_MATMUL_CAPSULE);
+    bound_matmul *b = PyCapsule_GetPointer(args[0], BOUND_MATMUL_CAPSULE);
     if (b == NULL) return NULL;
     if (b->tokens == 0) Py_RETURN_NONE; /* empty x and out: nothing to read or write, and no address to trust */
     const char *x = address_argument(args[1], "x_address");
@@ -1564,7 +1582,7 @@ typedef struct {
     step_kind kind;
     union {
         struct {
-            const bound_matmul *bound;
+            bound_matmul *bound;
             const char *x;
             char *out;
         } linear;
@@ -1596,7 +1614,7 @@ static int linear_step_parse(PyObject *spec, program_step *step) {
     PyObject *capsule, *x_object, *out_object;
     const char *kind;
     if (!PyArg_ParseTuple(spec, "sOOO:linear step", &kind, &capsule, &x_object, &out_object)) return -1;
-    const bound_matmul *b = PyCapsule_GetPointer(capsule, BOUND_MATMUL_CAPSULE);
+    bound_matmul *b = PyCapsule_GetPointer(capsule, BOUND_MATMUL_CAPSULE);
     if (b == NULL) return -1;
     if (b->x_dtype != AQLM_F32) {
         PyErr_SetString(PyExc_ValueError, "a step program's linears take float32 activations");
@@ -1716,7 +1734,7 @@ static PyObject *py_run_step_program(PyObject *module, PyObject *const *args, Py
         const program_step *step = &p->steps[i];
         switch (step->kind) {
         case STEP_LINEAR: {
-            const bound_matmul *b = step->as.linear.bound;
+            bound_matmul *b = step->as.linear.bound;
             status = bound_matmul_run(b, step->as.linear.x, step->as.linear.out, &err);
             break;
         }

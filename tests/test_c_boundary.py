@@ -3,6 +3,7 @@ through the Python bindings and the torch ops."""
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -179,6 +180,36 @@ def test_a_bound_call_gives_the_bits_of_its_unbound_function(kernel: str, tokens
     got = torch.full((tokens, 64), float("nan"))
     _C.run_bound_matmul(bound, x.data_ptr(), got.data_ptr())
     assert torch.equal(got, expected)
+
+
+def test_a_bound_lutq_call_run_from_several_threads_at_once_keeps_each_result_apart() -> None:
+    """A bound 'lutq' call keeps one work memory (csrc/module.c): a second call on it while the
+    first runs (another Python thread; the GIL is released) allocates its own, so each thread's
+    result is the one it would get alone."""
+    codes, codebooks, scales = _layer(out=1024, inp=2048)
+    weight_args, options = _bound_arguments("lutq", codes, codebooks, scales)
+    bound = _C.bind_matmul("lutq", np.empty((1, 2048), np.float32), *weight_args, np.empty((1, 1024), np.float32),
+                           num_threads=1, **options)
+    xs = [torch.randn(1, 2048, generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    expected = []
+    for x in xs:
+        expected.append(torch.empty(1, 1024))
+        _C.run_bound_matmul(bound, x.data_ptr(), expected[-1].data_ptr())
+    mismatches = []
+
+    def run(index: int) -> None:
+        out = torch.empty(1, 1024)
+        for _ in range(100):
+            _C.run_bound_matmul(bound, xs[index].data_ptr(), out.data_ptr())
+            if not torch.equal(out, expected[index]):
+                mismatches.append(index)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches
 
 
 def test_bind_matmul_checks_its_arguments_as_the_unbound_functions_do() -> None:
