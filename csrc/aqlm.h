@@ -125,14 +125,18 @@ size_t aqlm_lutq_prepared_size(const aqlm_format *f);
 aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
                                         float *prepared, aqlm_error *err);
 aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_t *packed, aqlm_error *err);
-/* What the next quantized-table call will read first (its prepared codebooks and its codes), for
- * this one to prefetch while it builds its tables: a decoding step runs the same weights in the
- * same order at every token. Only a hint: its addresses are prefetched, never read, so any
- * values are safe (a call that no longer exists included); `next` may be NULL. */
+/* What the next quantized-table call will read first (its prepared codebooks and its codes), and
+ * any other memory the caller reads soon after (`soon`: a decoding step's attention cache), for
+ * this call to prefetch while it builds its tables (`soon` split between its threads): a decoding
+ * step runs the same weights in the same order at every token. Only a hint: its addresses are
+ * prefetched, never read, so any values are safe (a call that no longer exists included); `next`
+ * may be NULL. */
 typedef struct {
     aqlm_format format;
     const uint8_t *packed;
     const float *prepared; /* NULL: prepared at that call, nothing to prefetch */
+    const void *soon;      /* NULL or soon_bytes bytes */
+    int64_t soon_bytes;
 } aqlm_lutq_next;
 /* workspace: work memory of workspace_bytes bytes, 64-byte aligned, that no other call uses
  * meanwhile, or NULL: each call then allocates its own (as it does when the memory is too small).

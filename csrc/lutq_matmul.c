@@ -310,14 +310,21 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                  * thread's codes prefetched after each: they stream in from memory while the tables
                  * compute, where a layer the others have evicted would otherwise have the lookups
                  * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster).
-                 * So do the next call's first lines (aqlm_lutq_next), for the same thread. */
-                line_stream streams[3] = {code_lines(f, packed, P, p, EARLY_CODE_BYTES), flat_lines(NULL, 0), flat_lines(NULL, 0)};
+                 * So do the next call's first lines (aqlm_lutq_next), for the same thread, and p's share
+                 * of the memory the caller reads soon after. */
+                enum { STREAMS = 4 };
+                line_stream streams[STREAMS] = {code_lines(f, packed, P, p, EARLY_CODE_BYTES), flat_lines(NULL, 0),
+                                                flat_lines(NULL, 0), flat_lines(NULL, 0)};
                 if (next != NULL && next->prepared != NULL) {
                     streams[1] = flat_lines(next->prepared, (int64_t)aqlm_lutq_prepared_size(&next->format) * (int64_t)sizeof(float));
                     streams[2] = code_lines(&next->format, next->packed, P, p, NEXT_CODE_BYTES);
                 }
-                int64_t lines_per_group[3];
-                for (int r = 0; r < 3; r++) lines_per_group[r] = (streams[r].total + (g1 - g0) - 1) / (g1 - g0);
+                if (next != NULL && next->soon != NULL && next->soon_bytes > 0) { /* p's share, whole lines */
+                    const int64_t lines = (next->soon_bytes + 63) / 64, first = lines * p / P, last = lines * (p + 1) / P;
+                    streams[3] = flat_lines((const uint8_t *)next->soon + first * 64, (last - first) * 64);
+                }
+                int64_t lines_per_group[STREAMS];
+                for (int r = 0; r < STREAMS; r++) lines_per_group[r] = (streams[r].total + (g1 - g0) - 1) / (g1 - g0);
                 for (int64_t t = 0; t < tokens; t++)
                     for (int64_t b = g0 / group; b * group < g1; b++) {
                         int64_t from, to;
@@ -333,7 +340,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                         if (t0 == 0 && t == 0)
                             for (int64_t j = from; j < to; j++) {
                                 kernels->tables(&s, j, j + 1, xs, cbt, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
-                                for (int r = 0; r < 3; r++) prefetch_lines(&streams[r], lines_per_group[r]);
+                                for (int r = 0; r < STREAMS; r++) prefetch_lines(&streams[r], lines_per_group[r]);
                             }
                         else
                             kernels->tables(&s, from, to, xs + t * in, cbt, inverse, high, low);

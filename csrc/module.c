@@ -830,15 +830,20 @@ static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
 }
 
 /* Runs bound call b on x and out (checked by the caller). */
-static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, aqlm_error *err) {
+/* A bound call on x and out; a 'lutq' call also prefetches soon_bytes from `soon` (NULL: nothing) as
+ * it builds its tables (aqlm_lutq_next). */
+static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, const void *soon, int64_t soon_bytes,
+                                    aqlm_error *err) {
     const void *const *weight = (const void *const *)b->weight_first;
     switch (b->kind) {
     case BOUND_LUTQ: {
+        aqlm_lutq_next next = b->has_next ? b->next : (aqlm_lutq_next){.prepared = NULL};
+        next.soon = soon, next.soon_bytes = soon_bytes;
         /* the bound workspace, unless another thread's call on this weight holds it now */
         const int mine = b->workspace != NULL && atomic_exchange(&b->workspace_busy, 1) == 0;
         const aqlm_status status = aqlm_lutq_matmul(
             &b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype, weight[SLOT_CODEBOOKS],
-            weight[SLOT_PREPARED], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->has_next ? &b->next : NULL,
+            weight[SLOT_PREPARED], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->has_next || soon ? &next : NULL,
             mine ? b->workspace : NULL, mine ? b->workspace_bytes : 0, b->simd, b->num_threads, err);
         if (mine) atomic_store(&b->workspace_busy, 0);
         return status;
@@ -881,7 +886,7 @@ static PyObject *py_run_bound_matmul(PyObject *module, PyObject *const *args, Py
     aqlm_error err;
     aqlm_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = bound_matmul_run(b, x, out, &err);
+    status = bound_matmul_run(b, x, out, NULL, 0, &err);
     Py_END_ALLOW_THREADS
     return none_or_raise(status, &err);
 }
@@ -1585,6 +1590,8 @@ typedef struct {
             bound_matmul *bound;
             const char *x;
             char *out;
+            const char *cache;    /* NULL, or the keys or values of the attention step after it, */
+            int64_t row_bytes;    /* whose rows before the step's position it prefetches */
         } linear;
         norm_args norm;
         silu_args silu;
@@ -1627,6 +1634,7 @@ static int linear_step_parse(PyObject *spec, program_step *step) {
         return -1;
     step->kind = STEP_LINEAR;
     step->as.linear.bound = b, step->as.linear.x = (const char *)arrays[0].data, step->as.linear.out = (char *)arrays[1].data;
+    step->as.linear.cache = NULL, step->as.linear.row_bytes = 0;
     return 0;
 }
 
@@ -1670,6 +1678,25 @@ static int program_step_parse(PyObject *spec, program_step *step, npy_intp *capa
     return -1;
 }
 
+/* The attention cache an attention step reads (every row before its position) is far from the
+ * cores by then: a step's other layers have streamed their weights through the caches since.
+ * So the third and second linear before each attention step (a Llama layer's q and k
+ * projections) prefetch its keys and its values, spread over their table builds. */
+static void link_attention_caches(program_step *steps, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (steps[i].kind != STEP_ATTEND) continue;
+        const attend_args *a = &steps[i].as.attend;
+        const int64_t row_bytes = (int64_t)(a->kv_heads * a->D) * (int64_t)sizeof(float);
+        Py_ssize_t before = 0;
+        for (Py_ssize_t j = i - 1; j >= 0 && steps[j].kind != STEP_ATTEND && before < 3; j--) {
+            if (steps[j].kind != STEP_LINEAR) continue;
+            if (++before < 2) continue;
+            steps[j].as.linear.cache = (const char *)(before == 3 ? a->keys : a->values);
+            steps[j].as.linear.row_bytes = row_bytes;
+        }
+    }
+}
+
 PyDoc_STRVAR(bind_step_program_doc,
 "bind_step_program(steps)\n"
 "--\n\n"
@@ -1702,6 +1729,7 @@ static PyObject *py_bind_step_program(PyObject *module, PyObject *specs) {
             Py_DECREF(sequence), PyMem_Free(steps), PyMem_Free(p);
             return NULL;
         }
+    link_attention_caches(steps, count);
     PyObject *capsule = PyCapsule_New(p, STEP_PROGRAM_CAPSULE, step_program_free);
     if (capsule == NULL) Py_DECREF(sequence), PyMem_Free(steps), PyMem_Free(p);
     return capsule;
@@ -1735,7 +1763,8 @@ static PyObject *py_run_step_program(PyObject *module, PyObject *const *args, Py
         switch (step->kind) {
         case STEP_LINEAR: {
             bound_matmul *b = step->as.linear.bound;
-            status = bound_matmul_run(b, step->as.linear.x, step->as.linear.out, &err);
+            status = bound_matmul_run(b, step->as.linear.x, step->as.linear.out, step->as.linear.cache,
+                                      step->as.linear.row_bytes * position, &err);
             break;
         }
         case STEP_NORM: status = norm_run(&step->as.norm, &err); break;
