@@ -98,8 +98,12 @@ static void rotate(int64_t heads, int64_t D, float *x, const float *cos, const f
 
 /* Each product q.k or weight x value term counts this many elementary operations against the
  * process-wide parallel threshold (aqlm_threads_for): with the default threshold, 2 threads split
- * the heads from about 114 cached positions at SmolLM2's 9 heads of 64 (some 20 us of work). */
-enum { ATTEND_WORK_WEIGHT = 4 };
+ * the heads from 15 cached positions at SmolLM2's 9 heads of 64. Inside a decoding step the cache
+ * comes from memory (the step's other layers have streamed their weights through the caches), so
+ * two threads pay far sooner than warm timings suggest: SmolLM2 2x8g8 decoding, all 30 layers'
+ * attention per token, 2 threads against 1 (paired in one process): 320 -> 202 us at 39 cached
+ * positions, 453 -> 269 us at 67 (weight 4 before: 2 threads from 114 positions). */
+enum { ATTEND_WORK_WEIGHT = 32 };
 
 /* a . b over n values as 8 interleaved partial sums (lane l takes i = l, l + 8, ...) added in a fixed
  * order, then the tail: independent chains that the compiler vectorizes, where one running sum is a
