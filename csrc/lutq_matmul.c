@@ -122,7 +122,9 @@ static void chunk_bound(int64_t ig, int64_t M, int64_t j0, int64_t j1, const flo
                 for (int l = 0; l < 4; l++) part[l] += fabsf(group[i + l]) * maxima[i + l];
             float sum = (part[0] + part[2]) + (part[1] + part[3]);
             for (int64_t i = body; i < ig; i++) sum += fabsf(group[i]) * maxima[i];
-            bound[m] = fmaxf(bound[m], fminf(sum, norm * norm_max[m]));
+            /* comparisons, not fminf/fmaxf (library calls): a NaN group leaves the bound as it was */
+            const float by_norm = norm * norm_max[m], tighter = sum < by_norm ? sum : by_norm;
+            bound[m] = tighter > bound[m] ? tighter : bound[m];
         }
     }
 }
