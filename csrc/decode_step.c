@@ -17,11 +17,18 @@ aqlm_status aqlm_residual_rms_norm(int64_t n, float *h, const float *delta, cons
     AQLM_CHECK(err, h != NULL && weight != NULL && out != NULL, "h, weight and out must not be NULL");
     AQLM_CHECK(err, eps >= 0.0f, "eps must be >= 0, got %g", (double)eps);
     if (delta != NULL)
-        for (int64_t i = 0; i < n; i++) h[i] += delta[i];
-    float squares = 0.0f;
-    for (int64_t i = 0; i < n; i++) squares += h[i] * h[i];
+        for (int64_t k = 0; k < n; k++) h[k] += delta[k];
+    /* 8 interleaved partial sums added in a fixed order, then the tail (as dot() below), where one
+     * running sum was a chain of n dependent adds: a call at 576 values from Python, warm, 0.90 ->
+     * 0.49 us */
+    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += h[i + l] * h[i + l];
+    float squares = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    for (; i < n; i++) squares += h[i] * h[i];
     const float inverse = 1.0f / sqrtf(squares / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (h[i] * inverse);
+    for (i = 0; i < n; i++) out[i] = weight[i] * (h[i] * inverse);
     return AQLM_OK;
 }
 
