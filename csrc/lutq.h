@@ -11,7 +11,8 @@
  *     s[t, b, m] = bound / LEVELS,   LEVELS = 127 * 256 + 127 = 32639,
  * (on SmolLM2's real inputs the bound is 1.48x the largest |entry| on average: steps that much
  * coarser than the exact maximum would give, but each thread knows every chunk's step at once,
- * before and without the tables, so it quantizes each table as it computes it; lutq_bound_of)
+ * before and without the tables, so it quantizes each table as it computes it; chunk_bound in
+ * lutq_matmul.c)
  * and every entry becomes the integer E = round_to_nearest_even(T * (LEVELS / bound)), held to
  * -ENTRY_OFFSET <= E <= LEVELS (float rounding could take |T| a few ulps past the bound; the
  * SIMD kernels' unsigned 16-bit saturation does just this), stored as two int8 tables ("high" and

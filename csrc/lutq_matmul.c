@@ -100,9 +100,8 @@ aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_d
 
 /* bound[m] of input groups [j0, j1) of one token x (lutq.h): the largest over the groups of
  * min(sum_i |x_i| column_max[m, i], ||x_group|| norm_max[m]). Sums run over 4 lanes (lane l takes
- * i = l, l + 4, ...) added in a fixed order, then the tail: the same floats on every CPU and
- * thread, in a form the compiler vectorizes (this runs over a whole chunk on each thread that
- * meets it, about a tenth of the time of a group's tables). */
+ * i = l, l + 4, ...) added in a fixed order, then the tail: the same floats on every CPU and on
+ * every thread that meets the chunk (each computes it over the whole chunk). */
 static void chunk_bound(int64_t ig, int64_t M, int64_t j0, int64_t j1, const float *restrict x,
                         const float *restrict column_max, const float *restrict norm_max, float *restrict bound) {
     for (int64_t m = 0; m < M; m++) bound[m] = 0.0f;
