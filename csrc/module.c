@@ -829,9 +829,8 @@ static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
     return 0;
 }
 
-/* Runs bound call b on x and out (checked by the caller). */
-/* A bound call on x and out; a 'lutq' call also prefetches soon_bytes from `soon` (NULL: nothing) as
- * it builds its tables (aqlm_lutq_next). */
+/* Runs bound call b on x and out (checked by the caller); a 'lutq' call also prefetches soon_bytes
+ * from `soon` (NULL: nothing) as it builds its tables (aqlm_lutq_next). */
 static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, const void *soon, int64_t soon_bytes,
                                     aqlm_error *err) {
     const void *const *weight = (const void *const *)b->weight_first;
@@ -895,7 +894,7 @@ PyDoc_STRVAR(bind_next_doc,
 "bind_next(bound, next)\n"
 "--\n\n"
 "Tells the bound call `bound` which bound call runs after it (`next`, or None for none): a 'lutq'\n"
-"call then prefetches the first memory a 'lutq' next reads (its transposed codebooks and first codes)\n"
+"call then prefetches the first memory a 'lutq' next reads (its prepared codebooks and first codes)\n"
 "while it builds its own tables. Only a hint, for a loop that runs the same calls in the same order\n"
 "(a decoding step): results do not change, and other kernels ignore it.");
 
