@@ -11,24 +11,36 @@
 
 #include "internal.h"
 
+/* The 8 partial sums of dot() and dot4() added in their fixed order. */
+static inline float lanes_sum(const float lane[8]) {
+    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+}
+
+/* a . b over n values as 8 interleaved partial sums (lane l takes i = l, l + 8, ...) added in a fixed
+ * order, then the tail: independent chains that the compiler vectorizes, where one running sum is a
+ * chain of n dependent adds of several cycles each. The order is fixed by this code, so every CPU
+ * gives the same bits. (SmolLM2, 2,000 cached positions, one thread: 1.0 -> 0.74 ms per layer.) */
+static float dot(int64_t n, const float *restrict a, const float *restrict b) {
+    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+    float sum = lanes_sum(lane);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 aqlm_status aqlm_residual_rms_norm(int64_t n, float *h, const float *delta, const float *weight, float eps, float *out,
                                    aqlm_error *err) {
     AQLM_CHECK(err, n >= 1, "hidden size must be >= 1, got %lld", (long long)n);
     AQLM_CHECK(err, h != NULL && weight != NULL && out != NULL, "h, weight and out must not be NULL");
     AQLM_CHECK(err, eps >= 0.0f, "eps must be >= 0, got %g", (double)eps);
     if (delta != NULL)
-        for (int64_t k = 0; k < n; k++) h[k] += delta[k];
-    /* 8 interleaved partial sums added in a fixed order, then the tail (as dot() below), where one
-     * running sum was a chain of n dependent adds: a call at 576 values from Python, warm, 0.90 ->
-     * 0.49 us */
-    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += h[i + l] * h[i + l];
-    float squares = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
-    for (; i < n; i++) squares += h[i] * h[i];
-    const float inverse = 1.0f / sqrtf(squares / (float)n + eps);
-    for (i = 0; i < n; i++) out[i] = weight[i] * (h[i] * inverse);
+        for (int64_t i = 0; i < n; i++) h[i] += delta[i];
+    /* dot(h, h): where one running sum was a chain of n dependent adds, a call at 576 values from
+     * Python, warm, 0.90 -> 0.49 us */
+    const float inverse = 1.0f / sqrtf(dot(n, h, h) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (h[i] * inverse);
     return AQLM_OK;
 }
 
@@ -112,20 +124,6 @@ static void rotate(int64_t heads, int64_t D, float *x, const float *cos, const f
  * positions, 453 -> 269 us at 67 (weight 4 before: 2 threads from 114 positions). */
 enum { ATTEND_WORK_WEIGHT = 32 };
 
-/* a . b over n values as 8 interleaved partial sums (lane l takes i = l, l + 8, ...) added in a fixed
- * order, then the tail: independent chains that the compiler vectorizes, where one running sum is a
- * chain of n dependent adds of several cycles each. The order is fixed by this code, so every CPU
- * gives the same bits. (SmolLM2, 2,000 cached positions, one thread: 1.0 -> 0.74 ms per layer.) */
-static float dot(int64_t n, const float *restrict a, const float *restrict b) {
-    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
-    float sum = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
 /* dot() of a with four rows b[r * stride] at once (out[r]), each by exactly dot's operations:
  * four independent chains of adds, where one dot at a time waits on its own chain. In SSE2 (lanes
  * 0-3 and 4-7 of dot as two registers a row), as gcc keeps a plain C version's lanes in memory. */
@@ -150,8 +148,7 @@ static void dot4(int64_t n, const float *restrict a, const float *restrict b, in
             for (int l = 0; l < 8; l++) lane[r][l] += a[i + l] * b[r * stride + i + l];
 #endif
     for (int r = 0; r < 4; r++) {
-        const float *f = lane[r];
-        float sum = ((f[0] + f[4]) + (f[1] + f[5])) + ((f[2] + f[6]) + (f[3] + f[7]));
+        float sum = lanes_sum(lane[r]);
         for (int64_t k = i; k < n; k++) sum += a[k] * b[r * stride + k];
         out[r] = sum;
     }
