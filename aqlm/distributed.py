@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 BUCKET_ELEMENTS = 1 << 24  # gradient elements per all-reduce (64 MiB of float32)
+GIL_HANDOVER_S = 0.05  # how long leave_process_group lets gloo's worker threads take the GIL
 
 T = TypeVar("T")
 
@@ -177,4 +179,20 @@ def process_group(device: torch.device, environ: Optional[Mapping[str, str]] = N
         yield World.current()
     finally:
         if joined:
-            dist.destroy_process_group()
+            leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, then release the GIL for a moment (``GIL_HANDOVER_S``).
+
+    A gloo worker thread frees a finished collective's tensors after the caller's ``wait`` has
+    returned, and freeing a tensor whose Python object is owned by C++ takes the GIL. A process that
+    starts shutting down its interpreter while such a thread is still waiting for the GIL aborts
+    ("terminate called without an active exception", SIGABRT, after all its work is done): the thread
+    is ended inside a destructor. ``destroy_process_group`` does not always prevent it, because the
+    group outlives it when something still holds it (``torch.distributed.optim`` imported after the
+    group was created keeps it as a default argument, and it outlives a ``fully_shard`` run too).
+    Sleeping hands the GIL to those threads while the interpreter is whole.
+    """
+    dist.destroy_process_group()
+    time.sleep(GIL_HANDOVER_S)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from random_models import quantize_linears, tiny_llama  # noqa: E402
 
 from aqlm.calibration import get_blocks  # noqa: E402
+from aqlm.distributed import leave_process_group  # noqa: E402
 
 STEPS, BATCH, SEQLEN, VOCAB = 3, 4, 16, 128
 
@@ -86,7 +87,7 @@ def main(out_path: str) -> None:
             json.dump({"world": world, "losses": losses, "evaluations": evaluations, "op_evaluations": op_evaluations,
                        "weights": weights, "moved": moved}, file)
     if distributed:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from aqlm import save_quantized
 from aqlm.cli import main
-from aqlm.distributed import World, environment_world_size
+from aqlm.distributed import World, environment_world_size, leave_process_group
 from aqlm.launch import without_nproc
 from aqlm.pv_tuning import PVConfig, pv_tune
 from aqlm.pv_tuning.train import CHECKPOINT_DIR, REPORT_FILE, check_batch_split
@@ -189,7 +189,7 @@ def _fsdp_run_interrupted_after_its_checkpoint(rank: int, world_size: int, init_
     except KeyboardInterrupt:
         pass
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_fsdp_checkpoint_is_sharded_and_resumes_with_one_or_two_processes(model_dirs, tmp_path):
@@ -249,7 +249,7 @@ def _sharded_optimizer_steps(rank: int, world_size: int, init_file: str, out: st
         torch.save({"sharded": optimizer.sharded, "optimizer": optimizer.state_dict()["optimizer"],
                     "codes": [e.quantized.codes.clone() for e in entries]}, out)
     if world_size > 1:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_gathered_sharded_state_is_the_state_of_one_optimizer(tmp_path):
