@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from aqlm import QuantizedLinear, _C, ops, pack_codes
 from aqlm import decode
-from aqlm.decode import LlamaDecoder, _ThreadChoice
+from aqlm.decode import PROMPT_STEP_TOKENS, LlamaDecoder, _ThreadChoice
 from parallel import always_parallel  # noqa: F401 (fixture)
 from random_models import quantize_linears
 
@@ -335,6 +335,21 @@ def test_decoder_generates_what_transformers_generates(overrides, monkeypatch):
     expected = greedy(model, IDS, 12)
     assert torch.equal(LlamaDecoder(model, max_length=32).generate(IDS, 12), expected)
     assert torch.equal(LlamaDecoder(model, max_length=32).generate(IDS[None], 12), expected)
+
+
+def test_generate_steps_through_short_prompts_and_runs_longer_ones_in_one_pass(monkeypatch):
+    """Prompts of up to PROMPT_STEP_TOKENS tokens go through the decoding step token by token,
+    longer ones through the one-pass prefill; both give what transformers generates."""
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+    model = tiny_llama(seed=3)
+    quantize_linears(model)
+    passes = []
+    one_pass = LlamaDecoder._prefill
+    monkeypatch.setattr(LlamaDecoder, "_prefill", lambda self, ids: passes.append(ids.shape[0]) or one_pass(self, ids))
+    for length in (1, PROMPT_STEP_TOKENS, PROMPT_STEP_TOKENS + 1):
+        ids = IDS[:length]
+        assert torch.equal(LlamaDecoder(model, max_length=32).generate(ids, 6), greedy(model, ids, 6)), length
+    assert passes == [PROMPT_STEP_TOKENS + 1]
 
 
 def test_decoder_follows_scaled_rotary_tables_and_refuses_dynamic_ones():
