@@ -11,8 +11,8 @@ ROUNDS = 8
 
 # Each process broadcasts temporaries (``tensor.data``, as ZeroRedundancyOptimizer does) and drops the
 # work handles, so that a gloo worker thread may be the last to hold them and need the GIL to free
-# them after wait() returns, and then exits at once. The late import
-# of torch.distributed.optim keeps the group alive past destroy_process_group, as in PV-Tuning's runs.
+# them after wait() returns, and then exits at once. The late import of torch.distributed.optim
+# keeps the group alive past destroy_process_group, as in PV-Tuning's runs.
 CHILD = """
 import sys
 import torch
@@ -47,8 +47,14 @@ def test_processes_leave_the_group_without_aborting(tmp_path):
         init = tmp_path / f"init{round_index}"
         processes = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(init)], env=environment,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-        for rank, process in enumerate(processes):
-            _, stderr = process.communicate(timeout=120)
-            if process.returncode != 0:
-                failures.append((round_index, rank, process.returncode, stderr[-500:]))
+        try:
+            for rank, process in enumerate(processes):
+                _, stderr = process.communicate(timeout=120)
+                if process.returncode != 0:
+                    failures.append((round_index, rank, process.returncode, stderr[-500:]))
+        finally:  # a process left waiting for a crashed peer
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
     assert not failures, failures
