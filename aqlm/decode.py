@@ -51,6 +51,13 @@ LM_HEAD_MODES = ("exact", "bf16", "int8")
 # ones in one pass. SmolLM2 2x8g8, 2 threads (ms, one pass / stepped): 2 tokens 19.4 / 8.0, 8 tokens
 # 37-48 / 33-37, 10 tokens 40.7 / 41.1, 12 tokens 54.4 / 58.2, 16 tokens 50 / 74.
 PROMPT_STEP_TOKENS = 8
+# The step's quantized linears take the SIMD quantized-table kernel wherever it serves (not under
+# AQLM_QUANTIZED_LUT=0 or another AQLM_CPU_KERNEL), whatever a single weight measured alone
+# preferred: only it prefetches the next linear's codes (ops.chain_bound_linears), and a step reads
+# every layer's codes from beyond the caches. SmolLM2 2x8g8, 64 tokens, 2 threads, the same
+# tokens: on the AVX2 path (AQLM_SIMD=avx2), whose measured choice was "lut", median 58.8 -> 64.4
+# tok/s (best 62.2 -> 72.7); not on the scalar path, where "lutq" gave 8.3 tok/s against 21.0.
+STEP_KERNEL = "lutq"
 
 
 @contextlib.contextmanager
@@ -119,10 +126,12 @@ class _ThreadChoice:
 
 
 def _bind(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
-    """A call writing ``module(x)`` into ``out``: the bound C kernel for a CPU QuantizedLinear,
-    ``torch.mm``/``addmm`` into ``out`` for a float32 ``nn.Linear``, else the module's own forward."""
+    """A call writing ``module(x)`` into ``out``: the bound C kernel for a CPU QuantizedLinear
+    (quantized tables wherever they serve, STEP_KERNEL), ``torch.mm``/``addmm`` into ``out`` for
+    a float32 ``nn.Linear``, else the module's own forward."""
     if isinstance(module, QuantizedLinear) and module.codes.is_cpu:
-        return ops.bound_linear_cpu(x, out, module.codes, module.codebooks, module.scales, module.bias)
+        prefer = STEP_KERNEL if ops.lutq_kernel_name() != "scalar" else None
+        return ops.bound_linear_cpu(x, out, module.codes, module.codebooks, module.scales, module.bias, prefer=prefer)
     if type(module) is nn.Linear and module.weight.dtype == torch.float32:
         weight = module.weight.detach().t()
         if module.bias is None:

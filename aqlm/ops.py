@@ -93,6 +93,12 @@ def simd_supported() -> str:
     return _C.simd_supported()
 
 
+def lutq_kernel_name() -> str:
+    """The quantized-table kernels this process runs (its SIMD level, AQLM_SIMD included):
+    "avx512vbmi", "avx2" or "scalar"."""
+    return _C.lutq_kernel()
+
+
 def exact_lut_requested() -> bool:
     """Whether the quantized tables are turned off (``AQLM_QUANTIZED_LUT=0``): exact fp32 tables only."""
     return os.environ.get(QUANTIZED_LUT_ENV, "1") == "0"
@@ -647,8 +653,9 @@ def cpu_kernel_for(
     return _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits)
 
 
-def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
-    """The kernel for this call: forced (AQLM_CPU_KERNEL), measured (kernel_choice) or by fixed rules."""
+def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int, prefer: Optional[str] = None) -> str:
+    """The kernel for this call: forced (AQLM_CPU_KERNEL), else ``prefer`` where it applies, else
+    measured (kernel_choice) or by fixed rules."""
     tokens, in_features = x.shape
     num_codebooks, _, out_group_size, in_group_size = codebooks.shape
     exact, bf16 = exact_lut_requested(), bf16_dequantize_requested()
@@ -660,6 +667,8 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int) -> str:
             raise ValueError(f"{kernel_choice.FORCE_ENV} must be one of {CPU_KERNELS}, got {forced!r}")
         if forced in candidates:
             return forced
+    elif prefer in candidates:
+        return prefer
     if forced is not None or not kernel_choice.calibration_enabled():
         return choose_cpu_kernel(tokens, num_codebooks, nbits, out_group_size, in_group_size, exact=exact, bf16_tiles=bf16_tiles)
     out_features = codes.shape[0] * out_group_size
@@ -801,11 +810,17 @@ def bound_linear_cpu(
     codebooks: torch.Tensor,
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
+    prefer: Optional[str] = None,
 ) -> Callable[[], None]:
     """A call with no arguments that writes ``x @ W.T + bias`` into ``out``, for a loop that reuses
     the same buffers on every step (:mod:`aqlm.decode`): the kernel is chosen now, for ``x``'s
     token count, dtype, thread count and environment, as :func:`quantized_linear_cpu` would, and
     the few-token C kernels get their arguments bound once. Same kernels, same results.
+
+    ``prefer`` (one of ``CPU_KERNELS``) takes the place of the measured choice where it serves this
+    call (:func:`applicable_cpu_kernels`: "lutq" not under ``AQLM_QUANTIZED_LUT=0``) and
+    ``AQLM_CPU_KERNEL`` forces no other: for a loop whose context a kernel measured alone does not
+    see, such as the decoding step's chained prefetches (:func:`chain_bound_linears`).
 
     ``x`` ([..., in_features]) and ``out`` ([..., out_features], same leading shape and dtype)
     must be contiguous CPU tensors that outlive the call; their contents are read and written at
@@ -821,9 +836,11 @@ def bound_linear_cpu(
     expected = x.shape[:-1] + (plan.out_features,)
     if out.shape != expected or out.dtype != x.dtype:
         raise ValueError(f"out must have shape {tuple(expected)} and dtype {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if prefer is not None and prefer not in CPU_KERNELS:
+        raise ValueError(f"prefer must be one of {CPU_KERNELS} or None, got {prefer!r}")
     tokens = x.numel() // plan.in_features
     x2, out2 = x.view(tokens, plan.in_features), out.view(tokens, plan.out_features)
-    kernel = _pick_cpu_kernel(x2, codes, codebooks, scales, bias, plan.nbits)
+    kernel = _pick_cpu_kernel(x2, codes, codebooks, scales, bias, plan.nbits, prefer)
     return _kernel_call(kernel, x2, out2, codes, codebooks, scales, bias)
 
 

@@ -206,6 +206,50 @@ def test_bound_linear_matches_the_eager_path():
                          layer.codebooks, layer.scales, layer.bias)()  # no tokens: nothing to do, no error
 
 
+def bound_kernels(monkeypatch) -> list:
+    """The kernel names bound from now on, with "decode" made the choice a weight measured alone gives."""
+    kernels = []
+    bind = ops._C.bind_matmul
+    monkeypatch.setattr(ops._C, "bind_matmul", lambda kernel, *args, **kwargs: kernels.append(kernel) or bind(kernel, *args, **kwargs))
+    monkeypatch.setattr(ops, "choose_cpu_kernel", lambda *args, **kwargs: "decode")
+    monkeypatch.setattr(ops._CHOOSER, "choose", lambda *args, **kwargs: "decode")
+    return kernels
+
+
+def test_bound_linear_takes_the_preferred_kernel_where_it_serves(monkeypatch):
+    """``prefer`` replaces the measured choice where that kernel serves the call, not where it does
+    not (quantized tables off) nor over AQLM_CPU_KERNEL; an unknown name is refused."""
+    model = tiny_llama()
+    quantize_linears(model)
+    layer = model.model.layers[0].mlp.down_proj
+    x, out = torch.randn(1, layer.in_features), torch.empty(1, layer.out_features)
+    weight = (layer.codes, layer.codebooks, layer.scales, layer.bias)
+    with torch.no_grad():
+        expected = layer(x)
+    kernels = bound_kernels(monkeypatch)
+    ops.bound_linear_cpu(x, out, *weight)
+    ops.bound_linear_cpu(x, out, *weight, prefer="lutq")()
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+    ops.bound_linear_cpu(x, out, *weight, prefer="lutq")
+    monkeypatch.setenv("AQLM_QUANTIZED_LUT", "1")
+    monkeypatch.setenv("AQLM_CPU_KERNEL", "lut")
+    ops.bound_linear_cpu(x, out, *weight, prefer="lutq")
+    assert kernels == ["decode", "lutq", "decode", "lut"]
+    with pytest.raises(ValueError, match="prefer must be one of"):
+        ops.bound_linear_cpu(x, out, *weight, prefer="fast")
+
+
+@pytest.mark.parametrize("lutq_kernel", ["avx2", "scalar"])
+def test_decoder_step_takes_quantized_tables_unless_they_are_scalar(lutq_kernel, monkeypatch):
+    model = tiny_llama()
+    quantize_linears(model)
+    kernels = bound_kernels(monkeypatch)
+    monkeypatch.setattr(ops, "lutq_kernel_name", lambda: lutq_kernel)
+    LlamaDecoder(model, max_length=16)
+    assert kernels and set(kernels) == {"lutq" if lutq_kernel != "scalar" else "decode"}
+
+
 def test_chained_bound_linears_give_the_same_bits():
     """chain_bound_linears only adds prefetch hints (each call names the next, a freed one included):
     every call still writes what it wrote unchained; wrong arguments raise named errors."""
