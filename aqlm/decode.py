@@ -168,7 +168,8 @@ class LlamaDecoder:
         lm_head: "exact" uses the model's LM head as it is; "bf16" keeps a bfloat16 copy of its
             weight (half the bytes read per token; logits change by bfloat16 rounding); "int8"
             keeps it as int8 rows with one float32 scale each (:func:`aqlm.ops.int8_linear`: a
-            quarter of float32's bytes; each weight moves by at most half its row's step).
+            quarter of float32's bytes; each weight moves by at most half its row's step, and
+            the hidden state is rounded to int16 for integer dot products).
 
     The kernels are chosen when the decoder is built, for the thread count and ``AQLM_*``
     environment of that moment; with several threads, ``generate`` switches between that count

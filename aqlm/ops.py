@@ -1064,10 +1064,14 @@ def int8_linear(
 
     x [..., in] float32; qweight [out, in] int8 and scales [out] float32 (from
     :func:`int8_quantize_rows`); bias [out] float32 or None; all on the CPU. The weight is read
-    once per call for few tokens (the decode case; for many tokens a dense GEMM is faster). Sums
-    are in float32 in the order of the SIMD level in use. With ``out`` (float32, contiguous, shape
+    once per call for few tokens (the decode case; for many tokens a dense GEMM is faster). Each
+    token is rounded to int16 with one step per token (step = max |x| / 32767; each value moves by
+    at most step / 2, 256 times finer than the weight's own rounding) and multiplied exactly in
+    integers; the result is then ``scales * (step * float(xq @ qweight.T)) + bias``, the same bits
+    on every SIMD level and thread count. A token holding NaN or an infinity gives NaN outputs.
+    With ``out`` (float32, contiguous, shape
     [..., out], not overlapping the inputs) the result is written there and ``out`` is returned:
-    no allocation per call. No gradients flow through this function. Uses torch's thread count,
+    no tensor is allocated per call. No gradients flow through this function. Uses torch's thread count,
     and the SIMD level ``simd`` ("scalar", "avx2", "avx512"; None: the default level).
     """
     if not isinstance(x, torch.Tensor):

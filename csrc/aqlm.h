@@ -180,11 +180,13 @@ const char *aqlm_bf16_kernel_name(aqlm_simd level);
 /* ---- int8 weights -------------------------------------------------------------------------- */
 
 /* Weight-only int8: W [out, in] ~ scales[o] * w[o, i] with w int8 [out, in] and one fp32 scale per
- * row. y [n, out] = x [n, in] @ W^T + bias (bias [out] or NULL), all fp32:
- *     y[t, o] = scales[o] * sum_i x[t, i] * w[o, i] + bias[o]
- * summed in fp32 in an order that depends on the SIMD level (results agree to fp32 summation
- * error, not bit for bit; any thread count gives the same bits at one level). Rows are split over
- * threads; each weight row is converted once per pass of up to several tokens. No allocation. */
+ * row. y [n, out] = x [n, in] @ W^T + bias (bias [out] or NULL), fp32 in and out, with each token's
+ * x rounded to int16 with one step per token (step[t] = max_i |x[t, i]| / 32767, xq = x / step
+ * rounded to nearest even) and the dot products exact integers:
+ *     y[t, o] = scales[o] * (step[t] * (float)(sum_i xq[t, i] * w[o, i])) + bias[o]
+ * the same bits on every SIMD level and thread count. A token holding NaN or an infinity gives
+ * NaN outputs. Rows are split over threads; each weight row is converted once per pass of up to
+ * several tokens. Allocates one buffer per call for a pass's rounded tokens. */
 aqlm_status aqlm_int8_matmul(int64_t n, int64_t in, int64_t out, const float *x, const int8_t *w,
                              const float *scales, const float *bias, float *y, aqlm_simd simd,
                              int num_threads, aqlm_error *err);

@@ -1,17 +1,43 @@
 /*
  * int8_matmul.c - y = x W^T + b for a weight stored as int8 rows with one fp32 scale per row
- * (aqlm.h), and the quantizer that makes such rows. Checks arguments, splits the rows over
- * threads and calls the kernels of int8.h; allocates nothing.
+ * (aqlm.h), and the quantizer that makes such rows. Checks arguments, rounds each pass of tokens
+ * to int16 (one buffer per call), splits the rows over threads and calls the kernels of int8.h.
  */
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 #include "int8.h"
 
 enum {
-    INT8_PASS_X_BYTES = 1 << 18,  /* tokens per pass: their activations stay in L2 */
+    INT8_PASS_X_BYTES = 1 << 18,  /* tokens per pass: their rounded activations stay in L2 */
     INT8_MIN_PASS_TOKENS = 8,
 };
+
+/* xq and steps of `tokens` tokens of x (int8.h): step = max |x| / X_LEVELS and xq = x / step
+ * rounded to nearest even. A token with a NaN or infinity gets step NaN (all its outputs NaN)
+ * and one that is all zeros step 0, both with xq = 0. */
+static void round_activations(int64_t tokens, int64_t in, const float *restrict x, int16_t *restrict xq,
+                              float *restrict steps) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *token = x + t * in;
+        int16_t *rounded = xq + t * in;
+        float largest = 0.0f;
+        int finite = 1;
+        for (int64_t i = 0; i < in; i++) {
+            finite &= isfinite(token[i]) != 0;
+            largest = fmaxf(largest, fabsf(token[i]));
+        }
+        if (!finite || largest == 0.0f) {
+            steps[t] = finite ? 0.0f : NAN;
+            memset(rounded, 0, (size_t)in * sizeof(int16_t));
+            continue;
+        }
+        const float levels = (float)AQLM_INT8_X_LEVELS, inverse = levels / largest;
+        steps[t] = largest / levels;
+        for (int64_t i = 0; i < in; i++) rounded[i] = (int16_t)fminf(fmaxf(rintf(token[i] * inverse), -levels), levels);
+    }
+}
 
 static aqlm_status check_sizes(int64_t n, int64_t in, int64_t out, aqlm_error *err) {
     AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
@@ -35,22 +61,29 @@ aqlm_status aqlm_int8_matmul(int64_t n, int64_t in, int64_t out, const float *x,
     if (n == 0) return AQLM_OK;
 
     const aqlm_int8_kernels *kernels = aqlm_int8_kernels_for(simd);
-    const int64_t fitting = INT8_PASS_X_BYTES / (in * (int64_t)sizeof(float));
-    const int64_t pass = fitting > INT8_MIN_PASS_TOKENS ? fitting : INT8_MIN_PASS_TOKENS;
+    const int64_t fitting = INT8_PASS_X_BYTES / (in * (int64_t)sizeof(int16_t));
+    const int64_t most = fitting > INT8_MIN_PASS_TOKENS ? fitting : INT8_MIN_PASS_TOKENS;
+    const int64_t pass = n < most ? n : most;
+    const size_t xq_bytes = (size_t)(pass * in) * sizeof(int16_t), bytes = xq_bytes + (size_t)pass * sizeof(float);
+    int16_t *xq = malloc(bytes);
+    if (!xq) return aqlm_nomem(err, bytes);
+    float *steps = (float *)((char *)xq + xq_bytes);
     const int threads = aqlm_threads_for(num_threads, (double)n * (double)out * (double)in);
-    /* One contiguous range of rows per thread: a thread streams its part of the weight front to
-     * back, prefetching ahead across the whole range. */
+    for (int64_t t0 = 0; t0 < n; t0 += pass) {
+        const int64_t tokens = n - t0 < pass ? n - t0 : pass;
+        round_activations(tokens, in, x + t0 * in, xq, steps);
+        /* One contiguous range of rows per thread: a thread streams its part of the weight front
+         * to back, prefetching ahead across the whole range. */
 #pragma omp parallel num_threads(threads)
-    {
-        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-        const int64_t share = out / parts, extra = out % parts;
-        const int64_t o0 = part * share + (part < extra ? part : extra);
-        const int64_t o1 = o0 + share + (part < extra);
-        for (int64_t t0 = 0; t0 < n && o0 < o1; t0 += pass) {
-            const int64_t tokens = n - t0 < pass ? n - t0 : pass;
-            kernels->rows(o0, o1, tokens, in, out, x + t0 * in, w, scales, bias, y + t0 * out);
+        {
+            const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+            const int64_t share = out / parts, extra = out % parts;
+            const int64_t o0 = part * share + (part < extra ? part : extra);
+            const int64_t o1 = o0 + share + (part < extra);
+            if (o0 < o1) kernels->rows(o0, o1, tokens, in, out, xq, steps, w, scales, bias, y + t0 * out);
         }
     }
+    free(xq);
     return AQLM_OK;
 }
 

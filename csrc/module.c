@@ -1013,7 +1013,8 @@ PyDoc_STRVAR(int8_matmul_doc,
 "int8_matmul(x, weight, scales, bias, out, *, simd=None, num_threads=None)\n"
 "--\n\n"
 "out [n, out_features] = scales * (x [n, in_features] @ weight.T) + bias for an int8 weight\n"
-"[out_features, in_features] with one float32 scale per row (scales [out_features]). x, scales,\n"
+"[out_features, in_features] with one float32 scale per row (scales [out_features]), each token\n"
+"of x rounded to int16 with one step per token and the dot products exact (aqlm.h). x, scales,\n"
 "bias (or None) and out are float32; out must not overlap the inputs.");
 
 static PyObject *py_int8_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {

@@ -1,9 +1,10 @@
 """Weight-only int8 rows (``_C.int8_matmul``, ``_C.int8_quantize_rows`` and their ``aqlm.ops`` wrappers).
 
-The SIMD levels sum in different orders, so they are compared with the float64 defining formula
-within the worst-case fp32 summation error (Higham): a sum of k terms in any order is off by at
-most gamma_k * sum |term|, gamma_k = k u / (1 - k u), u = 2**-24; the scale multiply and the bias
-add are two more roundings. Levels, torch's formula and each other then agree within twice that.
+Each token's activations are rounded to int16 (one step per token) and the dot products are
+exact integers, so every SIMD level must give exactly ``rounded_formula``: the same rounding and
+the same four fp32 operations in torch. Against the float64 formula on the unrounded x, the
+rounding moves each x by at most step / 2 (plus a few ulps of x * inverse), so a row is off by at
+most |scale| * step * (1/2 + 2**-8) * sum |q|, plus the fp32 roundings of the last operations.
 """
 import subprocess
 import sys
@@ -17,10 +18,11 @@ from aqlm import _C, ops
 from simd_levels import simd_params, supported_levels
 
 UNIT_ROUNDOFF = 2.0**-24
+X_LEVELS = 32767
 
-# (in_features, out_features): in below, at and past multiples of 8/16/64; out not a multiple of
-# the 4-row block or the 64-row work item.
-SHAPES = [(576, 300), (37, 17), (1, 5), (15, 130), (17, 67), (64, 64), (129, 33), (100, 9)]
+# (in_features, out_features): in below, at and past multiples of 16/32 and of the 4096-input
+# chunk; out not a multiple of the 4-row block.
+SHAPES = [(576, 300), (37, 17), (1, 5), (15, 130), (17, 67), (64, 64), (129, 33), (100, 9), (4133, 6)]
 TOKENS = [1, 3, 8, 17]
 
 
@@ -40,37 +42,73 @@ def run_level(x, q, scales, bias, simd, num_threads=1):
     return torch.from_numpy(out)
 
 
+def rounded_tokens(x):
+    """Each token rounded to int16 as the C core does: (xq as int64, step [n, 1] float32)."""
+    largest = x.abs().amax(1, keepdim=True)
+    levels = torch.full_like(largest, X_LEVELS)  # torch divides by a Python scalar as a multiply by its inverse
+    inverse = torch.where(largest > 0, levels / largest, torch.zeros_like(largest))
+    return torch.round(x * inverse).clamp(-X_LEVELS, X_LEVELS).long(), largest / levels
+
+
+def rounded_formula(x, q, scales, bias):
+    """scales * (step * float(xq @ q.T)) + bias, the integer product exact."""
+    xq, step = rounded_tokens(x)
+    dot = (xq @ q.long().T).float()
+    return scales * (step * dot) + (0.0 if bias is None else bias)
+
+
 def exact_and_bound(x, q, scales, bias):
-    """The float64 defining formula and the fp32 error bound of any summation order."""
+    """The float64 formula on the unrounded x and the bound of the int16 rounding plus fp32 roundings."""
     terms = x.double()[:, None, :] * q.double()[None, :, :]
     shift = torch.zeros(q.shape[0], dtype=torch.float64) if bias is None else bias.double()
     exact = scales.double() * terms.sum(-1) + shift
-    k = q.shape[1] + 2
-    gamma = k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
-    bound = gamma * (scales.double().abs() * terms.abs().sum(-1) + shift.abs()) + 1e-30
+    _, step = rounded_tokens(x)
+    rounding = scales.double().abs() * step.double() * (0.5 + 2.0**-8) * q.double().abs().sum(1)
+    bound = rounding + 8 * UNIT_ROUNDOFF * (scales.double().abs() * terms.abs().sum(-1) + shift.abs()) + 1e-30
     return exact, bound
 
 
 @pytest.mark.parametrize("level", simd_params())
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"in{i}-out{o}" for i, o in SHAPES])
 @pytest.mark.parametrize("n", TOKENS)
-def test_every_level_stays_within_the_summation_bound_of_the_exact_formula(level, shape, n):
+def test_every_level_gives_the_rounded_formula_exactly_and_stays_near_the_unrounded_one(level, shape, n):
     inp, out = shape
     x, q, scales, bias = random_problem(n, inp, out, seed=inp * 1000 + out + n)
-    exact, bound = exact_and_bound(x, q, scales, bias)
     got = run_level(x, q, scales, bias, level)
+    assert torch.equal(got, rounded_formula(x, q, scales, bias))
+    exact, bound = exact_and_bound(x, q, scales, bias)
     assert torch.all((got.double() - exact).abs() <= bound)
-    scalar = run_level(x, q, scales, bias, "scalar")
-    assert torch.all((got.double() - scalar.double()).abs() <= 2 * bound)
-    torch_formula = x @ (q.float() * scales[:, None]).T + bias
-    assert torch.all((got.double() - torch_formula.double()).abs() <= 2 * bound + 2 * UNIT_ROUNDOFF * exact.abs())
+
+
+@pytest.mark.parametrize("level", simd_params())
+def test_the_largest_products_do_not_overflow_the_integer_lanes(level):
+    """Every x at the token's largest value (xq = 32767) and every weight -128: each int32 lane
+    then holds as much as the chunking allows; a lane that overflowed would change the sum."""
+    inp = 2 * 4096 + 37
+    x = torch.full((2, inp), 3.0)
+    x[1] *= -1
+    q = torch.full((3, inp), -128, dtype=torch.int8)
+    scales = torch.tensor([1.0, 0.5, 2.0])
+    got = run_level(x, q, scales, None, level)
+    assert torch.equal(got, rounded_formula(x, q, scales, None))
+    assert got[0, 0] == pytest.approx(-128 * 3.0 * inp, rel=1e-6)
+
+
+@pytest.mark.parametrize("level", supported_levels())
+def test_a_token_with_nan_or_infinity_gives_nan_and_a_zero_token_gives_the_bias(level):
+    x, q, scales, bias = random_problem(4, 70, 9, seed=2)
+    x[1, 5], x[2, 69] = float("nan"), float("-inf")
+    x[3] = 0.0
+    got = run_level(x, q, scales, bias, level)
+    assert torch.equal(got[0], rounded_formula(x[:1], q, scales, bias)[0])
+    assert torch.isnan(got[1:3]).all()
+    assert torch.equal(got[3], bias)
 
 
 @pytest.mark.parametrize("level", supported_levels())
 def test_without_bias_and_with_no_tokens(level):
     x, q, scales, _ = random_problem(5, 70, 41, with_bias=False)
-    exact, bound = exact_and_bound(x, q, scales, None)
-    assert torch.all((run_level(x, q, scales, None, level).double() - exact).abs() <= bound)
+    assert torch.equal(run_level(x, q, scales, None, level), rounded_formula(x, q, scales, None))
     assert run_level(x[:0], q, scales, None, level).shape == (0, 41)
 
 
@@ -92,9 +130,9 @@ def test_thread_count_does_not_change_the_bits(level, always_parallel):
 
 def test_an_lm_head_shaped_product_agrees_across_levels():
     x, q, scales, bias = random_problem(1, 576, 4099, seed=7)
-    exact, bound = exact_and_bound(x, q, scales, bias)
+    expected = rounded_formula(x, q, scales, bias)
     for level in supported_levels():
-        assert torch.all((run_level(x, q, scales, bias, level, num_threads=2).double() - exact).abs() <= bound)
+        assert torch.equal(run_level(x, q, scales, bias, level, num_threads=2), expected)
 
 
 def test_quantized_rows_round_trip_within_half_a_step():
