@@ -43,8 +43,9 @@ CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 # v7: the AVX2 and AVX-512 quantized tables sum offset bytes, 3-10% faster; AVX2 8x8g8 decoding 1.7x faster;
 # v8: a new candidate where the CPU has AMX or AVX-512 BF16, the bfloat16 tiles "bf16";
 # v9: the quantized tables prefetch the codes they read next, up to 1.5x faster when they come from memory;
-# v10: the quantized tables split each entry into bytes by its bits (radix 256), 15-20% faster a call).
-CACHE_FILE = "kernel_choice-v10.json"
+# v10: the quantized tables split each entry into bytes by its bits (radix 256), 15-20% faster a call;
+# v11: the AVX2 quantized tables pick 16-entry slices by a tree of blends, half the operations a lookup).
+CACHE_FILE = "kernel_choice-v11.json"
 ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
 HOPELESS = 4.0  # a candidate this many times slower than the best after PRUNE_AFTER rounds is not run again
 PRUNE_AFTER = 3  # rounds before any pruning: one run can be slowed 10-200x by a descheduled thread

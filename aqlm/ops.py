@@ -49,8 +49,10 @@ logger = logging.getLogger("aqlm")
 LUTQ_GROUP = 64
 # Fixed rules only (measured choices consider "lutq" up to FEW_TOKENS): the token counts up to which
 # the quantized tables beat the exact paths, for codebooks of <= 16 codewords (one in-register
-# shuffle on AVX2 and AVX-512) and of more (AVX-512 VBMI only: on AVX2 a 256-entry table takes 16
-# shuffles per table, and its two tables lost to the exact ones even at one token).
+# shuffle on AVX2 and AVX-512) and of more (AVX-512 VBMI, and AVX2 since its 256-entry tables
+# pick 16-entry slices by a tree of blends: 2x8g8, 2 threads, ms lutq / lut through the layer,
+# 4096x4096 1 token 0.845 / 1.836, 2 tokens 1.86 / 3.18, 4 tokens 4.80 / 4.63; 1536x576 1 token
+# 0.107 / 0.142; 576x576 2 tokens 0.084 / 0.117).
 LUTQ_MAX_TOKENS = 16
 LUTQ_MAX_TOKENS_WIDE = 2
 FEW_TOKENS = 64  # beyond this only the dequantize paths are candidates
@@ -183,8 +185,8 @@ def choose_cpu_kernel(
 
     Quantized tables ("lutq", unless ``exact``) beat every exact path up to 16 tokens for
     codebooks of <= 16 codewords (4x4g8 at 4096x4096), and up to 2 tokens for larger ones where
-    the CPU has AVX-512 VBMI (2x8g8 at 4096x4096 and at SmolLM2's 576/1536 shapes; 1-2 threads,
-    benchmarks/bench_matmul.py). The exact crossovers were measured on a 2-core Zen 3 at
+    the CPU has AVX-512 VBMI or AVX2 (2x8g8 at 4096x4096 and at SmolLM2's 576/1536 shapes; 1-2
+    threads, benchmarks/bench_matmul.py). The exact crossovers were measured on a 2-core Zen 3 at
     4096x4096 (benchmarks/bench_matmul.py): per-token lookup tables win for one 8-bit codebook up
     to 64 tokens, and for a single token generally; decoding codewords (fast for
     groups of 8 with 2**8 or 2**16 codewords) wins for a few to ~32 tokens, more so the more
@@ -196,7 +198,7 @@ def choose_cpu_kernel(
     if not exact and lutq_applies(nbits, out_group_size):
         if tokens <= LUTQ_MAX_TOKENS and nbits <= 4:
             return "lutq"
-        if tokens <= LUTQ_MAX_TOKENS_WIDE and _C.lutq_kernel() == "avx512vbmi":
+        if tokens <= LUTQ_MAX_TOKENS_WIDE and _C.lutq_kernel() in ("avx512vbmi", "avx2"):
             return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
     if bf16_tiles and nbits > 8:
