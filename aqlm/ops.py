@@ -36,9 +36,10 @@ logger = logging.getLogger("aqlm")
 
 # Quantized lookup tables: 16-bit entries (a high-byte and a low-byte int8 table) with one fp32
 # step per LUTQ_GROUP input groups and codebook, set by a bound on the entries from x and the
-# codebooks; lutq.h bounds the error by |scale| * sum over chunks of group * step / 2. On the real
-# inputs of SmolLM2 2x8g8's linears the relative output error is median 0.020%, max 0.10% at 64
-# groups per step (steps from the exact maxima, before: median 0.017%) (benchmarks/
+# codebooks, and entries from int16 inputs and codebooks by exact integer products; lutq.h bounds
+# the error. On the real inputs of SmolLM2 2x8g8's linears the relative output error is median
+# 0.030%, max 0.13% at 64 groups per step (entries from fp32 products rounded once, before:
+# median 0.020%, max 0.10%; steps from the exact maxima, before that: median 0.017%) (benchmarks/
 # lut_accuracy.py; one int8 table with a step per group, the earlier format: median 0.87%, max 3.2%;
 # AQLM's own error there: ~1.8%). At 4096x4096, 64 groups per step ran as fast as 256 and faster
 # than 1 or 16. They are the default for few tokens; AQLM_QUANTIZED_LUT=0 keeps every path exact.

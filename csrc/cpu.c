@@ -36,10 +36,10 @@ aqlm_simd aqlm_simd_supported(void) {
     return AQLM_SIMD_AVX2;
 }
 
-/* AVX-512 VBMI (byte permutes), asked of the CPU model libgcc reads once at load time (no CPUID
+/* AVX-512 VBMI (byte permutes) and VNNI (the tables' integer products), asked of the CPU model libgcc reads once at load time (no CPUID
  * per call: in a virtual machine each CPUID traps to the hypervisor). Callers have already
  * checked the AVX-512 level, which includes the OS's ZMM state. */
-static int cpu_has_vbmi(void) { return __builtin_cpu_supports("avx512vbmi"); }
+static int cpu_has_vbmi(void) { return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"); }
 #else
 aqlm_simd aqlm_simd_supported(void) { return AQLM_SIMD_SCALAR; }
 static int cpu_has_vbmi(void) { return 0; }

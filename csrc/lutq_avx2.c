@@ -24,14 +24,11 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 _Static_assert(AQLM_LUTQ_LOW_RADIX == 256, "combine() multiplies by the radix with a shift by 8");
 
-/* 32 entries of one table in fp32 (four vectors of 8, in order) -> the offset high and low bytes
- * of E (lutq.h), in order: the two bytes of E + ENTRY_OFFSET as uint16, whose unsigned saturation
- * holds E to [-ENTRY_OFFSET, LEVELS] as the reference does. */
-ALWAYS_INLINE void split_entries(const __m256 value[4], __m256 inverse, int8_t *restrict high, int8_t *restrict low) {
-    const __m256i entry_offset = _mm256_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET), low_byte = _mm256_set1_epi16(0xff);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    __m256i u[4];
-    for (int k = 0; k < 4; k++) u[k] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(value[k], inverse)), entry_offset);
+/* 32 entries of one table as E + ENTRY_OFFSET in int32 (four vectors of 8, in order) -> their
+ * offset high and low bytes (lutq.h), in order: the two bytes of E + ENTRY_OFFSET as uint16, whose
+ * unsigned saturation holds E to [-ENTRY_OFFSET, LEVELS] as the reference does. */
+ALWAYS_INLINE void split_entries(const __m256i u[4], int8_t *restrict high, int8_t *restrict low) {
+    const __m256i low_byte = _mm256_set1_epi16(0xff), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i first = _mm256_packus_epi32(u[0], u[1]), second = _mm256_packus_epi32(u[2], u[3]);
     const __m256i hi_bytes = _mm256_packus_epi16(_mm256_srli_epi16(first, 8), _mm256_srli_epi16(second, 8));
     const __m256i lo_bytes = _mm256_packus_epi16(_mm256_and_si256(first, low_byte), _mm256_and_si256(second, low_byte));
@@ -48,43 +45,67 @@ static void offset_bytes(int8_t *restrict bytes, int64_t count) {
     for (; at < count; at++) bytes[at] = (int8_t)((uint8_t)bytes[at] ^ 0x80u);
 }
 
-/* The 8 entries of codewords c..c+7 of codebook m for group j, FMAs in the reference's order. */
-ALWAYS_INLINE __m256 entries8(int64_t ig, int64_t K, int64_t j, int64_t m, int64_t c, const float *restrict x,
-                              const float *restrict cbt) {
-    __m256 value = _mm256_setzero_ps();
-    for (int64_t i = 0; i < ig; i++)
-        value = _mm256_fmadd_ps(_mm256_set1_ps(x[j * ig + i]), _mm256_loadu_ps(cbt + (m * ig + i) * K + c), value);
-    return value;
+void aqlm_lutq_input_pairs_avx2(int64_t ig, const float *restrict group, const float *restrict step, float inverse,
+                                int shift, uint32_t *restrict pairs) {
+    const __m256 scale = _mm256_set1_ps(inverse), unit = _mm256_set1_ps((float)(1 << shift));
+    const __m256i most = _mm256_set1_epi32(AQLM_LUTQ_X_LEVELS), least = _mm256_set1_epi32(-AQLM_LUTQ_X_LEVELS);
+    int32_t xq[2 * AQLM_LUTQ_MAX_PAIRS + 8];
+    int64_t i = 0;
+    for (; i + 8 <= ig; i += 8) { /* cvtps2dq gives INT32_MIN out of range, as aqlm_lutq_round_input */
+        const __m256 w = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(step + i), scale), unit);
+        const __m256i rounded = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + i), w));
+        _mm256_storeu_si256((__m256i *)(xq + i), _mm256_min_epi32(_mm256_max_epi32(rounded, least), most));
+    }
+    for (; i < ig; i++) xq[i] = aqlm_lutq_round_input(group[i] * ((step[i] * inverse) * (float)(1 << shift)));
+    if (ig % 2) xq[ig] = 0;
+    for (int64_t p = 0; p < aqlm_lutq_pairs(ig); p++)
+        pairs[p] = (uint32_t)(uint16_t)(int16_t)xq[2 * p] | (uint32_t)(uint16_t)(int16_t)xq[2 * p + 1] << 16;
 }
 
-/* Tables quantized as the reference does, into offset bytes (lutq.h); 32 entries at a time go
+/* E + ENTRY_OFFSET (int32) of codewords c..c+7 of codebook m: integer products of pairs (vpmaddwd),
+ * exact, then the shift of lutq.h. */
+ALWAYS_INLINE __m256i entries8(int64_t pairs, int64_t K, int64_t c, const int16_t *restrict cq, const uint32_t *restrict xq,
+                               int shift) {
+    __m256i total = _mm256_setzero_si256();
+    for (int64_t p = 0; p < pairs; p++)
+        total = _mm256_add_epi32(total, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(cq + (p * K + c) * 2)),
+                                                          _mm256_set1_epi32((int)xq[p])));
+    const __m256i entry = _mm256_srai_epi32(_mm256_add_epi32(total, _mm256_set1_epi32(1 << (shift - 1))), shift);
+    return _mm256_add_epi32(entry, _mm256_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET));
+}
+
+/* Tables as the reference makes them, into offset bytes (lutq.h); 32 entries at a time go
  * from registers to bytes, the rest (K of 8 or 16) one by one. */
 void aqlm_lutq_tables_offset_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                                  const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                  const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                                   int8_t *restrict qlo) {
-    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K), pairs = aqlm_lutq_pairs(ig);
     if (K % 8 != 0) {
-        aqlm_lutq_tables_ref(s, j0, j1, x, cbt, inverse, qhi, qlo);
+        aqlm_lutq_tables_ref(s, j0, j1, x, prepared, inverse, qhi, qlo);
         offset_bytes(qhi, (j1 - j0) * M * KS);
         offset_bytes(qlo, (j1 - j0) * M * KS);
         return;
     }
+    const int shift = aqlm_lutq_entry_shift(ig);
+    const int16_t *cq = (const int16_t *)prepared;
+    const float *step = prepared + aqlm_lutq_prepared_step(s);
+    uint32_t xq[AQLM_LUTQ_MAX_PAIRS];
     for (int64_t j = j0; j < j1; j++)
         for (int64_t m = 0; m < M; m++) {
-            const __m256 vinverse = _mm256_set1_ps(inverse[m]);
+            aqlm_lutq_input_pairs_avx2(ig, x + j * ig, step + m * ig, inverse[m], shift, xq);
+            const int16_t *codebook = cq + m * pairs * K * 2;
             int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
             int64_t c = 0;
             for (; c + 32 <= K; c += 32) {
-                __m256 value[4];
-                for (int k = 0; k < 4; k++) value[k] = entries8(ig, K, j, m, c + 8 * k, x, cbt);
-                split_entries(value, vinverse, high + c, low + c);
+                __m256i u[4];
+                for (int k = 0; k < 4; k++) u[k] = entries8(pairs, K, c + 8 * k, codebook, xq, shift);
+                split_entries(u, high + c, low + c);
             }
             for (; c < K; c += 8) {
-                float row[8];
-                _mm256_storeu_ps(row, entries8(ig, K, j, m, c, x, cbt));
+                int32_t row[8];
+                _mm256_storeu_si256((__m256i *)row, entries8(pairs, K, c, codebook, xq, shift));
                 for (int k = 0; k < 8; k++) {
-                    int u = _mm_cvtss_si32(_mm_set_ss(row[k] * inverse[m])) + AQLM_LUTQ_ENTRY_OFFSET;
-                    u = u < 0 ? 0 : u > 0xffff ? 0xffff : u; /* the saturation of split_entries */
+                    const int32_t u = row[k] < 0 ? 0 : row[k] > 0xffff ? 0xffff : row[k]; /* the saturation of split_entries */
                     high[c + k] = (int8_t)(uint8_t)(u >> 8);
                     low[c + k] = (int8_t)(uint8_t)(u & 0xff);
                 }

@@ -14,13 +14,14 @@
  * and the true sums are even - 128 * groups and odd - 128 * groups. They are combined as
  * 256 * high + low in int32: one exact partial sum per piece of a chunk, codebook and row
  * (lutq.h), the same integers as the reference's, which the driver's final pass scales to fp32.
- * Runs only where the CPU reports VBMI (cpu.c); this file alone is compiled with -mavx512vbmi.
+ * Runs only where the CPU reports VBMI and VNNI (cpu.c: every CPU with VBMI but Cannon Lake has
+ * VNNI); this file alone is compiled with -mavx512vbmi -mavx512vnni.
  */
 #include <math.h>
 
 #include "lutq.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX2__)
 #include <immintrin.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -42,44 +43,46 @@ ALWAYS_INLINE __m512i entry_bytes(int high) {
     return _mm512_loadu_si512(index);
 }
 
-/* E + ENTRY_OFFSET (lutq.h) of 16 entries, as int32: held to the uint16 range by the caller. */
-ALWAYS_INLINE __m512i offset_entries(__m512 value, __m512 inverse) {
-    return _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(value, inverse)), _mm512_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET));
-}
-
-/* Tables of groups [j0, j1), quantized as the reference does (K a multiple of 16): V independent
- * FMA chains of 16 codewords each hide the FMA latency; each chain adds x[i] * codeword[i] in order
- * i = 0, 1, ... like the reference. The entries go from registers to bytes: E + ENTRY_OFFSET as
- * uint16 (vpackusdw's unsigned saturation holds E to [-ENTRY_OFFSET, LEVELS], as the reference
- * does), whose two bytes are the offset high and low bytes, 64 entries by two vpermt2b. */
+/* Tables of groups [j0, j1) as the reference makes them (K a multiple of 16): V vectors of 16
+ * codewords, each the exact integer products of pairs (VNNI vpdpwssd, 32 a instruction) shifted
+ * as lutq.h says. The entries go from registers to bytes: E + ENTRY_OFFSET as uint16 (vpackusdw's
+ * unsigned saturation holds E to [-ENTRY_OFFSET, LEVELS], as the reference does), whose two bytes
+ * are the offset high and low bytes, 64 entries by two vpermt2b. */
 ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t j0, int64_t j1,
-                                const float *restrict x, const float *restrict cbt, const float *restrict inverse,
+                                const float *restrict x, const float *restrict prepared, const float *restrict inverse,
                                 int8_t *restrict qhi, int8_t *restrict qlo) {
-    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K), pairs = aqlm_lutq_pairs(ig);
+    const int shift = aqlm_lutq_entry_shift(ig);
+    const int16_t *cq = (const int16_t *)prepared;
+    const float *step = prepared + aqlm_lutq_prepared_step(s);
     const __m512i low_bytes = entry_bytes(0), high_bytes = entry_bytes(1);
     const __m512i zero = _mm512_setzero_si512(), most = _mm512_set1_epi32(0xffff);
+    const __m512i half = _mm512_set1_epi32(1 << (shift - 1)), offset = _mm512_set1_epi32(AQLM_LUTQ_ENTRY_OFFSET);
+    uint32_t xq[AQLM_LUTQ_MAX_PAIRS];
     for (int64_t j = j0; j < j1; j++)
         for (int64_t m = 0; m < M; m++) {
-            const __m512 vinverse = _mm512_set1_ps(inverse[m]);
+            aqlm_lutq_input_pairs_avx2(ig, x + j * ig, step + m * ig, inverse[m], shift, xq);
+            const int16_t *codebook = cq + m * pairs * K * 2;
             int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
             for (int64_t c0 = 0; c0 < K; c0 += 16 * V) {
-                __m512 value[16];
-                for (int v = 0; v < V; v++) value[v] = _mm512_setzero_ps();
-                for (int64_t i = 0; i < ig; i++) {
-                    const __m512 xi = _mm512_set1_ps(x[j * ig + i]);
-                    const float *column = cbt + (m * ig + i) * K + c0;
-                    for (int v = 0; v < V; v++) value[v] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(column + 16 * v), value[v]);
+                __m512i value[16];
+                for (int v = 0; v < V; v++) value[v] = _mm512_setzero_si512();
+                for (int64_t p = 0; p < pairs; p++) {
+                    const __m512i pair = _mm512_set1_epi32((int)xq[p]);
+                    const int16_t *column = codebook + (p * K + c0) * 2;
+                    for (int v = 0; v < V; v++) value[v] = _mm512_dpwssd_epi32(value[v], _mm512_loadu_si512(column + 32 * v), pair);
                 }
+                for (int v = 0; v < V; v++) value[v] = _mm512_add_epi32(_mm512_srai_epi32(_mm512_add_epi32(value[v], half), shift), offset);
                 if (V % 4 == 0) {
                     for (int v = 0; v < V; v += 4) {
-                        const __m512i first = _mm512_packus_epi32(offset_entries(value[v], vinverse), offset_entries(value[v + 1], vinverse));
-                        const __m512i second = _mm512_packus_epi32(offset_entries(value[v + 2], vinverse), offset_entries(value[v + 3], vinverse));
+                        const __m512i first = _mm512_packus_epi32(value[v], value[v + 1]);
+                        const __m512i second = _mm512_packus_epi32(value[v + 2], value[v + 3]);
                         _mm512_storeu_si512(high + c0 + 16 * v, _mm512_permutex2var_epi8(first, high_bytes, second));
                         _mm512_storeu_si512(low + c0 + 16 * v, _mm512_permutex2var_epi8(first, low_bytes, second));
                     }
                 } else {
                     for (int v = 0; v < V; v++) {
-                        const __m512i u = _mm512_min_epi32(_mm512_max_epi32(offset_entries(value[v], vinverse), zero), most);
+                        const __m512i u = _mm512_min_epi32(_mm512_max_epi32(value[v], zero), most);
                         _mm_storeu_si128((__m128i *)(high + c0 + 16 * v), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
                         _mm_storeu_si128((__m128i *)(low + c0 + 16 * v), _mm512_cvtepi32_epi8(u));
                     }
@@ -89,15 +92,15 @@ ALWAYS_INLINE void build_tables(const int V, const aqlm_block_shape *s, int64_t 
         }
 }
 
-/* Quantized tables in the offset byte form of the VBMI lookups (any K). */
+/* Tables in the offset byte form of the VBMI lookups (any K). */
 static void lutq_tables_avx512(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                               const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                               const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                                int8_t *restrict qlo) {
     const int64_t K = s->K;
-    if (K % 16 != 0) aqlm_lutq_tables_offset_avx2(s, j0, j1, x, cbt, inverse, qhi, qlo);
-    else if (K % 256 == 0) build_tables(16, s, j0, j1, x, cbt, inverse, qhi, qlo);
-    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, cbt, inverse, qhi, qlo);
-    else build_tables(1, s, j0, j1, x, cbt, inverse, qhi, qlo);
+    if (K % 16 != 0) aqlm_lutq_tables_offset_avx2(s, j0, j1, x, prepared, inverse, qhi, qlo);
+    else if (K % 256 == 0) build_tables(16, s, j0, j1, x, prepared, inverse, qhi, qlo);
+    else if (K % 64 == 0) build_tables(4, s, j0, j1, x, prepared, inverse, qhi, qlo);
+    else build_tables(1, s, j0, j1, x, prepared, inverse, qhi, qlo);
 }
 
 /* 64 int8 lookups of idx; a holds table entries 0-63, a..b 0-127, c..d 128-255. */

@@ -34,7 +34,11 @@ aqlm_status aqlm_check_packed_format(const aqlm_format *f, const char *tables, a
 }
 
 static aqlm_status check_lutq_format(const aqlm_format *f, aqlm_error *err) {
-    return aqlm_check_packed_format(f, "quantized lookup tables", err);
+    aqlm_status status = aqlm_check_packed_format(f, "quantized lookup tables", err);
+    if (status != AQLM_OK) return status;
+    AQLM_CHECK(err, f->in_group_size <= 2 * AQLM_LUTQ_MAX_PAIRS, "quantized lookup tables need in_group_size <= %d, got %lld",
+               2 * AQLM_LUTQ_MAX_PAIRS, (long long)f->in_group_size);
+    return AQLM_OK;
 }
 
 size_t aqlm_lutq_packed_size(const aqlm_format *f) {
@@ -68,7 +72,7 @@ aqlm_status aqlm_lutq_pack_codes(const aqlm_format *f, const void *codes, uint8_
 
 size_t aqlm_lutq_prepared_size(const aqlm_format *f) {
     const aqlm_block_shape s = aqlm_block_shape_of(f);
-    return (size_t)(s.M * s.ig * s.K + s.M * s.ig + s.M);
+    return (size_t)(aqlm_lutq_prepared_step(&s) + s.M * s.ig);
 }
 
 aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
@@ -77,23 +81,35 @@ aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_d
     if (status != AQLM_OK) return status;
     AQLM_CHECK(err, codebooks != NULL && prepared != NULL, "codebooks and prepared must not be NULL");
     const aqlm_block_shape s = aqlm_block_shape_of(f);
-    const int64_t M = s.M, K = s.K, ig = s.ig;
-    float *column_max = prepared + M * ig * K, *norm_max = column_max + M * ig;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < K; c++)
-            for (int64_t i = 0; i < ig; i++)
-                prepared[(m * ig + i) * K + c] = aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i);
+    const int64_t M = s.M, K = s.K, ig = s.ig, pairs = aqlm_lutq_pairs(ig);
+    const float levels = (float)((1 << aqlm_lutq_entry_shift(ig)) - 1); /* Q (lutq.h) */
+    int16_t *cq = (int16_t *)prepared;
+    float *column_max = prepared + aqlm_lutq_prepared_column_max(&s), *norm_max = column_max + M * ig;
+    float *step = prepared + aqlm_lutq_prepared_step(&s);
     for (int64_t m = 0; m < M; m++) {
         norm_max[m] = 0.0f;
         for (int64_t i = 0; i < ig; i++) {
             column_max[m * ig + i] = 0.0f;
-            for (int64_t c = 0; c < K; c++) column_max[m * ig + i] = fmaxf(column_max[m * ig + i], fabsf(prepared[(m * ig + i) * K + c]));
+            for (int64_t c = 0; c < K; c++)
+                column_max[m * ig + i] = fmaxf(column_max[m * ig + i], fabsf(aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i)));
+            step[m * ig + i] = column_max[m * ig + i] / levels;
         }
         for (int64_t c = 0; c < K; c++) {
             float square = 0.0f;
-            for (int64_t i = 0; i < ig; i++) square += prepared[(m * ig + i) * K + c] * prepared[(m * ig + i) * K + c];
+            for (int64_t i = 0; i < ig; i++) {
+                const float value = aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i);
+                square += value * value;
+            }
             norm_max[m] = fmaxf(norm_max[m], sqrtf(square));
         }
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t c = 0; c < K; c++)
+                for (int64_t half = 0; half < 2; half++) {
+                    const int64_t i = 2 * p + half;
+                    const float value = i < ig ? aqlm_load(param_dtype, codebooks, (m * K + c) * ig + i) : 0.0f;
+                    const float unit = i < ig ? step[m * ig + i] : 0.0f;
+                    cq[((m * pairs + p) * K + c) * 2 + half] = unit > 0.0f ? (int16_t)lrintf(value / unit) : 0;
+                }
     }
     return AQLM_OK;
 }
@@ -289,7 +305,7 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
     fill_split(G, group, &split);
     if (!prepared) aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, (float *)(base + l.prepared), err); /* f checked above */
     const float *cbt = prepared ? prepared : (const float *)(base + l.prepared);
-    const float *column_max = cbt + M * ig * K, *norm_max = column_max + M * ig;
+    const float *column_max = cbt + aqlm_lutq_prepared_column_max(&s), *norm_max = column_max + M * ig;
     memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     /* A chunk's tables (all tokens, high and low) per slab of lookups. */

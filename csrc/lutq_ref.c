@@ -1,29 +1,39 @@
 /*
  * lutq_ref.c - scalar reference of the quantized-table kernels (definitions in lutq.h).
  *
- * Built without SIMD flags. fmaf and lrintf (round to nearest even) are what the SIMD versions'
- * vector FMA and float-to-int conversion compute, lane by lane, so all versions agree bit for bit.
+ * Built without SIMD flags. lrintf (round to nearest even) is what the SIMD versions' float-to-int
+ * conversion computes, lane by lane, fmaf what their FMA does, and integer sums are exact in any
+ * order, so all versions agree bit for bit.
  */
 #include <math.h>
 
 #include "lutq.h"
 
-/* E = round(T * inverse), held to [-ENTRY_OFFSET, LEVELS], split into high and low bytes:
- * hi = floor((E + 128) / 256), lo = E - 256 * hi (lutq.h). */
+/* E from integer products (lutq.h, "Integer table entries"), held to [-ENTRY_OFFSET, LEVELS],
+ * split into high and low bytes: hi = floor((E + 128) / 256), lo = E - 256 * hi (lutq.h). */
 void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                          const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                           int8_t *restrict qlo) {
-    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K);
+    const int64_t ig = s->ig, M = s->M, K = s->K, KS = aqlm_lutq_table_stride(K), pairs = aqlm_lutq_pairs(ig);
+    const int shift = aqlm_lutq_entry_shift(ig);
+    const int16_t *cq = (const int16_t *)prepared;
+    const float *step = prepared + aqlm_lutq_prepared_step(s);
+    int32_t xq[2 * AQLM_LUTQ_MAX_PAIRS];
     for (int64_t j = j0; j < j1; j++)
         for (int64_t m = 0; m < M; m++) {
+            for (int64_t i = 0; i < 2 * pairs; i++)
+                xq[i] = i < ig ? aqlm_lutq_round_input(x[j * ig + i] * ((step[m * ig + i] * inverse[m]) * (float)(1 << shift))) : 0;
             int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
             for (int64_t c = 0; c < K; c++) {
-                float value = 0.0f;
-                for (int64_t i = 0; i < ig; i++) value = fmaf(x[j * ig + i], cbt[(m * ig + i) * K + c], value);
-                long entry = lrintf(value * inverse[m]);
+                int32_t total = 0;
+                for (int64_t p = 0; p < pairs; p++) {
+                    const int16_t *pair = cq + ((m * pairs + p) * K + c) * 2;
+                    total += xq[2 * p] * pair[0] + xq[2 * p + 1] * pair[1];
+                }
+                int32_t entry = aqlm_lutq_entry(total, shift);
                 entry = entry < -AQLM_LUTQ_ENTRY_OFFSET ? -AQLM_LUTQ_ENTRY_OFFSET : entry > AQLM_LUTQ_LEVELS ? AQLM_LUTQ_LEVELS : entry;
                 /* entry + ENTRY_OFFSET >= 0, so this division is the floor of (entry + 128) / 256 */
-                const long hi = (entry + AQLM_LUTQ_ENTRY_OFFSET) / AQLM_LUTQ_LOW_RADIX - 128;
+                const int32_t hi = (entry + AQLM_LUTQ_ENTRY_OFFSET) / AQLM_LUTQ_LOW_RADIX - 128;
                 high[c] = (int8_t)hi;
                 low[c] = (int8_t)(entry - AQLM_LUTQ_LOW_RADIX * hi);
             }

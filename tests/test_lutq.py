@@ -82,10 +82,20 @@ def table_bounds(x, codebooks):
     return torch.minimum(by_columns, by_norms)
 
 
+def entry_shift(ig):
+    """lutq.h's R: the largest of 13, 12, ... with 2 * pairs * 32767 * (2**R - 1) + 2**(R-1) < 2**31."""
+    shift, pairs = 13, (ig + 1) // 2
+    while 2 * pairs * 32767 * (2**shift - 1) + 2 ** (shift - 1) >= 2**31:
+        shift -= 1
+    return shift
+
+
 def error_bound(x, codes, codebooks, scales, bias, group):
-    """lutq.h: |y - exact| <= |scale| * sum_{b, m} |b| * s[b, m] / 2, s = the chunk's largest
-    table_bounds / LEVELS, plus float rounding (relative 1e-5 of the sum of |entries| the output
-    adds up). Checks on the way that the bounds do bound every table entry."""
+    """lutq.h: each entry is off by at most s * (1/2 + ig * (1/2 + float slack) * Q / 2**R) from
+    rounding E and each xq, plus sum_i |x_i| column_max[m, i] * (1/2 + slack) / Q from the rounded
+    codebooks, s = the chunk's largest table_bounds / LEVELS; |y - exact| <= |scale| times the sum
+    of those over the groups and codebooks, plus float rounding (relative 1e-5 of the sum of
+    |entries| the output adds up). Checks on the way that the bounds do bound every table entry."""
     nbits = codebooks.shape[1].bit_length() - 1
     M, K, _, ig = codebooks.shape
     G = codes.shape[1]
@@ -101,7 +111,11 @@ def error_bound(x, codes, codebooks, scales, bias, group):
     unpacked = ops.unpack_codes(codes, nbits).long()  # [out, G, M]
     picked = tables[:, torch.arange(G)[None, :, None], torch.arange(M)[None, None, :], unpacked]  # [n, out, G, M]
     scale = scales.double().abs().view(1, -1)
-    half_steps = (step / 2).sum(dim=(1, 2)).view(-1, 1)
+    shift = entry_shift(ig)
+    levels = 2**shift - 1
+    by_columns = torch.einsum("tji,mi->tjm", xs.abs(), codebooks.double()[:, :, 0, :].abs().amax(1))
+    entry_errors = step * (0.5 + ig * 0.506 * levels / 2**shift) + by_columns * (0.501 / levels + 1e-6)
+    half_steps = entry_errors.sum(dim=(1, 2)).view(-1, 1)
     rounding = 1e-5 * (picked.abs().sum(dim=(2, 3)) * scale + (0 if bias is None else bias.double().abs()))
     return scale * half_steps + rounding + 1e-6
 
@@ -131,8 +145,9 @@ def test_every_level_gives_the_scalar_bits_and_stays_within_the_bound(config, to
 
 
 def test_sums_at_the_largest_chunk_and_table_extremes_stay_exact(always_parallel):
-    """Every table entry at +-amax (high and low bytes +-127) over a chunk of 256 groups, the most
-    one step may cover: the int16 sums reach +-127 * 256, and the SIMD kernels' offset bytes
+    """Every table entry at +-amax over a chunk of 256 groups, the most one step may cover (E =
+    +-32636 of LEVELS = 32639: the rounded inputs and codebooks land 3 steps short; high bytes
+    +-127): the int16 sums reach +-127 * 256, and the SIMD kernels' offset bytes
     (csrc/lutq_avx512vbmi.c) sum to 255 * 256, beyond int16 but within uint16."""
     K, ig, groups, M = 256, 8, 256, 2
     codebooks = torch.ones(M, K, 1, ig)
@@ -145,7 +160,7 @@ def test_sums_at_the_largest_chunk_and_table_extremes_stay_exact(always_parallel
     x = torch.ones(2, groups * ig)
     expected = formula(x, codes, codebooks, scales, None)
     reference = run_lutq(x, codes, codebooks, scales, None, groups, "scalar", num_threads=1)
-    torch.testing.assert_close(reference.double(), expected, rtol=1e-6, atol=1e-3)  # outputs up to 4096
+    assert ((reference.double() - expected).abs() <= error_bound(x, codes, codebooks, scales, None, groups)).all()
     for level in supported_levels():
         for threads in (1, 2):
             got = run_lutq(x, codes, codebooks, scales, None, groups, level, num_threads=threads)
@@ -260,23 +275,30 @@ def test_lookups_in_several_slabs_of_tables_give_the_bits_of_one_sweep():
 @pytest.mark.parametrize("level", simd_params())
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_codebooks_prepared_once_give_the_same_bits(level, dtype):
-    """prepared (the codebooks prepared once, as the eager plan keeps them: transposed to float32
-    [M, ig, K], then their bounds) gives the bits of the per-call preparation; a wrong size is
-    refused by name."""
+    """prepared (the codebooks prepared once, as the eager plan keeps them: lutq.h's int16 pairs,
+    the column maxima and largest norms of the bounds, and the column steps) gives the bits of
+    the per-call preparation; a wrong size is refused by name."""
     codes, codebooks, scales, bias = random_weight(200, 96, 2, 8, 8, dtype=DTYPES[dtype], seed=4)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5))
     expected = run_lutq(x, codes, codebooks, scales, bias, 64, level)
     packed = ops.packed_codes(codes, codebooks, scales)
     prepared = ops.lutq_prepare_codebooks(np_view(codebooks), dtype)
-    cb = codebooks.double()[:, :, 0, :]  # [M, K, ig]
+    cb = codebooks.float()[:, :, 0, :]  # [M, K, ig]
     M, K, ig = cb.shape
-    assert prepared.shape == (M * ig * K + M * ig + M,)
-    assert np.array_equal(prepared[: M * ig * K], cb.transpose(1, 2).float().flatten().numpy())
-    assert np.array_equal(prepared[M * ig * K : -M], cb.abs().amax(1).float().flatten().numpy())
-    np.testing.assert_allclose(prepared[-M:], cb.norm(dim=2).amax(1).numpy(), rtol=1e-6)
+    pairs, levels = (ig + 1) // 2, 2 ** entry_shift(ig) - 1
+    assert prepared.shape == (M * pairs * K + M * ig + M + M * ig,)
+    column_max = cb.abs().amax(1)  # [M, ig]
+    step = column_max / torch.full_like(column_max, levels)
+    quantized = torch.round(cb / step[:, None, :]).to(torch.int16)  # [M, K, ig]
+    pairs_view = torch.from_numpy(prepared[: M * pairs * K].view(np.int16).copy()).view(M, pairs, K, 2)
+    assert torch.equal(pairs_view.permute(0, 2, 1, 3).reshape(M, K, ig), quantized)
+    rest = prepared[M * pairs * K :]
+    assert np.array_equal(rest[: M * ig], column_max.flatten().numpy())
+    np.testing.assert_allclose(rest[M * ig : M * ig + M], cb.double().norm(dim=2).amax(1).numpy(), rtol=1e-6)
+    assert np.array_equal(rest[M * ig + M :], step.flatten().numpy())
     out = torch.empty(3, 200)
     args = (x.numpy(), packed.numpy(), np_view(codebooks), np_view(scales), np_view(bias))
     _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, simd=level, prepared=prepared)
     assert torch.equal(out, expected)
-    with pytest.raises(ValueError, match=r"prepared must be a C-contiguous 1-D float32 array of 4114 values"):
+    with pytest.raises(ValueError, match=r"prepared must be a C-contiguous 1-D float32 array of 2082 values"):
         _C.lutq_matmul(*args, out.numpy(), group=64, param_dtype=dtype, prepared=prepared[:-1].copy())
