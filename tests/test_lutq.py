@@ -240,11 +240,12 @@ def test_lutq_rejects_what_it_cannot_serve():
         ops.quantized_matmul_cpu(x, codes, codebooks, scales, bias, kernel="fast")
 
 
-def test_vbmi_kernels_run_where_the_cpu_has_vbmi():
+def test_vbmi_kernels_run_where_the_cpu_has_vbmi_and_vnni():
     flags = open("/proc/cpuinfo").read().split()
     if _C.simd_supported() != "avx512":
         pytest.skip("no AVX-512 here")
-    assert _C.lutq_kernel(simd="avx512") == ("avx512vbmi" if "avx512vbmi" in flags else "avx2")
+    both = "avx512vbmi" in flags and "avx512_vnni" in flags
+    assert _C.lutq_kernel(simd="avx512") == ("avx512vbmi" if both else "avx2")
     assert _C.lutq_kernel(simd="scalar") == "scalar"
 
 
