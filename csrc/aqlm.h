@@ -111,15 +111,17 @@ aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_d
                                  void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
 
 /* Quantized lookup tables (16-bit entries stored as high and low int8 tables, one fp32 step per
- * `group` input groups and codebook, exact integer sums): the fast path for few tokens. Needs
- * nbits <= 8 and out_group_size 1, and the codes repacked once by aqlm_lutq_pack_codes into
- * aqlm_lutq_packed_size(f) bytes. For each output, |y - exact| <= |scale| * sum over chunks b and
- * codebooks m of |b| * s[b, m] / 2 (plus float rounding), s[b, m] = a bound on the chunk's exact
- * table entries from x and the codebooks / 32639 (127 * 256 + 127; csrc/lutq.h). 1 <= group <= 256.
+ * `group` input groups and codebook, entries from exact integer products of int16 inputs and
+ * codebooks, exact integer sums): the fast path for few tokens. Needs nbits <= 8, out_group_size
+ * 1 and in_group_size <= 128, and the codes repacked once by aqlm_lutq_pack_codes into
+ * aqlm_lutq_packed_size(f) bytes. For each output, |y - exact| <= |scale| * the sum over groups
+ * and codebooks of a bound on each entry's error, in units of s[b, m] = a bound on the chunk's
+ * exact table entries from x and the codebooks / 32639 (127 * 256 + 127; csrc/lutq.h, which
+ * derives it). 1 <= group <= 256.
  * prepared: the codebooks once prepared by aqlm_lutq_prepare_codebooks into
- * aqlm_lutq_prepared_size(f) floats (transposed to [M, ig, K], then the largest |value| of each
- * codebook's column i [M, ig] and the largest codeword norm of each codebook [M]), or NULL to
- * prepare them at each call. */
+ * aqlm_lutq_prepared_size(f) floats (csrc/lutq.h: the codebooks rounded to int16 in input pairs,
+ * the largest |value| of each codebook's column i [M, ig], the largest codeword norm of each
+ * codebook [M], and the column steps [M, ig]), or NULL to prepare them at each call. */
 size_t aqlm_lutq_packed_size(const aqlm_format *f);
 size_t aqlm_lutq_prepared_size(const aqlm_format *f);
 aqlm_status aqlm_lutq_prepare_codebooks(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,

@@ -184,7 +184,7 @@ static inline int aqlm_lutq_nibbles(const aqlm_block_shape *s) { return s->K <= 
  * chunk, into qhi and qlo (the tables of group j0 first), in the byte form of the same kernel
  * set's accumulate (above). */
 typedef void (*aqlm_lutq_tables_fn)(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                                    const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                    const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                                     int8_t *restrict qlo);
 
 /* For `tiles` tiles of packed codes (from the first given), n <= AQLM_LUTQ_MAX_TOKENS tokens and
@@ -214,7 +214,7 @@ const aqlm_lutq_kernels *aqlm_lutq_kernels_for(aqlm_simd level);
 
 /* The scalar reference (lutq_ref.c), and the AVX2 versions the AVX-512 file falls back to. */
 void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                          const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                          const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                           int8_t *restrict qlo);
 void aqlm_lutq_accumulate_ref(const aqlm_block_shape *s, int64_t group, int64_t j0, int64_t j1, int64_t tiles,
                               const uint8_t *restrict packed, int64_t n, const int8_t *restrict qhi,
@@ -224,7 +224,7 @@ void aqlm_lutq_finish_ref(int64_t M, int64_t chunks, const int64_t *restrict fir
                           const float *restrict qscale, float *restrict acc);
 /* The tables in the offset byte form of the AVX2 and AVX-512 VBMI kernels (any K). */
 void aqlm_lutq_tables_offset_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                                  const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                  const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                                   int8_t *restrict qlo);
 /* The xq of one group and codebook (lutq.h) as PAIRS uint32 words, xq[2p] in the low half, of
  * group (ig floats), step (that codebook's ig steps) and inverse: what aqlm_lutq_tables_ref takes. */

@@ -258,9 +258,9 @@ const aqlm_lutq_kernels aqlm_lutq_kernels_avx2 = {
 #else /* built without AVX2: never chosen */
 
 void aqlm_lutq_tables_offset_avx2(const aqlm_block_shape *s, int64_t j0, int64_t j1, const float *restrict x,
-                                  const float *restrict cbt, const float *restrict inverse, int8_t *restrict qhi,
+                                  const float *restrict prepared, const float *restrict inverse, int8_t *restrict qhi,
                                   int8_t *restrict qlo) {
-    aqlm_lutq_tables_ref(s, j0, j1, x, cbt, inverse, qhi, qlo);
+    aqlm_lutq_tables_ref(s, j0, j1, x, prepared, inverse, qhi, qlo);
     for (int64_t at = 0; at < (j1 - j0) * s->M * aqlm_lutq_table_stride(s->K); at++) {
         qhi[at] = (int8_t)((uint8_t)qhi[at] ^ 0x80u);
         qlo[at] = (int8_t)((uint8_t)qlo[at] ^ 0x80u);

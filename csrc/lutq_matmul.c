@@ -190,7 +190,7 @@ enum { LUTQ_WORK_WEIGHT = 24 };
  * of a layer of SmolLM2's size (at most 110 KiB there), the first part of a larger one's (128,
  * 256 and 1024 KiB measured alike on SmolLM2; the kernels prefetch the rest as they go). Of the
  * next call's codes (aqlm_lutq_next), the first NEXT_CODE_BYTES of the same thread's share,
- * beside all of its transposed codebooks. */
+ * beside all of its prepared codebooks. */
 enum { EARLY_CODE_BYTES = 128 << 10, NEXT_CODE_BYTES = 8 << 10 };
 
 /* Cache lines to prefetch a few at a time, in order: runs of `run` bytes, `stride` apart from
@@ -304,8 +304,8 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                          .first = split_arrays + 2 * (P + 1)};
     fill_split(G, group, &split);
     if (!prepared) aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, (float *)(base + l.prepared), err); /* f checked above */
-    const float *cbt = prepared ? prepared : (const float *)(base + l.prepared);
-    const float *column_max = cbt + aqlm_lutq_prepared_column_max(&s), *norm_max = column_max + M * ig;
+    const float *ready = prepared ? prepared : (const float *)(base + l.prepared);
+    const float *column_max = ready + aqlm_lutq_prepared_column_max(&s), *norm_max = column_max + M * ig;
     memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
     /* A chunk's tables (all tokens, high and low) per slab of lookups. */
@@ -356,11 +356,11 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                         int8_t *high = qhi + (t * G + from) * M * KS, *low = qlo + (t * G + from) * M * KS;
                         if (t0 == 0 && t == 0)
                             for (int64_t j = from; j < to; j++) {
-                                kernels->tables(&s, j, j + 1, xs, cbt, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
+                                kernels->tables(&s, j, j + 1, xs, ready, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
                                 for (int r = 0; r < STREAMS; r++) prefetch_lines(&streams[r], lines_per_group[r]);
                             }
                         else
-                            kernels->tables(&s, from, to, xs + t * in, cbt, inverse, high, low);
+                            kernels->tables(&s, from, to, xs + t * in, ready, inverse, high, low);
                     }
                 /* Slabs of chunks whose tables stay in L2 while every tile's codes stream past. */
                 for (int64_t b0 = g0 / group; b0 * group < g1;) {

@@ -484,9 +484,10 @@ PyDoc_STRVAR(lutq_prepare_codebooks_doc,
 "lutq_prepare_codebooks(codebooks, *, param_dtype='float32')\n"
 "--\n\n"
 "The codebooks [M, K <= 256, 1, in_group_size] as lutq_matmul reads them, prepared once: a new\n"
-"1-D float32 array of the codebooks transposed to [M, in_group_size, K], then the largest |value|\n"
-"of each codebook's column [M, in_group_size], then the largest codeword norm of each codebook [M]\n"
-"(the bounds that set the table steps).");
+"1-D float32 array holding the codebooks rounded to int16 per column, in input pairs [M,\n"
+"ceil(in_group_size / 2), K, 2] (csrc/lutq.h), then the largest |value| of each codebook's column\n"
+"[M, in_group_size] and the largest codeword norm of each codebook [M] (the bounds that set the\n"
+"table steps), then the column steps [M, in_group_size].");
 
 static PyObject *py_lutq_prepare_codebooks(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"codebooks", "param_dtype", NULL};
