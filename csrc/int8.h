@@ -3,7 +3,7 @@
  *
  * A weight W [out, in] is stored as int8 rows q [out, in] with one fp32 scale per row
  * (W[o, i] ~ scales[o] * q[o, i]). The driver rounds each token's activations to int16 with one
- * fp32 step per token (aqlm_int8_round_activations):
+ * fp32 step per token (round_activations in int8_matmul.c):
  *     step[t] = max_i |x[t, i]| / X_LEVELS,  xq[t, i] = x[t, i] / step[t] rounded to nearest even,
  * |xq| <= X_LEVELS = 32767, so |x - step * xq| <= step / 2: 2**-16 of the token's largest value,
  * 256 times finer than the weight's own rounding (scales / 2 = 2**-8 of the row's largest value).

@@ -107,7 +107,7 @@ static inline int64_t aqlm_lutq_table_stride(int64_t K) { return K < 16 ? 16 : K
  * 20.0 us, AVX2 20.2 -> 15.2 us for 64x576). */
 enum {
     AQLM_LUTQ_X_LEVELS = 32767,
-    AQLM_LUTQ_MAX_PAIRS = 64, /* in_group_size <= 128 (aqlm_check_packed_format) */
+    AQLM_LUTQ_MAX_PAIRS = 64, /* in_group_size <= 128 (check_lutq_format in lutq_matmul.c) */
 };
 
 static inline int64_t aqlm_lutq_pairs(int64_t ig) { return (ig + 1) / 2; }
@@ -126,9 +126,11 @@ static inline int64_t aqlm_lutq_prepared_step(const aqlm_block_shape *s) {
     return aqlm_lutq_prepared_column_max(s) + s->M * s->ig + s->M;
 }
 
-/* x * w rounded to nearest even and held to [-X, X], with what the SIMD conversion gives outside
- * the int32 range (NaN included): INT32_MIN, so -X. */
-static inline int32_t aqlm_lutq_round_input(float product) {
+/* xq of one input x (above): x * ((step * inverse) * 2**shift) rounded to nearest even and held
+ * to [-X, X], with what the SIMD conversion gives outside the int32 range (NaN included):
+ * INT32_MIN, so -X. The SIMD versions compute the same product in the same order. */
+static inline int32_t aqlm_lutq_round_input(float x, float step, float inverse, int shift) {
+    const float product = x * ((step * inverse) * (float)(1 << shift));
     if (!(product >= -2147483648.0f && product < 2147483648.0f)) return -AQLM_LUTQ_X_LEVELS;
     const long rounded = lrintf(product);
     return rounded < -AQLM_LUTQ_X_LEVELS ? -AQLM_LUTQ_X_LEVELS : rounded > AQLM_LUTQ_X_LEVELS ? AQLM_LUTQ_X_LEVELS : (int32_t)rounded;

@@ -12,7 +12,7 @@
  * vector read as uint16 words holds 256 * u(odd row)
  * + u(even row); the sums of the words and of the words shifted right by 8, modulo 2**16, give
  * both rows' sums exactly for up to 256 groups a step (as in lutq_avx512vbmi.c, lutq.h).
- * Also used on AVX-512 CPUs without VBMI.
+ * Also used on AVX-512 CPUs without VBMI or VNNI.
  */
 #include <math.h>
 
@@ -56,7 +56,7 @@ void aqlm_lutq_input_pairs_avx2(int64_t ig, const float *restrict group, const f
         const __m256i rounded = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + i), w));
         _mm256_storeu_si256((__m256i *)(xq + i), _mm256_min_epi32(_mm256_max_epi32(rounded, least), most));
     }
-    for (; i < ig; i++) xq[i] = aqlm_lutq_round_input(group[i] * ((step[i] * inverse) * (float)(1 << shift)));
+    for (; i < ig; i++) xq[i] = aqlm_lutq_round_input(group[i], step[i], inverse, shift);
     if (ig % 2) xq[ig] = 0;
     for (int64_t p = 0; p < aqlm_lutq_pairs(ig); p++)
         pairs[p] = (uint32_t)(uint16_t)(int16_t)xq[2 * p] | (uint32_t)(uint16_t)(int16_t)xq[2 * p + 1] << 16;

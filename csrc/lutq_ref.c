@@ -22,7 +22,7 @@ void aqlm_lutq_tables_ref(const aqlm_block_shape *s, int64_t j0, int64_t j1, con
     for (int64_t j = j0; j < j1; j++)
         for (int64_t m = 0; m < M; m++) {
             for (int64_t i = 0; i < 2 * pairs; i++)
-                xq[i] = i < ig ? aqlm_lutq_round_input(x[j * ig + i] * ((step[m * ig + i] * inverse[m]) * (float)(1 << shift))) : 0;
+                xq[i] = i < ig ? aqlm_lutq_round_input(x[j * ig + i], step[m * ig + i], inverse[m], shift) : 0;
             int8_t *high = qhi + ((j - j0) * M + m) * KS, *low = qlo + ((j - j0) * M + m) * KS;
             for (int64_t c = 0; c < K; c++) {
                 int32_t total = 0;
