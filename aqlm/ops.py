@@ -977,7 +977,11 @@ def step_program(calls: Sequence[Callable]) -> Optional[Callable[[int], None]]:
     as calling them one by one, without the Python between them. ``calls`` come from
     :func:`bound_linear_cpu` (float32 activations), :func:`bound_residual_rms_norm`,
     :func:`bound_silu_mul` and :func:`bound_attend_one`; None when any other callable is among
-    them (a dense layer's torch call, say), which the caller then runs one by one."""
+    them (a dense layer's torch call, say), which the caller then runs one by one.
+
+    Consecutive quantized-table linears on the same input (a Llama layer's q, k and v
+    projections; its gate and up projections) run together in one parallel region, with the
+    same bits; ``run.runs`` gives, for each run in order, how many calls it takes."""
     steps = [getattr(call, "step", None) for call in calls]
     if any(step is None for step in steps):
         return None
@@ -986,6 +990,10 @@ def step_program(calls: Sequence[Callable]) -> Optional[Callable[[int], None]]:
     def run_program(position: int) -> None:
         run(program, position)
 
+    run_program.runs = _C.step_program_runs(program)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("step program: %d calls in %d runs, %d of them joined linears", len(steps), len(run_program.runs),
+                     sum(count > 1 for count in run_program.runs))
     return run_program
 
 

@@ -150,6 +150,33 @@ aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aql
                              const void *codebooks, const float *prepared, const void *scales, const void *bias,
                              void *y, const aqlm_lutq_next *next, void *workspace, size_t workspace_bytes,
                              aqlm_simd simd, int num_threads, aqlm_error *err);
+/* One aqlm_lutq_matmul call's arguments, for aqlm_lutq_matmul_many. */
+typedef struct {
+    const aqlm_format *format;
+    int64_t group, n;
+    aqlm_dtype x_dtype;
+    const void *x;
+    const uint8_t *packed;
+    aqlm_dtype param_dtype;
+    const void *codebooks;
+    const float *prepared;
+    const void *scales, *bias;
+    void *y;
+    const aqlm_lutq_next *next;
+    void *workspace;
+    size_t workspace_bytes;
+} aqlm_lutq_call;
+enum {
+    AQLM_LUTQ_MAX_TOKENS = 8, /* tokens per pass of aqlm_lutq_matmul (tables of all of them stay in L2) */
+    AQLM_LUTQ_MAX_CALLS = 8,
+};
+/* Up to AQLM_LUTQ_MAX_CALLS calls of aqlm_lutq_matmul, each on at most AQLM_LUTQ_MAX_TOKENS
+ * tokens (one pass), in one parallel region with one barrier: every call's tables
+ * and lookups, then every call's sums. Each y gets the bits its own call gives. No y may overlap
+ * another call's x, y or weight (a layer's q, k and v projections of one x qualify), and no two
+ * calls may share a workspace. */
+aqlm_status aqlm_lutq_matmul_many(int count, const aqlm_lutq_call *calls, aqlm_simd simd, int num_threads,
+                                  aqlm_error *err);
 /* The quantized-table kernels a call at `level` uses here: "scalar", "avx2" or "avx512vbmi". */
 const char *aqlm_lutq_kernel_name(aqlm_simd level);
 

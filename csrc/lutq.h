@@ -75,7 +75,6 @@ enum {
     AQLM_LUTQ_TILE_STEP = 4,    /* tiles sharing each table load in the SIMD lookups */
     AQLM_LUTQ_MAX_GROUP = 256,  /* input groups per scale: keeps int16 sums exact */
     AQLM_LUTQ_MAX_CODEBOOKS = 256, /* as aqlm_format_check allows */
-    AQLM_LUTQ_MAX_TOKENS = 8,   /* tokens per pass (tables of all of them stay in L2) */
     AQLM_LUTQ_PAD = 256,
     AQLM_LUTQ_SLAB_BYTES = 1 << 19, /* one thread's tables (all tokens) swept at a time: stay in L2 */
     AQLM_LUTQ_ROW_BLOCK = 16,  /* rows of the final sums: a unit of the threads' row split */

@@ -266,140 +266,249 @@ size_t aqlm_lutq_workspace_size(const aqlm_format *f, int64_t group, int64_t n, 
     return most;
 }
 
+/* One call's state between its steps: its shape, its buffers in its work memory, its split. */
+typedef struct {
+    aqlm_lutq_call call;
+    aqlm_block_shape s;
+    const aqlm_lutq_kernels *kernels;
+    int64_t in, out, ig, M, G, KS, chunks, tiles, stride, T, group_bytes;
+    int P, copy_x, own;
+    char *base;
+    const float *ready, *column_max, *norm_max;
+    float *x32, *qscale, *acc;
+    int8_t *qhi, *qlo;
+    int32_t *partials;
+    group_split split;
+} lutq_state;
+
+/* Checks a call, carves (or allocates) its work memory, splits its input groups between its
+ * threads and prepares its codebooks where the caller has not. */
+static aqlm_status lutq_begin(const aqlm_lutq_call *call, aqlm_simd simd, int num_threads, lutq_state *c,
+                              aqlm_error *err) {
+    const aqlm_format *f = call->format;
+    c->own = 0, c->base = NULL;
+    AQLM_CHECK(err, f != NULL, "format must not be NULL");
+    aqlm_status status = check_lutq_format(f, err);
+    if (status != AQLM_OK) return status;
+    const int64_t group = call->group, n = call->n;
+    AQLM_CHECK(err, group >= 1 && group <= AQLM_LUTQ_MAX_GROUP,
+               "input groups per table scale must be in [1, %d], got %lld", AQLM_LUTQ_MAX_GROUP, (long long)group);
+    AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
+    AQLM_CHECK(err, call->packed != NULL && call->codebooks != NULL && call->scales != NULL,
+               "packed codes, codebooks and scales must not be NULL");
+    AQLM_CHECK(err, n == 0 || (call->x != NULL && call->y != NULL), "x and y must not be NULL");
+    AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
+    c->call = *call;
+    if (n == 0) return AQLM_OK;
+
+    const aqlm_block_shape s = aqlm_block_shape_of(f);
+    c->s = s, c->kernels = aqlm_lutq_kernels_for(simd);
+    c->in = f->in_features, c->out = f->out_features, c->ig = s.ig, c->M = s.M, c->G = s.in_groups;
+    c->KS = aqlm_lutq_table_stride(s.K), c->chunks = (c->G + group - 1) / group;
+    c->tiles = (c->out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE, c->stride = c->tiles * AQLM_LUTQ_TILE;
+    c->T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
+    /* Lookups are ~8 per vector operation (two tables), table entries ~8 per FMA. */
+    const double work = (double)c->T * ((double)c->out * c->G * c->M / 8 + (double)c->G * c->M * s.K * c->ig / 8);
+    c->P = lutq_threads(num_threads, work, c->G);
+    c->copy_x = call->x_dtype != AQLM_F32; /* float32 x is read where it is */
+
+    const lutq_layout l = layout_of(f, group, c->T, c->P, c->copy_x, call->prepared == NULL);
+    c->own = call->workspace == NULL || call->workspace_bytes < l.bytes || ((uintptr_t)call->workspace & 63) != 0;
+    c->base = c->own ? aligned_alloc(64, l.bytes) : call->workspace;
+    if (!c->base) {
+        c->own = 0;
+        return aqlm_nomem(err, l.bytes);
+    }
+    char *base = c->base;
+    c->x32 = (float *)(base + l.x), c->qscale = (float *)(base + l.qscale), c->acc = (float *)(base + l.acc);
+    c->qhi = (int8_t *)(base + l.qhi), c->qlo = (int8_t *)(base + l.qlo);
+    c->partials = (int32_t *)(base + l.partials);
+    int64_t *split_arrays = (int64_t *)(base + l.split);
+    c->split = (group_split){.threads = c->P, .bounds = split_arrays, .piece0 = split_arrays + (c->P + 1),
+                             .first = split_arrays + 2 * (c->P + 1)};
+    fill_split(c->G, group, &c->split);
+    if (!call->prepared) /* f checked above */
+        aqlm_lutq_prepare_codebooks(f, call->param_dtype, call->codebooks, (float *)(base + l.prepared), err);
+    c->ready = call->prepared ? call->prepared : (const float *)(base + l.prepared);
+    c->column_max = c->ready + aqlm_lutq_prepared_column_max(&s), c->norm_max = c->column_max + c->M * c->ig;
+    memset(c->qhi + c->T * c->G * c->M * c->KS, 0, AQLM_LUTQ_PAD);
+    memset(c->qlo + c->T * c->G * c->M * c->KS, 0, AQLM_LUTQ_PAD);
+    /* A chunk's tables (all tokens, high and low) per slab of lookups. */
+    c->group_bytes = 2 * c->T * c->M * c->KS;
+    return AQLM_OK;
+}
+
+static void lutq_end(lutq_state *c) {
+    if (c->own) free(c->base);
+    c->own = 0, c->base = NULL;
+}
+
+/* The pass of tokens [t0, t0 + tokens) in float32: x itself, or its copy in x32 (lutq_copy_pass). */
+static const float *pass_input(const lutq_state *c, int64_t t0) {
+    return c->copy_x ? c->x32 : (const float *)c->call.x + t0 * c->in;
+}
+
+static void lutq_copy_pass(const lutq_state *c, int64_t t0, int64_t tokens) {
+    if (c->copy_x)
+        for (int64_t index = 0; index < tokens * c->in; index++) c->x32[index] = aqlm_load(c->call.x_dtype, c->call.x, t0 * c->in + index);
+}
+
+/* Step 1 of a pass for the parts [member, member + team, ...) of the P: each part's tables, then
+ * all of its lookups, into its partial sums. */
+static void lutq_tables_and_lookups(const lutq_state *c, int64_t t0, int64_t tokens, int member, int team) {
+    const aqlm_format *f = c->call.format;
+    const aqlm_block_shape *s = &c->s;
+    const aqlm_lutq_next *next = c->call.next;
+    const int64_t group = c->call.group, G = c->G, M = c->M, KS = c->KS, in = c->in, chunks = c->chunks;
+    const int P = c->P;
+    const float *xs = pass_input(c, t0);
+    for (int p = member; p < P; p += team) {
+        const int64_t g0 = c->split.bounds[p], g1 = c->split.bounds[p + 1];
+        /* The first token's tables are built one group at a time, with a few lines of this
+         * thread's codes prefetched after each: they stream in from memory while the tables
+         * compute, where a layer the others have evicted would otherwise have the lookups
+         * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster).
+         * So do the next call's first lines (aqlm_lutq_next), for the same thread, and p's share
+         * of the memory the caller reads soon after. */
+        enum { STREAMS = 4 };
+        line_stream streams[STREAMS] = {code_lines(f, c->call.packed, P, p, EARLY_CODE_BYTES), flat_lines(NULL, 0),
+                                        flat_lines(NULL, 0), flat_lines(NULL, 0)};
+        if (next != NULL && next->prepared != NULL) {
+            streams[1] = flat_lines(next->prepared, (int64_t)aqlm_lutq_prepared_size(&next->format) * (int64_t)sizeof(float));
+            streams[2] = code_lines(&next->format, next->packed, P, p, NEXT_CODE_BYTES);
+        }
+        if (next != NULL && next->soon != NULL && next->soon_bytes > 0) { /* p's share, whole lines */
+            const int64_t lines = (next->soon_bytes + 63) / 64, first = lines * p / P, last = lines * (p + 1) / P;
+            streams[3] = flat_lines((const uint8_t *)next->soon + first * 64, (last - first) * 64);
+        }
+        int64_t lines_per_group[STREAMS];
+        for (int r = 0; r < STREAMS; r++) lines_per_group[r] = (streams[r].total + (g1 - g0) - 1) / (g1 - g0);
+        for (int64_t t = 0; t < tokens; t++)
+            for (int64_t b = g0 / group; b * group < g1; b++) {
+                int64_t from, to;
+                aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
+                /* the whole chunk's bound, the same float on every thread that meets it */
+                float bound[AQLM_LUTQ_MAX_CODEBOOKS], inverse[AQLM_LUTQ_MAX_CODEBOOKS];
+                chunk_bound(c->ig, M, b * group, (b + 1) * group < G ? (b + 1) * group : G, xs + t * in,
+                            c->column_max, c->norm_max, bound);
+                for (int64_t m = 0; m < M; m++) inverse[m] = bound[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / bound[m] : 0.0f;
+                if (b * group >= g0) /* one writer per step: the thread holding the chunk's start */
+                    for (int64_t m = 0; m < M; m++) c->qscale[(t * chunks + b) * M + m] = bound[m] / (float)AQLM_LUTQ_LEVELS;
+                int8_t *high = c->qhi + (t * G + from) * M * KS, *low = c->qlo + (t * G + from) * M * KS;
+                if (t0 == 0 && t == 0)
+                    for (int64_t j = from; j < to; j++) {
+                        c->kernels->tables(s, j, j + 1, xs, c->ready, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
+                        for (int r = 0; r < STREAMS; r++) prefetch_lines(&streams[r], lines_per_group[r]);
+                    }
+                else
+                    c->kernels->tables(s, from, to, xs + t * in, c->ready, inverse, high, low);
+            }
+        /* Slabs of chunks whose tables stay in L2 while every tile's codes stream past. */
+        for (int64_t b0 = g0 / group; b0 * group < g1;) {
+            int64_t b1 = b0 + 1, slab_bytes = group * c->group_bytes;
+            while (b1 * group < g1 && slab_bytes + group * c->group_bytes <= AQLM_LUTQ_SLAB_BYTES)
+                b1++, slab_bytes += group * c->group_bytes;
+            const int64_t from = b0 * group > g0 ? b0 * group : g0, to = b1 * group < g1 ? b1 * group : g1;
+            int32_t *target = c->partials + (c->split.piece0[p] + b0 - g0 / group) * tokens * M * c->stride;
+            c->kernels->accumulate(s, group, from, to, c->tiles, c->call.packed, tokens, c->qhi, c->qlo, target, c->stride);
+            b0 = b1;
+        }
+    }
+}
+
+/* Step 2 of a pass, after every part's step 1: the rows of each part's share summed, scaled and stored. */
+static void lutq_finish(const lutq_state *c, int64_t t0, int64_t tokens, int member, int team) {
+    const int64_t out = c->out, stride = c->stride;
+    const int P = c->P;
+    const aqlm_dtype x_dtype = c->call.x_dtype, param_dtype = c->call.param_dtype;
+    for (int p = member; p < P; p += team) {
+        const int64_t units = stride / AQLM_LUTQ_ROW_BLOCK;
+        const int64_t row0 = units * p / P * AQLM_LUTQ_ROW_BLOCK, row1 = units * (p + 1) / P * AQLM_LUTQ_ROW_BLOCK;
+        if (row0 == row1) continue;
+        c->kernels->finish(c->M, c->chunks, c->split.first, tokens, c->partials, stride, row0, row1, c->qscale, c->acc);
+        const int64_t last = row1 < out ? row1 : out;
+        if (x_dtype == AQLM_F32 && param_dtype == AQLM_F32) { /* the same, in loops that vectorize */
+            const float *scale = (const float *)c->call.scales, *shift = (const float *)c->call.bias;
+            for (int64_t t = 0; t < tokens; t++) {
+                float *target = (float *)c->call.y + (t0 + t) * out;
+                const float *sums = c->acc + t * stride;
+                if (shift)
+                    for (int64_t row = row0; row < last; row++) target[row] = sums[row] * scale[row] + shift[row];
+                else
+                    for (int64_t row = row0; row < last; row++) target[row] = sums[row] * scale[row] + 0.0f;
+            }
+            continue;
+        }
+        for (int64_t row = row0; row < last; row++) {
+            const float scale = aqlm_load(param_dtype, c->call.scales, row);
+            const float shift = c->call.bias ? aqlm_load(param_dtype, c->call.bias, row) : 0.0f;
+            for (int64_t t = 0; t < tokens; t++)
+                aqlm_store(x_dtype, c->call.y, (t0 + t) * out + row, c->acc[t * stride + row] * scale + shift);
+        }
+    }
+}
+
 aqlm_status aqlm_lutq_matmul(const aqlm_format *f, int64_t group, int64_t n, aqlm_dtype x_dtype,
                              const void *x, const uint8_t *packed, aqlm_dtype param_dtype,
                              const void *codebooks, const float *prepared, const void *scales, const void *bias,
                              void *y, const aqlm_lutq_next *next, void *workspace, size_t workspace_bytes,
                              aqlm_simd simd, int num_threads, aqlm_error *err) {
-    aqlm_status status = check_lutq_format(f, err);
-    if (status != AQLM_OK) return status;
-    AQLM_CHECK(err, group >= 1 && group <= AQLM_LUTQ_MAX_GROUP,
-               "input groups per table scale must be in [1, %d], got %lld", AQLM_LUTQ_MAX_GROUP, (long long)group);
-    AQLM_CHECK(err, n >= 0, "number of tokens must be >= 0, got %lld", (long long)n);
-    AQLM_CHECK(err, packed != NULL && codebooks != NULL && scales != NULL, "packed codes, codebooks and scales must not be NULL");
-    AQLM_CHECK(err, n == 0 || (x != NULL && y != NULL), "x and y must not be NULL");
-    AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
-    if (n == 0) return AQLM_OK;
-
-    const aqlm_block_shape s = aqlm_block_shape_of(f);
-    const aqlm_lutq_kernels *kernels = aqlm_lutq_kernels_for(simd);
-    const int64_t in = f->in_features, out = f->out_features, ig = s.ig, M = s.M, K = s.K, G = s.in_groups;
-    const int64_t KS = aqlm_lutq_table_stride(K), chunks = (G + group - 1) / group;
-    const int64_t tiles = (out + AQLM_LUTQ_TILE - 1) / AQLM_LUTQ_TILE, stride = tiles * AQLM_LUTQ_TILE;
-    const int64_t T = n < AQLM_LUTQ_MAX_TOKENS ? n : AQLM_LUTQ_MAX_TOKENS;
-    /* Lookups are ~8 per vector operation (two tables), table entries ~8 per FMA. */
-    const double work = (double)T * ((double)out * G * M / 8 + (double)G * M * K * ig / 8);
-    const int P = lutq_threads(num_threads, work, G);
-    const int copy_x = x_dtype != AQLM_F32; /* float32 x is read where it is */
-
-    const lutq_layout l = layout_of(f, group, T, P, copy_x, prepared == NULL);
-    const int own = workspace == NULL || workspace_bytes < l.bytes || ((uintptr_t)workspace & 63) != 0;
-    char *base = own ? aligned_alloc(64, l.bytes) : workspace;
-    if (!base) return aqlm_nomem(err, l.bytes);
-    float *x32 = (float *)(base + l.x), *qscale = (float *)(base + l.qscale), *acc = (float *)(base + l.acc);
-    int8_t *qhi = (int8_t *)(base + l.qhi), *qlo = (int8_t *)(base + l.qlo);
-    int32_t *partials = (int32_t *)(base + l.partials);
-    int64_t *split_arrays = (int64_t *)(base + l.split);
-    group_split split = {.threads = P, .bounds = split_arrays, .piece0 = split_arrays + (P + 1),
-                         .first = split_arrays + 2 * (P + 1)};
-    fill_split(G, group, &split);
-    if (!prepared) aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, (float *)(base + l.prepared), err); /* f checked above */
-    const float *ready = prepared ? prepared : (const float *)(base + l.prepared);
-    const float *column_max = ready + aqlm_lutq_prepared_column_max(&s), *norm_max = column_max + M * ig;
-    memset(qhi + T * G * M * KS, 0, AQLM_LUTQ_PAD);
-    memset(qlo + T * G * M * KS, 0, AQLM_LUTQ_PAD);
-    /* A chunk's tables (all tokens, high and low) per slab of lookups. */
-    const int64_t group_bytes = 2 * T * M * KS;
-
-    for (int64_t t0 = 0; t0 < n; t0 += T) {
-        const int64_t tokens = n - t0 < T ? n - t0 : T;
-        const float *xs = copy_x ? x32 : (const float *)x + t0 * in; /* this pass's tokens in float32 */
-        if (copy_x)
-            for (int64_t index = 0; index < tokens * in; index++) x32[index] = aqlm_load(x_dtype, x, t0 * in + index);
-#pragma omp parallel num_threads(P)
+    const aqlm_lutq_call call = {.format = f, .group = group, .n = n, .x_dtype = x_dtype, .x = x, .packed = packed,
+                                 .param_dtype = param_dtype, .codebooks = codebooks, .prepared = prepared,
+                                 .scales = scales, .bias = bias, .y = y, .next = next, .workspace = workspace,
+                                 .workspace_bytes = workspace_bytes};
+    lutq_state c;
+    const aqlm_status status = lutq_begin(&call, simd, num_threads, &c, err);
+    if (status != AQLM_OK || n == 0) return status;
+    for (int64_t t0 = 0; t0 < n; t0 += c.T) {
+        const int64_t tokens = n - t0 < c.T ? n - t0 : c.T;
+        lutq_copy_pass(&c, t0, tokens);
+#pragma omp parallel num_threads(c.P)
         {
             /* The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): each member then
              * plays several of the P parts, the same work in the same places. */
             const int member = omp_get_thread_num(), team = omp_get_num_threads();
-            for (int p = member; p < P; p += team) { /* 1: p's tables, then all of p's lookups */
-                const int64_t g0 = split.bounds[p], g1 = split.bounds[p + 1];
-                /* The first token's tables are built one group at a time, with a few lines of this
-                 * thread's codes prefetched after each: they stream in from memory while the tables
-                 * compute, where a layer the others have evicted would otherwise have the lookups
-                 * wait on them (a burst of prefetches only stalls; SmolLM2 decoding: 7% faster).
-                 * So do the next call's first lines (aqlm_lutq_next), for the same thread, and p's share
-                 * of the memory the caller reads soon after. */
-                enum { STREAMS = 4 };
-                line_stream streams[STREAMS] = {code_lines(f, packed, P, p, EARLY_CODE_BYTES), flat_lines(NULL, 0),
-                                                flat_lines(NULL, 0), flat_lines(NULL, 0)};
-                if (next != NULL && next->prepared != NULL) {
-                    streams[1] = flat_lines(next->prepared, (int64_t)aqlm_lutq_prepared_size(&next->format) * (int64_t)sizeof(float));
-                    streams[2] = code_lines(&next->format, next->packed, P, p, NEXT_CODE_BYTES);
-                }
-                if (next != NULL && next->soon != NULL && next->soon_bytes > 0) { /* p's share, whole lines */
-                    const int64_t lines = (next->soon_bytes + 63) / 64, first = lines * p / P, last = lines * (p + 1) / P;
-                    streams[3] = flat_lines((const uint8_t *)next->soon + first * 64, (last - first) * 64);
-                }
-                int64_t lines_per_group[STREAMS];
-                for (int r = 0; r < STREAMS; r++) lines_per_group[r] = (streams[r].total + (g1 - g0) - 1) / (g1 - g0);
-                for (int64_t t = 0; t < tokens; t++)
-                    for (int64_t b = g0 / group; b * group < g1; b++) {
-                        int64_t from, to;
-                        aqlm_lutq_piece_bounds(b, group, g0, g1, &from, &to);
-                        /* the whole chunk's bound, the same float on every thread that meets it */
-                        float bound[AQLM_LUTQ_MAX_CODEBOOKS], inverse[AQLM_LUTQ_MAX_CODEBOOKS];
-                        chunk_bound(ig, M, b * group, (b + 1) * group < G ? (b + 1) * group : G, xs + t * in,
-                                    column_max, norm_max, bound);
-                        for (int64_t m = 0; m < M; m++) inverse[m] = bound[m] > 0.0f ? (float)AQLM_LUTQ_LEVELS / bound[m] : 0.0f;
-                        if (b * group >= g0) /* one writer per step: the thread holding the chunk's start */
-                            for (int64_t m = 0; m < M; m++) qscale[(t * chunks + b) * M + m] = bound[m] / (float)AQLM_LUTQ_LEVELS;
-                        int8_t *high = qhi + (t * G + from) * M * KS, *low = qlo + (t * G + from) * M * KS;
-                        if (t0 == 0 && t == 0)
-                            for (int64_t j = from; j < to; j++) {
-                                kernels->tables(&s, j, j + 1, xs, ready, inverse, high + (j - from) * M * KS, low + (j - from) * M * KS);
-                                for (int r = 0; r < STREAMS; r++) prefetch_lines(&streams[r], lines_per_group[r]);
-                            }
-                        else
-                            kernels->tables(&s, from, to, xs + t * in, ready, inverse, high, low);
-                    }
-                /* Slabs of chunks whose tables stay in L2 while every tile's codes stream past. */
-                for (int64_t b0 = g0 / group; b0 * group < g1;) {
-                    int64_t b1 = b0 + 1, slab_bytes = group * group_bytes;
-                    while (b1 * group < g1 && slab_bytes + group * group_bytes <= AQLM_LUTQ_SLAB_BYTES) b1++, slab_bytes += group * group_bytes;
-                    const int64_t from = b0 * group > g0 ? b0 * group : g0, to = b1 * group < g1 ? b1 * group : g1;
-                    int32_t *target = partials + (split.piece0[p] + b0 - g0 / group) * tokens * M * stride;
-                    kernels->accumulate(&s, group, from, to, tiles, packed, tokens, qhi, qlo, target, stride);
-                    b0 = b1;
-                }
-            }
+            lutq_tables_and_lookups(&c, t0, tokens, member, team);
 #pragma omp barrier
-            for (int p = member; p < P; p += team) { /* 2: the rows of p's share summed, scaled and stored */
-                const int64_t units = stride / AQLM_LUTQ_ROW_BLOCK;
-                const int64_t row0 = units * p / P * AQLM_LUTQ_ROW_BLOCK, row1 = units * (p + 1) / P * AQLM_LUTQ_ROW_BLOCK;
-                if (row0 == row1) continue;
-                kernels->finish(M, chunks, split.first, tokens, partials, stride, row0, row1, qscale, acc);
-                const int64_t last = row1 < out ? row1 : out;
-                if (x_dtype == AQLM_F32 && param_dtype == AQLM_F32) { /* the same, in loops that vectorize */
-                    const float *scale = (const float *)scales, *shift = (const float *)bias;
-                    for (int64_t t = 0; t < tokens; t++) {
-                        float *target = (float *)y + (t0 + t) * out;
-                        const float *sums = acc + t * stride;
-                        if (shift)
-                            for (int64_t row = row0; row < last; row++) target[row] = sums[row] * scale[row] + shift[row];
-                        else
-                            for (int64_t row = row0; row < last; row++) target[row] = sums[row] * scale[row] + 0.0f;
-                    }
-                    continue;
-                }
-                for (int64_t row = row0; row < last; row++) {
-                    const float scale = aqlm_load(param_dtype, scales, row);
-                    const float shift = bias ? aqlm_load(param_dtype, bias, row) : 0.0f;
-                    for (int64_t t = 0; t < tokens; t++)
-                        aqlm_store(x_dtype, y, (t0 + t) * out + row, acc[t * stride + row] * scale + shift);
-                }
-            }
+            lutq_finish(&c, t0, tokens, member, team);
         }
     }
-    if (own) free(base);
+    lutq_end(&c);
     return AQLM_OK;
+}
+
+aqlm_status aqlm_lutq_matmul_many(int count, const aqlm_lutq_call *calls, aqlm_simd simd, int num_threads,
+                                  aqlm_error *err) {
+    AQLM_CHECK(err, count >= 0 && count <= AQLM_LUTQ_MAX_CALLS, "count must be in [0, %d], got %d", AQLM_LUTQ_MAX_CALLS, count);
+    AQLM_CHECK(err, count == 0 || calls != NULL, "calls must not be NULL");
+    lutq_state states[AQLM_LUTQ_MAX_CALLS];
+    aqlm_status status = AQLM_OK;
+    int begun = 0, P = 1;
+    for (; begun < count && status == AQLM_OK; begun++) {
+        const aqlm_lutq_call *call = &calls[begun];
+        if (call->n > AQLM_LUTQ_MAX_TOKENS) {
+            aqlm_set_error(err, "calls run together take at most %d tokens each, call %d has %lld", AQLM_LUTQ_MAX_TOKENS,
+                           begun, (long long)call->n);
+            status = AQLM_ERR_ARGUMENT;
+            break;
+        }
+        status = lutq_begin(call, simd, num_threads, &states[begun], err);
+        if (status == AQLM_OK) {
+            lutq_copy_pass(&states[begun], 0, call->n);
+            P = states[begun].P > P ? states[begun].P : P;
+        }
+    }
+    if (status == AQLM_OK) {
+#pragma omp parallel num_threads(P)
+        {
+            const int member = omp_get_thread_num(), team = omp_get_num_threads();
+            for (int i = 0; i < count; i++)
+                if (states[i].call.n > 0) lutq_tables_and_lookups(&states[i], 0, states[i].call.n, member, team);
+#pragma omp barrier
+            for (int i = 0; i < count; i++)
+                if (states[i].call.n > 0) lutq_finish(&states[i], 0, states[i].call.n, member, team);
+        }
+    }
+    for (int i = 0; i < begun; i++) lutq_end(&states[i]);
+    return status;
 }

@@ -832,20 +832,39 @@ static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
 
 /* Runs bound call b on x and out (checked by the caller); a 'lutq' call also prefetches soon_bytes
  * from `soon` (NULL: nothing) as it builds its tables (aqlm_lutq_next). */
+/* A BOUND_LUTQ call's arguments on x and out, with next (filled here) and soon (NULL, or soon_bytes
+ * bytes read soon after) to prefetch; its bound workspace, unless another thread's call on this
+ * weight holds it now (*mine says whether it took it: bound_lutq_release gives it back). */
+static aqlm_lutq_call bound_lutq_call(bound_matmul *b, const char *x, char *out, aqlm_lutq_next *next,
+                                      const void *soon, int64_t soon_bytes, int *mine) {
+    const void *const *weight = (const void *const *)b->weight_first;
+    *next = b->has_next ? b->next : (aqlm_lutq_next){.prepared = NULL};
+    next->soon = soon, next->soon_bytes = soon_bytes;
+    *mine = b->workspace != NULL && atomic_exchange(&b->workspace_busy, 1) == 0;
+    return (aqlm_lutq_call){.format = &b->format, .group = b->group, .n = b->tokens, .x_dtype = b->x_dtype, .x = x,
+                            .packed = weight[SLOT_CODES], .param_dtype = b->param_dtype,
+                            .codebooks = weight[SLOT_CODEBOOKS], .prepared = weight[SLOT_PREPARED],
+                            .scales = weight[SLOT_SCALES], .bias = weight[SLOT_BIAS], .y = out,
+                            .next = b->has_next || soon ? next : NULL, .workspace = *mine ? b->workspace : NULL,
+                            .workspace_bytes = *mine ? b->workspace_bytes : 0};
+}
+
+static void bound_lutq_release(bound_matmul *b, int mine) {
+    if (mine) atomic_store(&b->workspace_busy, 0);
+}
+
 static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, const void *soon, int64_t soon_bytes,
                                     aqlm_error *err) {
     const void *const *weight = (const void *const *)b->weight_first;
     switch (b->kind) {
     case BOUND_LUTQ: {
-        aqlm_lutq_next next = b->has_next ? b->next : (aqlm_lutq_next){.prepared = NULL};
-        next.soon = soon, next.soon_bytes = soon_bytes;
-        /* the bound workspace, unless another thread's call on this weight holds it now */
-        const int mine = b->workspace != NULL && atomic_exchange(&b->workspace_busy, 1) == 0;
-        const aqlm_status status = aqlm_lutq_matmul(
-            &b->format, b->group, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype, weight[SLOT_CODEBOOKS],
-            weight[SLOT_PREPARED], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->has_next || soon ? &next : NULL,
-            mine ? b->workspace : NULL, mine ? b->workspace_bytes : 0, b->simd, b->num_threads, err);
-        if (mine) atomic_store(&b->workspace_busy, 0);
+        aqlm_lutq_next next;
+        int mine;
+        const aqlm_lutq_call c = bound_lutq_call(b, x, out, &next, soon, soon_bytes, &mine);
+        const aqlm_status status = aqlm_lutq_matmul(c.format, c.group, c.n, c.x_dtype, c.x, c.packed, c.param_dtype,
+                                                    c.codebooks, c.prepared, c.scales, c.bias, c.y, c.next,
+                                                    c.workspace, c.workspace_bytes, b->simd, b->num_threads, err);
+        bound_lutq_release(b, mine);
         return status;
     }
     case BOUND_LUTW:
@@ -1593,6 +1612,7 @@ typedef struct {
             char *out;
             const char *cache;    /* NULL, or the keys or values of the attention step after it, */
             int64_t row_bytes;    /* whose rows before the step's position it prefetches */
+            int together;         /* linear steps from this one run as one (join_lutq_linears); 0: run by an earlier one */
         } linear;
         norm_args norm;
         silu_args silu;
@@ -1635,7 +1655,7 @@ static int linear_step_parse(PyObject *spec, program_step *step) {
         return -1;
     step->kind = STEP_LINEAR;
     step->as.linear.bound = b, step->as.linear.x = (const char *)arrays[0].data, step->as.linear.out = (char *)arrays[1].data;
-    step->as.linear.cache = NULL, step->as.linear.row_bytes = 0;
+    step->as.linear.cache = NULL, step->as.linear.row_bytes = 0, step->as.linear.together = 1;
     return 0;
 }
 
@@ -1698,6 +1718,56 @@ static void link_attention_caches(program_step *steps, Py_ssize_t count) {
     }
 }
 
+/* Whether a linear step can run in one parallel region with the earlier linear steps first..last - 1
+ * (aqlm_lutq_matmul_many): all quantized tables of one pass, on the same x, thread count and SIMD
+ * level, and its out apart from theirs (each out is apart from x and the weights already). */
+static int joins_lutq_linears(const program_step *steps, Py_ssize_t first, Py_ssize_t last) {
+    const program_step *step = &steps[last];
+    if (step->kind != STEP_LINEAR || last - first >= AQLM_LUTQ_MAX_CALLS) return 0;
+    const bound_matmul *b = step->as.linear.bound, *a = steps[first].as.linear.bound;
+    if (b->kind != BOUND_LUTQ || b->tokens > AQLM_LUTQ_MAX_TOKENS || step->as.linear.x != steps[first].as.linear.x ||
+        b->num_threads != a->num_threads || b->simd != a->simd)
+        return 0;
+    for (Py_ssize_t i = first; i < last; i++) {
+        const char *out = steps[i].as.linear.out;
+        if (ranges_overlap(step->as.linear.out, b->out_bytes, out, out + steps[i].as.linear.bound->out_bytes)) return 0;
+    }
+    return 1;
+}
+
+/* Runs of linear steps on the same x (a Llama layer's q, k and v projections; its gate and up
+ * projections) run as one: one parallel region and one barrier for the run, where each linear
+ * alone takes a region and a barrier of its own, and the threads wait at every barrier for the
+ * last to arrive (SmolLM2 2x8g8 on 2 cores: ~20% of a linear's time went to entering its region,
+ * the barrier and the join). */
+static void join_lutq_linears(program_step *steps, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count;) {
+        Py_ssize_t end = i + 1;
+        if (steps[i].kind == STEP_LINEAR && steps[i].as.linear.bound->kind == BOUND_LUTQ &&
+            steps[i].as.linear.bound->tokens <= AQLM_LUTQ_MAX_TOKENS)
+            while (end < count && joins_lutq_linears(steps, i, end)) end++;
+        if (end - i > 1) {
+            steps[i].as.linear.together = (int)(end - i);
+            for (Py_ssize_t j = i + 1; j < end; j++) steps[j].as.linear.together = 0;
+        }
+        i = end;
+    }
+}
+
+/* The linear steps steps[0..count - 1], joined by join_lutq_linears, at cache row `position`. */
+static aqlm_status lutq_linears_run(const program_step *steps, int count, long long position, aqlm_error *err) {
+    aqlm_lutq_call calls[AQLM_LUTQ_MAX_CALLS];
+    aqlm_lutq_next nexts[AQLM_LUTQ_MAX_CALLS];
+    int mine[AQLM_LUTQ_MAX_CALLS];
+    for (int i = 0; i < count; i++)
+        calls[i] = bound_lutq_call(steps[i].as.linear.bound, steps[i].as.linear.x, steps[i].as.linear.out, &nexts[i],
+                                   steps[i].as.linear.cache, steps[i].as.linear.row_bytes * position, &mine[i]);
+    const bound_matmul *first = steps[0].as.linear.bound;
+    const aqlm_status status = aqlm_lutq_matmul_many(count, calls, first->simd, first->num_threads, err);
+    for (int i = 0; i < count; i++) bound_lutq_release(steps[i].as.linear.bound, mine[i]);
+    return status;
+}
+
 PyDoc_STRVAR(bind_step_program_doc,
 "bind_step_program(steps)\n"
 "--\n\n"
@@ -1731,9 +1801,35 @@ static PyObject *py_bind_step_program(PyObject *module, PyObject *specs) {
             return NULL;
         }
     link_attention_caches(steps, count);
+    join_lutq_linears(steps, count);
     PyObject *capsule = PyCapsule_New(p, STEP_PROGRAM_CAPSULE, step_program_free);
     if (capsule == NULL) Py_DECREF(sequence), PyMem_Free(steps), PyMem_Free(p);
     return capsule;
+}
+
+PyDoc_STRVAR(step_program_runs_doc,
+"step_program_runs(program)\n"
+"--\n\n"
+"The steps of a bind_step_program program as they run: a tuple with, for each run, how many steps\n"
+"it takes (linear steps on the same x that run in one parallel region take several; any other\n"
+"step one).");
+
+static PyObject *py_step_program_runs(PyObject *module, PyObject *capsule) {
+    const step_program *p = PyCapsule_GetPointer(capsule, STEP_PROGRAM_CAPSULE);
+    if (p == NULL) return NULL;
+    PyObject *runs = PyList_New(0);
+    for (Py_ssize_t i = 0; runs != NULL && i < p->count; i++) {
+        const program_step *step = &p->steps[i];
+        const long steps = step->kind == STEP_LINEAR ? step->as.linear.together : 1;
+        if (steps == 0) continue;
+        PyObject *value = PyLong_FromLong(steps);
+        if (value == NULL || PyList_Append(runs, value) < 0) Py_CLEAR(runs);
+        Py_XDECREF(value);
+    }
+    if (runs == NULL) return NULL;
+    PyObject *result = PyList_AsTuple(runs);
+    Py_DECREF(runs);
+    return result;
 }
 
 PyDoc_STRVAR(run_step_program_doc,
@@ -1763,6 +1859,11 @@ static PyObject *py_run_step_program(PyObject *module, PyObject *const *args, Py
         const program_step *step = &p->steps[i];
         switch (step->kind) {
         case STEP_LINEAR: {
+            if (step->as.linear.together == 0) break; /* run with an earlier step */
+            if (step->as.linear.together > 1) {
+                status = lutq_linears_run(step, step->as.linear.together, position, &err);
+                break;
+            }
             bound_matmul *b = step->as.linear.bound;
             status = bound_matmul_run(b, step->as.linear.x, step->as.linear.out, step->as.linear.cache,
                                       step->as.linear.row_bytes * position, &err);
@@ -1880,6 +1981,7 @@ static PyMethodDef methods[] = {
     {"bind_next", (PyCFunction)(void (*)(void))py_bind_next, METH_FASTCALL, bind_next_doc},
     {"bind_step_program", py_bind_step_program, METH_O, bind_step_program_doc},
     {"run_step_program", (PyCFunction)(void (*)(void))py_run_step_program, METH_FASTCALL, run_step_program_doc},
+    {"step_program_runs", py_step_program_runs, METH_O, step_program_runs_doc},
     {"bf16_matmul", (PyCFunction)(void (*)(void))py_bf16_matmul, METH_VARARGS | METH_KEYWORDS, bf16_matmul_doc},
     {"bf16_kernel", (PyCFunction)(void (*)(void))py_bf16_kernel, METH_VARARGS | METH_KEYWORDS, bf16_kernel_doc},
     {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},

@@ -326,6 +326,35 @@ def test_step_program_gives_the_bits_of_the_calls_one_by_one():
     assert torch.equal(decoder.logits(IDS, one_by_one=True), in_c)
 
 
+def test_step_program_joins_the_linears_of_one_input_with_the_same_bits(always_parallel):
+    """With quantized tables, a layer's q, k and v projections run as one call and its gate and up
+    projections as another (one parallel region each), on one thread and on several: the logits
+    of the Python loop, which calls them one by one, bit for bit."""
+    if ops.lutq_kernel_name() == "scalar":
+        pytest.skip("the decoding step takes quantized tables only where they run in SIMD")
+    model = tiny_llama(seed=11, intermediate_size=160)
+    quantize_linears(model)
+    before = torch.get_num_threads()
+    torch.set_num_threads(always_parallel)
+    try:
+        decoder = LlamaDecoder(model, max_length=32)
+        layer_runs = (1, 3, 1, 1, 1, 2, 1, 1)  # norm, q k v, attention, o, norm, gate up, SiLU, down
+        for count in (always_parallel, 1):
+            assert decoder.programs[count][2].runs == layer_runs * len(decoder.layers) + (1,)
+        def stepped(count: int) -> torch.Tensor:
+            decoder.reset()
+            with torch.no_grad():
+                return torch.cat([decoder._logits(decoder._step(int(token), count)) for token in IDS])
+
+        joined = {count: stepped(count) for count in (always_parallel, 1)}
+        decoder.programs = {count: (steps, final, None) for count, (steps, final, _) in decoder.programs.items()}
+        for count in (always_parallel, 1):
+            assert torch.equal(stepped(count), joined[count])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(joined[1], joined[always_parallel])
+
+
 def test_step_programs_reject_bad_steps_with_named_errors():
     gate, up, h, weight = torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
     silu, norm = ops.bound_silu_mul(gate, up), ops.bound_residual_rms_norm(h, torch.ones(4), weight, torch.zeros(4), 1e-5)
