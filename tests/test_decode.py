@@ -481,6 +481,23 @@ def test_decoder_smaller_heads_are_close_and_generate_stops_at_eos(lm_head):
     assert out.shape == (1, len(IDS) + 1) and int(out[0, -1]) == first
 
 
+@pytest.mark.parametrize("lm_head", ["exact", "int8"])
+def test_generate_picks_the_tokens_of_torch_argmax(lm_head, monkeypatch):
+    """generate takes each token as the argmax of its logits as torch.argmax would: the first of
+    equal maxima, the first NaN where there is one; the int8 head writes its logits into the
+    decoder's buffer, the same bits as a fresh tensor."""
+    decoder = LlamaDecoder(tiny_llama(seed=5), max_length=32, lm_head=lm_head)
+    hidden = decoder._prefill(IDS)[-1:]
+    assert decoder._next_token(hidden) == int(decoder._logits(hidden).argmax())
+    if lm_head == "int8":
+        assert torch.equal(decoder.next_logits, decoder._logits(hidden))
+    for values in ([0.5, 2.0, -1.0, 2.0, 1.0], [0.5, float("nan"), 3.0, float("nan"), 1.0], [-3.0, -1.0, -1.0, -2.0, -1.0]):
+        logits = torch.tensor([values])
+        monkeypatch.setattr(decoder, "_logits", lambda hidden, logits=logits: logits)
+        monkeypatch.setattr(decoder, "head_mode", "exact")
+        assert decoder._next_token(hidden) == int(logits.argmax())
+
+
 def test_decoder_rejects_what_it_cannot_run():
     model = tiny_llama()
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
