@@ -197,8 +197,8 @@ enum { EARLY_CODE_BYTES = 128 << 10, NEXT_CODE_BYTES = 8 << 10 };
  * `first` (a thread's codes: each tile's run of its input groups, tile after tile, the order the
  * accumulate kernels read them), up to `total` lines. `next` lines are done; the next one lies
  * `offset` bytes into the run from `run_first` (the line's byte next * 64 is `offset` into run
- * number (next * 64) / run, kept without dividing: a division per line took 9% of SmolLM2
- * decoding's time). */
+ * number (next * 64) / run), kept without a division per line (SmolLM2 decoding, perf: the
+ * driver's own share of the samples 11.9% -> 10.2%). */
 typedef struct {
     const uint8_t *run_first;
     int64_t run, stride, offset, next, total;

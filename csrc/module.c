@@ -820,18 +820,22 @@ static int ranges_overlap(const char *first, size_t bytes, const char *other_fir
     return other_first != NULL && first < other_end && other_first < first + bytes;
 }
 
-/* Rejects an out that shares bytes with any of bound call b's weight arrays. */
-static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
+/* Whether `bytes` bytes from out share any with bound call b's weight arrays. */
+static int overlaps_weight(const bound_matmul *b, const char *out, size_t bytes) {
     for (int i = 0; i < BOUND_WEIGHT_ARRAYS; i++)
-        if (ranges_overlap(out, b->out_bytes, b->weight_first[i], b->weight_end[i])) {
-            PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
-            return -1;
-        }
+        if (ranges_overlap(out, bytes, b->weight_first[i], b->weight_end[i])) return 1;
     return 0;
 }
 
-/* Runs bound call b on x and out (checked by the caller); a 'lutq' call also prefetches soon_bytes
- * from `soon` (NULL: nothing) as it builds its tables (aqlm_lutq_next). */
+/* Rejects an out that shares bytes with any of bound call b's weight arrays. */
+static int check_out_apart_from_weight(const bound_matmul *b, const char *out) {
+    if (overlaps_weight(b, out, b->out_bytes)) {
+        PyErr_SetString(PyExc_ValueError, "out must not overlap the weight in memory");
+        return -1;
+    }
+    return 0;
+}
+
 /* A BOUND_LUTQ call's arguments on x and out, with next (filled here) and soon (NULL, or soon_bytes
  * bytes read soon after) to prefetch; its bound workspace, unless another thread's call on this
  * weight holds it now (*mine says whether it took it: bound_lutq_release gives it back). */
@@ -853,6 +857,8 @@ static void bound_lutq_release(bound_matmul *b, int mine) {
     if (mine) atomic_store(&b->workspace_busy, 0);
 }
 
+/* Runs bound call b on x and out (checked by the caller); a 'lutq' call also prefetches soon_bytes
+ * from `soon` (NULL: nothing) as it builds its tables (aqlm_lutq_next). */
 static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, const void *soon, int64_t soon_bytes,
                                     aqlm_error *err) {
     const void *const *weight = (const void *const *)b->weight_first;
@@ -1720,7 +1726,8 @@ static void link_attention_caches(program_step *steps, Py_ssize_t count) {
 
 /* Whether a linear step can run in one parallel region with the earlier linear steps first..last - 1
  * (aqlm_lutq_matmul_many): all quantized tables of one pass, on the same x, thread count and SIMD
- * level, and its out apart from theirs (each out is apart from x and the weights already). */
+ * level, its out apart from their outs and weights and theirs apart from its weight (each out is
+ * apart from x and its own weight already). */
 static int joins_lutq_linears(const program_step *steps, Py_ssize_t first, Py_ssize_t last) {
     const program_step *step = &steps[last];
     if (step->kind != STEP_LINEAR || last - first >= AQLM_LUTQ_MAX_CALLS) return 0;
@@ -1729,8 +1736,11 @@ static int joins_lutq_linears(const program_step *steps, Py_ssize_t first, Py_ss
         b->num_threads != a->num_threads || b->simd != a->simd)
         return 0;
     for (Py_ssize_t i = first; i < last; i++) {
+        const bound_matmul *other = steps[i].as.linear.bound;
         const char *out = steps[i].as.linear.out;
-        if (ranges_overlap(step->as.linear.out, b->out_bytes, out, out + steps[i].as.linear.bound->out_bytes)) return 0;
+        if (ranges_overlap(step->as.linear.out, b->out_bytes, out, out + other->out_bytes) ||
+            overlaps_weight(other, step->as.linear.out, b->out_bytes) || overlaps_weight(b, out, other->out_bytes))
+            return 0;
     }
     return 1;
 }

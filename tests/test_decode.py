@@ -281,6 +281,33 @@ def test_chained_bound_linears_give_the_same_bits():
         _C.bind_next(calls[0].bound, "not a bound call")
 
 
+def test_step_program_joins_linears_only_when_their_outs_touch_nothing_of_the_others():
+    """Two lutq linears on one x run together unless one's out lies on the other's out or weight
+    (then each runs alone, as called in turn)."""
+    if ops.lutq_kernel_name() == "scalar":
+        pytest.skip("the decoding step takes quantized tables only where they run in SIMD")
+    generator = torch.Generator().manual_seed(4)
+    layers = [QuantizedLinear.from_parts(pack_codes(torch.randint(0, 256, (32, 8, 2), generator=generator), 8),
+                                         torch.randn(2, 256, 1, 8, generator=generator),
+                                         torch.rand(32, 1, 1, 1, generator=generator) + 0.5, None) for _ in range(2)]
+    x = torch.randn(1, 64, generator=generator)
+
+    def runs(first_out: torch.Tensor, second_out: torch.Tensor) -> tuple:
+        calls = [ops.bound_linear_cpu(x, out, layer.codes, layer.codebooks, layer.scales, layer.bias, prefer="lutq")
+                 for out, layer in zip((first_out, second_out), layers)]
+        return ops.step_program(calls).runs
+
+    def on_packed_codes(layer: QuantizedLinear) -> torch.Tensor:  # 32 floats on the codes its kernel reads
+        packed = ops._cpu_plan(layer.codes, layer.codebooks, layer.scales, layer.bias).packed
+        return torch.from_numpy(packed).view(torch.float32)[:32].view(1, 32)
+
+    assert runs(torch.empty(1, 32), torch.empty(1, 32)) == (2,)
+    assert runs(on_packed_codes(layers[1]), torch.empty(1, 32)) == (1, 1)
+    assert runs(torch.empty(1, 32), on_packed_codes(layers[0])) == (1, 1)
+    shared = torch.empty(1, 48)
+    assert runs(shared[:, :32], shared[:, 16:]) == (1, 1)
+
+
 def test_bound_linear_keeps_its_buffers_alive():
     """The bound call runs on data addresses: it must hold x and out, or a freed x is read."""
     model = tiny_llama()
