@@ -306,6 +306,7 @@ static aqlm_status lutq_begin(const aqlm_lutq_call *call, aqlm_simd simd, int nu
     AQLM_CHECK(err, n == 0 || (call->x != NULL && call->y != NULL), "x and y must not be NULL");
     AQLM_CHECK(err, num_threads >= 1, "num_threads must be >= 1, got %d", num_threads);
     c->call = *call;
+    c->P = 1, c->copy_x = 0;
     if (n == 0) return AQLM_OK;
 
     const aqlm_block_shape s = aqlm_block_shape_of(f);
@@ -500,7 +501,7 @@ aqlm_status aqlm_lutq_matmul_many(int count, const aqlm_lutq_call *calls, aqlm_s
             break;
         }
         status = lutq_begin(call, simd, num_threads, &states[begun], err);
-        if (status == AQLM_OK) {
+        if (status == AQLM_OK && call->n > 0) {
             lutq_copy_pass(&states[begun], 0, call->n);
             P = states[begun].P > P ? states[begun].P : P;
         }
