@@ -228,9 +228,9 @@ class LlamaDecoder:
         self.lm_head, self.head_mode = head, lm_head
         self.head_weight = head.weight.detach().to(torch.bfloat16) if lm_head == "bf16" else None
         self.head_int8 = ops.int8_quantize_rows(head.weight.detach().float()) if lm_head == "int8" else None
-        # generate's logits go here (one token's, float32): a fresh tensor of a vocabulary's logits
-        # each token costs an allocation and its page faults
-        self.next_logits = torch.empty(1, self.vocab)
+        # generate's int8-head logits go here (one token's, float32): a fresh tensor of a
+        # vocabulary's logits each token costs an allocation and its page faults
+        self.next_logits = torch.empty(1, self.vocab) if lm_head == "int8" else None
 
         D, H, KV = self.head_dim, self.heads, self.kv_heads
         self.keys = [torch.zeros(max_length, KV, D) for _ in self.layers]
@@ -355,12 +355,13 @@ class LlamaDecoder:
         self.length += 1
         return self.final_x
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [tokens, vocab] of final hidden states [tokens, hidden]."""
+    def _logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float32 logits [tokens, vocab] of final hidden states [tokens, hidden]; the int8 head
+        writes them into ``out`` when given (the other heads ignore it)."""
         if self.head_mode == "bf16":
             return F.linear(hidden.to(torch.bfloat16), self.head_weight).float()
         if self.head_mode == "int8":
-            return ops.int8_linear(hidden, *self.head_int8)
+            return ops.int8_linear(hidden, *self.head_int8, out=out)
         return _apply(self.lm_head, hidden).float()
 
     def _next_token(self, hidden: torch.Tensor) -> int:
@@ -368,11 +369,7 @@ class LlamaDecoder:
         logits (the first of equal maxima, as torch.argmax), computed into ``next_logits`` where
         the head allows, and found by NumPy (torch.argmax took 42 us for SmolLM2's 49152 logits
         warm, 80-100 us in the decoding loop; NumPy 4 us)."""
-        if self.head_mode == "int8":
-            logits = ops.int8_linear(hidden, *self.head_int8, out=self.next_logits)
-        else:
-            logits = self._logits(hidden)
-        return int(logits.detach().numpy().argmax())
+        return int(self._logits(hidden, out=self.next_logits).detach().numpy().argmax())
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, one_by_one: bool = False) -> torch.Tensor:

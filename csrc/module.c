@@ -1728,12 +1728,17 @@ static void link_attention_caches(program_step *steps, Py_ssize_t count) {
  * (aqlm_lutq_matmul_many): all quantized tables of one pass, on the same x, thread count and SIMD
  * level, its out apart from their outs and weights and theirs apart from its weight (each out is
  * apart from x and its own weight already). */
+/* A linear step on quantized tables whose tokens take one pass (what aqlm_lutq_matmul_many runs). */
+static int one_pass_lutq_linear(const program_step *step) {
+    return step->kind == STEP_LINEAR && step->as.linear.bound->kind == BOUND_LUTQ &&
+           step->as.linear.bound->tokens <= AQLM_LUTQ_MAX_TOKENS;
+}
+
 static int joins_lutq_linears(const program_step *steps, Py_ssize_t first, Py_ssize_t last) {
     const program_step *step = &steps[last];
-    if (step->kind != STEP_LINEAR || last - first >= AQLM_LUTQ_MAX_CALLS) return 0;
+    if (!one_pass_lutq_linear(step) || last - first >= AQLM_LUTQ_MAX_CALLS) return 0;
     const bound_matmul *b = step->as.linear.bound, *a = steps[first].as.linear.bound;
-    if (b->kind != BOUND_LUTQ || b->tokens > AQLM_LUTQ_MAX_TOKENS || step->as.linear.x != steps[first].as.linear.x ||
-        b->num_threads != a->num_threads || b->simd != a->simd)
+    if (step->as.linear.x != steps[first].as.linear.x || b->num_threads != a->num_threads || b->simd != a->simd)
         return 0;
     for (Py_ssize_t i = first; i < last; i++) {
         const bound_matmul *other = steps[i].as.linear.bound;
@@ -1753,8 +1758,7 @@ static int joins_lutq_linears(const program_step *steps, Py_ssize_t first, Py_ss
 static void join_lutq_linears(program_step *steps, Py_ssize_t count) {
     for (Py_ssize_t i = 0; i < count;) {
         Py_ssize_t end = i + 1;
-        if (steps[i].kind == STEP_LINEAR && steps[i].as.linear.bound->kind == BOUND_LUTQ &&
-            steps[i].as.linear.bound->tokens <= AQLM_LUTQ_MAX_TOKENS)
+        if (one_pass_lutq_linear(&steps[i]))
             while (end < count && joins_lutq_linears(steps, i, end)) end++;
         if (end - i > 1) {
             steps[i].as.linear.together = (int)(end - i);

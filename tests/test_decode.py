@@ -368,6 +368,7 @@ def test_step_program_joins_the_linears_of_one_input_with_the_same_bits(always_p
         layer_runs = (1, 3, 1, 1, 1, 2, 1, 1)  # norm, q k v, attention, o, norm, gate up, SiLU, down
         for count in (always_parallel, 1):
             assert decoder.programs[count][2].runs == layer_runs * len(decoder.layers) + (1,)
+
         def stepped(count: int) -> torch.Tensor:
             decoder.reset()
             with torch.no_grad():
@@ -520,7 +521,7 @@ def test_generate_picks_the_tokens_of_torch_argmax(lm_head, monkeypatch):
         assert torch.equal(decoder.next_logits, decoder._logits(hidden))
     for values in ([0.5, 2.0, -1.0, 2.0, 1.0], [0.5, float("nan"), 3.0, float("nan"), 1.0], [-3.0, -1.0, -1.0, -2.0, -1.0]):
         logits = torch.tensor([values])
-        monkeypatch.setattr(decoder, "_logits", lambda hidden, logits=logits: logits)
+        monkeypatch.setattr(decoder, "_logits", lambda hidden, out=None, logits=logits: logits)
         monkeypatch.setattr(decoder, "head_mode", "exact")
         assert decoder._next_token(hidden) == int(logits.argmax())
 
