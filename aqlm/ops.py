@@ -71,8 +71,8 @@ LUTW_MAX_TOKENS = 32
 QUANTIZED_LUT_ENV = "AQLM_QUANTIZED_LUT"
 BF16_DEQUANTIZE_ENV = "AQLM_BF16_DEQUANTIZE"
 AMX_ENV = "AQLM_AMX"  # "0": the bfloat16 tiles run on AVX-512 BF16 instead of AMX (read by the C core)
-CPU_KERNELS = ("lutq", "lutw", "lut", "decode", "bf16", "dequantize", "dequantize_bf16")
-FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "bf16")  # C kernels over the codes; the others dequantize and call torch
+CPU_KERNELS = ("lutq", "lutw", "lut", "decodeq", "decode", "bf16", "dequantize", "dequantize_bf16")
+FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decodeq", "decode", "bf16")  # C kernels over the codes; the others dequantize and call torch
 # Bfloat16 tiles ("bf16": AMX, else AVX-512 BF16; _C.bf16_kernel() says which): candidates from
 # this many tokens. With AMX their cost barely grows with the tokens up to 16 (4096x4096 1x16g8,
 # 2 threads: 1.7 ms at 4 tokens and at 16), where the codeword lookups that build the tiles
@@ -87,6 +87,16 @@ FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decode", "bf16")  # C kernels over 
 # 9.6 against dequantizing). The fixed rules take "bf16" within BF16_TILE_TOKENS for its kernel;
 # measured choices consider it for any count.
 BF16_TILE_MIN_TOKENS = 4
+# Decoding from int8 codebooks ("decodeq", csrc/decodeq.h: codebooks of 512 to 65536 codewords,
+# out_group_size 1, in_group_size 8) is, like the quantized tables, on by default and off under
+# AQLM_QUANTIZED_LUT=0. Its 8-byte codewords keep a 2**16-entry codebook (512 KiB) in L2, where
+# "decode" reads 16-byte float16 (or 32-byte float32) ones from a codebook that misses it. Its
+# relative output error on a codebook of normal values is about 1.1% (each codebook's int8 step is
+# its largest |value| / 127); benchmarks/lut_accuracy.py gives token-by-token perplexity.
+# It is a candidate wherever "decode" is, and the fixed rules take it in place of "decode": it was
+# faster at every token count tried (4096x4096 1x16g8, float16 codebooks, 2 threads, ms
+# decodeq / decode through quantized_matmul_cpu: 1 token 1.49 / 1.90, 2: 1.69 / 2.72, 4: 1.50 /
+# 1.87, 8: 2.59 / 3.47, 12: 3.63 / 5.33).
 BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (8, 96)}  # (first, last) token counts, fixed rules
 _CHOOSER = kernel_choice.KernelChooser()
 
@@ -115,6 +125,12 @@ def bf16_dequantize_requested() -> bool:
 def lutq_applies(nbits: int, out_group_size: int) -> bool:
     """Whether the quantized-table kernel serves this format (codebooks of <= 256 codewords, og 1)."""
     return nbits <= 8 and out_group_size == 1
+
+
+def decodeq_applies(nbits: int, out_group_size: int, in_group_size: int) -> bool:
+    """Whether int8-codebook decoding ("decodeq") serves this format: codebooks of 512 to 65536
+    codewords (int16 codes), out_group_size 1 and in_group_size 8."""
+    return nbits > 8 and out_group_size == 1 and in_group_size == 8
 
 
 def lutw_applies(tokens: int, nbits: int, out_group_size: int) -> bool:
@@ -160,6 +176,8 @@ def applicable_cpu_kernels(
             kernels.append("lutw")
         if nbits <= 8:
             kernels.append("lut")
+        if not exact and decodeq_applies(nbits, out_group_size, in_group_size):
+            kernels.append("decodeq")
         kernels.append("decode")
     if bf16_tiles_apply(tokens, out_group_size, in_group_size, in_features, input_dtype, bf16):
         kernels.append("bf16")
@@ -173,8 +191,11 @@ def choose_cpu_kernel(
     tokens: int, num_codebooks: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool = False,
     bf16_tiles: bool = False,
 ) -> str:
-    """"lutw", "lutq", "lut", "decode", "bf16" or "dequantize": the fixed rules, used when measured
+    """"lutw", "lutq", "lut", "decodeq", "decode", "bf16" or "dequantize": the fixed rules, used when measured
     choices (:mod:`aqlm.kernel_choice`) are turned off with ``AQLM_KERNEL_CALIBRATION=0``.
+
+    Int8 codebooks ("decodeq", unless ``exact``) take the place of "decode" wherever they apply
+    (:func:`decodeq_applies`).
 
     Bfloat16 tiles ("bf16", where ``bf16_tiles``: :func:`bf16_tiles_apply`) serve codebooks of more
     than 256 codewords within BF16_TILE_TOKENS: 4096x4096 1x16g8 at 16 tokens, 2 threads, 1.6 ms
@@ -213,7 +234,9 @@ def choose_cpu_kernel(
             return "decode"
         return "lut" if tokens * num_codebooks <= 64 else "dequantize"
     limit = 24 if fast_decode else 4
-    return "decode" if tokens * num_codebooks <= limit else "dequantize"
+    if tokens * num_codebooks > limit:
+        return "dequantize"
+    return "decodeq" if not exact and decodeq_applies(nbits, out_group_size, in_group_size) else "decode"
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -565,6 +588,13 @@ def lutq_prepare_codebooks(codebooks: np.ndarray, param_dtype: str = "float32") 
     return _C.lutq_prepare_codebooks(codebooks, param_dtype=param_dtype)
 
 
+def decodeq_prepare_codebooks(codebooks: np.ndarray, param_dtype: str = "float32") -> np.ndarray:
+    """The codebooks [M, K, 1, 8] (a NumPy array in ``param_dtype``; bfloat16 as its int16 view)
+    prepared for ``_C.decodeq_matmul``: one float32 step per codebook and the codebooks rounded to
+    int8 (csrc/decodeq.h), one 1-D int8 array. A NaN or infinity in them raises ValueError."""
+    return _C.decodeq_prepare(codebooks, param_dtype=param_dtype)
+
+
 def quantized_matmul_cpu(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -588,13 +618,24 @@ def quantized_matmul_cpu(
         raise ValueError(f"kernel={kernel!r} needs codebooks of at most 256 codewords, got {2**nbits}")
     if kernel in ("lutq", "lutw") and not lutq_applies(nbits, codebooks.shape[2]):
         raise ValueError(f"kernel={kernel!r} needs out_group_size=1, got {codebooks.shape[2]}")
+    if kernel == "decodeq" and not decodeq_applies(nbits, codebooks.shape[2], codebooks.shape[3]):
+        raise ValueError(
+            "kernel='decodeq' needs codebooks of more than 256 codewords, out_group_size=1 and in_group_size=8, "
+            f"got {2**nbits} codewords, out_group_size={codebooks.shape[2]}, in_group_size={codebooks.shape[3]}"
+        )
+    prepared = None
+    if kernel == "decodeq":
+        prepared = _cpu_plan(codes, codebooks, scales, bias).decodeq_prepared
+        if prepared is None:  # codebooks with a NaN or infinity: exact decoding
+            kernel = "decode"
     # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
     # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
     result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
     out = result.view(tokens, out_features)
     if kernel in FEW_TOKEN_KERNELS:
         packed = _numpy_view(packed_codes(codes, codebooks, scales)) if kernel in ("lutq", "lutw") else None
-        _few_token_matmul(kernel, x, out, _weight_arrays(codes, codebooks, scales, bias), packed, codebooks.dtype)
+        _few_token_matmul(kernel, x, out, _weight_arrays(codes, codebooks, scales, bias), packed, codebooks.dtype,
+                          prepared)
     else:
         _dequantized_matmul_cpu(x, out, codes, codebooks, scales, bias,
                                 torch.bfloat16 if kernel == "dequantize_bf16" else input.dtype)
@@ -625,12 +666,14 @@ def _unpacked_codes_kernel(kernel: str) -> Callable:
 
 
 def _few_token_matmul(
-    kernel: str, x: torch.Tensor, out: torch.Tensor, arrays: tuple, packed: Optional[np.ndarray], param_dtype: torch.dtype
+    kernel: str, x: torch.Tensor, out: torch.Tensor, arrays: tuple, packed: Optional[np.ndarray], param_dtype: torch.dtype,
+    prepared: Optional[np.ndarray] = None,
 ) -> None:
     """``out = x @ W.T + bias`` by one of the C kernels that read the codes directly (FEW_TOKEN_KERNELS).
 
     ``arrays`` are the weight's NumPy views (:func:`_weight_arrays`); ``packed`` the codes repacked
-    for "lutq" and "lutw" (:func:`packed_codes`), unused by the others.
+    for "lutq" and "lutw" (:func:`packed_codes`); ``prepared`` the int8 codebooks of "decodeq"
+    (:func:`decodeq_prepare_codebooks`); each unused by the others.
     """
     codes_np, codebooks_np, scales_np, bias_np = arrays
     dtypes = {"x_dtype": _DTYPE_NAMES[x.dtype], "param_dtype": _DTYPE_NAMES[param_dtype]}
@@ -640,6 +683,9 @@ def _few_token_matmul(
     elif kernel == "lutw":
         _C.lutw_matmul(_numpy_view(x), packed, codebooks_np, scales_np, bias_np, _numpy_view(out),
                        num_threads=torch.get_num_threads(), **dtypes)
+    elif kernel == "decodeq":
+        _C.decodeq_matmul(_numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
+                          prepared=prepared, num_threads=torch.get_num_threads(), **dtypes)
     else:
         c_kernel = _unpacked_codes_kernel(kernel)
         c_kernel(_numpy_view(x), codes_np, codebooks_np, scales_np, bias_np, _numpy_view(out),
@@ -681,7 +727,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int, prefer: Opti
         f"{kernel_choice.shape_class(out_features)}x{kernel_choice.shape_class(in_features)} t{calibration_tokens} "
         f"x:{_DTYPE_NAMES[x.dtype]} p:{_DTYPE_NAMES[codebooks.dtype]} simd:{_C.simd_default()} "
         f"threads:{torch.get_num_threads()} {'exact' if exact else 'lutq'}{' bf16' if bf16 else ''}"
-        f"{' tiles:' + _C.bf16_kernel() if bf16_tiles else ''}"
+        f"{' tiles:' + _C.bf16_kernel() if bf16_tiles else ''} among:{','.join(candidates)}"
     )
 
     sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
@@ -727,14 +773,29 @@ class _CpuPlan:
         self.prepared = None
         if self.packed is not None and nbits <= 8:
             self.prepared = _arena_copy(lutq_prepare_codebooks(self.kernel_arrays[1]))
+        self.format = (codebooks.shape[2], codebooks.shape[3])  # out_group_size, in_group_size
         self.calls = {}
+
+    @functools.cached_property
+    def decodeq_prepared(self) -> Optional[np.ndarray]:
+        """The int8 codebooks "decodeq" reads, rounded on first use and kept (the same values, so
+        the same bits); None where "decodeq" does not apply or the codebooks hold a NaN or
+        infinity, and then "decodeq" runs as "decode"."""
+        if not decodeq_applies(self.nbits, *self.format):
+            return None
+        try:
+            return _arena_copy(decodeq_prepare_codebooks(self.arrays[1], param_dtype=_DTYPE_NAMES[self.param_dtype]))
+        except ValueError:
+            return None
 
     def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int, tokens: int) -> Callable[[int, int], None]:
         """``call(x_address, out_address)``: ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS on
         C-contiguous buffers of ``tokens`` rows in ``x_dtype`` given by their data addresses (the
         caller guarantees their sizes and lifetimes), arguments checked and bound once in C."""
         arrays, param_dtype = self.kernel_arrays, self.kernel_param_dtype
-        if kernel == "decode":
+        if kernel == "decodeq" and self.decodeq_prepared is None:
+            kernel = "decode"
+        if kernel in ("decode", "decodeq"):
             # Decoding reads each codeword once per token and converts on the fly, so the stored
             # (float16/bfloat16) codebooks' half size wins: 8x8g8's 64 KiB float32 copy misses L1
             # where its 32 KiB float16 original does not. Same values, so the same bits.
@@ -747,6 +808,8 @@ class _CpuPlan:
             weights = self.packed
         if kernel == "lutq":
             options.update(group=LUTQ_GROUP, prepared=self.prepared)
+        if kernel == "decodeq":
+            options.update(prepared=self.decodeq_prepared)
         x_template = _numpy_view(torch.empty(tokens, self.in_features, dtype=x_dtype))
         out_template = _numpy_view(torch.empty(tokens, self.out_features, dtype=x_dtype))
         bound = _C.bind_matmul(kernel, x_template, weights, codebooks_np, scales_np, bias_np, out_template, **options)

@@ -73,6 +73,7 @@ def decoder_perplexities(checkpoint: str, windows: int, seqlen: int, heads: list
 
 def layer_errors(checkpoint: str, tokens: int) -> None:
     """Per linear, the relative output error ||y_lutq - y_lut|| / ||y_lut|| of the two C kernels
+    (for codebooks of more than 256 codewords, ||y_decodeq - y_decode|| / ||y_decode||)
     on the real inputs of that linear (one prefill of ``tokens`` WikiText-2 test tokens, every token
     sent through the kernels one at a time, as decoding does)."""
     import torch
@@ -95,11 +96,13 @@ def layer_errors(checkpoint: str, tokens: int) -> None:
         for name, module in linears.items():
             weight = (module.codes, module.codebooks, module.scales, None)
             x = inputs[name]
-            exact = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel="lut") for row in x]).double()
-            fast = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel="lutq") for row in x]).double()
+            tables = module.scheme.nbits_per_codebook <= 8  # else int8 codebooks against exact decoding
+            exact_kernel, fast_kernel = ("lut", "lutq") if tables else ("decode", "decodeq")
+            exact = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel=exact_kernel) for row in x]).double()
+            fast = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel=fast_kernel) for row in x]).double()
             errors[name] = float((fast - exact).norm() / exact.norm())
     ranked = sorted(errors.values())
-    print(f"relative layer-output error of the quantized tables over {len(ranked)} linears, {tokens} tokens each: "
+    print(f"relative layer-output error of the quantized tables (or int8 codebooks) over {len(ranked)} linears, {tokens} tokens each: "
           f"min {100 * ranked[0]:.4f}%, median {100 * ranked[len(ranked) // 2]:.4f}%, max {100 * ranked[-1]:.4f}%")
 
 

@@ -110,6 +110,21 @@ aqlm_status aqlm_codebook_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_d
                                  const void *codebooks, const void *scales, const void *bias,
                                  void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
 
+/* The same product from int8 codebooks: each codebook rounded once to int8 with one fp32 step
+ * (aqlm_decodeq_prepare into aqlm_decodeq_prepared_size(f) bytes), each token's activations to
+ * int16 with one fp32 step at each call, exact integer dot products (csrc/decodeq.h, which derives
+ * the error bound): 8-byte codewords, so a 2**16-entry codebook (512 KiB) stays in L2. Needs
+ * out_group_size 1, in_group_size 8 and int16 codes (nbits 9..16). The codebooks are read only
+ * through `prepared`; a NaN or infinity in the codebooks fails the preparation (AQLM_ERR_NUMERIC),
+ * one in a token gives NaN outputs for that token. The bits do not depend on simd or num_threads. */
+size_t aqlm_decodeq_prepared_size(const aqlm_format *f);
+aqlm_status aqlm_decodeq_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                                 int8_t *prepared, aqlm_error *err);
+aqlm_status aqlm_decodeq_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                                const void *codes, const int8_t *prepared, aqlm_dtype param_dtype,
+                                const void *scales, const void *bias, void *y, aqlm_simd simd, int num_threads,
+                                aqlm_error *err);
+
 /* Quantized lookup tables (16-bit entries stored as high and low int8 tables, one fp32 step per
  * `group` input groups and codebook, entries from exact integer products of int16 inputs and
  * codebooks, exact integer sums): the fast path for few tokens. Needs nbits <= 8, out_group_size

@@ -7,6 +7,7 @@
 #include <ctype.h>
 
 #include "bf16tile.h"
+#include "decodeq.h"
 #include "int8.h"
 #include "lutq.h"
 #include "lutw.h"
@@ -111,4 +112,10 @@ const aqlm_int8_kernels *aqlm_int8_kernels_for(aqlm_simd level) {
     if (level >= AQLM_SIMD_AVX512 && aqlm_int8_kernels_avx512.level == AQLM_SIMD_AVX512) return &aqlm_int8_kernels_avx512;
     if (level >= AQLM_SIMD_AVX2 && aqlm_int8_kernels_avx2.level == AQLM_SIMD_AVX2) return &aqlm_int8_kernels_avx2;
     return &aqlm_int8_kernels_scalar;
+}
+
+const aqlm_decodeq_kernels *aqlm_decodeq_kernels_for(aqlm_simd level) {
+    if (level >= AQLM_SIMD_AVX512 && aqlm_decodeq_kernels_avx512.level == AQLM_SIMD_AVX512) return &aqlm_decodeq_kernels_avx512;
+    if (level >= AQLM_SIMD_AVX2 && aqlm_decodeq_kernels_avx2.level == AQLM_SIMD_AVX2) return &aqlm_decodeq_kernels_avx2;
+    return &aqlm_decodeq_kernels_scalar;
 }

@@ -83,6 +83,11 @@ typedef struct {
     aqlm_int8_rows_fn rows;
 } aqlm_int8_kernels;
 
+/* xq [tokens, in] and steps [tokens] of x [tokens, in] in x_dtype, rounded as the header says (a
+ * token with a NaN or infinity: step NaN; all zeros: step 0; xq 0 in both). */
+void aqlm_round_activations(int64_t tokens, int64_t in, aqlm_dtype x_dtype, const void *x, int16_t *restrict xq,
+                            float *restrict steps);
+
 /* The table for `level`, or for the best level below it that this build has (cpu.c). */
 const aqlm_int8_kernels *aqlm_int8_kernels_for(aqlm_simd level);
 

@@ -14,19 +14,19 @@ enum {
     INT8_MIN_PASS_TOKENS = 8,
 };
 
-/* xq and steps of `tokens` tokens of x (int8.h): step = max |x| / X_LEVELS and xq = x / step
+/* xq and steps of `tokens` tokens of x (x_dtype; int8.h): step = max |x| / X_LEVELS and xq = x / step
  * rounded to nearest even. A token with a NaN or infinity gets step NaN (all its outputs NaN)
- * and one that is all zeros step 0, both with xq = 0. */
-static void round_activations(int64_t tokens, int64_t in, const float *restrict x, int16_t *restrict xq,
-                              float *restrict steps) {
+ * and one that is all zeros step 0, both with xq = 0. Shared with decodeq_matmul.c. */
+void aqlm_round_activations(int64_t tokens, int64_t in, aqlm_dtype x_dtype, const void *x, int16_t *restrict xq,
+                            float *restrict steps) {
     for (int64_t t = 0; t < tokens; t++) {
-        const float *token = x + t * in;
         int16_t *rounded = xq + t * in;
         float largest = 0.0f;
         int finite = 1;
         for (int64_t i = 0; i < in; i++) {
-            finite &= isfinite(token[i]) != 0;
-            largest = fmaxf(largest, fabsf(token[i]));
+            const float value = aqlm_load(x_dtype, x, t * in + i);
+            finite &= isfinite(value) != 0;
+            largest = fmaxf(largest, fabsf(value));
         }
         if (!finite || largest == 0.0f) {
             steps[t] = finite ? 0.0f : NAN;
@@ -35,7 +35,8 @@ static void round_activations(int64_t tokens, int64_t in, const float *restrict 
         }
         const float levels = (float)AQLM_INT8_X_LEVELS, inverse = levels / largest;
         steps[t] = largest / levels;
-        for (int64_t i = 0; i < in; i++) rounded[i] = (int16_t)fminf(fmaxf(rintf(token[i] * inverse), -levels), levels);
+        for (int64_t i = 0; i < in; i++)
+            rounded[i] = (int16_t)fminf(fmaxf(rintf(aqlm_load(x_dtype, x, t * in + i) * inverse), -levels), levels);
     }
 }
 
@@ -71,7 +72,7 @@ aqlm_status aqlm_int8_matmul(int64_t n, int64_t in, int64_t out, const float *x,
     const int threads = aqlm_threads_for(num_threads, (double)n * (double)out * (double)in);
     for (int64_t t0 = 0; t0 < n; t0 += pass) {
         const int64_t tokens = n - t0 < pass ? n - t0 : pass;
-        round_activations(tokens, in, x + t0 * in, xq, steps);
+        aqlm_round_activations(tokens, in, AQLM_F32, x + t0 * in, xq, steps);
         /* One contiguous range of rows per thread: a thread streams its part of the weight front
          * to back, prefetching ahead across the whole range. */
 #pragma omp parallel num_threads(threads)

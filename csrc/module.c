@@ -670,12 +670,128 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
     return none_or_raise(status, &err);
 }
 
+/* ---- int8 codebooks: decodeq --------------------------------------------------------------- */
+
+/* prepared: int8, C-contiguous, 1-D, of aqlm_decodeq_prepared_size(format) bytes. */
+static int check_decodeq_prepared(PyObject *object, const aqlm_format *format) {
+    const size_t size = aqlm_decodeq_prepared_size(format);
+    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_INT8 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) || PyArray_NDIM((PyArrayObject *)object) != 1 ||
+        (size_t)PyArray_DIM((PyArrayObject *)object, 0) != size) {
+        PyErr_Format(PyExc_ValueError, "prepared must be a C-contiguous 1-D int8 array of %zu values (from "
+                                       "decodeq_prepare of these codebooks)", size);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(decodeq_prepare_doc,
+"decodeq_prepare(codebooks, *, param_dtype='float32')\n"
+"--\n\n"
+"The codebooks [M, K, 1, 8] (K a power of two in [512, 65536]) as decodeq_matmul reads them,\n"
+"prepared once: a new 1-D int8 array holding one float32 step per codebook, then the codebooks\n"
+"rounded to int8 (csrc/decodeq.h). A NaN or infinity in the codebooks raises ValueError.");
+
+static PyObject *py_decodeq_prepare(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"codebooks", "param_dtype", NULL};
+    PyObject *codebooks_object;
+    const char *param_dtype_name = "float32";
+    aqlm_dtype param_dtype;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$s:decodeq_prepare", keywords, &codebooks_object,
+                                     &param_dtype_name) ||
+        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
+        return NULL;
+    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
+    if (codebooks == NULL) return NULL;
+    const npy_intp *cb = PyArray_DIMS(codebooks);
+    const int nbits = codebook_bits(cb[1], 16);
+    if (nbits < 9 || cb[2] != 1 || cb[3] != 8) {
+        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, 8] with K a power of two in [512, 65536], "
+                                       "got [%zd, %zd, %zd, %zd]",
+                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    const aqlm_format format = {1, 8, 1, 8, cb[0], nbits, 16};
+    aqlm_error err;
+    if (aqlm_format_check(&format, &err) != AQLM_OK) {
+        Py_DECREF(codebooks);
+        return raise_status(AQLM_ERR_ARGUMENT, &err);
+    }
+    npy_intp size = (npy_intp)aqlm_decodeq_prepared_size(&format);
+    PyObject *prepared = PyArray_SimpleNew(1, &size, NPY_INT8);
+    if (prepared == NULL) {
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_decodeq_prepare(&format, param_dtype, PyArray_DATA(codebooks),
+                                  PyArray_DATA((PyArrayObject *)prepared), &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(codebooks);
+    if (status != AQLM_OK) {
+        Py_DECREF(prepared);
+        return raise_status(status, &err);
+    }
+    return prepared;
+}
+
+PyDoc_STRVAR(decodeq_matmul_doc,
+"decodeq_matmul(x, codes, codebooks, scales, bias, out, *, prepared, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias, decoding codewords from int8 codebooks\n"
+"(prepared: decodeq_prepare(codebooks)) with each token's activations rounded to int16 (csrc/decodeq.h\n"
+"bounds the error). Needs out_group_size 1, in_group_size 8 and codebooks of 512 to 65536\n"
+"codewords; codebooks give the shape only. bias may be None. The bits do not depend on simd or\n"
+"num_threads.");
+
+static PyObject *py_decodeq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "prepared", "x_dtype",
+                               "param_dtype", "simd", "num_threads", NULL};
+    PyObject *x_object, *codes, *codebooks, *scales, *bias, *out, *prepared = NULL;
+    const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Ossz" "i:decodeq_matmul", keywords, &x_object, &codes,
+                                     &codebooks, &scales, &bias, &out, &prepared, &x_dtype_name, &param_dtype,
+                                     &simd_name, &num_threads))
+        return NULL;
+    if (prepared == NULL) {
+        PyErr_SetString(PyExc_TypeError, "decodeq_matmul needs prepared= (from decodeq_prepare)");
+        return NULL;
+    }
+    weight_args w;
+    aqlm_dtype x_dtype;
+    aqlm_simd simd;
+    PyArrayObject *x;
+    if (codes_matmul_parse(module, &w, &x, x_object, codes, codebooks, scales, bias, out, x_dtype_name, param_dtype,
+                           simd_name, num_threads, &x_dtype, &simd) < 0)
+        return NULL;
+    if (check_decodeq_prepared(prepared, &w.format) < 0 ||
+        check_no_overlap(out, "out", (PyArrayObject *)prepared, "prepared") < 0) {
+        weight_args_release(&w);
+        Py_DECREF(x);
+        return NULL;
+    }
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_decodeq_matmul(&w.format, PyArray_DIM(x, 0), x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes),
+                                 PyArray_DATA((PyArrayObject *)prepared), w.param_dtype, PyArray_DATA(w.scales),
+                                 w.bias ? PyArray_DATA(w.bias) : NULL, PyArray_DATA((PyArrayObject *)out), simd,
+                                 num_threads, &err);
+    Py_END_ALLOW_THREADS
+    weight_args_release(&w);
+    Py_DECREF(x);
+    return none_or_raise(status, &err);
+}
+
 /* ---- bound calls: one weight's few-token kernel, its arguments checked once ------------------- */
 
 /* Everything a few-token kernel call needs but the addresses of x and out: what bind_matmul
  * checked, for run_bound_matmul to call again and again (a decoding step calls each weight once
  * per token, and checking NumPy arguments costs microseconds a call). */
-typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_CODES } bound_kind;
+typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_DECODEQ, BOUND_CODES } bound_kind;
 /* The weight arrays a bound call holds, by slot (codes: the packed codes for lutq/lutw). */
 enum { SLOT_CODES, SLOT_CODEBOOKS, SLOT_SCALES, SLOT_BIAS, SLOT_PREPARED, BOUND_WEIGHT_ARRAYS };
 
@@ -725,8 +841,8 @@ PyDoc_STRVAR(bind_matmul_doc,
 "bind_matmul(kernel, x, weights, codebooks, scales, bias, out, *, group=64, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, prepared=None)\n"
 "--\n\n"
 "A bound call of one few-token kernel ('lutq', 'lutw': weights are the packed codes, as for\n"
-"lutq_matmul; 'lut', 'decode', 'bf16': weights are the codes, as for lut_matmul, codebook_matmul,\n"
-"bf16_matmul), checked now exactly as that function checks its arguments. x and out are templates:\n"
+"lutq_matmul; 'lut', 'decode', 'decodeq', 'bf16': weights are the codes, as for lut_matmul,\n"
+"codebook_matmul, decodeq_matmul (with prepared), bf16_matmul), checked now exactly as that function checks its arguments. x and out are templates:\n"
 "only their shapes and dtypes are used. Run it with run_bound_matmul; it holds the weight arrays.");
 
 static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -762,12 +878,14 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
         held[SLOT_SCALES] = a.scales, held[SLOT_BIAS] = a.bias;
         if (lutq && prepared != Py_None) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
     } else {
+        const int decodeq = strcmp(kernel, "decodeq") == 0;
         const matmul_fn fn = strcmp(kernel, "lut") == 0      ? aqlm_lut_matmul
                              : strcmp(kernel, "decode") == 0 ? aqlm_codebook_matmul
                              : strcmp(kernel, "bf16") == 0   ? aqlm_bf16_matmul
                                                              : NULL;
-        if (fn == NULL) {
-            PyErr_Format(PyExc_ValueError, "kernel must be 'lutq', 'lutw', 'lut', 'decode' or 'bf16', got '%s'", kernel);
+        if (fn == NULL && !decodeq) {
+            PyErr_Format(PyExc_ValueError, "kernel must be 'lutq', 'lutw', 'lut', 'decode', 'decodeq' or 'bf16', got '%s'",
+                         kernel);
             goto fail;
         }
         weight_args w;
@@ -777,12 +895,20 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
         if (codes_matmul_parse(module, &w, &x, x_object, weights, codebooks_object, scales_object, bias_object, out,
                                x_dtype_name, param_dtype_name, simd_name, num_threads, &x_dtype, &simd) < 0)
             goto fail;
-        *b = (bound_matmul){.kind = BOUND_CODES, .codes_fn = fn, .format = w.format, .tokens = PyArray_DIM(x, 0),
-                            .group = group, .x_dtype = x_dtype, .param_dtype = w.param_dtype, .simd = simd,
-                            .num_threads = num_threads};
+        if (decodeq && (prepared == Py_None ? (PyErr_SetString(PyExc_ValueError, "kernel 'decodeq' needs prepared= "
+                                                                                  "(from decodeq_prepare)"), -1)
+                                            : check_decodeq_prepared(prepared, &w.format))) {
+            weight_args_release(&w);
+            Py_DECREF(x);
+            goto fail;
+        }
+        *b = (bound_matmul){.kind = decodeq ? BOUND_DECODEQ : BOUND_CODES, .codes_fn = fn, .format = w.format,
+                            .tokens = PyArray_DIM(x, 0), .group = group, .x_dtype = x_dtype,
+                            .param_dtype = w.param_dtype, .simd = simd, .num_threads = num_threads};
         Py_DECREF(x);
         held[SLOT_CODES] = w.codes, held[SLOT_CODEBOOKS] = w.codebooks, held[SLOT_SCALES] = w.scales;
         held[SLOT_BIAS] = w.bias;
+        if (decodeq) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
     }
     if (bound_matmul_hold(b, held) < 0) goto fail;
     if (b->kind == BOUND_LUTQ) { /* without it (no memory), each call allocates its own */
@@ -877,6 +1003,10 @@ static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, c
         return aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
                                 weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
                                 b->num_threads, err);
+    case BOUND_DECODEQ:
+        return aqlm_decodeq_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], weight[SLOT_PREPARED],
+                                   b->param_dtype, weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
+                                   b->num_threads, err);
     default:
         return b->codes_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
                            weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
@@ -1983,6 +2113,8 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS, dequantize_doc},
     {"lut_matmul", (PyCFunction)(void (*)(void))py_lut_matmul, METH_VARARGS | METH_KEYWORDS, lut_matmul_doc},
     {"codebook_matmul", (PyCFunction)(void (*)(void))py_codebook_matmul, METH_VARARGS | METH_KEYWORDS, codebook_matmul_doc},
+    {"decodeq_prepare", (PyCFunction)(void (*)(void))py_decodeq_prepare, METH_VARARGS | METH_KEYWORDS, decodeq_prepare_doc},
+    {"decodeq_matmul", (PyCFunction)(void (*)(void))py_decodeq_matmul, METH_VARARGS | METH_KEYWORDS, decodeq_matmul_doc},
     {"lutq_pack_codes", (PyCFunction)(void (*)(void))py_lutq_pack_codes, METH_VARARGS | METH_KEYWORDS, lutq_pack_codes_doc},
     {"lutq_packed_size", py_lutq_packed_size, METH_VARARGS, lutq_packed_size_doc},
     {"lutq_prepare_codebooks", (PyCFunction)(void (*)(void))py_lutq_prepare_codebooks, METH_VARARGS | METH_KEYWORDS,

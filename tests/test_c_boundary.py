@@ -216,8 +216,15 @@ def test_bind_matmul_checks_its_arguments_as_the_unbound_functions_do() -> None:
     codes, codebooks, scales = _layer(out=32, inp=32)
     weight_args, options = _bound_arguments("lutq", codes, codebooks, scales)
     x, out = np.empty((2, 32), np.float32), np.empty((2, 32), np.float32)
-    with pytest.raises(ValueError, match="kernel must be 'lutq', 'lutw', 'lut', 'decode' or 'bf16', got 'dense'"):
+    with pytest.raises(ValueError, match="kernel must be 'lutq', 'lutw', 'lut', 'decode', 'decodeq' or 'bf16', got 'dense'"):
         _C.bind_matmul("dense", x, codes.numpy(), codebooks.numpy(), scales.numpy(), None, out)
+    wide_codes = torch.zeros(32, 4, 1, dtype=torch.int16).numpy()
+    wide_codebooks = np.zeros((1, 512, 1, 8), np.float32)
+    with pytest.raises(ValueError, match=r"kernel 'decodeq' needs prepared= \(from decodeq_prepare\)"):
+        _C.bind_matmul("decodeq", x, wide_codes, wide_codebooks, scales.numpy(), None, out)
+    with pytest.raises(ValueError, match="prepared must be a C-contiguous 1-D int8 array"):
+        _C.bind_matmul("decodeq", x, wide_codes, wide_codebooks, scales.numpy(), None, out,
+                       prepared=np.zeros(5, np.int8))
     with pytest.raises(ValueError, match=r"out must have shape \(2, 32\)"):
         _C.bind_matmul("lutq", x, *weight_args, np.empty((3, 32), np.float32), **options)
     with pytest.raises(ValueError, match="x has 16 features"):
