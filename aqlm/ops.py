@@ -727,7 +727,7 @@ def _pick_cpu_kernel(x, codes, codebooks, scales, bias, nbits: int, prefer: Opti
         f"{kernel_choice.shape_class(out_features)}x{kernel_choice.shape_class(in_features)} t{calibration_tokens} "
         f"x:{_DTYPE_NAMES[x.dtype]} p:{_DTYPE_NAMES[codebooks.dtype]} simd:{_C.simd_default()} "
         f"threads:{torch.get_num_threads()} {'exact' if exact else 'lutq'}{' bf16' if bf16 else ''}"
-        f"{' tiles:' + _C.bf16_kernel() if bf16_tiles else ''} among:{','.join(candidates)}"
+        f"{' tiles:' + _C.bf16_kernel() if bf16_tiles else ''}"
     )
 
     sample = torch.randn(calibration_tokens, in_features, dtype=x.dtype)
