@@ -353,6 +353,24 @@ def test_step_program_gives_the_bits_of_the_calls_one_by_one():
     assert torch.equal(decoder.logits(IDS, one_by_one=True), in_c)
 
 
+def test_step_program_runs_int8_codebooks_with_the_bits_of_the_python_step(monkeypatch):
+    """Codebooks of more than 256 codewords: the linears of the step run "decodeq" (int8
+    codebooks) in the C program, whose logits are the Python step's bit for bit and near the
+    exact prefill's (the int8 rounding: tests/test_decodeq.py bounds it per layer)."""
+    monkeypatch.setenv("AQLM_KERNEL_CALIBRATION", "0")
+    model = tiny_llama()
+    quantize_linears(model, scheme="1x12g8", init_max_iter=1)
+    x = torch.randn(1, 64)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert ops.cpu_kernel_for(x, layer.codes, layer.codebooks, layer.scales, layer.bias) == "decodeq"
+    decoder = LlamaDecoder(model, max_length=32)
+    in_c = decoder.logits(IDS, one_by_one=True)
+    decoder.programs = {count: (steps, final, None) for count, (steps, final, _) in decoder.programs.items()}
+    assert torch.equal(decoder.logits(IDS, one_by_one=True), in_c)
+    exact = reference_logits(model, IDS)
+    assert float((in_c - exact).norm()) <= 3e-2 * float(exact.norm())
+
+
 def test_step_program_joins_the_linears_of_one_input_with_the_same_bits(always_parallel):
     """With quantized tables, a layer's q, k and v projections run as one call and its gate and up
     projections as another (one parallel region each), on one thread and on several: the logits
