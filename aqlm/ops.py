@@ -87,17 +87,19 @@ FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decodeq", "decode", "bf16")  # C ke
 # 9.6 against dequantizing). The fixed rules take "bf16" within BF16_TILE_TOKENS for its kernel;
 # measured choices consider it for any count.
 BF16_TILE_MIN_TOKENS = 4
+BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (8, 96)}  # (first, last) token counts, fixed rules
 # Decoding from int8 codebooks ("decodeq", csrc/decodeq.h: codebooks of 512 to 65536 codewords,
 # out_group_size 1, in_group_size 8) is, like the quantized tables, on by default and off under
 # AQLM_QUANTIZED_LUT=0. Its 8-byte codewords keep a 2**16-entry codebook (512 KiB) in L2, where
 # "decode" reads 16-byte float16 (or 32-byte float32) ones from a codebook that misses it. Its
-# relative output error on a codebook of normal values is about 1.1% (each codebook's int8 step is
-# its largest |value| / 127); benchmarks/lut_accuracy.py gives token-by-token perplexity.
+# relative output error is about 1.1% on a codebook of normal values (each codebook's int8 step is
+# its largest |value| / 127) and median 0.77%, max 2.1% on SmolLM2's linears in 2x16g8 with its
+# own weight groups as codewords, whose token-by-token perplexity it moved by +0.225%
+# (benchmarks/lut_accuracy.py; README).
 # It is a candidate wherever "decode" is, and the fixed rules take it in place of "decode": it was
 # faster at every token count tried (4096x4096 1x16g8, float16 codebooks, 2 threads, ms
 # decodeq / decode through quantized_matmul_cpu: 1 token 1.49 / 1.90, 2: 1.69 / 2.72, 4: 1.50 /
 # 1.87, 8: 2.59 / 3.47, 12: 3.63 / 5.33).
-BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (8, 96)}  # (first, last) token counts, fixed rules
 _CHOOSER = kernel_choice.KernelChooser()
 
 
@@ -113,7 +115,8 @@ def lutq_kernel_name() -> str:
 
 
 def exact_lut_requested() -> bool:
-    """Whether the quantized tables are turned off (``AQLM_QUANTIZED_LUT=0``): exact fp32 tables only."""
+    """Whether the quantized tables and int8 codebooks are turned off (``AQLM_QUANTIZED_LUT=0``):
+    exact fp32 tables and exact decoding only."""
     return os.environ.get(QUANTIZED_LUT_ENV, "1") == "0"
 
 

@@ -1,6 +1,7 @@
-"""Few-token CPU kernels forced side by side: lutw, lutq, lut and decode (each bound once as
+"""Few-token CPU kernels forced side by side: lutw, lutq, lut, decodeq and decode (each bound once as
 ``aqlm.decode`` binds them: ``aqlm.ops.bound_linear_cpu``) against ``F.linear`` in float32 and
-bfloat16, in one process, calls interleaved, medians. Ratios are dense time / kernel time.
+bfloat16, in one process, calls interleaved, medians. Ratios are dense time / kernel time; a
+kernel that does not serve the scheme (``aqlm.ops.applicable_cpu_kernels``) shows "-".
 
     python benchmarks/bench_few_tokens.py [--threads 2] [--tokens 8 16] [--shapes 4096x4096 576x576 ...]
 
@@ -21,7 +22,7 @@ import aqlm
 from aqlm import ops
 from bench_matmul import cpu_flags
 
-KERNELS = ("lutw", "lutq", "lut", "decode")
+KERNELS = ("lutw", "lutq", "lut", "decodeq", "decode")
 SHAPES = ["4096x4096", "576x576", "192x576", "1536x576", "576x1536"]
 
 
@@ -70,18 +71,22 @@ def main() -> None:
     print(f"SIMD {aqlm._C.simd_default()}, {args.threads} threads; ms, medians of {args.repeat} interleaved runs; "
           f"'/fp32', '/bf16': dense time over kernel time; "
           f"'others': CPUs the other processes kept busy meanwhile (a shared machine: trust rows near 0)")
-    print(f"{'shape':>10} {'scheme':>6} {'n':>3} | {'fp32':>7} {'bf16':>7} | " + " | ".join(f"{k:>6} {'/fp32':>5} {'/bf16':>5}" for k in KERNELS) + " | others")
+    print(f"{'shape':>10} {'scheme':>6} {'n':>3} | {'fp32':>7} {'bf16':>7} | " + " | ".join(f"{k:>7} {'/fp32':>5} {'/bf16':>5}" for k in KERNELS) + " | others")
     for shape in args.shapes:
         out_features, in_features = map(int, shape.split("x"))
         dense = torch.randn(out_features, in_features) * 0.02
         dense_bf16 = dense.bfloat16()
         for name in args.schemes:
-            weight = random_weight(out_features, in_features, aqlm.AqlmScheme.parse(name))
+            scheme = aqlm.AqlmScheme.parse(name)
+            weight = random_weight(out_features, in_features, scheme)
             for tokens in args.tokens:
                 x = torch.randn(tokens, in_features)
                 x_bf16 = x.bfloat16()
-                outs = {k: torch.empty(tokens, out_features) for k in KERNELS}
-                fns = {k: bound(k, x, outs[k], weight) for k in KERNELS}
+                serving = ops.applicable_cpu_kernels(tokens, scheme.nbits_per_codebook, 1, torch.float32, exact=False,
+                                                     in_group_size=scheme.in_group_size)
+                kernels = [k for k in KERNELS if k in serving]
+                outs = {k: torch.empty(tokens, out_features) for k in kernels}
+                fns = {k: bound(k, x, outs[k], weight) for k in kernels}
                 fns["fp32"] = lambda: F.linear(x, dense)
                 fns["bf16"] = lambda: F.linear(x_bf16, dense_bf16)
                 times = {name_: [] for name_ in fns}
@@ -97,8 +102,10 @@ def main() -> None:
                 busy1, own1, wall1 = *busy_seconds(), time.perf_counter()
                 others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
                 med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
-                torch.testing.assert_close(outs["lutw"], outs["lut"], rtol=1e-4, atol=1e-4)
-                cells = " | ".join(f"{med[k]:6.3f} {med['fp32'] / med[k]:5.2f} {med['bf16'] / med[k]:5.2f}" for k in KERNELS)
+                if "lutw" in outs and "lut" in outs:
+                    torch.testing.assert_close(outs["lutw"], outs["lut"], rtol=1e-4, atol=1e-4)
+                cells = " | ".join(f"{med[k]:7.3f} {med['fp32'] / med[k]:5.2f} {med['bf16'] / med[k]:5.2f}" if k in med
+                                   else f"{'-':>7} {'-':>5} {'-':>5}" for k in KERNELS)
                 print(f"{shape:>10} {name:>6} {tokens:>3} | {med['fp32']:7.3f} {med['bf16']:7.3f} | {cells} | {others:5.2f}", flush=True)
 
 

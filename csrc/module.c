@@ -752,7 +752,7 @@ static PyObject *py_decodeq_matmul(PyObject *module, PyObject *args, PyObject *k
     PyObject *x_object, *codes, *codebooks, *scales, *bias, *out, *prepared = NULL;
     const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
     int num_threads = omp_get_max_threads();
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Ossz" "i:decodeq_matmul", keywords, &x_object, &codes,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Osszi:decodeq_matmul", keywords, &x_object, &codes,
                                      &codebooks, &scales, &bias, &out, &prepared, &x_dtype_name, &param_dtype,
                                      &simd_name, &num_threads))
         return NULL;
@@ -842,8 +842,9 @@ PyDoc_STRVAR(bind_matmul_doc,
 "--\n\n"
 "A bound call of one few-token kernel ('lutq', 'lutw': weights are the packed codes, as for\n"
 "lutq_matmul; 'lut', 'decode', 'decodeq', 'bf16': weights are the codes, as for lut_matmul,\n"
-"codebook_matmul, decodeq_matmul (with prepared), bf16_matmul), checked now exactly as that function checks its arguments. x and out are templates:\n"
-"only their shapes and dtypes are used. Run it with run_bound_matmul; it holds the weight arrays.");
+"codebook_matmul, decodeq_matmul (with prepared), bf16_matmul), checked now exactly as that\n"
+"function checks its arguments. x and out are templates: only their shapes and dtypes are used.\n"
+"Run it with run_bound_matmul; it holds the weight arrays.");
 
 static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"kernel", "x", "weights", "codebooks", "scales", "bias", "out", "group", "x_dtype",

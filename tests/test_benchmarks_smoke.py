@@ -38,11 +38,13 @@ def test_bench_few_tokens_prints_every_kernel_and_the_cpu_flags():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
     env.pop("AQLM_CPU_KERNEL", None)
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_few_tokens.py"), "--threads", "1", "--repeat", "2",
-               "--shapes", "192x576", "--tokens", "9"]
+               "--shapes", "192x576", "--tokens", "9", "--schemes", "2x8g8", "1x12g8"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    for label in ("flags:", "lutw", "lutq", "decode", "192x576"):
+    for label in ("flags:", "lutw", "lutq", "decodeq", "decode", "192x576"):
         assert label in result.stdout
+    wide = next(line for line in result.stdout.splitlines() if "1x12g8" in line)
+    assert wide.count(" - ") >= 3  # lutw, lutq and lut do not serve 4096 codewords
 
 
 def test_bench_bf16_tiles_prints_the_tiles_beside_the_other_kernels():
