@@ -16,6 +16,7 @@
 enum { ROWS = 2 };
 _Static_assert(AQLM_DECODEQ_CHUNK_GROUPS % 2 == 0, "chunks hold whole steps");
 _Static_assert((int)ROWS <= (int)AQLM_DECODEQ_MAX_ROWS, "dots buffer of aqlm_decodeq_rows_blocked");
+_Static_assert(AQLM_DECODEQ_MAX_TOKENS == 8, "dots_avx2 has a case for each token count of a pass");
 
 ALWAYS_INLINE int64_t sum_lanes(__m256i v) {
     const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
@@ -68,18 +69,32 @@ ALWAYS_INLINE void dot_block(const int rows, const int tokens, int64_t G, const 
     }
 }
 
-/* One block with its sizes as constants where they are small (1 or 2 tokens: decoding) and with
- * the common format's M and mask as constants, so the accumulators stay in registers. */
+/* One block with its token count as a constant, so the accumulators stay in the 16 registers
+ * (2 rows x up to 4 tokens, or 1 row x 5 to 8 tokens, one row after the other), and with the
+ * common format's M and mask as constants. */
+#define DOTS_CASE(R, T)                                                                                \
+    case T:                                                                                            \
+        for (int r = 0; r < rows; r += R) {                                                            \
+            const uint16_t *row = codes + r * G * M;                                                   \
+            if (common) dot_block(R, T, G, 1, 0xffffu, 0, xq, row, cq_m, dots + r * T);                \
+            else dot_block(R, T, G, M, mask, m, xq, row, cq_m, dots + r * T);                          \
+        }                                                                                              \
+        return;
 static void dots_avx2(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t m, const int16_t *restrict xq,
                       const uint16_t *restrict codes, const int8_t *restrict cq_m, int64_t *restrict dots) {
     const int64_t G = s->G, M = s->M;
     const uint32_t mask = s->code_mask;
-    if (M == 1 && mask == 0xffffu && rows == ROWS && tokens == 1) dot_block(ROWS, 1, G, 1, 0xffffu, 0, xq, codes, cq_m, dots);
-    else if (M == 1 && mask == 0xffffu && rows == ROWS && tokens == 2) dot_block(ROWS, 2, G, 1, 0xffffu, 0, xq, codes, cq_m, dots);
-    else if (rows == ROWS && tokens == 1) dot_block(ROWS, 1, G, M, mask, m, xq, codes, cq_m, dots);
-    else if (rows == ROWS) dot_block(ROWS, tokens, G, M, mask, m, xq, codes, cq_m, dots);
-    else dot_block(1, tokens, G, M, mask, m, xq, codes, cq_m, dots);
+    const int common = M == 1 && mask == 0xffffu;
+    if (rows == ROWS) {
+        switch (tokens) {
+            DOTS_CASE(ROWS, 1) DOTS_CASE(ROWS, 2) DOTS_CASE(ROWS, 3) DOTS_CASE(ROWS, 4)
+            DOTS_CASE(1, 5) DOTS_CASE(1, 6) DOTS_CASE(1, 7) DOTS_CASE(1, 8)
+        default: break;
+        }
+    }
+    for (int r = 0; r < rows; r++) dot_block(1, tokens, G, M, mask, m, xq, codes + r * G * M, cq_m, dots + r * tokens);
 }
+#undef DOTS_CASE
 
 static void decodeq_rows_avx2(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
                               const int16_t *restrict xq, const float *restrict steps, const uint16_t *restrict codes,

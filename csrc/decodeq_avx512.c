@@ -16,6 +16,7 @@
 enum { ROWS = 2 };
 _Static_assert(AQLM_DECODEQ_CHUNK_GROUPS % 4 == 0, "chunks hold whole steps");
 _Static_assert((int)ROWS <= (int)AQLM_DECODEQ_MAX_ROWS, "dots buffer of aqlm_decodeq_rows_blocked");
+_Static_assert(AQLM_DECODEQ_MAX_TOKENS == 8, "dots_avx512 has a case for each token count of a pass");
 
 ALWAYS_INLINE int64_t sum_lanes(__m512i v) {
     return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
@@ -69,18 +70,27 @@ ALWAYS_INLINE void dot_block(const int rows, const int tokens, int64_t G, const 
     }
 }
 
-/* One block with its sizes as constants where they are small (1 or 2 tokens: decoding) and with
- * the common format's M and mask as constants, so the accumulators stay in registers. */
+/* One block with its token count as a constant, so the accumulators (2 rows x up to 8 tokens)
+ * stay in registers, and with the common format's M and mask as constants. */
+#define DOTS_CASE(T)                                                                                   \
+    case T:                                                                                            \
+        if (common) dot_block(ROWS, T, G, 1, 0xffffu, 0, xq, codes, cq_m, dots);                       \
+        else dot_block(ROWS, T, G, M, mask, m, xq, codes, cq_m, dots);                                  \
+        return;
 static void dots_avx512(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t m, const int16_t *restrict xq,
                         const uint16_t *restrict codes, const int8_t *restrict cq_m, int64_t *restrict dots) {
     const int64_t G = s->G, M = s->M;
     const uint32_t mask = s->code_mask;
-    if (M == 1 && mask == 0xffffu && rows == ROWS && tokens == 1) dot_block(ROWS, 1, G, 1, 0xffffu, 0, xq, codes, cq_m, dots);
-    else if (M == 1 && mask == 0xffffu && rows == ROWS && tokens == 2) dot_block(ROWS, 2, G, 1, 0xffffu, 0, xq, codes, cq_m, dots);
-    else if (rows == ROWS && tokens == 1) dot_block(ROWS, 1, G, M, mask, m, xq, codes, cq_m, dots);
-    else if (rows == ROWS) dot_block(ROWS, tokens, G, M, mask, m, xq, codes, cq_m, dots);
-    else dot_block(1, tokens, G, M, mask, m, xq, codes, cq_m, dots);
+    const int common = M == 1 && mask == 0xffffu;
+    if (rows == ROWS) {
+        switch (tokens) {
+            DOTS_CASE(1) DOTS_CASE(2) DOTS_CASE(3) DOTS_CASE(4) DOTS_CASE(5) DOTS_CASE(6) DOTS_CASE(7) DOTS_CASE(8)
+        default: break;
+        }
+    }
+    dot_block(1, tokens, G, M, mask, m, xq, codes, cq_m, dots);
 }
+#undef DOTS_CASE
 
 static void decodeq_rows_avx512(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
                                 const int16_t *restrict xq, const float *restrict steps,

@@ -21,7 +21,7 @@ X_LEVELS, C_LEVELS = 32767, 127
 # (out, in, num_codebooks, nbits): in_groups below, at and past multiples of the 2- and 4-group
 # steps and of the 512-group chunk; out not a multiple of the 2-row block.
 SHAPES = [(33, 80, 1, 16), (7, 8, 1, 9), (40, 96, 2, 10), (17, 4136, 1, 16), (5, 8 * 1029, 1, 12), (64, 48, 3, 11)]
-TOKENS = [1, 2, 3, 9]
+TOKENS = [1, 2, 3, 5, 7, 9]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
