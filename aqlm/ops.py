@@ -97,9 +97,11 @@ BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (8, 96)}  # (first, last) tok
 # own weight groups as codewords, whose token-by-token perplexity it moved by +0.225%
 # (benchmarks/lut_accuracy.py; README).
 # It is a candidate wherever "decode" is, and the fixed rules take it in place of "decode": it was
-# faster at every token count tried (4096x4096 1x16g8, float16 codebooks, 2 threads, ms
-# decodeq / decode through quantized_matmul_cpu: 1 token 1.49 / 1.90, 2: 1.69 / 2.72, 4: 1.50 /
-# 1.87, 8: 2.59 / 3.47, 12: 3.63 / 5.33).
+# faster at every token count tried at 4096x4096 (1x16g8, float16 codebooks, 2 threads, ms
+# decodeq / decode, bound calls interleaved with dense products, benchmarks/bench_few_tokens.py:
+# 1 token 1.27 / 1.96, 2: 1.43 / 3.59, 4: 2.57 / 3.57, 8: 3.87 / 6.29, 16: 7.25 / 10.95); at
+# 576x576, where the 512 KiB codebook outweighs the layer, the two are within noise of each other
+# and the measured choice decides.
 _CHOOSER = kernel_choice.KernelChooser()
 
 
