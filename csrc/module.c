@@ -467,17 +467,58 @@ static PyObject *py_lutq_packed_size(PyObject *module, PyObject *args) {
     return PyLong_FromSize_t(aqlm_lutq_packed_size(&format));
 }
 
-/* prepared: float32, C-contiguous, 1-D, of aqlm_lutq_prepared_size(format) values. */
-static int check_prepared(PyObject *object, const aqlm_format *format) {
-    const size_t size = aqlm_lutq_prepared_size(format);
-    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_FLOAT32 ||
+/* prepared: a C-contiguous 1-D array of `size` values of NumPy type `type` (named type_name),
+ * made by the function named `maker` from these codebooks. */
+static int check_prepared_array(PyObject *object, int type, const char *type_name, size_t size, const char *maker) {
+    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != type ||
         !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) || PyArray_NDIM((PyArrayObject *)object) != 1 ||
         (size_t)PyArray_DIM((PyArrayObject *)object, 0) != size) {
-        PyErr_Format(PyExc_ValueError, "prepared must be a C-contiguous 1-D float32 array of %zu values (from "
-                                       "lutq_prepare_codebooks of these codebooks)", size);
+        PyErr_Format(PyExc_ValueError, "prepared must be a C-contiguous 1-D %s array of %zu values (from %s of these "
+                                       "codebooks)", type_name, size, maker);
         return -1;
     }
     return 0;
+}
+
+/* prepared: float32, of aqlm_lutq_prepared_size(format) values. */
+static int check_prepared(PyObject *object, const aqlm_format *format) {
+    return check_prepared_array(object, NPY_FLOAT32, "float32", aqlm_lutq_prepared_size(format),
+                                "lutq_prepare_codebooks");
+}
+
+/* What a codebook preparation writes into a new array of its prepared values. */
+typedef aqlm_status (*prepare_fn)(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks, void *prepared,
+                                  aqlm_error *err);
+
+/* A new 1-D array of `size` values of NumPy type `type` filled by `prepare` from codebooks (whose
+ * reference this takes) in the shape of `format`, or NULL with an exception set. */
+static PyObject *new_prepared(PyArrayObject *codebooks, const aqlm_format *format, aqlm_dtype param_dtype, int type,
+                              npy_intp size, prepare_fn prepare) {
+    aqlm_error err;
+    if (aqlm_format_check(format, &err) != AQLM_OK) {
+        Py_DECREF(codebooks);
+        return raise_status(AQLM_ERR_ARGUMENT, &err);
+    }
+    PyObject *prepared = PyArray_SimpleNew(1, &size, type);
+    if (prepared == NULL) {
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = prepare(format, param_dtype, PyArray_DATA(codebooks), PyArray_DATA((PyArrayObject *)prepared), &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(codebooks);
+    if (status != AQLM_OK) {
+        Py_DECREF(prepared);
+        return raise_status(status, &err);
+    }
+    return prepared;
+}
+
+static aqlm_status lutq_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks, void *prepared,
+                                aqlm_error *err) {
+    return aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, prepared, err);
 }
 
 PyDoc_STRVAR(lutq_prepare_codebooks_doc,
@@ -510,28 +551,8 @@ static PyObject *py_lutq_prepare_codebooks(PyObject *module, PyObject *args, PyO
         return NULL;
     }
     const aqlm_format format = {1, cb[3], 1, cb[3], cb[0], nbits, 8};
-    aqlm_error err;
-    if (aqlm_format_check(&format, &err) != AQLM_OK) {
-        Py_DECREF(codebooks);
-        return raise_status(AQLM_ERR_ARGUMENT, &err);
-    }
-    npy_intp size = (npy_intp)aqlm_lutq_prepared_size(&format);
-    PyObject *prepared = PyArray_SimpleNew(1, &size, NPY_FLOAT32);
-    if (prepared == NULL) {
-        Py_DECREF(codebooks);
-        return NULL;
-    }
-    aqlm_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = aqlm_lutq_prepare_codebooks(&format, param_dtype, PyArray_DATA(codebooks),
-                                         PyArray_DATA((PyArrayObject *)prepared), &err);
-    Py_END_ALLOW_THREADS
-    Py_DECREF(codebooks);
-    if (status != AQLM_OK) {
-        Py_DECREF(prepared);
-        return raise_status(status, &err);
-    }
-    return prepared;
+    return new_prepared(codebooks, &format, param_dtype, NPY_FLOAT32, (npy_intp)aqlm_lutq_prepared_size(&format),
+                        lutq_prepare);
 }
 
 PyDoc_STRVAR(lutq_matmul_doc,
@@ -672,17 +693,14 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
 
 /* ---- int8 codebooks: decodeq --------------------------------------------------------------- */
 
-/* prepared: int8, C-contiguous, 1-D, of aqlm_decodeq_prepared_size(format) bytes. */
+/* prepared: int8, of aqlm_decodeq_prepared_size(format) bytes. */
 static int check_decodeq_prepared(PyObject *object, const aqlm_format *format) {
-    const size_t size = aqlm_decodeq_prepared_size(format);
-    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_INT8 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) || PyArray_NDIM((PyArrayObject *)object) != 1 ||
-        (size_t)PyArray_DIM((PyArrayObject *)object, 0) != size) {
-        PyErr_Format(PyExc_ValueError, "prepared must be a C-contiguous 1-D int8 array of %zu values (from "
-                                       "decodeq_prepare of these codebooks)", size);
-        return -1;
-    }
-    return 0;
+    return check_prepared_array(object, NPY_INT8, "int8", aqlm_decodeq_prepared_size(format), "decodeq_prepare");
+}
+
+static aqlm_status decodeq_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks, void *prepared,
+                                   aqlm_error *err) {
+    return aqlm_decodeq_prepare(f, param_dtype, codebooks, prepared, err);
 }
 
 PyDoc_STRVAR(decodeq_prepare_doc,
@@ -713,28 +731,8 @@ static PyObject *py_decodeq_prepare(PyObject *module, PyObject *args, PyObject *
         return NULL;
     }
     const aqlm_format format = {1, 8, 1, 8, cb[0], nbits, 16};
-    aqlm_error err;
-    if (aqlm_format_check(&format, &err) != AQLM_OK) {
-        Py_DECREF(codebooks);
-        return raise_status(AQLM_ERR_ARGUMENT, &err);
-    }
-    npy_intp size = (npy_intp)aqlm_decodeq_prepared_size(&format);
-    PyObject *prepared = PyArray_SimpleNew(1, &size, NPY_INT8);
-    if (prepared == NULL) {
-        Py_DECREF(codebooks);
-        return NULL;
-    }
-    aqlm_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = aqlm_decodeq_prepare(&format, param_dtype, PyArray_DATA(codebooks),
-                                  PyArray_DATA((PyArrayObject *)prepared), &err);
-    Py_END_ALLOW_THREADS
-    Py_DECREF(codebooks);
-    if (status != AQLM_OK) {
-        Py_DECREF(prepared);
-        return raise_status(status, &err);
-    }
-    return prepared;
+    return new_prepared(codebooks, &format, param_dtype, NPY_INT8, (npy_intp)aqlm_decodeq_prepared_size(&format),
+                        decodeq_prepare);
 }
 
 PyDoc_STRVAR(decodeq_matmul_doc,
@@ -896,9 +894,9 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
         if (codes_matmul_parse(module, &w, &x, x_object, weights, codebooks_object, scales_object, bias_object, out,
                                x_dtype_name, param_dtype_name, simd_name, num_threads, &x_dtype, &simd) < 0)
             goto fail;
-        if (decodeq && (prepared == Py_None ? (PyErr_SetString(PyExc_ValueError, "kernel 'decodeq' needs prepared= "
-                                                                                  "(from decodeq_prepare)"), -1)
-                                            : check_decodeq_prepared(prepared, &w.format))) {
+        if (decodeq && prepared == Py_None)
+            PyErr_SetString(PyExc_ValueError, "kernel 'decodeq' needs prepared= (from decodeq_prepare)");
+        if (decodeq && (prepared == Py_None || check_decodeq_prepared(prepared, &w.format) < 0)) {
             weight_args_release(&w);
             Py_DECREF(x);
             goto fail;
