@@ -14,6 +14,7 @@ import torch
 
 from aqlm import QuantizedLinear, _C, ops
 from aqlm.format import pack_codes
+from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
 UNIT_ROUNDOFF = 2.0**-24
@@ -168,14 +169,6 @@ def test_a_token_with_nan_or_infinity_gives_nan_and_a_zero_token_gives_the_bias(
     assert torch.equal(got[0], rounded_formula(x[:1], codes, codebooks, scales, bias)[0])
     assert torch.isnan(got[1:3]).all()
     assert torch.equal(got[3], bias)
-
-
-@pytest.fixture
-def always_parallel():
-    saved = _C.min_parallel_work()
-    _C.set_min_parallel_work(0)
-    yield
-    _C.set_min_parallel_work(saved)
 
 
 @pytest.mark.parametrize("level", supported_levels())

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from aqlm import _C, ops
+from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
 UNIT_ROUNDOFF = 2.0**-24
@@ -110,14 +111,6 @@ def test_without_bias_and_with_no_tokens(level):
     x, q, scales, _ = random_problem(5, 70, 41, with_bias=False)
     assert torch.equal(run_level(x, q, scales, None, level), rounded_formula(x, q, scales, None))
     assert run_level(x[:0], q, scales, None, level).shape == (0, 41)
-
-
-@pytest.fixture
-def always_parallel():
-    saved = _C.min_parallel_work()
-    _C.set_min_parallel_work(0)
-    yield
-    _C.set_min_parallel_work(saved)
 
 
 @pytest.mark.parametrize("level", supported_levels())
