@@ -630,9 +630,8 @@ def quantized_matmul_cpu(
         )
     prepared = None
     if kernel == "decodeq":
-        prepared = _cpu_plan(codes, codebooks, scales, bias).decodeq_prepared
-        if prepared is None:  # codebooks with a NaN or infinity: exact decoding
-            kernel = "decode"
+        plan = _cpu_plan(codes, codebooks, scales, bias)
+        kernel, prepared = plan.kernel_served("decodeq"), plan.decodeq_prepared
     # The result is allocated in its final shape and returned as is: a view (of a 2-D buffer) would
     # make in-place updates of the output, such as PEFT's `result += lora(x)`, fail under autograd.
     result = torch.empty(*input.shape[:-1], out_features, dtype=input.dtype)
@@ -778,7 +777,6 @@ class _CpuPlan:
         self.prepared = None
         if self.packed is not None and nbits <= 8:
             self.prepared = _arena_copy(lutq_prepare_codebooks(self.kernel_arrays[1]))
-        self.format = (codebooks.shape[2], codebooks.shape[3])  # out_group_size, in_group_size
         self.calls = {}
 
     @functools.cached_property
@@ -786,20 +784,25 @@ class _CpuPlan:
         """The int8 codebooks "decodeq" reads, rounded on first use and kept (the same values, so
         the same bits); None where "decodeq" does not apply or the codebooks hold a NaN or
         infinity, and then "decodeq" runs as "decode"."""
-        if not decodeq_applies(self.nbits, *self.format):
+        _, _, out_group_size, in_group_size = self.arrays[1].shape  # the codebooks
+        if not decodeq_applies(self.nbits, out_group_size, in_group_size):
             return None
         try:
             return _arena_copy(decodeq_prepare_codebooks(self.arrays[1], param_dtype=_DTYPE_NAMES[self.param_dtype]))
         except ValueError:
             return None
 
+    def kernel_served(self, kernel: str) -> str:
+        """``kernel``, except "decode" for "decodeq" where this weight's int8 codebooks do not exist
+        (codebooks with a NaN or infinity: exact decoding)."""
+        return "decode" if kernel == "decodeq" and self.decodeq_prepared is None else kernel
+
     def few_token_call(self, kernel: str, x_dtype: torch.dtype, num_threads: int, tokens: int) -> Callable[[int, int], None]:
         """``call(x_address, out_address)``: ``out = x @ W.T + bias`` by one of FEW_TOKEN_KERNELS on
         C-contiguous buffers of ``tokens`` rows in ``x_dtype`` given by their data addresses (the
         caller guarantees their sizes and lifetimes), arguments checked and bound once in C."""
         arrays, param_dtype = self.kernel_arrays, self.kernel_param_dtype
-        if kernel == "decodeq" and self.decodeq_prepared is None:
-            kernel = "decode"
+        kernel = self.kernel_served(kernel)
         if kernel in ("decode", "decodeq"):
             # Decoding reads each codeword once per token and converts on the fly, so the stored
             # (float16/bfloat16) codebooks' half size wins: 8x8g8's 64 KiB float32 copy misses L1
