@@ -144,7 +144,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per process (default: torch's; 1 under torchrun and --nproc)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="share the work between N processes on this machine (started with torchrun); "
-                        "the checkpoint is the same as with one process and the same --threads")
+                        "the checkpoint is the same as with one process with --threads x N threads")
     parser.add_argument("--resume", action="store_true", help="continue a killed run from its last finished block")
     parser.add_argument("--no-progress", action="store_true")
     add_preset_argument(parser)

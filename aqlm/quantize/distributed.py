@@ -18,7 +18,11 @@ A rank left without work (a group with fewer linears than ranks; every rank but 
 fine-tuning) waits without using its cores, so the ranks with work on the same machine borrow its
 threads (:class:`CoreShare`). The result does not change: every computation here gives the same
 bits at any thread count (the C kernels by construction, torch's CPU kernels as measured by
-``tests/test_distributed_quantize.py``).
+``tests/test_distributed_quantize.py``), with one exception: on CPUs with AMX, torch's bfloat16
+products (oneDNN's AMX kernels) split long sums between threads, so bfloat16 fine-tuning gives
+other bits at another thread count. Rank 0 fine-tunes with the threads of every process on its
+machine, so the checkpoint is that of one process with that many threads (``--threads`` x
+processes), whatever the CPU.
 """
 from __future__ import annotations
 
