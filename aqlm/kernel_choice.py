@@ -46,8 +46,9 @@ CALIBRATION_ENV = "AQLM_KERNEL_CALIBRATION"
 # v10: the quantized tables split each entry into bytes by its bits (radix 256), 15-20% faster a call;
 # v11: the AVX2 quantized tables pick 16-entry slices by a tree of blends, half the operations a lookup;
 # v12: the quantized tables' entries from integer products (AVX-512 VNNI), 25-30% faster on small layers;
-# v13: a new candidate for codebooks of more than 256 codewords, the int8 codebooks "decodeq").
-CACHE_FILE = "kernel_choice-v13.json"
+# v13: a new candidate for codebooks of more than 256 codewords, the int8 codebooks "decodeq";
+# v14: the bfloat16 tiles "bf16" are candidates wherever "decodeq" is, for any activations).
+CACHE_FILE = "kernel_choice-v14.json"
 ROUNDS = 5  # timed runs per candidate (after one warm-up), interleaved; the minimum counts
 HOPELESS = 4.0  # a candidate this many times slower than the best after PRUNE_AFTER rounds is not run again
 PRUNE_AFTER = 3  # rounds before any pruning: one run can be slowed 10-200x by a descheduled thread

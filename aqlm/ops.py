@@ -45,8 +45,10 @@ logger = logging.getLogger("aqlm")
 # than 1 or 16. They are the default for few tokens; AQLM_QUANTIZED_LUT=0 keeps every path exact.
 # Dequantizing to bfloat16 for many tokens (dense bf16 matmul on CPUs with AVX512-BF16 or AMX)
 # rounds the weights to 8 bits of mantissa and is opt-in: AQLM_BF16_DEQUANTIZE=1. So is the
-# bfloat16 tile kernel ("bf16", csrc/bf16tile.h) for float32/float16 activations; for bfloat16
-# activations, already rounded so, it is a candidate by default.
+# bfloat16 tile kernel ("bf16", csrc/bf16tile.h) for float32/float16 activations, except where the
+# int8 codebooks already round by default (rounds_few_token_codebooks: codebooks of more than 256
+# codewords, up to FEW_TOKENS tokens); for bfloat16 activations, already rounded so, it is a
+# candidate by default.
 LUTQ_GROUP = 64
 # Fixed rules only (measured choices consider "lutq" up to FEW_TOKENS): the token counts up to which
 # the quantized tables beat the exact paths, for codebooks of <= 16 codewords (one in-register
@@ -88,6 +90,11 @@ FEW_TOKEN_KERNELS = ("lutq", "lutw", "lut", "decodeq", "decode", "bf16")  # C ke
 # measured choices consider it for any count.
 BF16_TILE_MIN_TOKENS = 4
 BF16_TILE_TOKENS = {"amx": (4, 512), "avx512bf16": (8, 96)}  # (first, last) token counts, fixed rules
+# Fixed rules: up to this many tokens (one pass of its kernel) "decodeq" goes before "bf16" where
+# both serve. 4096x4096 1x16g8, float32 activations and float16 codebooks, 2 threads, AMX, ms
+# decodeq / bf16 (benchmarks/bench_few_tokens.py): 4 tokens 2.00 / 2.95, 8: 3.22 / 3.03, 16: 6.40
+# / 3.04, 32: 12.3 / 3.38 (dense bfloat16 2.1-2.8).
+DECODEQ_FIRST_TOKENS = 8
 # Decoding from int8 codebooks ("decodeq", csrc/decodeq.h: codebooks of 512 to 65536 codewords,
 # out_group_size 1, in_group_size 8) is, like the quantized tables, on by default and off under
 # AQLM_QUANTIZED_LUT=0. Its 8-byte codewords keep a 2**16-entry codebook (512 KiB) in L2, where
@@ -138,6 +145,15 @@ def decodeq_applies(nbits: int, out_group_size: int, in_group_size: int) -> bool
     return nbits > 8 and out_group_size == 1 and in_group_size == 8
 
 
+def rounds_few_token_codebooks(tokens: int, nbits: int, out_group_size: int, in_group_size: int, exact: bool) -> bool:
+    """Whether this call may round codebooks of more than 256 codewords by default: where the
+    int8 codebooks ("decodeq") are candidates (unless ``exact``, up to FEW_TOKENS tokens), the
+    bfloat16 tiles ("bf16") are too, for any activations. They round codewords and activations to
+    bfloat16, each value within 2**-9 of itself, where "decodeq" rounds a codeword value within
+    1/254 of its codebook's largest and an activation within 1/65534 of its token's largest."""
+    return not exact and tokens <= FEW_TOKENS and decodeq_applies(nbits, out_group_size, in_group_size)
+
+
 def lutw_applies(tokens: int, nbits: int, out_group_size: int) -> bool:
     """Whether the exact wide-token tables ("lutw") serve this call: the packed codes of
     :func:`packed_codes` (codebooks of <= 256 codewords, og 1) and at least LUTW_MIN_TOKENS tokens
@@ -159,7 +175,7 @@ def bf16_tiles_apply(
     AVX-512 BF16 (``_C.bf16_kernel()``), the format suits its tiles (out_group_size 1,
     in_group_size even and dividing 32, in_features divisible by 32), at least
     BF16_TILE_MIN_TOKENS tokens, and rounding to bfloat16 is acceptable: the activations are
-    bfloat16 already, or ``bf16`` (AQLM_BF16_DEQUANTIZE=1)."""
+    bfloat16 already, or ``bf16`` (AQLM_BF16_DEQUANTIZE=1, or :func:`rounds_few_token_codebooks`)."""
     return (
         tokens >= BF16_TILE_MIN_TOKENS and out_group_size == 1 and in_group_size % 2 == 0
         and 32 % in_group_size == 0 and in_features % 32 == 0
@@ -184,7 +200,8 @@ def applicable_cpu_kernels(
         if not exact and decodeq_applies(nbits, out_group_size, in_group_size):
             kernels.append("decodeq")
         kernels.append("decode")
-    if bf16_tiles_apply(tokens, out_group_size, in_group_size, in_features, input_dtype, bf16):
+    if bf16_tiles_apply(tokens, out_group_size, in_group_size, in_features, input_dtype,
+                        bf16 or rounds_few_token_codebooks(tokens, nbits, out_group_size, in_group_size, exact)):
         kernels.append("bf16")
     kernels.append("dequantize")
     if bf16 and input_dtype != torch.bfloat16 and cpu_has_fast_bf16():
@@ -203,9 +220,10 @@ def choose_cpu_kernel(
     (:func:`decodeq_applies`).
 
     Bfloat16 tiles ("bf16", where ``bf16_tiles``: :func:`bf16_tiles_apply`) serve codebooks of more
-    than 256 codewords within BF16_TILE_TOKENS: 4096x4096 1x16g8 at 16 tokens, 2 threads, 1.6 ms
-    with AMX against 6.1 for "decode" (and 1.5 for dense bfloat16); with 256 codewords or fewer
-    the exact kernels below are about as fast up to 16 tokens.
+    than 256 codewords within BF16_TILE_TOKENS, after DECODEQ_FIRST_TOKENS where "decodeq" serves:
+    4096x4096 1x16g8 at 16 tokens, 2 threads, 1.6 ms with AMX against 6.1 for "decode" (and 1.5
+    for dense bfloat16); with 256 codewords or fewer the exact kernels below are about as fast up to
+    16 tokens.
 
     Exact tables 16 tokens wide ("lutw") beat the others, exact or not, from 8 tokens for
     codebooks of <= 16 codewords and from 12 for larger ones, up to 32 at least (LUTW_* above).
@@ -228,7 +246,8 @@ def choose_cpu_kernel(
         if tokens <= LUTQ_MAX_TOKENS_WIDE and _C.lutq_kernel() in ("avx512vbmi", "avx2"):
             return "lutq"
     fast_decode = out_group_size == 1 and in_group_size == 8 and nbits in (8, 16)
-    if bf16_tiles and nbits > 8:
+    decodeq = not exact and decodeq_applies(nbits, out_group_size, in_group_size)
+    if bf16_tiles and nbits > 8 and not (decodeq and tokens <= DECODEQ_FIRST_TOKENS):
         first, last = BF16_TILE_TOKENS.get(_C.bf16_kernel(), (0, -1))
         if first <= tokens <= last:
             return "bf16"
@@ -241,7 +260,7 @@ def choose_cpu_kernel(
     limit = 24 if fast_decode else 4
     if tokens * num_codebooks > limit:
         return "dequantize"
-    return "decodeq" if not exact and decodeq_applies(nbits, out_group_size, in_group_size) else "decode"
+    return "decodeq" if decodeq else "decode"
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Few-token CPU kernels forced side by side: lutw, lutq, lut, decodeq and decode (each bound once as
+"""Few-token CPU kernels forced side by side: lutw, lutq, lut, decodeq, decode and bf16 (each bound once as
 ``aqlm.decode`` binds them: ``aqlm.ops.bound_linear_cpu``) against ``F.linear`` in float32 and
 bfloat16, in one process, calls interleaved, medians. Ratios are dense time / kernel time; a
 kernel that does not serve the scheme (``aqlm.ops.applicable_cpu_kernels``) shows "-".
@@ -22,7 +22,7 @@ import aqlm
 from aqlm import ops
 from bench_matmul import cpu_flags
 
-KERNELS = ("lutw", "lutq", "lut", "decodeq", "decode")
+KERNELS = ("lutw", "lutq", "lut", "decodeq", "decode", "bf16")
 SHAPES = ["4096x4096", "576x576", "192x576", "1536x576", "576x1536"]
 
 
@@ -83,12 +83,13 @@ def main() -> None:
                 x = torch.randn(tokens, in_features)
                 x_bf16 = x.bfloat16()
                 serving = ops.applicable_cpu_kernels(tokens, scheme.nbits_per_codebook, 1, torch.float32, exact=False,
-                                                     in_group_size=scheme.in_group_size)
+                                                     bf16=ops.bf16_dequantize_requested(),
+                                                     in_group_size=scheme.in_group_size, in_features=in_features)
                 kernels = [k for k in KERNELS if k in serving]
                 outs = {k: torch.empty(tokens, out_features) for k in kernels}
                 fns = {k: bound(k, x, outs[k], weight) for k in kernels}
-                fns["fp32"] = lambda: F.linear(x, dense)
-                fns["bf16"] = lambda: F.linear(x_bf16, dense_bf16)
+                fns["dense fp32"] = lambda: F.linear(x, dense)
+                fns["dense bf16"] = lambda: F.linear(x_bf16, dense_bf16)
                 times = {name_: [] for name_ in fns}
                 busy0, own0, wall0 = *busy_seconds(), time.perf_counter()
                 with torch.no_grad():
@@ -104,9 +105,10 @@ def main() -> None:
                 med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
                 if "lutw" in outs and "lut" in outs:
                     torch.testing.assert_close(outs["lutw"], outs["lut"], rtol=1e-4, atol=1e-4)
-                cells = " | ".join(f"{med[k]:7.3f} {med['fp32'] / med[k]:5.2f} {med['bf16'] / med[k]:5.2f}" if k in med
+                fp32, bf16 = med["dense fp32"], med["dense bf16"]
+                cells = " | ".join(f"{med[k]:7.3f} {fp32 / med[k]:5.2f} {bf16 / med[k]:5.2f}" if k in outs
                                    else f"{'-':>7} {'-':>5} {'-':>5}" for k in KERNELS)
-                print(f"{shape:>10} {name:>6} {tokens:>3} | {med['fp32']:7.3f} {med['bf16']:7.3f} | {cells} | {others:5.2f}", flush=True)
+                print(f"{shape:>10} {name:>6} {tokens:>3} | {fp32:7.3f} {bf16:7.3f} | {cells} | {others:5.2f}", flush=True)
 
 
 if __name__ == "__main__":

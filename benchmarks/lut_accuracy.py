@@ -2,7 +2,8 @@
 the default quantized tables (16-bit entries in two int8 tables): the decode path that
 prefill-based perplexity never exercises.
 
-    python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2]
+    python benchmarks/lut_accuracy.py CHECKPOINT [--windows 2] [--seqlen 1024] [--threads 2] [--step 1]
+        (--step N: N tokens a call, as chunked prefill or speculative decoding send them)
     python benchmarks/lut_accuracy.py CHECKPOINT --layer-tokens 64   (per-linear output errors)
     python benchmarks/lut_accuracy.py CHECKPOINT --lm-heads exact,bf16,int8   (aqlm.decode.LlamaDecoder's
         step, default tables, one perplexity per LM-head mode)
@@ -20,8 +21,9 @@ import sys
 import time
 
 
-def decode_perplexity(checkpoint: str, windows: int, seqlen: int) -> dict:
-    """Token-by-token perplexity of the first ``windows`` windows of WikiText-2 test.txt."""
+def decode_perplexity(checkpoint: str, windows: int, seqlen: int, step: int = 1) -> dict:
+    """Perplexity of the first ``windows`` windows of WikiText-2 test.txt, fed ``step`` tokens a
+    call (1: token by token) through the KV cache."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -35,11 +37,13 @@ def decode_perplexity(checkpoint: str, windows: int, seqlen: int) -> dict:
     with torch.no_grad():
         for window in evaluation_windows(tokens, seqlen)[:windows]:
             cache = DynamicCache()
-            for position in range(seqlen - 1):
-                logits = model(input_ids=window[position : position + 1].view(1, 1), past_key_values=cache,
-                               use_cache=True).logits[0, -1].float()
-                total -= float(torch.log_softmax(logits, -1)[window[position + 1]])
-                count += 1
+            for position in range(0, seqlen - 1, step):
+                end = min(position + step, seqlen - 1)
+                logits = model(input_ids=window[position:end].view(1, -1), past_key_values=cache,
+                               use_cache=True).logits[0].float()
+                logprobs = torch.log_softmax(logits, -1)
+                total -= float(logprobs.gather(1, window[position + 1 : end + 1].view(-1, 1)).sum())
+                count += end - position
     return {"perplexity": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - started}
 
 
@@ -100,10 +104,15 @@ def layer_errors(checkpoint: str, tokens: int) -> None:
             exact_kernel, fast_kernel = ("lut", "lutq") if tables else ("decode", "decodeq")
             exact = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel=exact_kernel) for row in x]).double()
             fast = torch.cat([ops.quantized_matmul_cpu(row[None], *weight, kernel=fast_kernel) for row in x]).double()
-            errors[name] = float((fast - exact).norm() / exact.norm())
-    ranked = sorted(errors.values())
-    print(f"relative layer-output error of the quantized tables (or int8 codebooks) over {len(ranked)} linears, {tokens} tokens each: "
-          f"min {100 * ranked[0]:.4f}%, median {100 * ranked[len(ranked) // 2]:.4f}%, max {100 * ranked[-1]:.4f}%")
+            errors.setdefault(fast_kernel, {})[name] = float((fast - exact).norm() / exact.norm())
+            if not tables and ops.bf16_tiles_apply(16, 1, 8, module.in_features, x.dtype, True):
+                tiles = torch.cat([ops.quantized_matmul_cpu(block, *weight, kernel="bf16") for block in x.split(16)]).double()
+                errors.setdefault("bf16", {})[name] = float((tiles - exact).norm() / exact.norm())
+    for kernel, found in errors.items():
+        ranked = sorted(found.values())
+        what = {"lutq": "quantized tables", "decodeq": "int8 codebooks", "bf16": "bfloat16 tiles, 16 tokens a call"}[kernel]
+        print(f"relative layer-output error of the {what} ({kernel}) over {len(ranked)} linears, {tokens} tokens each: "
+              f"min {100 * ranked[0]:.4f}%, median {100 * ranked[len(ranked) // 2]:.4f}%, max {100 * ranked[-1]:.4f}%")
 
 
 def main() -> None:
@@ -112,6 +121,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--step", type=int, default=1, help="tokens a call (1: decoding one token at a time)")
     parser.add_argument("--layer-tokens", type=int, default=0,
                         help="instead: per-linear output error of the two kernels on this many tokens' real inputs")
     parser.add_argument("--lm-heads", default=None,
@@ -131,18 +141,18 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(decode_perplexity(args.checkpoint, args.windows, args.seqlen)))
+        print(json.dumps(decode_perplexity(args.checkpoint, args.windows, args.seqlen, args.step)))
         return
     results = {}
     for name, quantized in (("exact fp32 tables", "0"), ("quantized tables", "1")):
         env = dict(os.environ, AQLM_QUANTIZED_LUT=quantized, AQLM_KERNEL_CALIBRATION="0")
         env.pop("AQLM_CPU_KERNEL", None)
         child = subprocess.run([sys.executable, __file__, args.checkpoint, "--windows", str(args.windows), "--seqlen",
-                                str(args.seqlen), "--threads", str(args.threads), "--child"],
+                                str(args.seqlen), "--threads", str(args.threads), "--step", str(args.step), "--child"],
                                env=env, capture_output=True, text=True, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{name:>22}: perplexity {results[name]['perplexity']:.4f} over {results[name]['tokens']} tokens "
-              f"decoded one at a time, {results[name]['tokens'] / results[name]['seconds']:.1f} tok/s")
+              f"decoded {args.step} at a time, {results[name]['tokens'] / results[name]['seconds']:.1f} tok/s")
     exact, fast = (results[k]["perplexity"] for k in results)
     print(f"relative change of the quantized tables: {100 * (fast - exact) / exact:+.3f}% (target: within 0.3%)")
 

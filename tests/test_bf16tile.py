@@ -144,11 +144,56 @@ def test_bf16_is_a_candidate_only_where_bfloat16_rounding_is_acceptable():
 @needs_simd
 def test_fixed_rules_take_bf16_for_65536_codewords_within_its_token_range():
     first, last = ops.BF16_TILE_TOKENS[KERNEL]
-    assert ops.choose_cpu_kernel(first, 1, 16, 1, 8, bf16_tiles=True) == "bf16"
+    assert ops.choose_cpu_kernel(first, 1, 16, 1, 8, exact=True, bf16_tiles=True) == "bf16"
+    after_decodeq = max(first, ops.DECODEQ_FIRST_TOKENS + 1)
+    assert ops.choose_cpu_kernel(after_decodeq - 1, 1, 16, 1, 8, bf16_tiles=True) == "decodeq"
+    assert ops.choose_cpu_kernel(after_decodeq, 1, 16, 1, 8, bf16_tiles=True) == "bf16"
     assert ops.choose_cpu_kernel(last, 1, 16, 1, 8, bf16_tiles=True) == "bf16"
     assert ops.choose_cpu_kernel(last + 1, 1, 16, 1, 8, bf16_tiles=True) != "bf16"
     assert ops.choose_cpu_kernel(16, 1, 16, 1, 8, bf16_tiles=False) != "bf16"
     assert ops.choose_cpu_kernel(16, 2, 8, 1, 8, bf16_tiles=True) != "bf16"  # 256 codewords: the exact tables
+
+
+def test_bf16_tiles_are_candidates_for_float32_activations_where_int8_codebooks_are():
+    """Where "decodeq" rounds codebooks of more than 256 codewords by default (few tokens, not
+    exact), the bfloat16 tiles may too; elsewhere float32 activations keep them opt-in."""
+    serves = _C.bf16_kernel() != "scalar"
+
+    def candidates(tokens, nbits=16, exact=False, bf16=False, in_group_size=8):
+        return ops.applicable_cpu_kernels(tokens, nbits, 1, torch.float32, exact, bf16, in_group_size, 4096)
+
+    assert ("bf16" in candidates(16)) == serves and "decodeq" in candidates(16)
+    assert ("bf16" in candidates(ops.FEW_TOKENS)) == serves
+    assert "bf16" not in candidates(16, exact=True)
+    assert "bf16" not in candidates(ops.FEW_TOKENS + 1)
+    assert ("bf16" in candidates(ops.FEW_TOKENS + 1, bf16=True)) == serves
+    assert "bf16" not in candidates(16, nbits=8) and "bf16" not in candidates(16, in_group_size=4)
+    assert ops.rounds_few_token_codebooks(16, 12, 1, 8, exact=False)
+    assert not ops.rounds_few_token_codebooks(16, 12, 2, 8, exact=False)
+
+
+@needs_simd
+def test_float32_layer_uses_the_tiles_for_1x16_at_16_tokens_by_default(monkeypatch):
+    """Fixed rules, as the tests run: 16 float32 tokens on a 1x16g8 layer go to the tiles unless
+    AQLM_QUANTIZED_LUT=0, within the bound of the product of the bfloat16-rounded operands."""
+    monkeypatch.setenv("AQLM_KERNEL_CALIBRATION", "0")
+    layer = QuantizedLinear(128, 96, in_group_size=8, out_group_size=1, num_codebooks=1, nbits_per_codebook=16,
+                            bias=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.codes.copy_(torch.randint(-2**15, 2**15, layer.codes.shape, generator=generator, dtype=torch.int16))
+        layer.codebooks.copy_(torch.randn(layer.codebooks.shape, generator=generator))
+        layer.scales.copy_(torch.rand(layer.scales.shape, generator=generator) + 0.5)
+    x = torch.randn(16, 128, generator=generator)
+    calls = []
+    monkeypatch.setattr(_C, "bind_matmul", lambda kernel, *a, _real=_C.bind_matmul, **k: calls.append(kernel) or _real(kernel, *a, **k))
+    with torch.no_grad():
+        y = layer(x)
+        monkeypatch.setenv("AQLM_QUANTIZED_LUT", "0")
+        layer(x)
+    assert calls == ["bf16", "decode"]
+    exact, bound = exact_and_bound(x, layer.codes, layer.codebooks, layer.scales, None)
+    assert ((y.double() - exact).abs() <= bound).all()
 
 
 @needs_simd

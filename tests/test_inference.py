@@ -209,7 +209,8 @@ def test_min_parallel_work_is_a_checked_process_wide_setting():
 def test_quantized_linear_cpu_matches_torch_path(config, shape, quantized_lut, monkeypatch):
     """With exact tables to float rounding; with the default quantized tables (16-bit entries, see
     csrc/lutq.h) to 1e-3 of the output's norm; with int8 codebooks (codebooks of more than 256
-    codewords, csrc/decodeq.h) the bits of that kernel, which tests/test_decodeq.py bounds."""
+    codewords, csrc/decodeq.h) or bfloat16 tiles (from 9 tokens on those codebooks, csrc/bf16tile.h)
+    the bits of that kernel, which tests/test_decodeq.py and tests/test_bf16tile.py bound."""
     monkeypatch.setenv("AQLM_QUANTIZED_LUT", quantized_lut)
     out, inp, M, nbits, og, ig = config
     codes, codebooks, scales, bias = random_layer(*config)
@@ -220,11 +221,11 @@ def test_quantized_linear_cpu_matches_torch_path(config, shape, quantized_lut, m
     expected = quantized_matmul_torch(x, layer.codes, layer.codebooks, layer.scales, layer.bias)
     if quantized_lut == "0":
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
-    elif aqlm.ops.cpu_kernel_for(x, layer.codes, layer.codebooks, layer.scales, layer.bias) == "decodeq":
+    elif (kernel := aqlm.ops.cpu_kernel_for(x, layer.codes, layer.codebooks, layer.scales, layer.bias)) in ("decodeq", "bf16"):
         flat = x.reshape(-1, inp)
-        int8_codebooks = aqlm.ops.quantized_matmul_cpu(flat, layer.codes, layer.codebooks, layer.scales, layer.bias, kernel="decodeq")
-        assert torch.equal(y.reshape(-1, out), int8_codebooks)
-        assert float((y - expected).norm()) <= 3e-2 * float(expected.norm())
+        rounded = aqlm.ops.quantized_matmul_cpu(flat, layer.codes, layer.codebooks, layer.scales, layer.bias, kernel=kernel)
+        assert torch.equal(y.reshape(-1, out), rounded)
+        assert float((y - expected).norm()) <= {"decodeq": 3e-2, "bf16": 1e-2}[kernel] * float(expected.norm())
     else:
         assert float((y - expected).norm()) <= 1e-3 * float(expected.norm())
 
