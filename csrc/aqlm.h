@@ -218,6 +218,16 @@ const char *aqlm_lutw_kernel_name(aqlm_simd level);
 aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x, const void *codes,
                              aqlm_dtype param_dtype, const void *codebooks, const void *scales, const void *bias,
                              void *y, aqlm_simd simd, int num_threads, aqlm_error *err);
+/* Float16 or float32 codebooks rounded to bfloat16 once (aqlm_bf16_prepare, into
+ * aqlm_bf16_prepared_size(f) values): the same bits as the rounding aqlm_bf16_matmul does at each
+ * call, which aqlm_bf16_matmul_prepared skips (prepared NULL: it rounds). */
+size_t aqlm_bf16_prepared_size(const aqlm_format *f);
+aqlm_status aqlm_bf16_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                              uint16_t *prepared, aqlm_error *err);
+aqlm_status aqlm_bf16_matmul_prepared(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                                      const void *codes, aqlm_dtype param_dtype, const void *codebooks,
+                                      const uint16_t *prepared, const void *scales, const void *bias, void *y,
+                                      aqlm_simd simd, int num_threads, aqlm_error *err);
 /* The bfloat16 tile kernels a call at `level` uses here: "amx", "avx512bf16" or "scalar". */
 const char *aqlm_bf16_kernel_name(aqlm_simd level);
 

@@ -2,9 +2,10 @@
  * bf16tile_matmul.c - y = x W^T + b in bfloat16 tiles (bf16tile.h): AMX from a few tokens on,
  * without dequantizing the weight.
  *
- * Per call: the codebooks are converted to bfloat16 once (unless they are bfloat16) and the
- * tokens packed into the tile layout, the threads sharing the work; then the threads split the
- * output rows in groups of R x 16 rows, and each group's sums are scaled, biased and stored in y.
+ * Per call: the codebooks are converted to bfloat16 once (unless they are bfloat16 or come
+ * prepared so) and the tokens packed into the tile layout, the threads sharing the work; then the
+ * threads split the output rows in groups of R x 16 rows, and each group's sums are scaled, biased
+ * and stored in y.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -12,9 +13,33 @@
 #include "bf16tile.h"
 #include "lutq.h" /* aqlm_carve */
 
+size_t aqlm_bf16_prepared_size(const aqlm_format *f) {
+    return (size_t)f->num_codebooks * ((size_t)1 << f->nbits) * (size_t)f->out_group_size *
+           (size_t)f->in_group_size;
+}
+
+aqlm_status aqlm_bf16_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks,
+                              uint16_t *prepared, aqlm_error *err) {
+    aqlm_status status = aqlm_format_check(f, err);
+    if (status != AQLM_OK) return status;
+    AQLM_CHECK(err, codebooks != NULL && prepared != NULL, "codebooks and prepared must not be NULL");
+    const int64_t count = (int64_t)aqlm_bf16_prepared_size(f);
+    /* the scalar rounding, which every level's conversion matches (tests/test_bf16tile.py) */
+    for (int64_t i = 0; i < count; i++) prepared[i] = aqlm_f32_to_bf16(aqlm_load(param_dtype, codebooks, i));
+    return AQLM_OK;
+}
+
 aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x, const void *codes,
                              aqlm_dtype param_dtype, const void *codebooks, const void *scales, const void *bias,
                              void *y, aqlm_simd simd, int num_threads, aqlm_error *err) {
+    return aqlm_bf16_matmul_prepared(f, n, x_dtype, x, codes, param_dtype, codebooks, NULL, scales, bias, y, simd,
+                                     num_threads, err);
+}
+
+aqlm_status aqlm_bf16_matmul_prepared(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                                      const void *codes, aqlm_dtype param_dtype, const void *codebooks,
+                                      const uint16_t *prepared, const void *scales, const void *bias, void *y,
+                                      aqlm_simd simd, int num_threads, aqlm_error *err) {
     aqlm_status status = aqlm_check_matmul_args(f, n, x_dtype, x, codes, param_dtype, codebooks, scales, y,
                                                 num_threads, err);
     if (status != AQLM_OK) return status;
@@ -40,8 +65,8 @@ aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     /* one product per weight, codebook and token */
     const int P = aqlm_threads_for(num_threads, (double)n * out * in * s.M);
 
-    /* bfloat16 codebooks are read in place; others are converted once per call */
-    const int convert = param_dtype != AQLM_BF16;
+    /* bfloat16 codebooks are read in place, as are prepared ones; others are converted once per call */
+    const int convert = param_dtype != AQLM_BF16 && prepared == NULL;
     size_t bytes = 0;
     const size_t at_cb = aqlm_carve(&bytes, convert ? (size_t)cb_values * sizeof(uint16_t) : 0);
     const size_t at_xb = aqlm_carve(&bytes, (size_t)(chunks * blocks * AQLM_BF16_TILE_ELEMENTS) * sizeof(uint16_t));
@@ -51,7 +76,7 @@ aqlm_status aqlm_bf16_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype
     char *base = aligned_alloc(64, bytes);
     if (!base) return aqlm_nomem(err, bytes);
     uint16_t *converted = (uint16_t *)(base + at_cb), *xb = (uint16_t *)(base + at_xb);
-    const uint16_t *cb = convert ? converted : (const uint16_t *)codebooks;
+    const uint16_t *cb = convert ? converted : prepared != NULL ? prepared : (const uint16_t *)codebooks;
 
 #pragma omp parallel num_threads(P)
     {

@@ -389,17 +389,6 @@ static PyObject *py_codebook_matmul(PyObject *module, PyObject *args, PyObject *
     return matmul_common(module, args, kwargs, "OOOOOO|$sszi:codebook_matmul", aqlm_codebook_matmul);
 }
 
-PyDoc_STRVAR(bf16_matmul_doc,
-"bf16_matmul(x, codes, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None)\n"
-"--\n\n"
-"out [n, out_features] = x [n, in_features] @ W.T + bias in bfloat16 tiles (AMX where the CPU and\n"
-"OS allow, else AVX-512 BF16, else the scalar reference; AQLM_AMX=0 turns AMX off): codewords and\n"
-"activations rounded to bfloat16, products summed in float32. Needs out_group_size 1, an even\n"
-"in_group_size dividing 32 and in_features divisible by 32. bias may be None.");
-
-static PyObject *py_bf16_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
-    return matmul_common(module, args, kwargs, "OOOOOO|$sszi:bf16_matmul", aqlm_bf16_matmul);
-}
 
 /* ---- quantized lookup tables ------------------------------------------------------------------ */
 
@@ -784,12 +773,101 @@ static PyObject *py_decodeq_matmul(PyObject *module, PyObject *args, PyObject *k
     return none_or_raise(status, &err);
 }
 
+/* ---- bfloat16 tiles: bf16 ------------------------------------------------------------------- */
+
+/* prepared: uint16 (bfloat16 bit patterns), of aqlm_bf16_prepared_size(format) values. */
+static int check_bf16_prepared(PyObject *object, const aqlm_format *format) {
+    return check_prepared_array(object, NPY_UINT16, "uint16", aqlm_bf16_prepared_size(format), "bf16_prepare");
+}
+
+static aqlm_status bf16_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks, void *prepared,
+                                aqlm_error *err) {
+    return aqlm_bf16_prepare(f, param_dtype, codebooks, prepared, err);
+}
+
+PyDoc_STRVAR(bf16_prepare_doc,
+"bf16_prepare(codebooks, *, param_dtype='float32')\n"
+"--\n\n"
+"The codebooks [M, K, 1, in_group_size] rounded to bfloat16 once, as bf16_matmul rounds them at\n"
+"each call: a new 1-D uint16 array of their bit patterns, for bf16_matmul(..., prepared=).");
+
+static PyObject *py_bf16_prepare(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"codebooks", "param_dtype", NULL};
+    PyObject *codebooks_object;
+    const char *param_dtype_name = "float32";
+    aqlm_dtype param_dtype;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$s:bf16_prepare", keywords, &codebooks_object,
+                                     &param_dtype_name) ||
+        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
+        return NULL;
+    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
+    if (codebooks == NULL) return NULL;
+    const npy_intp *cb = PyArray_DIMS(codebooks);
+    const int nbits = codebook_bits(cb[1], 16);
+    if (nbits < 0 || cb[2] != 1 || cb[3] < 1) {
+        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in "
+                                       "[2, 65536], got [%zd, %zd, %zd, %zd]",
+                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    const aqlm_format format = {1, cb[3], 1, cb[3], cb[0], nbits, nbits <= 8 ? 8 : 16};
+    return new_prepared(codebooks, &format, param_dtype, NPY_UINT16, (npy_intp)aqlm_bf16_prepared_size(&format),
+                        bf16_prepare);
+}
+
+PyDoc_STRVAR(bf16_matmul_doc,
+"bf16_matmul(x, codes, codebooks, scales, bias, out, *, x_dtype='float32', param_dtype='float32', simd=None, num_threads=None, prepared=None)\n"
+"--\n\n"
+"out [n, out_features] = x [n, in_features] @ W.T + bias in bfloat16 tiles (AMX where the CPU and\n"
+"OS allow, else AVX-512 BF16, else the scalar reference; AQLM_AMX=0 turns AMX off): codewords and\n"
+"activations rounded to bfloat16, products summed in float32. Needs out_group_size 1, an even\n"
+"in_group_size dividing 32 and in_features divisible by 32. bias may be None. prepared:\n"
+"bf16_prepare(codebooks), read instead of rounding the codebooks again (the same bits).");
+
+static PyObject *py_bf16_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "x_dtype",
+                               "param_dtype", "simd", "num_threads", "prepared", NULL};
+    PyObject *x_object, *codes, *codebooks, *scales, *bias, *out, *prepared = Py_None;
+    const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$ssziO:bf16_matmul", keywords, &x_object, &codes,
+                                     &codebooks, &scales, &bias, &out, &x_dtype_name, &param_dtype, &simd_name,
+                                     &num_threads, &prepared))
+        return NULL;
+    weight_args w;
+    aqlm_dtype x_dtype;
+    aqlm_simd simd;
+    PyArrayObject *x;
+    if (codes_matmul_parse(module, &w, &x, x_object, codes, codebooks, scales, bias, out, x_dtype_name, param_dtype,
+                           simd_name, num_threads, &x_dtype, &simd) < 0)
+        return NULL;
+    if (prepared != Py_None && (check_bf16_prepared(prepared, &w.format) < 0 ||
+                                check_no_overlap(out, "out", (PyArrayObject *)prepared, "prepared") < 0)) {
+        weight_args_release(&w);
+        Py_DECREF(x);
+        return NULL;
+    }
+    const uint16_t *prepared_values = prepared != Py_None ? PyArray_DATA((PyArrayObject *)prepared) : NULL;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = aqlm_bf16_matmul_prepared(&w.format, PyArray_DIM(x, 0), x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes),
+                                       w.param_dtype, PyArray_DATA(w.codebooks), prepared_values,
+                                       PyArray_DATA(w.scales), w.bias ? PyArray_DATA(w.bias) : NULL,
+                                       PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
+    Py_END_ALLOW_THREADS
+    weight_args_release(&w);
+    Py_DECREF(x);
+    return none_or_raise(status, &err);
+}
+
 /* ---- bound calls: one weight's few-token kernel, its arguments checked once ------------------- */
 
 /* Everything a few-token kernel call needs but the addresses of x and out: what bind_matmul
  * checked, for run_bound_matmul to call again and again (a decoding step calls each weight once
  * per token, and checking NumPy arguments costs microseconds a call). */
-typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_DECODEQ, BOUND_CODES } bound_kind;
+typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_DECODEQ, BOUND_BF16, BOUND_CODES } bound_kind;
 /* The weight arrays a bound call holds, by slot (codes: the packed codes for lutq/lutw). */
 enum { SLOT_CODES, SLOT_CODEBOOKS, SLOT_SCALES, SLOT_BIAS, SLOT_PREPARED, BOUND_WEIGHT_ARRAYS };
 
@@ -840,7 +918,8 @@ PyDoc_STRVAR(bind_matmul_doc,
 "--\n\n"
 "A bound call of one few-token kernel ('lutq', 'lutw': weights are the packed codes, as for\n"
 "lutq_matmul; 'lut', 'decode', 'decodeq', 'bf16': weights are the codes, as for lut_matmul,\n"
-"codebook_matmul, decodeq_matmul (with prepared), bf16_matmul), checked now exactly as that\n"
+"codebook_matmul, decodeq_matmul (with prepared), bf16_matmul (prepared optional)), checked now\n"
+"exactly as that\n"
 "function checks its arguments. x and out are templates: only their shapes and dtypes are used.\n"
 "Run it with run_bound_matmul; it holds the weight arrays.");
 
@@ -896,18 +975,21 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
             goto fail;
         if (decodeq && prepared == Py_None)
             PyErr_SetString(PyExc_ValueError, "kernel 'decodeq' needs prepared= (from decodeq_prepare)");
-        if (decodeq && (prepared == Py_None || check_decodeq_prepared(prepared, &w.format) < 0)) {
+        const int bf16_prepared = fn == aqlm_bf16_matmul && prepared != Py_None;
+        if ((decodeq && (prepared == Py_None || check_decodeq_prepared(prepared, &w.format) < 0)) ||
+            (bf16_prepared && check_bf16_prepared(prepared, &w.format) < 0)) {
             weight_args_release(&w);
             Py_DECREF(x);
             goto fail;
         }
-        *b = (bound_matmul){.kind = decodeq ? BOUND_DECODEQ : BOUND_CODES, .codes_fn = fn, .format = w.format,
+        *b = (bound_matmul){.kind = decodeq ? BOUND_DECODEQ : bf16_prepared ? BOUND_BF16 : BOUND_CODES, .codes_fn = fn,
+                            .format = w.format,
                             .tokens = PyArray_DIM(x, 0), .group = group, .x_dtype = x_dtype,
                             .param_dtype = w.param_dtype, .simd = simd, .num_threads = num_threads};
         Py_DECREF(x);
         held[SLOT_CODES] = w.codes, held[SLOT_CODEBOOKS] = w.codebooks, held[SLOT_SCALES] = w.scales;
         held[SLOT_BIAS] = w.bias;
-        if (decodeq) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
+        if (decodeq || bf16_prepared) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
     }
     if (bound_matmul_hold(b, held) < 0) goto fail;
     if (b->kind == BOUND_LUTQ) { /* without it (no memory), each call allocates its own */
@@ -1006,6 +1088,10 @@ static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, c
         return aqlm_decodeq_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], weight[SLOT_PREPARED],
                                    b->param_dtype, weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
                                    b->num_threads, err);
+    case BOUND_BF16:
+        return aqlm_bf16_matmul_prepared(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                                         weight[SLOT_CODEBOOKS], (const uint16_t *)weight[SLOT_PREPARED],
+                                         weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd, b->num_threads, err);
     default:
         return b->codes_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
                            weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
@@ -2128,6 +2214,7 @@ static PyMethodDef methods[] = {
     {"run_step_program", (PyCFunction)(void (*)(void))py_run_step_program, METH_FASTCALL, run_step_program_doc},
     {"step_program_runs", py_step_program_runs, METH_O, step_program_runs_doc},
     {"bf16_matmul", (PyCFunction)(void (*)(void))py_bf16_matmul, METH_VARARGS | METH_KEYWORDS, bf16_matmul_doc},
+    {"bf16_prepare", (PyCFunction)(void (*)(void))py_bf16_prepare, METH_VARARGS | METH_KEYWORDS, bf16_prepare_doc},
     {"bf16_kernel", (PyCFunction)(void (*)(void))py_bf16_kernel, METH_VARARGS | METH_KEYWORDS, bf16_kernel_doc},
     {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},
     {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},

@@ -217,3 +217,54 @@ def test_bfloat16_layer_uses_the_tiles_for_1x16_and_matches_its_rounded_product(
     assert calls == ["bf16"], "the bfloat16 tiles did not serve a 16-token bfloat16 call"
     exact, bound = exact_and_bound(x.reshape(16, 128), layer.codes, layer.codebooks, layer.scales, layer.bias)
     assert ((y.reshape(16, 96).double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("config", [(100, 64, 1, 16, 8), (70, 64, 2, 12, 8), (200, 96, 2, 8, 8)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_prepared_codebooks_are_torch_bfloat16_and_give_the_same_bits(config, dtype, kernel):
+    codes, codebooks, scales, bias = random_weight(*config, dtype=dtype, seed=5)
+    codebooks[0, 1, 0, :4] = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 2.0**-130]).to(dtype)  # ties, a denormal
+    names = {torch.float16: "float16", torch.float32: "float32"}
+    prepared = _C.bf16_prepare(codebooks.numpy(), param_dtype=names[dtype])
+    assert prepared.dtype == "uint16" and prepared.shape == (codebooks.numel(),)
+    assert torch.equal(torch.from_numpy(prepared.view("int16")), codebooks.bfloat16().view(torch.int16).reshape(-1))
+    x = torch.randn(20, config[1], generator=torch.Generator().manual_seed(1))
+    converted = run_bf16(x, codes, codebooks, scales, bias, kernel)
+    read = call_matmul(_C.bf16_matmul, x, codes, codes.shape[0], codebooks, scales, bias, kernel, 2, prepared=prepared)
+    assert torch.equal(read, converted)
+    prepared[:] = 0  # what is read is the prepared copy
+    zeroed = call_matmul(_C.bf16_matmul, x, codes, codes.shape[0], codebooks, scales, bias, kernel, 2, prepared=prepared)
+    assert torch.equal(zeroed, bias.expand_as(zeroed))
+
+
+def test_wrong_prepared_codebooks_are_refused():
+    codes, codebooks, scales, bias = random_weight(40, 64, 1, 12, 8, dtype=torch.float16)
+    x = torch.randn(4, 64)
+    good = _C.bf16_prepare(codebooks.numpy(), param_dtype="float16")
+    for bad in (good[:-1], good.view("int16"), good.astype("float32")):
+        with pytest.raises(ValueError, match=r"prepared must be a C-contiguous 1-D uint16 array of 32768 values \(from bf16_prepare"):
+            call_matmul(_C.bf16_matmul, x, codes, 40, codebooks, scales, bias, None, 1, prepared=bad)
+        with pytest.raises(ValueError, match="prepared must be a C-contiguous 1-D uint16 array"):
+            _C.bind_matmul("bf16", x.numpy(), codes.numpy(), codebooks.numpy(), scales.numpy(), bias.numpy(),
+                           torch.empty(4, 40).numpy(), param_dtype="float16", prepared=bad)
+    with pytest.raises(ValueError, match=r"codebooks must have shape \[M, K, 1, in_group_size\]"):
+        _C.bf16_prepare(torch.zeros(1, 100, 1, 8).numpy())
+
+
+@needs_simd
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_layer_binds_the_prepared_codebooks_of_1x16(param_dtype, monkeypatch):
+    """The layer's bound "bf16" call reads codebooks rounded once (not for bfloat16 ones, read in
+    place), with the bits of the kernel that rounds them at each call."""
+    monkeypatch.setenv("AQLM_KERNEL_CALIBRATION", "0")
+    codes, codebooks, scales, bias = random_weight(96, 128, 1, 16, 8, dtype=param_dtype, seed=2)
+    layer = QuantizedLinear.from_parts(codes, codebooks, scales, bias)
+    bound = []
+    monkeypatch.setattr(_C, "bind_matmul", lambda kernel, *a, _real=_C.bind_matmul, **k: bound.append((kernel, k.get("prepared"))) or _real(kernel, *a, **k))
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(3)).to(param_dtype)
+    with torch.no_grad():
+        y = layer(x)
+    assert [kernel for kernel, _ in bound] == ["bf16"]
+    assert (bound[0][1] is None) == (param_dtype == torch.bfloat16)
+    assert torch.equal(y, ops.quantized_matmul_cpu(x, layer.codes, layer.codebooks, layer.scales, layer.bias, kernel="bf16"))
