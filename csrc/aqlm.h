@@ -124,6 +124,10 @@ aqlm_status aqlm_decodeq_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dt
                                 const void *codes, const int8_t *prepared, aqlm_dtype param_dtype,
                                 const void *scales, const void *bias, void *y, aqlm_simd simd, int num_threads,
                                 aqlm_error *err);
+/* The int8-codebook kernels a call of `tokens` tokens at `level` uses here: "avx512vnni" (gathers
+ * and byte products: Intel with AVX-512 VNNI, up to 2 tokens, unless AQLM_DECODEQ_GATHER=0),
+ * "avx512", "avx2" or "scalar". */
+const char *aqlm_decodeq_kernel_name(aqlm_simd level, int64_t tokens);
 
 /* Quantized lookup tables (16-bit entries stored as high and low int8 tables, one fp32 step per
  * `group` input groups and codebook, entries from exact integer products of int16 inputs and

@@ -5,6 +5,7 @@
  * context switch. Both must agree before AVX code may run, or a thread switch corrupts state.
  */
 #include <ctype.h>
+#include <stdlib.h>
 
 #include "bf16tile.h"
 #include "decodeq.h"
@@ -41,9 +42,12 @@ aqlm_simd aqlm_simd_supported(void) {
  * per call: in a virtual machine each CPUID traps to the hypervisor). Callers have already
  * checked the AVX-512 level, which includes the OS's ZMM state. */
 static int cpu_has_vbmi(void) { return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"); }
+/* Intel's gathers load 8 qwords at about the pace of single loads; AMD Zen 4's were slower. */
+static int cpu_is_intel_with_vnni(void) { return __builtin_cpu_is("intel") && __builtin_cpu_supports("avx512vnni"); }
 #else
 aqlm_simd aqlm_simd_supported(void) { return AQLM_SIMD_SCALAR; }
 static int cpu_has_vbmi(void) { return 0; }
+static int cpu_is_intel_with_vnni(void) { return 0; }
 #endif
 
 const char *aqlm_simd_name(aqlm_simd level) {
@@ -114,8 +118,21 @@ const aqlm_int8_kernels *aqlm_int8_kernels_for(aqlm_simd level) {
     return &aqlm_int8_kernels_scalar;
 }
 
-const aqlm_decodeq_kernels *aqlm_decodeq_kernels_for(aqlm_simd level) {
-    if (level >= AQLM_SIMD_AVX512 && aqlm_decodeq_kernels_avx512.level == AQLM_SIMD_AVX512) return &aqlm_decodeq_kernels_avx512;
+const char *aqlm_decodeq_kernel_name(aqlm_simd level, int64_t tokens) {
+    return aqlm_decodeq_kernels_for(level, tokens)->name;
+}
+
+int aqlm_decodeq_gather_usable(void) {
+    const char *setting = getenv("AQLM_DECODEQ_GATHER"); /* "0" turns the gather kernel off */
+    if (setting != NULL && strcmp(setting, "0") == 0) return 0;
+    return aqlm_decodeq_kernels_avx512vnni.level == AQLM_SIMD_AVX512 && cpu_is_intel_with_vnni();
+}
+
+const aqlm_decodeq_kernels *aqlm_decodeq_kernels_for(aqlm_simd level, int64_t tokens) {
+    if (level >= AQLM_SIMD_AVX512 && tokens <= AQLM_DECODEQ_GATHER_MAX_TOKENS && aqlm_decodeq_gather_usable())
+        return &aqlm_decodeq_kernels_avx512vnni;
+    if (level >= AQLM_SIMD_AVX512 && aqlm_decodeq_kernels_avx512.level == AQLM_SIMD_AVX512)
+        return &aqlm_decodeq_kernels_avx512;
     if (level >= AQLM_SIMD_AVX2 && aqlm_decodeq_kernels_avx2.level == AQLM_SIMD_AVX2) return &aqlm_decodeq_kernels_avx2;
     return &aqlm_decodeq_kernels_scalar;
 }

@@ -46,6 +46,11 @@ enum {
      * 1.03-1.23 ms against 1.23-1.30 without (20 layers of 4096x4096 round robin, AVX-512, two
      * builds side by side); 0 to 32 rows ahead measured alike. */
     AQLM_DECODEQ_PREFETCH_ROWS = 4,
+    /* Tokens up to which the gather kernel serves (decodeq_avx512vnni.c). Two builds side by side,
+     * 4096x4096 1x16g8, 2 threads, AMX Xeon, ms gather / current AVX-512: 1 token 1.24 / 1.44,
+     * 2: 1.61 / 1.74, 4: 2.49 / 2.28, 8: 4.63 / 3.62 (one gathered row serves fewer tokens than
+     * the current kernel's two rows do). */
+    AQLM_DECODEQ_GATHER_MAX_TOKENS = 2,
 };
 
 static inline int64_t aqlm_decodeq_header_bytes(int64_t M) { return (M * (int64_t)sizeof(float) + 63) / 64 * 64; }
@@ -56,11 +61,21 @@ typedef struct {
     uint32_t code_mask;
 } aqlm_decodeq_shape;
 
+/* The int16 activations as two byte planes, xq = 256 hi + lo (hi signed, lo unsigned), for the
+ * kernels that multiply bytes (aqlm_decodeq_kernels.byte_planes), with each token's sum of hi. */
+typedef struct {
+    const uint8_t *lo;     /* [n, 8 G] */
+    const int8_t *hi;      /* [n, 8 G] */
+    const int64_t *hi_sum; /* [n] */
+} aqlm_decodeq_planes;
+
 /* dots[r * tokens + t] = dot[t, row r, m] (header) for r < rows, t < tokens: codes of row r from
- * codes + r * G * M, xq of token t from xq + t * 8 * G, cq_m the int8 codebook m [K, 8]. */
+ * codes + r * G * M, xq of token t from xq + t * 8 * G (and its byte planes, where the kernel
+ * reads them, from planes->lo + t * 8 * G, ...), cq_m the int8 codebook m [K, 8]. */
 typedef void (*aqlm_decodeq_dots_fn)(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t m,
-                                     const int16_t *restrict xq, const uint16_t *restrict codes,
-                                     const int8_t *restrict cq_m, int64_t *restrict dots);
+                                     const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+                                     const uint16_t *restrict codes, const int8_t *restrict cq_m,
+                                     int64_t *restrict dots);
 
 enum { AQLM_DECODEQ_MAX_ROWS = 2 }; /* rows of the largest block a SIMD file uses */
 
@@ -70,7 +85,8 @@ enum { AQLM_DECODEQ_MAX_ROWS = 2 }; /* rows of the largest block a SIMD file use
  * inlined into each file, so `dots` is a direct call there. */
 static inline __attribute__((always_inline)) void aqlm_decodeq_rows_blocked(
     int block_rows, aqlm_decodeq_dots_fn dots_fn, const aqlm_decodeq_shape *s, int64_t o0, int64_t o1,
-    int64_t n, int64_t out, const int16_t *restrict xq, const float *restrict steps, const uint16_t *restrict codes,
+    int64_t n, int64_t out, const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+    const float *restrict steps, const uint16_t *restrict codes,
     const int8_t *restrict cq, aqlm_dtype param_dtype, const void *scales, const void *bias, aqlm_dtype y_dtype,
     void *y) {
     const int64_t G = s->G, M = s->M, in = 8 * G, row_codes = G * M;
@@ -83,8 +99,11 @@ static inline __attribute__((always_inline)) void aqlm_decodeq_rows_blocked(
         for (int64_t at = ahead * row_codes; at < ahead_end * row_codes; at += 32) __builtin_prefetch(codes + at, 0, 3);
         for (int64_t t0 = 0; t0 < n; t0 += AQLM_DECODEQ_MAX_TOKENS) {
             const int tokens = n - t0 < AQLM_DECODEQ_MAX_TOKENS ? (int)(n - t0) : AQLM_DECODEQ_MAX_TOKENS;
+            const aqlm_decodeq_planes pass = planes ? (aqlm_decodeq_planes){planes->lo + t0 * in, planes->hi + t0 * in,
+                                                                            planes->hi_sum + t0}
+                                                    : (aqlm_decodeq_planes){NULL, NULL, NULL};
             for (int64_t m = 0; m < M; m++) {
-                dots_fn(s, rows, tokens, m, xq + t0 * in, codes + o * row_codes, cq + m * s->K * 8, dots);
+                dots_fn(s, rows, tokens, m, xq + t0 * in, &pass, codes + o * row_codes, cq + m * s->K * 8, dots);
                 for (int r = 0; r < rows; r++)
                     for (int t = 0; t < tokens; t++) {
                         const float term = steps[(t0 + t) * M + m] * (float)dots[r * tokens + t];
@@ -102,7 +121,8 @@ static inline __attribute__((always_inline)) void aqlm_decodeq_rows_blocked(
 }
 
 typedef void (*aqlm_decodeq_rows_fn)(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
-                                     const int16_t *restrict xq, const float *restrict steps,
+                                     const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+                                     const float *restrict steps,
                                      const uint16_t *restrict codes, const int8_t *restrict cq,
                                      aqlm_dtype param_dtype, const void *scales, const void *bias,
                                      aqlm_dtype y_dtype, void *y);
@@ -110,18 +130,29 @@ typedef void (*aqlm_decodeq_rows_fn)(const aqlm_decodeq_shape *s, int64_t o0, in
 typedef struct {
     aqlm_simd level; /* SCALAR for a table built without its instruction set */
     aqlm_decodeq_rows_fn rows;
+    const char *name;
+    int byte_planes; /* rows reads the activations' byte planes (the driver makes them) */
 } aqlm_decodeq_kernels;
 
-/* The table for `level`, or for the best level below it that this build has (cpu.c). */
-const aqlm_decodeq_kernels *aqlm_decodeq_kernels_for(aqlm_simd level);
+/* The table for `level`, or for the best level below it that this build has (cpu.c): at the
+ * AVX-512 level, for calls of up to AQLM_DECODEQ_GATHER_MAX_TOKENS tokens, the gather kernel where
+ * aqlm_decodeq_gather_usable() says so. */
+const aqlm_decodeq_kernels *aqlm_decodeq_kernels_for(aqlm_simd level, int64_t tokens);
+
+/* Whether the AVX-512 level decodes by gathers and byte products (decodeq_avx512vnni.c): an
+ * Intel CPU with AVX-512 VNNI, this build has the kernel, and AQLM_DECODEQ_GATHER is not "0".
+ * On an AMD EPYC (Zen 4) gathering codewords was slower than loading them one by one. */
+int aqlm_decodeq_gather_usable(void);
 
 void aqlm_decodeq_rows_ref(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
-                           const int16_t *restrict xq, const float *restrict steps, const uint16_t *restrict codes,
+                           const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+                           const float *restrict steps, const uint16_t *restrict codes,
                            const int8_t *restrict cq, aqlm_dtype param_dtype, const void *scales,
                            const void *bias, aqlm_dtype y_dtype, void *y);
 
 extern const aqlm_decodeq_kernels aqlm_decodeq_kernels_scalar;
 extern const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx2;
 extern const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx512;
+extern const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx512vnni;
 
 #endif /* AQLM_DECODEQ_H */

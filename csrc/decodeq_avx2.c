@@ -81,6 +81,7 @@ ALWAYS_INLINE void dot_block(const int rows, const int tokens, int64_t G, const 
         }                                                                                              \
         return;
 static void dots_avx2(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t m, const int16_t *restrict xq,
+                      const aqlm_decodeq_planes *planes,
                       const uint16_t *restrict codes, const int8_t *restrict cq_m, int64_t *restrict dots) {
     const int64_t G = s->G, M = s->M;
     const uint32_t mask = s->code_mask;
@@ -97,17 +98,20 @@ static void dots_avx2(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t
 #undef DOTS_CASE
 
 static void decodeq_rows_avx2(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
-                              const int16_t *restrict xq, const float *restrict steps, const uint16_t *restrict codes,
-                              const int8_t *restrict cq, aqlm_dtype param_dtype, const void *scales, const void *bias,
-                              aqlm_dtype y_dtype, void *y) {
-    aqlm_decodeq_rows_blocked(ROWS, dots_avx2, s, o0, o1, n, out, xq, steps, codes, cq, param_dtype, scales, bias,
-                              y_dtype, y);
+                              const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+                              const float *restrict steps, const uint16_t *restrict codes,
+                              const int8_t *restrict cq, aqlm_dtype param_dtype, const void *scales,
+                              const void *bias, aqlm_dtype y_dtype, void *y) {
+    aqlm_decodeq_rows_blocked(ROWS, dots_avx2, s, o0, o1, n, out, xq, planes, steps, codes, cq, param_dtype,
+                              scales, bias, y_dtype, y);
 }
 
-const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx2 = {.level = AQLM_SIMD_AVX2, .rows = decodeq_rows_avx2};
+const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx2 = {
+    .level = AQLM_SIMD_AVX2, .rows = decodeq_rows_avx2, .name = "avx2"};
 
 #else /* built without AVX2: never chosen */
 
-const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx2 = {.level = AQLM_SIMD_SCALAR, .rows = aqlm_decodeq_rows_ref};
+const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx2 = {
+    .level = AQLM_SIMD_SCALAR, .rows = aqlm_decodeq_rows_ref, .name = "scalar"};
 
 #endif

@@ -78,6 +78,7 @@ ALWAYS_INLINE void dot_block(const int rows, const int tokens, int64_t G, const 
         else dot_block(ROWS, T, G, M, mask, m, xq, codes, cq_m, dots);                                  \
         return;
 static void dots_avx512(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t m, const int16_t *restrict xq,
+                        const aqlm_decodeq_planes *planes,
                         const uint16_t *restrict codes, const int8_t *restrict cq_m, int64_t *restrict dots) {
     const int64_t G = s->G, M = s->M;
     const uint32_t mask = s->code_mask;
@@ -93,17 +94,20 @@ static void dots_avx512(const aqlm_decodeq_shape *s, int rows, int tokens, int64
 #undef DOTS_CASE
 
 static void decodeq_rows_avx512(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
-                                const int16_t *restrict xq, const float *restrict steps,
-                                const uint16_t *restrict codes, const int8_t *restrict cq, aqlm_dtype param_dtype,
-                                const void *scales, const void *bias, aqlm_dtype y_dtype, void *y) {
-    aqlm_decodeq_rows_blocked(ROWS, dots_avx512, s, o0, o1, n, out, xq, steps, codes, cq, param_dtype, scales, bias,
-                              y_dtype, y);
+                                const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+                                const float *restrict steps, const uint16_t *restrict codes,
+                                const int8_t *restrict cq, aqlm_dtype param_dtype, const void *scales,
+                                const void *bias, aqlm_dtype y_dtype, void *y) {
+    aqlm_decodeq_rows_blocked(ROWS, dots_avx512, s, o0, o1, n, out, xq, planes, steps, codes, cq, param_dtype,
+                              scales, bias, y_dtype, y);
 }
 
-const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx512 = {.level = AQLM_SIMD_AVX512, .rows = decodeq_rows_avx512};
+const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx512 = {
+    .level = AQLM_SIMD_AVX512, .rows = decodeq_rows_avx512, .name = "avx512"};
 
 #else /* built without AVX-512: never chosen */
 
-const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx512 = {.level = AQLM_SIMD_SCALAR, .rows = aqlm_decodeq_rows_ref};
+const aqlm_decodeq_kernels aqlm_decodeq_kernels_avx512 = {
+    .level = AQLM_SIMD_SCALAR, .rows = aqlm_decodeq_rows_ref, .name = "scalar"};
 
 #endif

@@ -67,18 +67,37 @@ aqlm_status aqlm_decodeq_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dt
     status = aqlm_check_matmul_args(f, n, x_dtype, x, codes, param_dtype, prepared, scales, y, num_threads, err);
     if (status != AQLM_OK || n == 0) return status;
 
-    const aqlm_decodeq_kernels *kernels = aqlm_decodeq_kernels_for(simd);
+    const aqlm_decodeq_kernels *kernels = aqlm_decodeq_kernels_for(simd, n);
     const int64_t in = f->in_features, out = f->out_features, M = f->num_codebooks;
     const aqlm_decodeq_shape s = {.G = in / AQLM_DECODEQ_GROUP, .M = M, .K = (int64_t)1 << f->nbits,
                                   .code_mask = (uint32_t)(((int64_t)1 << f->nbits) - 1)};
     const float *codebook_steps = (const float *)prepared;
     const int8_t *cq = prepared + aqlm_decodeq_header_bytes(M);
     const size_t xq_bytes = (size_t)(n * in) * sizeof(int16_t);
-    const size_t bytes = xq_bytes + (size_t)n * (size_t)(M + 1) * sizeof(float);
+    const size_t steps_bytes = (size_t)n * (size_t)(M + 1) * sizeof(float);
+    const size_t planes_bytes = kernels->byte_planes ? (size_t)n * sizeof(int64_t) + 2 * (size_t)(n * in) : 0;
+    const size_t bytes = xq_bytes + steps_bytes + planes_bytes;
     int16_t *xq = malloc(bytes);
     if (!xq) return aqlm_nomem(err, bytes);
     float *x_steps = (float *)((char *)xq + xq_bytes), *steps = x_steps + n;
     aqlm_round_activations(n, in, x_dtype, x, xq, x_steps);
+    aqlm_decodeq_planes planes = {NULL, NULL, NULL};
+    if (kernels->byte_planes) { /* xq = 256 hi + lo: hi its signed top byte, lo its unsigned low byte */
+        int64_t *hi_sum = (int64_t *)((char *)xq + xq_bytes + steps_bytes);
+        uint8_t *lo = (uint8_t *)(hi_sum + n);
+        int8_t *hi = (int8_t *)(lo + n * in);
+        for (int64_t t = 0; t < n; t++) {
+            int64_t sum = 0;
+            for (int64_t i = 0; i < in; i++) {
+                const int32_t value = xq[t * in + i];
+                lo[t * in + i] = (uint8_t)(value & 0xff);
+                hi[t * in + i] = (int8_t)((value - (value & 0xff)) / 256);
+                sum += hi[t * in + i];
+            }
+            hi_sum[t] = sum;
+        }
+        planes = (aqlm_decodeq_planes){lo, hi, hi_sum};
+    }
     for (int64_t t = 0; t < n; t++)
         for (int64_t m = 0; m < M; m++) steps[t * M + m] = x_steps[t] * codebook_steps[m];
     const int threads = aqlm_threads_for(num_threads, (double)n * (double)out * (double)in * (double)M / 8);
@@ -90,7 +109,8 @@ aqlm_status aqlm_decodeq_matmul(const aqlm_format *f, int64_t n, aqlm_dtype x_dt
         const int64_t o0 = part * share + (part < extra ? part : extra);
         const int64_t o1 = o0 + share + (part < extra);
         if (o0 < o1)
-            kernels->rows(&s, o0, o1, n, out, xq, steps, codes, cq, param_dtype, scales, bias, x_dtype, y);
+            kernels->rows(&s, o0, o1, n, out, xq, kernels->byte_planes ? &planes : NULL, steps, codes, cq,
+                          param_dtype, scales, bias, x_dtype, y);
     }
     free(xq);
     return AQLM_OK;

@@ -5,7 +5,8 @@
 #include "decodeq.h"
 
 static void dots_ref(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t m, const int16_t *restrict xq,
-                     const uint16_t *restrict codes, const int8_t *restrict cq_m, int64_t *restrict dots) {
+                     const aqlm_decodeq_planes *planes, const uint16_t *restrict codes, const int8_t *restrict cq_m,
+                     int64_t *restrict dots) {
     const int64_t G = s->G, M = s->M;
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < tokens; t++) {
@@ -20,11 +21,13 @@ static void dots_ref(const aqlm_decodeq_shape *s, int rows, int tokens, int64_t 
 }
 
 void aqlm_decodeq_rows_ref(const aqlm_decodeq_shape *s, int64_t o0, int64_t o1, int64_t n, int64_t out,
-                           const int16_t *restrict xq, const float *restrict steps, const uint16_t *restrict codes,
+                           const int16_t *restrict xq, const aqlm_decodeq_planes *planes,
+                           const float *restrict steps, const uint16_t *restrict codes,
                            const int8_t *restrict cq, aqlm_dtype param_dtype, const void *scales,
                            const void *bias, aqlm_dtype y_dtype, void *y) {
-    aqlm_decodeq_rows_blocked(1, dots_ref, s, o0, o1, n, out, xq, steps, codes, cq, param_dtype, scales, bias,
+    aqlm_decodeq_rows_blocked(1, dots_ref, s, o0, o1, n, out, xq, planes, steps, codes, cq, param_dtype, scales, bias,
                               y_dtype, y);
 }
 
-const aqlm_decodeq_kernels aqlm_decodeq_kernels_scalar = {.level = AQLM_SIMD_SCALAR, .rows = aqlm_decodeq_rows_ref};
+const aqlm_decodeq_kernels aqlm_decodeq_kernels_scalar = {.level = AQLM_SIMD_SCALAR, .rows = aqlm_decodeq_rows_ref,
+                                                          .name = "scalar"};

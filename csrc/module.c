@@ -1176,6 +1176,21 @@ static PyObject *py_bf16_kernel(PyObject *module, PyObject *args, PyObject *kwar
     return kernel_name(module, args, kwargs, "|z:bf16_kernel", aqlm_bf16_kernel_name);
 }
 
+PyDoc_STRVAR(decodeq_kernel_doc, "decodeq_kernel(simd=None, tokens=1)\n--\n\nThe int8-codebook kernels a call of that many tokens uses at that SIMD level: 'avx512vnni' (gathers; AQLM_DECODEQ_GATHER=0 turns them off), 'avx512', 'avx2' or 'scalar'.");
+static PyObject *py_decodeq_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"simd", "tokens", NULL};
+    const char *simd_name = NULL;
+    long long tokens = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|zL:decodeq_kernel", keywords, &simd_name, &tokens)) return NULL;
+    if (tokens < 1) {
+        PyErr_Format(PyExc_ValueError, "tokens must be >= 1, got %lld", tokens);
+        return NULL;
+    }
+    aqlm_simd simd;
+    if (parse_simd(module, simd_name, &simd) < 0) return NULL;
+    return PyUnicode_FromString(aqlm_decodeq_kernel_name(simd, (int64_t)tokens));
+}
+
 PyDoc_STRVAR(lutq_kernel_doc, "lutq_kernel(simd=None)\n--\n\nThe quantized-table kernels used at that SIMD level: 'scalar', 'avx2' or 'avx512vbmi'.");
 static PyObject *py_lutq_kernel(PyObject *module, PyObject *args, PyObject *kwargs) {
     return kernel_name(module, args, kwargs, "|z:lutq_kernel", aqlm_lutq_kernel_name);
@@ -2216,6 +2231,7 @@ static PyMethodDef methods[] = {
     {"bf16_matmul", (PyCFunction)(void (*)(void))py_bf16_matmul, METH_VARARGS | METH_KEYWORDS, bf16_matmul_doc},
     {"bf16_prepare", (PyCFunction)(void (*)(void))py_bf16_prepare, METH_VARARGS | METH_KEYWORDS, bf16_prepare_doc},
     {"bf16_kernel", (PyCFunction)(void (*)(void))py_bf16_kernel, METH_VARARGS | METH_KEYWORDS, bf16_kernel_doc},
+    {"decodeq_kernel", (PyCFunction)(void (*)(void))py_decodeq_kernel, METH_VARARGS | METH_KEYWORDS, decodeq_kernel_doc},
     {"lutw_kernel", (PyCFunction)(void (*)(void))py_lutw_kernel, METH_VARARGS | METH_KEYWORDS, lutw_kernel_doc},
     {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},
     {"int8_quantize_rows", (PyCFunction)(void (*)(void))py_int8_quantize_rows, METH_VARARGS | METH_KEYWORDS, int8_quantize_rows_doc},

@@ -19,11 +19,27 @@ from simd_levels import simd_params, supported_levels
 
 UNIT_ROUNDOFF = 2.0**-24
 X_LEVELS, C_LEVELS = 32767, 127
-# (out, in, num_codebooks, nbits): in_groups below, at and past multiples of the 2- and 4-group
-# steps and of the 512-group chunk; out not a multiple of the 2-row block.
-SHAPES = [(33, 80, 1, 16), (7, 8, 1, 9), (40, 96, 2, 10), (17, 4136, 1, 16), (5, 8 * 1029, 1, 12), (64, 48, 3, 11)]
+# (out, in, num_codebooks, nbits): in_groups below, at and past multiples of the 2-, 4- and
+# 8-group steps and of the 512-group chunk; out not a multiple of the 2-row block. The gather
+# kernel takes one codebook of 2**16 codewords: in_groups 10, 517, 6 (one masked step) and 16.
+SHAPES = [(33, 80, 1, 16), (7, 8, 1, 9), (40, 96, 2, 10), (17, 4136, 1, 16), (5, 8 * 1029, 1, 12), (64, 48, 3, 11),
+          (9, 48, 1, 16), (6, 128, 1, 16)]
 TOKENS = [1, 2, 3, 5, 7, 9]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+GATHER = _C.decodeq_kernel("avx512") == "avx512vnni" if "avx512" in supported_levels() else False
+
+
+@pytest.fixture(params=["gather", "no gather"])
+def gather(request, monkeypatch):
+    """At the AVX-512 level, up to 2 tokens: the gather kernel where this CPU runs it, and the
+    current AVX-512 kernel (AQLM_DECODEQ_GATHER=0); the other levels run alike under both."""
+    if request.param == "no gather":
+        monkeypatch.setenv("AQLM_DECODEQ_GATHER", "0")
+    elif not GATHER:
+        pytest.skip("this CPU or build has no gather kernel (an Intel CPU with AVX-512 VNNI)")
+    return request.param
 
 
 def random_layer(out, inp, M, nbits, dtype=torch.float32, bias=True, seed=0):
@@ -121,7 +137,7 @@ def exact_and_bound(x, codes, codebooks, scales, bias):
 @pytest.mark.parametrize("level", simd_params())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("n", TOKENS)
-def test_every_level_gives_the_rounded_formula_exactly_and_stays_within_the_bound(level, shape, n):
+def test_every_level_gives_the_rounded_formula_exactly_and_stays_within_the_bound(level, shape, n, gather):
     codes, codebooks, scales, bias = random_layer(*shape, seed=n)
     x = torch.randn(n, shape[1], generator=torch.Generator().manual_seed(7)) * 3
     got = run_level(x, codes, codebooks, scales, bias, level)
@@ -142,7 +158,7 @@ def test_half_precision_codebooks_and_activations(level, param_dtype, x_dtype):
 
 
 @pytest.mark.parametrize("level", simd_params())
-def test_the_largest_products_do_not_overflow_the_integer_lanes(level):
+def test_the_largest_products_do_not_overflow_the_integer_lanes(level, gather):
     """Every activation at the token's largest value (xq = 32767) and every codebook value at -max
     (cq = -127): each int32 lane then holds as much as the chunking allows (1029 groups: two chunks
     and a tail); a lane that overflowed would change the sum."""
@@ -151,12 +167,13 @@ def test_the_largest_products_do_not_overflow_the_integer_lanes(level):
     codebooks = -codebooks.abs()
     codebooks[0, :, 0, :] = -2.0
     codes = pack_codes(torch.randint(0, 2**16, (3, groups, 1)), 16)
-    x = torch.full((2, 8 * groups), 3.0)
+    x = torch.full((2, 8 * groups), 3.0)  # xq 32767 and -32767: the byte planes' extremes (hi 127 / -128)
     x[1] *= -1
     got = run_level(x, codes, codebooks, torch.ones_like(scales), None, level)
     assert torch.equal(got, rounded_formula(x, codes, codebooks, torch.ones_like(scales), None))
     smallest = float(codebooks.min())
     assert got[0, 0] == pytest.approx(smallest * 3.0 * 8 * groups, rel=1e-6)
+    assert got[1, 0] == pytest.approx(-smallest * 3.0 * 8 * groups, rel=1e-6)
 
 
 @pytest.mark.parametrize("level", supported_levels())
@@ -172,12 +189,28 @@ def test_a_token_with_nan_or_infinity_gives_nan_and_a_zero_token_gives_the_bias(
 
 
 @pytest.mark.parametrize("level", supported_levels())
-def test_thread_count_does_not_change_the_bits(level, always_parallel):
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_thread_count_does_not_change_the_bits(level, tokens, always_parallel, gather):
     codes, codebooks, scales, bias = random_layer(301, 8 * 70, 1, 16, seed=3)
-    x = torch.randn(5, 8 * 70)
+    x = torch.randn(tokens, 8 * 70)
     one = run_level(x, codes, codebooks, scales, bias, level, num_threads=1)
     assert torch.equal(run_level(x, codes, codebooks, scales, bias, level, num_threads=2), one)
     assert torch.equal(run_level(x, codes, codebooks, scales, bias, level, num_threads=3), one)
+
+
+def test_the_gather_kernel_serves_up_to_two_tokens_where_the_cpu_has_it(monkeypatch):
+    with open("/proc/cpuinfo") as file:
+        cpu = file.read()
+    intel_vnni = "GenuineIntel" in cpu and " avx512_vnni" in cpu and "avx512" in supported_levels()
+    assert GATHER == intel_vnni
+    expected = "avx512vnni" if intel_vnni else "avx512"
+    if "avx512" in supported_levels():
+        assert [_C.decodeq_kernel("avx512", tokens=n) for n in (1, 2, 3, 8)] == [expected, expected, "avx512", "avx512"]
+        monkeypatch.setenv("AQLM_DECODEQ_GATHER", "0")
+        assert _C.decodeq_kernel("avx512", tokens=1) == "avx512"
+    assert _C.decodeq_kernel("scalar") == "scalar"
+    with pytest.raises(ValueError, match="tokens must be >= 1, got 0"):
+        _C.decodeq_kernel(tokens=0)
 
 
 def test_prepare_rounds_each_codebook_with_its_own_step():
