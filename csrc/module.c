@@ -505,6 +505,38 @@ static PyObject *new_prepared(PyArrayObject *codebooks, const aqlm_format *forma
     return prepared;
 }
 
+/* The body of a codebook-preparing binding, `name`(codebooks, *, param_dtype='float32'):
+ * codebooks [M, K, 1, group] (any in_group_size where group is 0) with K a power of two in
+ * [2**min_bits, 2**max_bits], then a new 1-D array of NumPy type `type` and size_of(format)
+ * values filled by `prepare` (format_string: PyArg's, named for the binding). */
+static PyObject *prepare_codebooks_binding(PyObject *args, PyObject *kwargs, const char *format_string, int min_bits,
+                                           int max_bits, int group, int type, size_t (*size_of)(const aqlm_format *),
+                                           prepare_fn prepare) {
+    static char *keywords[] = {"codebooks", "param_dtype", NULL};
+    PyObject *codebooks_object;
+    const char *param_dtype_name = "float32";
+    aqlm_dtype param_dtype;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format_string, keywords, &codebooks_object, &param_dtype_name) ||
+        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
+        return NULL;
+    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
+    if (codebooks == NULL) return NULL;
+    const npy_intp *cb = PyArray_DIMS(codebooks);
+    const int nbits = codebook_bits(cb[1], max_bits);
+    if (nbits < min_bits || cb[2] != 1 || (group ? cb[3] != group : cb[3] < 1)) {
+        char group_text[24] = "in_group_size";
+        if (group) PyOS_snprintf(group_text, sizeof group_text, "%d", group);
+        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, %s] with K a power of two in [%lld, %lld], "
+                                       "got [%zd, %zd, %zd, %zd]",
+                     group_text, 1LL << min_bits, 1LL << max_bits, (Py_ssize_t)cb[0], (Py_ssize_t)cb[1],
+                     (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
+        Py_DECREF(codebooks);
+        return NULL;
+    }
+    const aqlm_format format = {1, cb[3], 1, cb[3], cb[0], nbits, nbits <= 8 ? 8 : 16};
+    return new_prepared(codebooks, &format, param_dtype, type, (npy_intp)size_of(&format), prepare);
+}
+
 static aqlm_status lutq_prepare(const aqlm_format *f, aqlm_dtype param_dtype, const void *codebooks, void *prepared,
                                 aqlm_error *err) {
     return aqlm_lutq_prepare_codebooks(f, param_dtype, codebooks, prepared, err);
@@ -520,28 +552,8 @@ PyDoc_STRVAR(lutq_prepare_codebooks_doc,
 "table steps), then the column steps [M, in_group_size].");
 
 static PyObject *py_lutq_prepare_codebooks(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"codebooks", "param_dtype", NULL};
-    PyObject *codebooks_object;
-    const char *param_dtype_name = "float32";
-    aqlm_dtype param_dtype;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$s:lutq_prepare_codebooks", keywords, &codebooks_object,
-                                     &param_dtype_name) ||
-        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
-        return NULL;
-    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
-    if (codebooks == NULL) return NULL;
-    const npy_intp *cb = PyArray_DIMS(codebooks);
-    const int nbits = codebook_bits(cb[1], 8);
-    if (nbits < 0 || cb[2] != 1 || cb[3] < 1) {
-        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in "
-                                       "[2, 256], got [%zd, %zd, %zd, %zd]",
-                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
-        Py_DECREF(codebooks);
-        return NULL;
-    }
-    const aqlm_format format = {1, cb[3], 1, cb[3], cb[0], nbits, 8};
-    return new_prepared(codebooks, &format, param_dtype, NPY_FLOAT32, (npy_intp)aqlm_lutq_prepared_size(&format),
-                        lutq_prepare);
+    return prepare_codebooks_binding(args, kwargs, "O|$s:lutq_prepare_codebooks", 1, 8, 0, NPY_FLOAT32,
+                                     aqlm_lutq_prepared_size, lutq_prepare);
 }
 
 PyDoc_STRVAR(lutq_matmul_doc,
@@ -680,6 +692,61 @@ static PyObject *py_lutw_matmul(PyObject *module, PyObject *args, PyObject *kwar
     return none_or_raise(status, &err);
 }
 
+/* A kernel over the codes that also reads prepared codebooks (decodeq's int8 ones, bf16's
+ * bfloat16 ones; NULL for bf16: it rounds them itself), with one argument order for both. */
+typedef aqlm_status (*prepared_matmul_fn)(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                                          const void *codes, aqlm_dtype param_dtype, const void *codebooks,
+                                          const void *prepared, const void *scales, const void *bias, void *y,
+                                          aqlm_simd simd, int num_threads, aqlm_error *err);
+
+/* prepared must be an array made for this format, or the binding raises (0 / -1). */
+typedef int (*prepared_check_fn)(PyObject *object, const aqlm_format *format);
+
+/* The body of NAME(x, codes, codebooks, scales, bias, out, *, prepared, x_dtype, param_dtype,
+ * simd, num_threads): arguments checked as codes_matmul_parse checks them, prepared by `check`
+ * (required: a TypeError naming `missing` without it; otherwise None or absent reads none), then
+ * `fn` without the GIL. */
+static PyObject *prepared_matmul_binding(PyObject *module, PyObject *args, PyObject *kwargs, const char *format_string,
+                                         const char *missing, prepared_check_fn check, prepared_matmul_fn fn) {
+    static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "prepared", "x_dtype",
+                               "param_dtype", "simd", "num_threads", NULL};
+    PyObject *x_object, *codes, *codebooks, *scales, *bias, *out, *prepared = NULL;
+    const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
+    int num_threads = omp_get_max_threads();
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format_string, keywords, &x_object, &codes, &codebooks, &scales,
+                                     &bias, &out, &prepared, &x_dtype_name, &param_dtype, &simd_name, &num_threads))
+        return NULL;
+    if (prepared == NULL && missing != NULL) {
+        PyErr_SetString(PyExc_TypeError, missing);
+        return NULL;
+    }
+    if (missing == NULL && prepared == Py_None) prepared = NULL;
+    weight_args w;
+    aqlm_dtype x_dtype;
+    aqlm_simd simd;
+    PyArrayObject *x;
+    if (codes_matmul_parse(module, &w, &x, x_object, codes, codebooks, scales, bias, out, x_dtype_name, param_dtype,
+                           simd_name, num_threads, &x_dtype, &simd) < 0)
+        return NULL;
+    if (prepared != NULL && (check(prepared, &w.format) < 0 ||
+                             check_no_overlap(out, "out", (PyArrayObject *)prepared, "prepared") < 0)) {
+        weight_args_release(&w);
+        Py_DECREF(x);
+        return NULL;
+    }
+    const void *prepared_data = prepared != NULL ? PyArray_DATA((PyArrayObject *)prepared) : NULL;
+    aqlm_error err;
+    aqlm_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(&w.format, PyArray_DIM(x, 0), x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes), w.param_dtype,
+                PyArray_DATA(w.codebooks), prepared_data, PyArray_DATA(w.scales), w.bias ? PyArray_DATA(w.bias) : NULL,
+                PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
+    Py_END_ALLOW_THREADS
+    weight_args_release(&w);
+    Py_DECREF(x);
+    return none_or_raise(status, &err);
+}
+
 /* ---- int8 codebooks: decodeq --------------------------------------------------------------- */
 
 /* prepared: int8, of aqlm_decodeq_prepared_size(format) bytes. */
@@ -700,28 +767,8 @@ PyDoc_STRVAR(decodeq_prepare_doc,
 "rounded to int8 (csrc/decodeq.h). A NaN or infinity in the codebooks raises ValueError.");
 
 static PyObject *py_decodeq_prepare(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"codebooks", "param_dtype", NULL};
-    PyObject *codebooks_object;
-    const char *param_dtype_name = "float32";
-    aqlm_dtype param_dtype;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$s:decodeq_prepare", keywords, &codebooks_object,
-                                     &param_dtype_name) ||
-        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
-        return NULL;
-    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
-    if (codebooks == NULL) return NULL;
-    const npy_intp *cb = PyArray_DIMS(codebooks);
-    const int nbits = codebook_bits(cb[1], 16);
-    if (nbits < 9 || cb[2] != 1 || cb[3] != 8) {
-        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, 8] with K a power of two in [512, 65536], "
-                                       "got [%zd, %zd, %zd, %zd]",
-                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
-        Py_DECREF(codebooks);
-        return NULL;
-    }
-    const aqlm_format format = {1, 8, 1, 8, cb[0], nbits, 16};
-    return new_prepared(codebooks, &format, param_dtype, NPY_INT8, (npy_intp)aqlm_decodeq_prepared_size(&format),
-                        decodeq_prepare);
+    return prepare_codebooks_binding(args, kwargs, "O|$s:decodeq_prepare", 9, 16, 8, NPY_INT8,
+                                     aqlm_decodeq_prepared_size, decodeq_prepare);
 }
 
 PyDoc_STRVAR(decodeq_matmul_doc,
@@ -733,44 +780,17 @@ PyDoc_STRVAR(decodeq_matmul_doc,
 "codewords; codebooks give the shape only. bias may be None. The bits do not depend on simd or\n"
 "num_threads.");
 
+static aqlm_status decodeq_matmul_call(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                                       const void *codes, aqlm_dtype param_dtype, const void *codebooks,
+                                       const void *prepared, const void *scales, const void *bias, void *y,
+                                       aqlm_simd simd, int num_threads, aqlm_error *err) {
+    return aqlm_decodeq_matmul(f, n, x_dtype, x, codes, prepared, param_dtype, scales, bias, y, simd, num_threads, err);
+}
+
 static PyObject *py_decodeq_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "prepared", "x_dtype",
-                               "param_dtype", "simd", "num_threads", NULL};
-    PyObject *x_object, *codes, *codebooks, *scales, *bias, *out, *prepared = NULL;
-    const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
-    int num_threads = omp_get_max_threads();
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$Osszi:decodeq_matmul", keywords, &x_object, &codes,
-                                     &codebooks, &scales, &bias, &out, &prepared, &x_dtype_name, &param_dtype,
-                                     &simd_name, &num_threads))
-        return NULL;
-    if (prepared == NULL) {
-        PyErr_SetString(PyExc_TypeError, "decodeq_matmul needs prepared= (from decodeq_prepare)");
-        return NULL;
-    }
-    weight_args w;
-    aqlm_dtype x_dtype;
-    aqlm_simd simd;
-    PyArrayObject *x;
-    if (codes_matmul_parse(module, &w, &x, x_object, codes, codebooks, scales, bias, out, x_dtype_name, param_dtype,
-                           simd_name, num_threads, &x_dtype, &simd) < 0)
-        return NULL;
-    if (check_decodeq_prepared(prepared, &w.format) < 0 ||
-        check_no_overlap(out, "out", (PyArrayObject *)prepared, "prepared") < 0) {
-        weight_args_release(&w);
-        Py_DECREF(x);
-        return NULL;
-    }
-    aqlm_error err;
-    aqlm_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = aqlm_decodeq_matmul(&w.format, PyArray_DIM(x, 0), x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes),
-                                 PyArray_DATA((PyArrayObject *)prepared), w.param_dtype, PyArray_DATA(w.scales),
-                                 w.bias ? PyArray_DATA(w.bias) : NULL, PyArray_DATA((PyArrayObject *)out), simd,
-                                 num_threads, &err);
-    Py_END_ALLOW_THREADS
-    weight_args_release(&w);
-    Py_DECREF(x);
-    return none_or_raise(status, &err);
+    return prepared_matmul_binding(module, args, kwargs, "OOOOOO|$Osszi:decodeq_matmul",
+                                   "decodeq_matmul needs prepared= (from decodeq_prepare)", check_decodeq_prepared,
+                                   decodeq_matmul_call);
 }
 
 /* ---- bfloat16 tiles: bf16 ------------------------------------------------------------------- */
@@ -792,28 +812,8 @@ PyDoc_STRVAR(bf16_prepare_doc,
 "each call: a new 1-D uint16 array of their bit patterns, for bf16_matmul(..., prepared=).");
 
 static PyObject *py_bf16_prepare(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"codebooks", "param_dtype", NULL};
-    PyObject *codebooks_object;
-    const char *param_dtype_name = "float32";
-    aqlm_dtype param_dtype;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$s:bf16_prepare", keywords, &codebooks_object,
-                                     &param_dtype_name) ||
-        parse_float_dtype(param_dtype_name, "param_dtype", &param_dtype) < 0)
-        return NULL;
-    PyArrayObject *codebooks = float_input(codebooks_object, "codebooks", param_dtype, 4);
-    if (codebooks == NULL) return NULL;
-    const npy_intp *cb = PyArray_DIMS(codebooks);
-    const int nbits = codebook_bits(cb[1], 16);
-    if (nbits < 0 || cb[2] != 1 || cb[3] < 1) {
-        PyErr_Format(PyExc_ValueError, "codebooks must have shape [M, K, 1, in_group_size] with K a power of two in "
-                                       "[2, 65536], got [%zd, %zd, %zd, %zd]",
-                     (Py_ssize_t)cb[0], (Py_ssize_t)cb[1], (Py_ssize_t)cb[2], (Py_ssize_t)cb[3]);
-        Py_DECREF(codebooks);
-        return NULL;
-    }
-    const aqlm_format format = {1, cb[3], 1, cb[3], cb[0], nbits, nbits <= 8 ? 8 : 16};
-    return new_prepared(codebooks, &format, param_dtype, NPY_UINT16, (npy_intp)aqlm_bf16_prepared_size(&format),
-                        bf16_prepare);
+    return prepare_codebooks_binding(args, kwargs, "O|$s:bf16_prepare", 1, 16, 0, NPY_UINT16, aqlm_bf16_prepared_size,
+                                     bf16_prepare);
 }
 
 PyDoc_STRVAR(bf16_matmul_doc,
@@ -825,41 +825,17 @@ PyDoc_STRVAR(bf16_matmul_doc,
 "in_group_size dividing 32 and in_features divisible by 32. bias may be None. prepared:\n"
 "bf16_prepare(codebooks), read instead of rounding the codebooks again (the same bits).");
 
+static aqlm_status bf16_matmul_call(const aqlm_format *f, int64_t n, aqlm_dtype x_dtype, const void *x,
+                                    const void *codes, aqlm_dtype param_dtype, const void *codebooks,
+                                    const void *prepared, const void *scales, const void *bias, void *y,
+                                    aqlm_simd simd, int num_threads, aqlm_error *err) {
+    return aqlm_bf16_matmul_prepared(f, n, x_dtype, x, codes, param_dtype, codebooks, prepared, scales, bias, y, simd,
+                                     num_threads, err);
+}
+
 static PyObject *py_bf16_matmul(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"x", "codes", "codebooks", "scales", "bias", "out", "x_dtype",
-                               "param_dtype", "simd", "num_threads", "prepared", NULL};
-    PyObject *x_object, *codes, *codebooks, *scales, *bias, *out, *prepared = Py_None;
-    const char *x_dtype_name = "float32", *param_dtype = "float32", *simd_name = NULL;
-    int num_threads = omp_get_max_threads();
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$ssziO:bf16_matmul", keywords, &x_object, &codes,
-                                     &codebooks, &scales, &bias, &out, &x_dtype_name, &param_dtype, &simd_name,
-                                     &num_threads, &prepared))
-        return NULL;
-    weight_args w;
-    aqlm_dtype x_dtype;
-    aqlm_simd simd;
-    PyArrayObject *x;
-    if (codes_matmul_parse(module, &w, &x, x_object, codes, codebooks, scales, bias, out, x_dtype_name, param_dtype,
-                           simd_name, num_threads, &x_dtype, &simd) < 0)
-        return NULL;
-    if (prepared != Py_None && (check_bf16_prepared(prepared, &w.format) < 0 ||
-                                check_no_overlap(out, "out", (PyArrayObject *)prepared, "prepared") < 0)) {
-        weight_args_release(&w);
-        Py_DECREF(x);
-        return NULL;
-    }
-    const uint16_t *prepared_values = prepared != Py_None ? PyArray_DATA((PyArrayObject *)prepared) : NULL;
-    aqlm_error err;
-    aqlm_status status;
-    Py_BEGIN_ALLOW_THREADS
-    status = aqlm_bf16_matmul_prepared(&w.format, PyArray_DIM(x, 0), x_dtype, PyArray_DATA(x), PyArray_DATA(w.codes),
-                                       w.param_dtype, PyArray_DATA(w.codebooks), prepared_values,
-                                       PyArray_DATA(w.scales), w.bias ? PyArray_DATA(w.bias) : NULL,
-                                       PyArray_DATA((PyArrayObject *)out), simd, num_threads, &err);
-    Py_END_ALLOW_THREADS
-    weight_args_release(&w);
-    Py_DECREF(x);
-    return none_or_raise(status, &err);
+    return prepared_matmul_binding(module, args, kwargs, "OOOOOO|$Osszi:bf16_matmul", NULL, check_bf16_prepared,
+                                   bf16_matmul_call);
 }
 
 /* ---- bound calls: one weight's few-token kernel, its arguments checked once ------------------- */
@@ -867,13 +843,14 @@ static PyObject *py_bf16_matmul(PyObject *module, PyObject *args, PyObject *kwar
 /* Everything a few-token kernel call needs but the addresses of x and out: what bind_matmul
  * checked, for run_bound_matmul to call again and again (a decoding step calls each weight once
  * per token, and checking NumPy arguments costs microseconds a call). */
-typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_DECODEQ, BOUND_BF16, BOUND_CODES } bound_kind;
+typedef enum { BOUND_LUTQ, BOUND_LUTW, BOUND_PREPARED, BOUND_CODES } bound_kind;
 /* The weight arrays a bound call holds, by slot (codes: the packed codes for lutq/lutw). */
 enum { SLOT_CODES, SLOT_CODEBOOKS, SLOT_SCALES, SLOT_BIAS, SLOT_PREPARED, BOUND_WEIGHT_ARRAYS };
 
 typedef struct {
     bound_kind kind;
-    matmul_fn codes_fn; /* BOUND_CODES: the kernel over the codes as stored */
+    matmul_fn codes_fn;            /* BOUND_CODES: the kernel over the codes as stored */
+    prepared_matmul_fn prepared_fn; /* BOUND_PREPARED: the same, reading prepared codebooks (SLOT_PREPARED) */
     aqlm_format format;
     int64_t tokens, group;
     aqlm_dtype x_dtype, param_dtype;
@@ -975,21 +952,24 @@ static PyObject *py_bind_matmul(PyObject *module, PyObject *args, PyObject *kwar
             goto fail;
         if (decodeq && prepared == Py_None)
             PyErr_SetString(PyExc_ValueError, "kernel 'decodeq' needs prepared= (from decodeq_prepare)");
-        const int bf16_prepared = fn == aqlm_bf16_matmul && prepared != Py_None;
-        if ((decodeq && (prepared == Py_None || check_decodeq_prepared(prepared, &w.format) < 0)) ||
-            (bf16_prepared && check_bf16_prepared(prepared, &w.format) < 0)) {
+        /* decodeq always reads prepared codebooks, bf16 where it is given them */
+        const prepared_matmul_fn with_prepared = decodeq                                      ? decodeq_matmul_call
+                                                 : fn == aqlm_bf16_matmul && prepared != Py_None ? bf16_matmul_call
+                                                                                                 : NULL;
+        const prepared_check_fn check = decodeq ? check_decodeq_prepared : check_bf16_prepared;
+        if ((decodeq && prepared == Py_None) || (with_prepared && check(prepared, &w.format) < 0)) {
             weight_args_release(&w);
             Py_DECREF(x);
             goto fail;
         }
-        *b = (bound_matmul){.kind = decodeq ? BOUND_DECODEQ : bf16_prepared ? BOUND_BF16 : BOUND_CODES, .codes_fn = fn,
-                            .format = w.format,
-                            .tokens = PyArray_DIM(x, 0), .group = group, .x_dtype = x_dtype,
-                            .param_dtype = w.param_dtype, .simd = simd, .num_threads = num_threads};
+        *b = (bound_matmul){.kind = with_prepared ? BOUND_PREPARED : BOUND_CODES, .codes_fn = fn,
+                            .prepared_fn = with_prepared, .format = w.format, .tokens = PyArray_DIM(x, 0),
+                            .group = group, .x_dtype = x_dtype, .param_dtype = w.param_dtype, .simd = simd,
+                            .num_threads = num_threads};
         Py_DECREF(x);
         held[SLOT_CODES] = w.codes, held[SLOT_CODEBOOKS] = w.codebooks, held[SLOT_SCALES] = w.scales;
         held[SLOT_BIAS] = w.bias;
-        if (decodeq || bf16_prepared) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
+        if (with_prepared) held[SLOT_PREPARED] = (PyArrayObject *)Py_NewRef(prepared);
     }
     if (bound_matmul_hold(b, held) < 0) goto fail;
     if (b->kind == BOUND_LUTQ) { /* without it (no memory), each call allocates its own */
@@ -1084,14 +1064,10 @@ static aqlm_status bound_matmul_run(bound_matmul *b, const char *x, char *out, c
         return aqlm_lutw_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
                                 weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
                                 b->num_threads, err);
-    case BOUND_DECODEQ:
-        return aqlm_decodeq_matmul(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], weight[SLOT_PREPARED],
-                                   b->param_dtype, weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,
-                                   b->num_threads, err);
-    case BOUND_BF16:
-        return aqlm_bf16_matmul_prepared(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
-                                         weight[SLOT_CODEBOOKS], (const uint16_t *)weight[SLOT_PREPARED],
-                                         weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd, b->num_threads, err);
+    case BOUND_PREPARED:
+        return b->prepared_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
+                              weight[SLOT_CODEBOOKS], weight[SLOT_PREPARED], weight[SLOT_SCALES], weight[SLOT_BIAS],
+                              out, b->simd, b->num_threads, err);
     default:
         return b->codes_fn(&b->format, b->tokens, b->x_dtype, x, weight[SLOT_CODES], b->param_dtype,
                            weight[SLOT_CODEBOOKS], weight[SLOT_SCALES], weight[SLOT_BIAS], out, b->simd,

@@ -14,6 +14,7 @@ import torch
 
 from aqlm import QuantizedLinear, _C, ops
 from aqlm.format import pack_codes
+from aqlm.kernel_choice import cpuinfo_field
 from parallel import always_parallel  # noqa: F401 (fixture)
 from simd_levels import simd_params, supported_levels
 
@@ -199,9 +200,8 @@ def test_thread_count_does_not_change_the_bits(level, tokens, always_parallel, g
 
 
 def test_the_gather_kernel_serves_up_to_two_tokens_where_the_cpu_has_it(monkeypatch):
-    with open("/proc/cpuinfo") as file:
-        cpu = file.read()
-    intel_vnni = "GenuineIntel" in cpu and " avx512_vnni" in cpu and "avx512" in supported_levels()
+    flags = (cpuinfo_field("flags") or "").split()
+    intel_vnni = cpuinfo_field("vendor_id") == "GenuineIntel" and "avx512_vnni" in flags and "avx512" in supported_levels()
     assert GATHER == intel_vnni
     expected = "avx512vnni" if intel_vnni else "avx512"
     if "avx512" in supported_levels():
@@ -235,6 +235,8 @@ def test_bad_arguments_raise_errors_that_name_them():
         _C.decodeq_matmul(*args, prepared=prepared[:-1])
     with pytest.raises(ValueError, match="prepared must be"):
         _C.decodeq_matmul(*args, prepared=prepared.view(np.uint8))
+    with pytest.raises(ValueError, match="prepared must be a C-contiguous 1-D int8 array"):
+        _C.decodeq_matmul(*args, prepared=None)
     with pytest.raises(ValueError, match=r"codebooks must have shape \[M, K, 1, 8\] with K a power of two in \[512, 65536\], got \[1, 256, 1, 8\]"):
         _C.decodeq_prepare(np.zeros((1, 256, 1, 8), np.float32))
     with pytest.raises(ValueError, match=r"got \[1, 512, 1, 4\]"):

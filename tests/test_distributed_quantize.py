@@ -20,6 +20,7 @@ from aqlm.quantize import quantize_model
 from aqlm.distributed import World
 from aqlm.format import AqlmScheme
 from aqlm.inference import QuantizedLinear
+from aqlm.kernel_choice import cpuinfo_field
 from aqlm.quantize.distributed import CoreShare, assign_owners, torch_threads, tree_nodes, tree_sum
 from aqlm.quantize.finetune import FinetuneConfig, finetune_block
 from aqlm.quantize.layer import LayerConfig, quantize_weight
@@ -168,8 +169,7 @@ def bfloat16_sums_follow_threads() -> bool:
     gradient of a bfloat16 linear over 4096 tokens, 4096x576 inputs by a 1536x576 weight, differs at
     1 and 2 threads, and agrees under ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)."""
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    with open("/proc/cpuinfo") as file:
-        flags = next((line for line in file if line.startswith("flags")), "").split()
+    flags = (cpuinfo_field("flags") or "").split()
     return "amx_bf16" in flags and (not limit or "AMX" in limit or limit == "ALL")
 
 
