@@ -413,10 +413,14 @@ def unscaled_weight(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tenso
     """The dense weight with all scales 1, in float32 (sums of codewords, never rounded to the
     codebooks' dtype): multiplied by the scales, it is the dequantized weight."""
     ones = torch.ones(codes.shape[0], dtype=codebooks.dtype, device=codebooks.device)
-    if codes.device.type == "cpu":
+    if codes.device.type != "cpu":
+        return dequantize_reference(codes, codebooks.detach(), ones).float()
+    if type(codes) is torch.Tensor and type(codebooks) is torch.Tensor:
         check_weight(codes, codebooks, ones)
         return _dequantize_cpu_as(codes.detach(), codebooks.detach(), ones, torch.float32)
-    return dequantize_reference(codes, codebooks.detach(), ones).float()
+    # Tensors being traced (torch.compile's fake and functional tensors in a backward formula)
+    # have no data for the C core: the op records the same float32 sums in the graph.
+    return torch.ops.aqlm.dequantize(codes, codebooks.detach().float(), ones.float())
 
 
 def scale_rows(unscaled: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Inference kernels and QuantizedLinear against the defining torch formula, at every SIMD level."""
+import copy
 import functools
 import os
 import subprocess
@@ -400,6 +401,25 @@ def test_torch_compile_uses_fake_implementation():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 64)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("config", [(1, 8, 1, torch.float32), (2, 8, 1, torch.float16), (1, 8, 2, torch.bfloat16)])
+def test_torch_compile_trains_through_the_op(config):
+    """Training a compiled model: the backward formula is traced with fake tensors, which the C
+    core cannot read, and must give eager's gradients (the same kernels, so the same bits)."""
+    M, nbits, og, dtype = config
+    layer = QuantizedLinear.from_parts(*random_layer(32, 64, M, nbits, og, 8, dtype=dtype))
+    for name in ("codebooks", "scales", "bias"):
+        getattr(layer, name).requires_grad_(True)
+    twin = copy.deepcopy(layer)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_(True)
+    layer(x).float().square().sum().backward()
+    compiled(x_twin).float().square().sum().backward()
+    for name in ("codebooks", "scales", "bias"):
+        assert torch.equal(getattr(twin, name).grad, getattr(layer, name).grad), name
+    assert torch.equal(x_twin.grad, x.grad)
 
 
 # ---- bad input ----------------------------------------------------------------------------
