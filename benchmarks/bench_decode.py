@@ -47,7 +47,7 @@ def random_quantized(linear: nn.Linear, scheme: aqlm.AqlmScheme, param_dtype: to
     codes = torch.randint(0, K, (out_features // scheme.out_group_size, in_features // scheme.in_group_size,
                                  scheme.num_codebooks), generator=generator)
     codebooks = torch.randn(scheme.num_codebooks, K, scheme.out_group_size, scheme.in_group_size, generator=generator)
-    scales = torch.full((out_features // scheme.out_group_size, 1, 1, 1), float(linear.weight.float().std()))
+    scales = torch.full((out_features // scheme.out_group_size, 1, 1, 1), float(linear.weight.detach().float().std()))
     bias = None if linear.bias is None else linear.bias.detach().to(param_dtype)
     return QuantizedLinear.from_parts(
         pack_codes(codes, scheme.nbits_per_codebook), (codebooks / scheme.num_codebooks).to(param_dtype),
