@@ -576,7 +576,20 @@ def quantized_matmul_torch(
     return F.linear(input, weight, None if bias is None else bias.to(input.dtype))
 
 
-@torch.library.custom_op("aqlm::quantized_matmul", mutates_args=())
+# ``aqlm::quantized_matmul`` is registered through torch.library's lower-level calls, not
+# ``torch.library.custom_op``: a custom op wraps its device kernel in two more Python layers
+# (a torch._disable_dynamo wrapper and an output-aliasing check), about 3-5 us a call measured
+# in one process, and a torch.compile'd model calls the op once per linear (210 times a SmolLM2
+# token). The kernels return fresh tensors (tests/test_c_boundary.py checks that no output is a view).
+_LIBRARY = torch.library.Library("aqlm", "FRAGMENT")
+torch.library.define(
+    "aqlm::quantized_matmul",
+    "(Tensor input, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor",
+    lib=_LIBRARY,
+)
+torch.library.impl("aqlm::quantized_matmul", "CompositeExplicitAutograd", quantized_matmul_torch, lib=_LIBRARY)
+
+
 def quantized_matmul(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -584,8 +597,9 @@ def quantized_matmul(
     scales: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``input @ W.T + bias`` in the input's dtype, W the dequantized weight."""
-    return quantized_matmul_torch(input, codes, codebooks, scales, bias)
+    """``input @ W.T + bias`` in the input's dtype, W the dequantized weight: the op
+    ``torch.ops.aqlm.quantized_matmul`` (C kernels on the CPU, the pure-torch formula elsewhere)."""
+    return torch.ops.aqlm.quantized_matmul.default(input, codes, codebooks, scales, bias)
 
 
 def packed_codes(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -1104,7 +1118,6 @@ def step_program(calls: Sequence[Callable]) -> Optional[Callable[[int], None]]:
     return run_program
 
 
-@quantized_matmul.register_kernel("cpu")
 def _quantized_matmul_cpu(
     input: torch.Tensor,
     codes: torch.Tensor,
@@ -1117,7 +1130,9 @@ def _quantized_matmul_cpu(
     return quantized_linear_cpu(input, codes, codebooks, scales, bias)
 
 
-@quantized_matmul.register_fake
+torch.library.impl("aqlm::quantized_matmul", "CPU", _quantized_matmul_cpu, lib=_LIBRARY)
+
+
 def _quantized_matmul_fake(input, codes, codebooks, scales, bias):
     check_weight(codes, codebooks, scales, bias)
     _check_input(input, codes, codebooks)
@@ -1149,7 +1164,8 @@ def _matmul_backward(ctx, grad_output):
     return grad_input, None, grad_codebooks, grad_scales, grad_bias
 
 
-quantized_matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+torch.library.register_fake("aqlm::quantized_matmul", _quantized_matmul_fake, lib=_LIBRARY)
+torch.library.register_autograd("aqlm::quantized_matmul", _matmul_backward, setup_context=_matmul_setup, lib=_LIBRARY)
 
 
 # ---- weight-only int8 rows (the LM head) -----------------------------------------------------
