@@ -8,6 +8,7 @@ model's linears (e.g. :class:`aqlm.QuantizedLinear`).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterator, Optional, Tuple
 
@@ -125,6 +126,12 @@ def perplexity_on_file(
     return perplexity(model, load_tokens(path, tokenizer), seqlen, batch_size=batch_size, progress=progress)
 
 
+def kv_cache_keyword(model: nn.Module) -> str:
+    """The keyword a Hugging Face causal LM's forward takes its KV cache by: ``cache`` from
+    Transformers 5.x (which deprecates the old name with a FutureWarning), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def sample_sequences(
     model: nn.Module,
     num_sequences: int,
@@ -152,13 +159,13 @@ def sample_sequences(
     device = _model_device(model)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((num_sequences, 1), bos_token_id, dtype=torch.long)
-    past = None
+    past, cache_name = None, kv_cache_keyword(model)
     with torch.no_grad():
         for _ in tqdm(range(length - 1), desc="sampling", disable=not progress):
             if past is None:
                 outputs = model(input_ids=ids.to(device), use_cache=True)
             else:
-                outputs = model(input_ids=ids[:, -1:].to(device), past_key_values=past, use_cache=True)
+                outputs = model(input_ids=ids[:, -1:].to(device), use_cache=True, **{cache_name: past})
             past = getattr(outputs, "past_key_values", None)
             logits = outputs.logits[:, -1].float().cpu()
             if temperature == 0:

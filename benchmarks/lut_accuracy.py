@@ -28,9 +28,11 @@ def decode_perplexity(checkpoint: str, windows: int, seqlen: int, step: int = 1)
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
     from aqlm.data import evaluation_windows, load_tokens
+    from aqlm.evaluate import kv_cache_keyword
     from aqlm.paths import data_file
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    cache_name = kv_cache_keyword(model)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokens = load_tokens(data_file("wikitext-2", "test.txt"), tokenizer)
     total, count, started = 0.0, 0, time.perf_counter()
@@ -39,8 +41,8 @@ def decode_perplexity(checkpoint: str, windows: int, seqlen: int, step: int = 1)
             cache = DynamicCache()
             for position in range(0, seqlen - 1, step):
                 end = min(position + step, seqlen - 1)
-                logits = model(input_ids=window[position:end].view(1, -1), past_key_values=cache,
-                               use_cache=True).logits[0].float()
+                logits = model(input_ids=window[position:end].view(1, -1), use_cache=True,
+                               **{cache_name: cache}).logits[0].float()
                 logprobs = torch.log_softmax(logits, -1)
                 total -= float(logprobs.gather(1, window[position + 1 : end + 1].view(-1, 1)).sum())
                 count += end - position

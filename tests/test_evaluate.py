@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 from aqlm import evaluate
-from aqlm.evaluate import kl_divergence, perplexity, perplexity_on_file, sample_sequences
+from aqlm.evaluate import kl_divergence, kv_cache_keyword, perplexity, perplexity_on_file, sample_sequences
 from random_models import tiny_llama
 
 
@@ -87,6 +88,20 @@ def test_sample_sequences_greedy_follows_argmax(llama):
     with torch.no_grad():
         logits = llama(ids).logits
     assert torch.equal(ids[:, 1:], logits[:, :-1].argmax(dim=-1))
+
+
+def test_sample_sequences_passes_the_cache_by_the_current_name(llama):
+    """Transformers 5.x renamed the forward's past_key_values to cache; the old name warns (and
+    goes in 5.40). Models with the old signature still get the old name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sample_sequences(llama, 2, 6, seed=0, progress=False)
+
+    class OldSignature(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert kv_cache_keyword(OldSignature()) == "past_key_values"
 
 
 def test_sample_sequences_errors(llama):
